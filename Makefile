@@ -1,0 +1,59 @@
+# adpop: `make demo` and `make test` set up everything they need on a fresh Debian 12 (root).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v /usr/bin/python3 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMPS := .stamps
+DEMO_DIR := .demo
+
+# Debian packages the project needs. Grouped by what uses them.
+APT_PACKAGES := \
+	python3-venv python3-dev build-essential pkg-config \
+	capnproto libcapnp-dev
+
+.PHONY: help setup demo test bench lint clean
+
+help:
+	@echo "make demo   - set up, then build the sample campaign snapshot and show its summary"
+	@echo "make test   - set up, then run the whole test suite (ruff and mypy included)"
+	@echo "make bench  - set up, then run the benchmarks in bench/"
+	@echo "make lint   - ruff and mypy only"
+	@echo "make setup  - apt packages, the .venv, the adpop package (idempotent)"
+
+setup: $(STAMPS)/apt $(STAMPS)/venv
+
+# Installs only what is missing, so a second run costs a dpkg query, not an apt-get.
+$(STAMPS)/apt: Makefile
+	@mkdir -p $(STAMPS)
+	@missing=$$(for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
+	done); \
+	if [ -n "$$missing" ]; then \
+		echo "apt: installing $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@touch $@
+
+$(STAMPS)/venv: pyproject.toml $(STAMPS)/apt
+	@mkdir -p $(STAMPS)
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+demo: setup
+	@bash scripts/demo.sh
+
+test: setup
+	$(BIN)/pytest -q
+
+bench: setup
+	$(BIN)/python bench/bench_snapshot.py
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(STAMPS) $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache

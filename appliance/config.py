@@ -1,0 +1,393 @@
+"""Configuration of the appliance and the origin, driven by ONE table of settings.
+
+Every setting is declared once in `SETTINGS` (scope, section, key, kind, default, help and an
+optional check). From that table come the frozen dataclasses the code reads, the TOML parser
+with its error messages, drop-in layering and `adpop config dump`.
+
+Files: `<name>.toml` plus drop-ins `<name>.d/*.toml` read in name order. A later file wins for
+scalars; lists append (so a drop-in can add a trusted key without repeating the others).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import AdpopError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on older Pythons
+    import tomli as tomllib
+
+
+class ConfigError(AdpopError):
+    """A configuration file has problems; `problems` holds one line per problem."""
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        self.problems = list(problems)
+        first = self.problems[0].line() if self.problems else "invalid configuration"
+        more = f" (and {len(self.problems) - 1} more)" if len(self.problems) > 1 else ""
+        super().__init__(first + more, hint="run `adpop config check FILE` to list them all")
+
+
+class Scope(str, Enum):
+    """Which program a configuration file belongs to."""
+
+    APPLIANCE = "appliance"
+    ORIGIN = "origin"
+
+
+class Kind(str, Enum):
+    """Value kinds a setting can have; each has one parser and one formatter below."""
+
+    STR = "string"
+    INT = "integer"
+    BOOL = "boolean"
+    PATH = "path"
+    STRLIST = "list of strings"
+    DURATION = "duration"
+    SIZE = "size"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configuration setting: where it lives, what it holds, what it defaults to, why."""
+
+    scope: Scope
+    section: str
+    key: str
+    kind: Kind
+    default: Any
+    help: str
+    # Returns the fix when the parsed value is out of bounds, None when it is fine.
+    check: Callable[[Any], str | None] | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.section}.{self.key}"
+
+
+def _at_least(low: int) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if value >= low else f"use a value of at least {low}"
+
+    return check
+
+
+def _identifier(value: Any) -> str | None:
+    if re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", value):
+        return None
+    return "use 1-63 characters of a-z, 0-9, '.', '_' or '-', starting with a letter or digit"
+
+
+A, ORG = Scope.APPLIANCE, Scope.ORIGIN
+
+SETTINGS: tuple[Setting, ...] = (
+    # --- appliance (the PoP) ---
+    Setting(A, "pop", "target_group", Kind.STR, "default",
+            "Snapshot target group this PoP serves; snapshots for other groups are refused.",
+            _identifier),
+    Setting(A, "paths", "state_dir", Kind.PATH, "/var/lib/adpop",
+            "Where the PoP keeps its state: snapshots/<version>/, the current link, "
+            "the high-water mark."),
+    Setting(A, "snapshot", "trust", Kind.STRLIST, ["/etc/adpop/trust"],
+            "Ed25519 public keys (.pub files, or folders of them) whose signatures are trusted."),
+    Setting(A, "snapshot", "signature_threshold", Kind.INT, 1,
+            "Distinct trusted keys that must sign a manifest before it is believed.",
+            _at_least(1)),
+    Setting(A, "snapshot", "clock_skew", Kind.DURATION, 300,
+            "Slack allowed between this PoP's clock and the origin's when checking expiry.",
+            _at_least(0)),
+    Setting(A, "snapshot", "max_manifest_bytes", Kind.SIZE, 64 * 1024,
+            "Largest manifest accepted; checked before the manifest is parsed.", _at_least(256)),
+    Setting(A, "snapshot", "max_payload_bytes", Kind.SIZE, 4 * 1024**3,
+            "Largest payload accepted; checked against the manifest before anything is read.",
+            _at_least(1024)),
+    Setting(A, "snapshot", "nesting_limit", Kind.INT, 16,
+            "Cap'n Proto nesting limit when reading a payload (the schema nests 7 deep).",
+            _at_least(8)),
+    Setting(A, "snapshot", "keep_versions", Kind.INT, 5,
+            "Snapshot versions kept on disk, the active one included (room to roll back).",
+            _at_least(2)),
+    # --- origin (the central publisher) ---
+    Setting(ORG, "snapshot", "signing_keys", Kind.STRLIST, ["/etc/adpop-origin/keys/signing.key"],
+            "Ed25519 private keys that sign every published manifest (one signature each)."),
+    Setting(ORG, "snapshot", "target_group", Kind.STR, "default",
+            "Target group written into manifests built with this configuration.", _identifier),
+    Setting(ORG, "snapshot", "ttl", Kind.DURATION, 7 * 86400,
+            "How long a published snapshot stays valid; PoPs refuse it after that.",
+            _at_least(60)),
+)
+
+_UNITS_DURATION = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_UNITS_SIZE = {"": 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4}
+
+
+class ValueProblem(Exception):
+    """A value could not be parsed as its setting's kind; the message is the fix."""
+
+
+def parse_duration(value: Any) -> int:
+    """Seconds from an integer or a string such as "30s", "5m", "12h", "7d", "2w"."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+)\s*([smhdw])\s*", value)
+        if match:
+            return int(match.group(1)) * _UNITS_DURATION[match.group(2)]
+    raise ValueProblem('write a duration such as 30 (seconds), "30s", "5m", "12h" or "7d"')
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from an integer or a string such as "64KiB", "2GiB"."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+)\s*(B|KiB|MiB|GiB|TiB)?\s*", value)
+        if match:
+            return int(match.group(1)) * _UNITS_SIZE[match.group(2) or ""]
+    raise ValueProblem('write a size such as 65536 (bytes), "64KiB", "512MiB" or "2GiB"')
+
+
+def format_duration(seconds: int) -> str:
+    for unit in ("w", "d", "h", "m"):
+        if seconds and seconds % _UNITS_DURATION[unit] == 0:
+            return f"{seconds // _UNITS_DURATION[unit]}{unit}"
+    return f"{seconds}s"
+
+
+def format_size(size: int) -> str:
+    for unit in ("TiB", "GiB", "MiB", "KiB"):
+        if size and size % _UNITS_SIZE[unit] == 0:
+            return f"{size // _UNITS_SIZE[unit]}{unit}"
+    return str(size)
+
+
+def _parse_value(kind: Kind, value: Any) -> Any:
+    if kind in (Kind.STR, Kind.PATH):
+        if not isinstance(value, str) or not value:
+            raise ValueProblem(f"write a non-empty quoted {kind.value}")
+        return value
+    if kind is Kind.INT:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueProblem("write a whole number without quotes")
+        return value
+    if kind is Kind.BOOL:
+        if not isinstance(value, bool):
+            raise ValueProblem("write true or false without quotes")
+        return value
+    if kind is Kind.STRLIST:
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ValueProblem('write a list of non-empty quoted strings, e.g. ["a", "b"]')
+        return list(value)
+    if kind is Kind.DURATION:
+        return parse_duration(value)
+    if kind is Kind.SIZE:
+        return parse_size(value)
+    raise AssertionError(kind)
+
+
+def _format_value(kind: Kind, value: Any) -> str:
+    if kind in (Kind.STR, Kind.PATH):
+        return _toml_string(value)
+    if kind is Kind.INT:
+        return str(value)
+    if kind is Kind.BOOL:
+        return "true" if value else "false"
+    if kind is Kind.STRLIST:
+        return "[" + ", ".join(_toml_string(v) for v in value) + "]"
+    if kind is Kind.DURATION:
+        return _toml_string(format_duration(value))
+    if kind is Kind.SIZE:
+        return _toml_string(format_size(value))
+    raise AssertionError(kind)
+
+
+def _toml_string(text: str) -> str:
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+def settings_for(scope: Scope) -> tuple[Setting, ...]:
+    return tuple(s for s in SETTINGS if s.scope is scope)
+
+
+def _sections(scope: Scope) -> dict[str, list[Setting]]:
+    sections: dict[str, list[Setting]] = {}
+    for setting in settings_for(scope):
+        sections.setdefault(setting.section, []).append(setting)
+    return sections
+
+
+def _make_classes(scope: Scope) -> type:
+    """Frozen dataclasses for one scope: a top class whose attributes are section classes."""
+    top_fields: list[tuple[str, type, Any]] = []
+    for section, settings in _sections(scope).items():
+        cls = dataclasses.make_dataclass(
+            f"{scope.value.title()}{section.title()}Settings",
+            [(s.key, object) for s in settings],
+            frozen=True,
+        )
+        top_fields.append((section, cls, field()))
+    return dataclasses.make_dataclass(f"{scope.value.title()}Config", top_fields, frozen=True)
+
+
+_CLASSES: dict[Scope, type] = {scope: _make_classes(scope) for scope in Scope}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem in one file: which key, what is wrong, how to fix it."""
+
+    file: str
+    key: str
+    message: str
+    fix: str
+
+    def line(self) -> str:
+        return f"{self.file}: {self.key}: {self.message}; fix: {self.fix}"
+
+
+@dataclass
+class _Layered:
+    values: dict[tuple[str, str], Any] = field(default_factory=dict)
+    sources: list[Path] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+
+def dropin_files(path: Path) -> list[Path]:
+    """`<name>.d/*.toml` beside `<name>.toml`, in name order (later ones win)."""
+    folder = path.with_name(path.stem + ".d")
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix == ".toml" and p.is_file())
+
+
+def _read_file(path: Path, scope: Scope, into: _Layered) -> None:
+    name = str(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        into.problems.append(Problem(name, "-", f"cannot read: {exc.strerror}",
+                                     "check the path and its permissions"))
+        return
+    except UnicodeDecodeError:
+        into.problems.append(Problem(name, "-", "not UTF-8 text", "save the file as UTF-8"))
+        return
+    except tomllib.TOMLDecodeError as exc:
+        into.problems.append(Problem(name, "-", f"TOML syntax error: {exc}",
+                                     "correct the TOML syntax at that line"))
+        return
+    into.sources.append(path)
+    sections = _sections(scope)
+    for section, table in raw.items():
+        if section not in sections:
+            into.problems.append(Problem(name, section, "unknown section",
+                                         _did_you_mean(section, sections)))
+            continue
+        if not isinstance(table, dict):
+            into.problems.append(Problem(name, section, "not a table",
+                                         f"write it as a [{section}] table"))
+            continue
+        by_key = {s.key: s for s in sections[section]}
+        for key, value in table.items():
+            setting = by_key.get(key)
+            if setting is None:
+                into.problems.append(Problem(name, f"{section}.{key}", "unknown key",
+                                             _did_you_mean(key, by_key, section)))
+                continue
+            try:
+                parsed = _parse_value(setting.kind, value)
+            except ValueProblem as exc:
+                into.problems.append(Problem(name, setting.name,
+                                             f"expected a {setting.kind.value}", str(exc)))
+                continue
+            fix = setting.check(parsed) if setting.check else None
+            if fix:
+                into.problems.append(Problem(name, setting.name,
+                                             f"value {value!r} is out of bounds", fix))
+                continue
+            slot = (section, key)
+            if setting.kind is Kind.STRLIST and slot in into.values:
+                into.values[slot] = into.values[slot] + parsed
+            else:
+                into.values[slot] = parsed
+
+
+def _did_you_mean(word: str, choices: Iterable[str], section: str | None = None) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    if close:
+        return f"did you mean '{section + '.' if section else ''}{close[0]}'?"
+    listed = ", ".join(sorted(choices))
+    return f"remove it; known {'keys' if section else 'sections'}: {listed}"
+
+
+def scope_of(path: Path) -> Scope:
+    """Guess the scope from the file name: origin*.toml (or inside origin*.d) is the origin's."""
+    for part in (path.name, path.parent.name):
+        if part.startswith("origin"):
+            return Scope.ORIGIN
+    return Scope.APPLIANCE
+
+
+def check_files(paths: Sequence[Path], scope: Scope) -> list[Problem]:
+    """All problems in the given files, in order; an empty list means they are valid."""
+    layered = _Layered()
+    for path in paths:
+        _read_file(path, scope, layered)
+    return layered.problems
+
+
+def load(scope: Scope, path: Path | None = None) -> Any:
+    """The effective configuration: defaults, then `path`, then its drop-ins.
+
+    Raises ConfigError listing every problem found, so the operator fixes them in one pass.
+    A missing `path` is an error; `None` means defaults only.
+    """
+    layered = _Layered()
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError([Problem(str(path), "-", "no such file",
+                                       "give the path of an existing TOML file")])
+        for file in [path, *dropin_files(path)]:
+            _read_file(file, scope, layered)
+    if layered.problems:
+        raise ConfigError(layered.problems)
+    return build(scope, layered.values)
+
+
+def build(scope: Scope, values: dict[tuple[str, str], Any] | None = None) -> Any:
+    """A config object of `scope` from defaults overridden by `values`."""
+    values = values or {}
+    top_cls = _CLASSES[scope]
+    sections: dict[str, Any] = {}
+    for f in dataclasses.fields(top_cls):
+        section_cls: Any = f.type
+        kwargs = {
+            s.key: values.get((s.section, s.key), s.default)
+            for s in _sections(scope)[f.name]
+        }
+        sections[f.name] = section_cls(**kwargs)
+    return top_cls(**sections)
+
+
+def dump(config: Any, scope: Scope) -> str:
+    """The configuration as TOML, each setting preceded by its help as a comment."""
+    lines: list[str] = [f"# adpop {scope.value} configuration. Drop-ins: "
+                        f"{scope.value}.d/*.toml (later wins; lists append)."]
+    for section, settings in _sections(scope).items():
+        lines.append("")
+        lines.append(f"[{section}]")
+        for setting in settings:
+            value = getattr(getattr(config, section), setting.key)
+            lines.append(f"# {setting.help}")
+            lines.append(f"{setting.key} = {_format_value(setting.kind, value)}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,3 @@
+"""Campaign snapshots: model, compiler, signed manifest, verification and the versioned store."""
+
+from __future__ import annotations

@@ -1,0 +1,301 @@
+"""Compile a validated campaign set into the Cap'n Proto payload the engine reads in place.
+
+Deterministic: tables are sorted by id and ids assigned in that order, so the same campaigns
+always give a byte-identical payload whatever order the files listed them in.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import capnp
+
+from appliance.errors import AdpopError
+from appliance.snapshot.model import (
+    ATTRIBUTES,
+    Campaign,
+    CampaignSet,
+    Conjunction,
+    bulk_allocation,
+)
+
+SCHEMA_PATH = Path(__file__).with_name("snapshot.capnp")
+# Nesting the schema needs: Payload > TargetingIndex > buckets > SizeBucket > lists >
+# PostingList > entries.
+SCHEMA_NESTING = 7
+
+
+class PayloadError(AdpopError):
+    """A payload could not be read as a snapshot (corrupt, or over a traversal limit)."""
+
+
+@functools.lru_cache(maxsize=1)
+def schema() -> Any:
+    """The loaded schema module (pycapnp); loaded once."""
+    return capnp.load(str(SCHEMA_PATH))
+
+
+def schema_id() -> str:
+    """The schema's file id as the manifest writes it ("0x" + 16 hex digits)."""
+    return f"0x{schema().Payload.schema.node.scopeId:016x}"
+
+
+@dataclass(frozen=True)
+class CompileStats:
+    campaigns: int
+    paused_skipped: int
+    ads: int
+    conjunctions: int
+    posting_lists: int
+    posting_entries: int
+    max_conjunction_size: int
+    strings: int
+
+
+class _Interner:
+    def __init__(self) -> None:
+        self.ids: dict[str, int] = {"": 0}
+        self.strings: list[str] = [""]
+
+    def __call__(self, text: str) -> int:
+        sid = self.ids.get(text)
+        if sid is None:
+            sid = self.ids[text] = len(self.strings)
+            self.strings.append(text)
+        return sid
+
+
+_EMPTY = Conjunction(())
+_ATTRIBUTE_NUMBER = {name: i for i, name in enumerate(ATTRIBUTES)}
+
+
+def compile_payload(campaign_set: CampaignSet, version: int, created_at: int
+                    ) -> tuple[bytes, CompileStats]:
+    """The payload bytes for `campaign_set` and what went into them.
+
+    The set must already be validated (model.parse_documents): references are trusted here.
+    """
+    with bulk_allocation():
+        return _compile(campaign_set, version, created_at)
+
+
+def _compile(campaign_set: CampaignSet, version: int, created_at: int
+             ) -> tuple[bytes, CompileStats]:
+    s = schema()
+    intern = _Interner()
+    msg = s.Payload.new_message()
+    msg.version = version
+    msg.createdAt = created_at
+
+    active = sorted((c for c in campaign_set.campaigns if not c.paused), key=lambda c: c.id)
+    paused = len(campaign_set.campaigns) - len(active)
+
+    advertisers = sorted(campaign_set.advertisers, key=lambda a: a.id)
+    advertiser_index = {a.id: i for i, a in enumerate(advertisers)}
+    out_adv = msg.init("advertisers", len(advertisers))
+    for i, adv in enumerate(advertisers):
+        out_adv[i].id = intern(adv.id)
+        out_adv[i].name = intern(adv.name)
+
+    creatives = sorted(campaign_set.creatives, key=lambda c: c.id)
+    creative_index = {c.id: i for i, c in enumerate(creatives)}
+    out_cre = msg.init("creatives", len(creatives))
+    for i, cre in enumerate(creatives):
+        o = out_cre[i]
+        o.id = intern(cre.id)
+        o.advertiser = advertiser_index[cre.advertiser]
+        o.kind = cre.kind.value
+        o.width = cre.size.width
+        o.height = cre.size.height
+        o.body = intern(cre.body)
+        o.url = intern(cre.url)
+        o.landingUrl = intern(cre.landing_url)
+
+    ad_count = _write_campaigns(msg, active, advertiser_index, creative_index, intern)
+    _write_placements(msg, campaign_set, active, creatives, creative_index, intern)
+    index_stats = _write_index(msg, active)
+
+    # Strings last: everything above interned into the table.
+    out_str = msg.init("strings", len(intern.strings))
+    for i, text in enumerate(intern.strings):
+        out_str[i] = text
+
+    conjunctions, lists, entries, max_k = index_stats
+    st = msg.stats
+    st.campaigns = len(active)
+    st.pausedSkipped = paused
+    st.conjunctions = conjunctions
+    st.postingLists = lists
+    st.postingEntries = entries
+    st.maxConjunctionSize = max_k
+    stats = CompileStats(len(active), paused, ad_count, conjunctions, lists, entries, max_k,
+                         len(intern.strings))
+    return msg.to_bytes(), stats
+
+
+def _write_campaigns(msg: Any, active: Sequence[Campaign], advertiser_index: dict[str, int],
+                     creative_index: dict[str, int], intern: _Interner) -> int:
+    out = msg.init("campaigns", len(active))
+    ads_total = sum(len(c.ads) for c in active)
+    out_ads = msg.init("ads", ads_total)
+    ad_pos = 0
+    for i, camp in enumerate(active):
+        o = out[i]
+        o.id = intern(camp.id)
+        o.advertiser = advertiser_index[camp.advertiser]
+        o.name = intern(camp.name)
+        o.start = camp.start
+        o.end = camp.end
+        o.priority = camp.priority
+        o.weight = camp.weight
+        o.ecpmMicros = camp.ecpm_micros
+        o.budgetTotalMicros = camp.budget_total_micros
+        o.budgetDailyMicros = camp.budget_daily_micros
+        o.pacing = camp.pacing.value
+        if camp.caps:
+            caps = o.init("caps", len(camp.caps))
+            for j, cap in enumerate(sorted(camp.caps)):
+                caps[j].count = cap.limit
+                caps[j].windowSeconds = cap.window
+                caps[j].scope = cap.scope.value
+        if camp.exclusion_labels:
+            o.exclusionLabels = sorted(intern(label) for label in camp.exclusion_labels)
+        o.adsStart = ad_pos
+        o.adsCount = len(camp.ads)
+        for ad in sorted(camp.ads, key=lambda a: a.id):
+            a = out_ads[ad_pos]
+            a.id = intern(ad.id)
+            a.campaign = i
+            a.creative = creative_index[ad.creative]
+            a.weight = ad.weight
+            ad_pos += 1
+    return ads_total
+
+
+def _write_placements(msg: Any, campaign_set: CampaignSet, active: Sequence[Campaign],
+                      creatives: Sequence[Any], creative_index: dict[str, int],
+                      intern: _Interner) -> None:
+    # Ads by creative size, in (priority, campaign index, ad index) order.
+    by_size: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+    ad_pos = 0
+    for ci, camp in enumerate(active):
+        for ad in sorted(camp.ads, key=lambda a: a.id):
+            size = creatives[creative_index[ad.creative]].size
+            by_size.setdefault((size.width, size.height), []).append((camp.priority, ci, ad_pos))
+            ad_pos += 1
+    placements = sorted(campaign_set.placements, key=lambda p: p.id.encode())
+    out = msg.init("placements", len(placements))
+    for i, pl in enumerate(placements):
+        o = out[i]
+        o.id = intern(pl.id)
+        o.zone = intern(pl.zone)
+        sizes = o.init("sizes", len(pl.sizes))
+        candidates: list[tuple[int, int, int]] = []
+        for j, size in enumerate(pl.sizes):
+            sizes[j].width = size.width
+            sizes[j].height = size.height
+            candidates.extend(by_size.get((size.width, size.height), ()))
+        candidates.sort()
+        o.candidates = [c[2] for c in candidates]
+
+
+def _write_index(msg: Any, active: Sequence[Campaign]) -> tuple[int, int, int, int]:
+    """Write the k-index; return (conjunctions, posting lists, posting entries, max K)."""
+    conj_ids: dict[Conjunction, int] = {}
+    conj_campaigns: list[list[int]] = []
+    for ci, camp in enumerate(active):
+        # Sorted, so the order conjunctions were authored in cannot change conjunction ids.
+        for conj in sorted(camp.targeting) or (_EMPTY,):
+            cid = conj_ids.get(conj)
+            if cid is None:
+                cid = conj_ids[conj] = len(conj_campaigns)
+                conj_campaigns.append([])
+            owners = conj_campaigns[cid]
+            if not owners or owners[-1] != ci:
+                owners.append(ci)
+
+    values: list[set[str]] = [set() for _ in ATTRIBUTES]
+    for conj in conj_ids:
+        for p in conj.predicates:
+            values[_ATTRIBUTE_NUMBER[p.attribute]].update(p.values)
+    ordinals: list[dict[str, int]] = []
+    out_attrs = msg.index.init("attributes", len(ATTRIBUTES))
+    for a, name in enumerate(ATTRIBUTES):
+        ordered = sorted(values[a], key=str.encode)
+        ordinals.append({v: i for i, v in enumerate(ordered)})
+        out_attrs[a].name = name
+        out_attrs[a].values = ordered
+
+    postings: dict[tuple[int, int, int], list[int]] = {}
+    zero: list[int] = []
+    sizes: list[int] = []
+    max_k = 0
+    for conj, cid in conj_ids.items():
+        k = conj.size
+        sizes.append(k)
+        max_k = max(max_k, k)
+        if k == 0:
+            zero.append(cid << 1 | 1)
+        for p in conj.predicates:
+            a = _ATTRIBUTE_NUMBER[p.attribute]
+            entry = cid << 1 | (0 if p.negated else 1)
+            table = ordinals[a]
+            for value in p.values:
+                key = (k, a, table[value])
+                found = postings.get(key)
+                if found is None:
+                    postings[key] = [entry]
+                else:
+                    found.append(entry)
+
+    out_conj = msg.index.init("conjunctions", len(conj_campaigns))
+    flat: list[int] = []
+    for cid, owners in enumerate(conj_campaigns):
+        o = out_conj[cid]
+        o.size = sizes[cid]
+        o.campaignsStart = len(flat)
+        o.campaignsCount = len(owners)
+        flat.extend(owners)
+    msg.index.conjunctionCampaigns = flat
+    msg.index.zeroEntries = zero
+
+    by_bucket: list[list[tuple[int, int]]] = [[] for _ in range(max_k + 1)]
+    for k, a, ordinal in postings:
+        by_bucket[k].append((a, ordinal))
+    out_buckets = msg.index.init("buckets", max_k + 1)
+    entries_total = 0
+    for k, keys in enumerate(by_bucket):
+        keys.sort()
+        out_lists = out_buckets[k].init("lists", len(keys))
+        for j, (a, ordinal) in enumerate(keys):
+            entries = postings[(k, a, ordinal)]
+            entries.sort()
+            entries_total += len(entries)
+            o = out_lists[j]
+            o.attribute = a
+            o.value = ordinal
+            o.entries = entries
+    return len(conj_campaigns), len(postings), entries_total, max_k
+
+
+@contextmanager
+def open_payload(data: bytes, nesting_limit: int = 16) -> Iterator[Any]:
+    """A reader over payload bytes, with traversal and nesting limits.
+
+    The traversal limit is a multiple of the payload's size in words: enough to read every
+    object a few times over, never enough for a crafted payload that points many list
+    pointers at one large region (amplification) to make a reader loop for long.
+    """
+    limit = max(len(data) // 8 * 8, 1 << 20)
+    try:
+        with schema().Payload.from_bytes(data, traversal_limit_in_words=limit,
+                                         nesting_limit=nesting_limit) as reader:
+            yield reader
+    except capnp.KjException as exc:
+        raise PayloadError(f"payload is not a readable snapshot: {exc.description}",
+                           hint="rebuild it, or fetch it again from the origin") from exc

@@ -1,0 +1,154 @@
+# The adpop campaign snapshot payload: the ONLY copy of this schema. The Python compiler
+# (pycapnp) writes it and the C++ engine compiles this same file with capnpc.
+#
+# The engine reads a payload in place from an mmap and builds nothing at swap time, so
+# everything it needs is precompiled here: strings are interned (referenced by index into
+# `strings`), every table is a flat array referenced by index, and the targeting index is a
+# k-index (Whang et al., "Indexing Boolean Expressions", VLDB 2009) ready to walk.
+#
+# Compatibility: fields are only ever added (new ordinals); a change that breaks readers bumps
+# the manifest schema id (the file id below) instead.
+
+@0xa1387dd9f2dc5b7d;
+
+using StringId = UInt32;  # index into Payload.strings; 0 is the empty string
+
+struct Payload {
+  version @0 :UInt64;          # same as the manifest's version
+  createdAt @1 :Int64;         # unix seconds
+  strings @2 :List(Text);      # interned strings; strings[0] = ""
+  advertisers @3 :List(Advertiser);
+  creatives @4 :List(Creative);
+  campaigns @5 :List(Campaign);
+  ads @6 :List(Ad);            # grouped by campaign: campaign i owns ads[adsStart, adsStart+adsCount)
+  placements @7 :List(Placement);   # sorted by id bytes, for binary search by request placement id
+  index @8 :TargetingIndex;
+  stats @9 :Stats;
+}
+
+struct Advertiser {
+  id @0 :StringId;
+  name @1 :StringId;
+}
+
+enum CreativeKind {
+  image @0;
+  html @1;
+  video @2;
+  native @3;
+}
+
+struct Creative {
+  id @0 :StringId;
+  advertiser @1 :UInt32;       # index into Payload.advertisers
+  kind @2 :CreativeKind;
+  width @3 :UInt16;
+  height @4 :UInt16;
+  body @5 :StringId;           # inline markup, or 0
+  url @6 :StringId;            # asset URL, or 0
+  landingUrl @7 :StringId;
+}
+
+enum Pacing {
+  even @0;
+  asap @1;
+  frontloaded @2;
+}
+
+enum CapScope {
+  campaign @0;
+  advertiser @1;
+}
+
+struct FrequencyCap {
+  count @0 :UInt32;
+  windowSeconds @1 :UInt32;
+  scope @2 :CapScope;
+}
+
+struct Campaign {
+  id @0 :StringId;
+  advertiser @1 :UInt32;       # index into Payload.advertisers
+  name @2 :StringId;
+  start @3 :Int64;             # unix seconds, inclusive
+  end @4 :Int64;               # unix seconds, exclusive
+  priority @5 :UInt8;          # tier: 1 is served first, 16 last
+  weight @6 :UInt32;
+  ecpmMicros @7 :UInt64;
+  budgetTotalMicros @8 :UInt64;   # 0: unlimited
+  budgetDailyMicros @9 :UInt64;   # 0: unlimited
+  pacing @10 :Pacing;
+  caps @11 :List(FrequencyCap);
+  exclusionLabels @12 :List(StringId);   # sorted
+  adsStart @13 :UInt32;
+  adsCount @14 :UInt32;
+}
+
+struct Ad {
+  id @0 :StringId;
+  campaign @1 :UInt32;         # index into Payload.campaigns
+  creative @2 :UInt32;         # index into Payload.creatives
+  weight @3 :UInt32;
+}
+
+struct Size {
+  width @0 :UInt16;
+  height @1 :UInt16;
+}
+
+struct Placement {
+  id @0 :StringId;
+  zone @1 :StringId;
+  sizes @2 :List(Size);
+  # Ads whose creative fits one of `sizes`, as indexes into Payload.ads, ordered by
+  # (campaign priority, campaign index, ad index): the engine intersects this list with the
+  # campaigns the targeting index returned.
+  candidates @3 :List(UInt32);
+}
+
+# The k-index. A conjunction's size K is the number of attributes it has an IN predicate on.
+# Bucket K holds one posting list per (attribute, value) that conjunctions of size K mention.
+# A posting entry is (conjunctionId << 1) | isIn, so sorting entries sorts by conjunction id
+# with NOT IN (0) before IN (1), as the matching algorithm needs.
+struct TargetingIndex {
+  attributes @0 :List(AttributeValues);   # position = attribute number (see model.ATTRIBUTES)
+  buckets @1 :List(SizeBucket);           # position = K, 0 .. maxK
+  zeroEntries @2 :List(UInt32);           # the Z list: an IN entry for every K=0 conjunction
+  conjunctions @3 :List(Conjunction);     # by conjunction id
+  # Campaign indexes, sliced by Conjunction. A campaign without targeting owns the empty
+  # conjunction (K=0, only a Z entry), so it matches every request.
+  conjunctionCampaigns @4 :List(UInt32);
+}
+
+struct AttributeValues {
+  name @0 :Text;
+  # Distinct values the index mentions for this attribute, sorted by bytes: a request value's
+  # ordinal is its position, found by binary search.
+  values @1 :List(Text);
+}
+
+struct SizeBucket {
+  # Sorted by (attribute, value ordinal), for binary search.
+  lists @0 :List(PostingList);
+}
+
+struct PostingList {
+  attribute @0 :UInt8;
+  value @1 :UInt32;            # ordinal into AttributeValues.values
+  entries @2 :List(UInt32);    # sorted (conjunctionId << 1 | isIn)
+}
+
+struct Conjunction {
+  size @0 :UInt8;              # K
+  campaignsStart @1 :UInt32;   # slice of TargetingIndex.conjunctionCampaigns
+  campaignsCount @2 :UInt32;
+}
+
+struct Stats {
+  campaigns @0 :UInt32;        # compiled (active) campaigns
+  pausedSkipped @1 :UInt32;    # paused campaigns left out
+  conjunctions @2 :UInt32;
+  postingLists @3 :UInt32;
+  postingEntries @4 :UInt64;
+  maxConjunctionSize @5 :UInt8;
+}

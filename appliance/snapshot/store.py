@@ -1,0 +1,198 @@
+"""The PoP's versioned snapshot store.
+
+Layout under the state directory:
+
+    snapshots/<version>/manifest.json
+    snapshots/<version>/payload.capnp
+    current -> snapshots/<version>      (relative symlink, switched atomically)
+    high-water                          (highest version ever accepted; refuses replays)
+
+Crash safety: a version directory appears under its final name only by rename of a complete,
+fsynced temporary directory; `current` is switched by renaming a new symlink over it, then the
+parent directory is fsynced. Whatever moment the process dies, `current` names a complete
+snapshot (the old one or the new one). Leftover temporaries are removed on open.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.errors import AdpopError
+from appliance.snapshot.manifest import MANIFEST_NAME, PAYLOAD_NAME
+
+_TMP_PREFIX = ".tmp-"
+
+
+class StoreError(AdpopError):
+    """The store refused an operation (stale version, unknown version, unwritable disk)."""
+
+
+class StaleVersionError(StoreError):
+    """The version is not above the persisted high-water mark (replay or rollback attack)."""
+
+
+@dataclass(frozen=True)
+class StoredSnapshot:
+    version: int
+    path: Path
+    active: bool
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "xb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+class SnapshotStore:
+    """Versioned snapshots with an atomic `current` link; see the module docstring."""
+
+    def __init__(self, root: Path, keep: int = 5) -> None:
+        if keep < 2:
+            raise StoreError(f"keep_versions is {keep}", hint="keep at least 2 to roll back")
+        self.root = root
+        self.keep = keep
+        self.snapshots = root / "snapshots"
+        self.current_link = root / "current"
+        self.high_water_path = root / "high-water"
+        try:
+            self.snapshots.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create {self.snapshots}: {exc.strerror}",
+                             hint="check paths.state_dir and its permissions") from exc
+        self._recover()
+
+    def _recover(self) -> None:
+        # Temporaries are what a crash leaves behind; they were never visible as snapshots.
+        for entry in self.snapshots.iterdir():
+            if entry.name.startswith(_TMP_PREFIX):
+                shutil.rmtree(entry, ignore_errors=True)
+        for entry in self.root.iterdir():
+            if entry.name.startswith(_TMP_PREFIX):
+                entry.unlink(missing_ok=True)
+        current = self.current_version()
+        if current is not None and current > self.high_water():
+            self._write_high_water(current)
+
+    # -- reading --------------------------------------------------------------------------
+
+    def versions(self) -> list[int]:
+        """Stored versions, oldest first."""
+        return sorted(int(p.name) for p in self.snapshots.iterdir() if p.name.isdigit())
+
+    def current_version(self) -> int | None:
+        try:
+            target = os.readlink(self.current_link)
+        except FileNotFoundError:
+            return None
+        name = Path(target).name
+        return int(name) if name.isdigit() else None
+
+    def path_of(self, version: int) -> Path:
+        return self.snapshots / str(version)
+
+    def listing(self) -> list[StoredSnapshot]:
+        current = self.current_version()
+        return [StoredSnapshot(v, self.path_of(v), v == current) for v in self.versions()]
+
+    def high_water(self) -> int:
+        try:
+            return int(self.high_water_path.read_text().strip() or 0)
+        except FileNotFoundError:
+            return 0
+        except ValueError as exc:
+            raise StoreError(f"{self.high_water_path} is corrupt",
+                             hint="restore it, or write the highest version you trust") from exc
+
+    def read(self, version: int) -> tuple[bytes, bytes]:
+        """(manifest bytes, payload bytes) of a stored version."""
+        folder = self.path_of(version)
+        try:
+            return (folder / MANIFEST_NAME).read_bytes(), (folder / PAYLOAD_NAME).read_bytes()
+        except OSError as exc:
+            raise StoreError(f"version {version} is not stored: {exc.strerror}",
+                             hint="list stored versions with `adpop snapshot list`") from exc
+
+    # -- writing --------------------------------------------------------------------------
+
+    def add(self, version: int, manifest: bytes, payload: bytes) -> Path:
+        """Store a verified snapshot under its version; refuse versions not above high water.
+
+        Storing does not activate: call `activate` once the caller is ready to serve it.
+        """
+        if version <= self.high_water():
+            raise StaleVersionError(
+                f"version {version} is not above the high-water mark {self.high_water()}",
+                hint="publish a higher version; older ones can only be re-activated by rollback")
+        final = self.path_of(version)
+        tmp = self.snapshots / f"{_TMP_PREFIX}{version}-{os.getpid()}"
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            _write_file(tmp / PAYLOAD_NAME, payload)
+            _write_file(tmp / MANIFEST_NAME, manifest)
+            _fsync_dir(tmp)
+            if final.exists():
+                # Left by a crash between this rename and the high-water update: the same
+                # version, complete. Replace it with what we were given now.
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.snapshots)
+            self._write_high_water(version)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise StoreError(f"cannot store version {version}: {exc.strerror}",
+                             hint=f"check free space and permissions under {self.root}") from exc
+        return final
+
+    def activate(self, version: int) -> None:
+        """Point `current` at a stored version, atomically."""
+        if version not in self.versions():
+            raise StoreError(f"version {version} is not stored",
+                             hint="list stored versions with `adpop snapshot list`")
+        tmp = self.root / f"{_TMP_PREFIX}current-{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        os.symlink(f"snapshots/{version}", tmp)
+        os.replace(tmp, self.current_link)
+        _fsync_dir(self.root)
+
+    def install(self, version: int, manifest: bytes, payload: bytes) -> Path:
+        """add + activate + prune: the whole of taking a new verified snapshot into service."""
+        path = self.add(version, manifest, payload)
+        self.activate(version)
+        self.prune()
+        return path
+
+    def prune(self) -> list[int]:
+        """Remove the oldest versions beyond `keep`, never the active one; return removed."""
+        current = self.current_version()
+        versions = self.versions()
+        removed: list[int] = []
+        for version in versions[: max(0, len(versions) - self.keep)]:
+            if version == current:
+                continue
+            shutil.rmtree(self.path_of(version))
+            removed.append(version)
+        return removed
+
+    def _write_high_water(self, version: int) -> None:
+        tmp = self.root / f"{_TMP_PREFIX}high-water-{os.getpid()}"
+        with open(tmp, "w") as fh:
+            fh.write(f"{version}\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.high_water_path)
+        _fsync_dir(self.root)

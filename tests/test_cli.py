@@ -1,0 +1,93 @@
+"""The `adpop` commands end to end, as an operator runs them."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import SAMPLE_CAMPAIGNS
+
+ADPOP = Path(sys.executable).parent / "adpop"
+
+
+def adpop(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([str(ADPOP), *args], capture_output=True, text=True, check=False)
+    if ok:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_keys_generate_modes(tmp_path: Path) -> None:
+    out = adpop("keys", "generate", "--out", str(tmp_path / "keys")).stdout
+    key = next((tmp_path / "keys").glob("*.key"))
+    pub = key.with_suffix(".pub")
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert pub.read_text().startswith("-----BEGIN PUBLIC KEY-----")
+    assert key.stem in out and len(key.stem) == 16
+
+
+def test_synth_build_verify_inspect_install(tmp_path: Path) -> None:
+    adpop("keys", "generate", "--out", str(tmp_path / "keys"))
+    key = str(next((tmp_path / "keys").glob("*.key")))
+    adpop("snapshot", "synth", "--campaigns", "500", "--seed", "4", "--out",
+          str(tmp_path / "camps"))
+    # Same seed, same files.
+    adpop("snapshot", "synth", "--campaigns", "500", "--seed", "4", "--out",
+          str(tmp_path / "again"))
+    for path in (tmp_path / "camps").iterdir():
+        assert path.read_bytes() == (tmp_path / "again" / path.name).read_bytes()
+    built = adpop("snapshot", "build", "--campaigns", str(tmp_path / "camps"), "--version", "12",
+                  "--key", key, "--out", str(tmp_path / "snap"), "--ttl", "2h")
+    assert "snapshot v12" in built.stdout
+    adpop("snapshot", "verify", "--trust", str(tmp_path / "keys"), str(tmp_path / "snap"))
+    info = json.loads(adpop("snapshot", "inspect", str(tmp_path / "snap"), "--json").stdout)
+    assert info["manifest"]["version"] == 12
+    assert info["manifest"]["expires"] - info["manifest"]["created"] == 7200
+    assert info["counts"]["campaigns"] + info["counts"]["paused_skipped"] == 500
+    assert info["index"]["conjunctions"] > 0
+    text = adpop("snapshot", "inspect", str(tmp_path / "snap")).stdout
+    assert "version        12" in text
+
+    conf = tmp_path / "appliance.toml"
+    conf.write_text(f'[paths]\nstate_dir = "{tmp_path / "state"}"\n'
+                    f'[snapshot]\ntrust = ["{tmp_path / "keys"}"]\n')
+    adpop("snapshot", "install", "--config", str(conf), str(tmp_path / "snap"))
+    assert (tmp_path / "state" / "current").resolve().name == "12"
+    listing = adpop("snapshot", "list", "--config", str(conf)).stdout
+    assert "high-water 12" in listing
+    # The same version again is a replay: refused in one line, nothing changes.
+    again = adpop("snapshot", "install", "--config", str(conf), str(tmp_path / "snap"), ok=False)
+    assert again.returncode == 2
+    assert again.stderr.count("\n") == 1
+    assert "not above the high-water mark 12" in again.stderr
+
+
+def test_build_reports_campaign_problems_in_one_line(tmp_path: Path) -> None:
+    adpop("keys", "generate", "--out", str(tmp_path / "keys"))
+    key = str(next((tmp_path / "keys").glob("*.key")))
+    camps = tmp_path / "camps"
+    camps.mkdir()
+    for path in SAMPLE_CAMPAIGNS.iterdir():
+        (camps / path.name).write_text(path.read_text().replace("ecpm = 6.50", "ecpm = -1"))
+    result = adpop("snapshot", "build", "--campaigns", str(camps), "--version", "1", "--key",
+                   key, "--out", str(tmp_path / "snap"), ok=False)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith("adpop: error: campaign contoso-savings: ecpm:")
+    assert not (tmp_path / "snap").exists()
+
+
+def test_missing_key_is_one_line(tmp_path: Path) -> None:
+    result = adpop("snapshot", "build", "--campaigns", str(SAMPLE_CAMPAIGNS), "--version", "1",
+                   "--key", str(tmp_path / "nope.key"), "--out", str(tmp_path / "s"), ok=False)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "cannot read signing key" in result.stderr and "adpop keys generate" in result.stderr
+
+
+def test_bad_flag_exits_2() -> None:
+    result = adpop("snapshot", "build", "--bogus", ok=False)
+    assert result.returncode == 2

@@ -1,0 +1,138 @@
+"""The settings table drives parsing, drop-ins, dump and check."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from appliance import config as cfg
+
+REPO = Path(__file__).resolve().parent.parent
+ADPOP = Path(sys.executable).parent / "adpop"
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_defaults_come_from_the_table() -> None:
+    config = cfg.load(cfg.Scope.APPLIANCE)
+    for setting in cfg.settings_for(cfg.Scope.APPLIANCE):
+        assert getattr(getattr(config, setting.section), setting.key) == setting.default
+
+
+def test_config_is_frozen() -> None:
+    config = cfg.load(cfg.Scope.APPLIANCE)
+    with pytest.raises(AttributeError):
+        config.snapshot.keep_versions = 3
+
+
+def test_dropins_later_wins_and_lists_append(tmp_path: Path) -> None:
+    main = write(tmp_path / "appliance.toml",
+                 '[snapshot]\nkeep_versions = 3\ntrust = ["/a"]\nclock_skew = "1m"\n')
+    write(tmp_path / "appliance.d" / "10-site.toml", '[snapshot]\nkeep_versions = 4\n')
+    write(tmp_path / "appliance.d" / "20-keys.toml",
+          '[snapshot]\nkeep_versions = 6\ntrust = ["/b"]\n')
+    write(tmp_path / "appliance.d" / "README", "not toml, ignored")
+    config = cfg.load(cfg.Scope.APPLIANCE, main)
+    assert config.snapshot.keep_versions == 6
+    assert config.snapshot.trust == ["/a", "/b"]
+    assert config.snapshot.clock_skew == 60
+    assert config.pop.target_group == "default"
+
+
+@pytest.mark.parametrize(("text", "key", "fix"), [
+    ("[snapshot]\nthreshold = 2\n", "snapshot.threshold",
+     "did you mean 'snapshot.signature_threshold'?"),
+    ("[snapshto]\nkeep_versions = 2\n", "snapshto", "did you mean 'snapshot'?"),
+    ("[snapshot]\nkeep_versions = 1\n", "snapshot.keep_versions", "at least 2"),
+    ("[snapshot]\nkeep_versions = \"5\"\n", "snapshot.keep_versions", "whole number"),
+    ("[snapshot]\nclock_skew = \"5 minutes\"\n", "snapshot.clock_skew", "duration"),
+    ("[snapshot]\nmax_payload_bytes = \"2 GB\"\n", "snapshot.max_payload_bytes", "size"),
+    ("[snapshot]\ntrust = \"/etc/adpop/trust\"\n", "snapshot.trust", "list"),
+    ("[pop]\ntarget_group = \"Bad Name\"\n", "pop.target_group", "1-63 characters"),
+    ("[pop]\nid = \n", "-", "TOML syntax"),
+    ("pop = 3\n", "pop", "[pop] table"),
+])
+def test_check_names_file_key_and_fix(tmp_path: Path, text: str, key: str, fix: str) -> None:
+    path = write(tmp_path / "appliance.toml", text)
+    problems = cfg.check_files([path], cfg.Scope.APPLIANCE)
+    assert len(problems) == 1
+    line = problems[0].line()
+    assert line.startswith(f"{path}: {key}: ")
+    assert fix in line
+    with pytest.raises(cfg.ConfigError):
+        cfg.load(cfg.Scope.APPLIANCE, path)
+
+
+def test_check_lists_every_problem_one_line_each(tmp_path: Path) -> None:
+    path = write(tmp_path / "appliance.toml",
+                 "[snapshot]\nthreshold = 2\nkeep_versions = 0\n[pops]\nid = 'x'\n")
+    result = subprocess.run([ADPOP, "config", "check", str(path)], capture_output=True,
+                            text=True, check=False)
+    assert result.returncode == 2
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 3
+    assert all(line.startswith(str(path)) and "; fix: " in line for line in lines)
+
+
+def test_check_covers_dropins(tmp_path: Path) -> None:
+    path = write(tmp_path / "origin.toml", "[snapshot]\nttl = \"1d\"\n")
+    bad = write(tmp_path / "origin.d" / "50-bad.toml", "[snapshot]\nttl = 5\n")
+    result = subprocess.run([ADPOP, "config", "check", str(path)], capture_output=True,
+                            text=True, check=False)
+    assert result.returncode == 2
+    assert result.stdout.startswith(f"{bad}: snapshot.ttl: ")
+
+
+def test_scope_follows_file_name(tmp_path: Path) -> None:
+    origin = write(tmp_path / "origin.toml", "[snapshot]\nsigning_keys = [\"/k\"]\n")
+    assert cfg.check_files([origin], cfg.scope_of(origin)) == []
+    problems = cfg.check_files([origin], cfg.Scope.APPLIANCE)
+    assert problems and problems[0].key == "snapshot.signing_keys"
+
+
+def test_dump_round_trips(tmp_path: Path) -> None:
+    path = write(tmp_path / "appliance.toml",
+                 '[snapshot]\nkeep_versions = 9\nclock_skew = 90\nmax_payload_bytes = "1GiB"\n')
+    config = cfg.load(cfg.Scope.APPLIANCE, path)
+    dumped = write(tmp_path / "again" / "appliance.toml", cfg.dump(config, cfg.Scope.APPLIANCE))
+    assert cfg.load(cfg.Scope.APPLIANCE, dumped) == config
+    result = subprocess.run([ADPOP, "config", "dump", "--config", str(path)],
+                            capture_output=True, text=True, check=True)
+    assert "keep_versions = 9" in result.stdout
+    assert 'clock_skew = "90s"' in result.stdout
+
+
+@pytest.mark.parametrize("scope", list(cfg.Scope))
+def test_shipped_files_hold_every_setting_with_a_comment(scope: cfg.Scope) -> None:
+    path = REPO / "config" / f"{scope.value}.toml"
+    assert cfg.check_files([path], scope) == []
+    lines = path.read_text().splitlines()
+    section = ""
+    seen: set[str] = set()
+    for i, line in enumerate(lines):
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif "=" in line and not line.startswith("#"):
+            key = line.split("=")[0].strip()
+            assert lines[i - 1].startswith("# "), f"{section}.{key} has no comment"
+            seen.add(f"{section}.{key}")
+    assert seen == {s.name for s in cfg.settings_for(scope)}
+
+
+def test_duration_and_size_parsers() -> None:
+    assert cfg.parse_duration("7d") == 7 * 86400
+    assert cfg.parse_duration(45) == 45
+    assert cfg.parse_size("64KiB") == 65536
+    assert cfg.format_duration(3600) == "1h"
+    assert cfg.format_size(3 * 1024**2) == "3MiB"
+    with pytest.raises(cfg.ValueProblem):
+        cfg.parse_duration("soon")
+    with pytest.raises(cfg.ValueProblem):
+        cfg.parse_size(True)

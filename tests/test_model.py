@@ -1,0 +1,162 @@
+"""Authoring and validation of the campaign model."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.snapshot.model import (
+    CampaignError,
+    CampaignSet,
+    Pacing,
+    Request,
+    campaign_matches,
+    load_campaigns,
+    parse_documents,
+    parse_hours,
+)
+
+BASE: dict[str, Any] = {
+    "advertisers": [{"id": "adv-a", "name": "A"}, {"id": "adv-b"}],
+    "creatives": [
+        {"id": "cr-a", "advertiser": "adv-a", "size": "300x250", "url": "https://c/a.png",
+         "landing_url": "https://a.example/"},
+        {"id": "cr-b", "advertiser": "adv-b", "size": "728x90", "body": "<b>b</b>",
+         "landing_url": "https://b.example/"},
+    ],
+    "placements": [{"id": "side", "zone": "home", "sizes": ["300x250"]}],
+    "campaigns": [{
+        "id": "c1", "advertiser": "adv-a", "start": "2026-01-01T00:00:00Z",
+        "end": "2027-01-01T00:00:00Z", "priority": 4, "weight": 3, "ecpm": 2.5,
+        "budget_total": 100.0, "budget_daily": 10.0, "pacing": "even",
+        "frequency_caps": [{"count": 2, "window": "1d", "scope": "advertiser"}],
+        "ads": [{"id": "ad1", "creative": "cr-a"}],
+        "targeting": [{"country": ["US"], "exclude": {"os": ["ios"]}}],
+    }],
+}
+
+
+def parse(doc: dict[str, Any]) -> CampaignSet:
+    return parse_documents([("test.json", doc)])
+
+
+def test_sample_campaigns_load(sample_set: CampaignSet) -> None:
+    assert len(sample_set.campaigns) == 4
+    northwind = next(c for c in sample_set.campaigns if c.id == "northwind-spring")
+    assert northwind.ecpm_micros == 3_200_000
+    assert len(northwind.targeting) == 2
+    assert northwind.caps[0].window == 86400
+    house = next(c for c in sample_set.campaigns if c.id == "house-fallback")
+    assert house.targeting == ()
+
+
+def test_valid_document_parses() -> None:
+    result = parse(BASE)
+    camp = result.campaigns[0]
+    assert camp.pacing is Pacing.EVEN
+    assert camp.budget_daily_micros == 10_000_000
+    (conj,) = camp.targeting
+    assert conj.size == 1
+    assert [(p.attribute, p.negated) for p in conj.predicates] == [("country", False),
+                                                                  ("os", True)]
+
+
+def mutate(path: str, value: Any) -> dict[str, Any]:
+    """BASE with one field replaced; path like 'campaigns.0.ecpm' (value None deletes)."""
+    doc = copy.deepcopy(BASE)
+    *parents, last = path.split(".")
+    node: Any = doc
+    for part in parents:
+        node = node[int(part)] if part.isdigit() else node[part]
+    if value is None:
+        del node[int(last) if last.isdigit() else last]
+    else:
+        node[int(last) if last.isdigit() else last] = value
+    return doc
+
+
+@pytest.mark.parametrize(("path", "value", "expected"), [
+    ("campaigns.0.ecpm", -1, "campaign c1: ecpm:"),
+    ("campaigns.0.end", "2025-01-01T00:00:00Z", "campaign c1: end: must be after start"),
+    ("campaigns.0.start", "yesterday", "campaign c1: start:"),
+    ("campaigns.0.priority", 0, "campaign c1: priority:"),
+    ("campaigns.0.pacing", "fast", "campaign c1: pacing: unknown 'fast'"),
+    ("campaigns.0.budget_daily", 500.0, "campaign c1: budget_daily: exceeds budget_total"),
+    ("campaigns.0.advertiser", "adv-zz", "campaign c1: advertiser: unknown advertiser"),
+    ("campaigns.0.ads", [], "campaign c1: ads: needs at least one ad"),
+    ("campaigns.0.ads.0.creative", "cr-b", "campaign c1: ads[0].creative: creative 'cr-b' "
+                                           "belongs to another advertiser"),
+    ("campaigns.0.ads.0.creative", "cr-x", "campaign c1: ads[0].creative: unknown creative"),
+    ("campaigns.0.frequency_caps.0.count", 0, "campaign c1: frequency_caps[0].count:"),
+    ("campaigns.0.frequency_caps.0.window", "5s", "campaign c1: frequency_caps[0].window:"),
+    ("campaigns.0.targeting.0.country", ["usa"], "campaign c1: targeting[0].country: bad value"),
+    ("campaigns.0.targeting.0.colour", ["red"], "campaign c1: targeting[0].colour: unknown"),
+    ("campaigns.0.targeting.0.device", ["phone"], "campaign c1: targeting[0].device:"),
+    ("campaigns.0.targeting.0.hour", [200], "campaign c1: targeting[0].hour:"),
+    ("campaigns.0.targeting.0.placement", ["nowhere"],
+     "campaign c1: targeting[0].placement: unknown placement"),
+    ("campaigns.0.targeting.0.exclude", {"segment": []},
+     "campaign c1: targeting[0].exclude.segment: must be a non-empty list"),
+    ("creatives.0.size", "big", "creative cr-a: size:"),
+    ("creatives.1.url", "https://c/b.png", "creative cr-b: body: give exactly one"),
+    ("creatives.0.landing_url", "ftp://x", "creative cr-a: landing_url:"),
+    ("placements.0.sizes", [], "placement side: sizes:"),
+])
+def test_validation_names_campaign_and_field(path: str, value: Any, expected: str) -> None:
+    with pytest.raises(CampaignError) as info:
+        parse(mutate(path, value))
+    assert any(line.startswith(expected) for line in info.value.problems), info.value.problems
+
+
+def test_duplicate_ids_are_reported() -> None:
+    doc = copy.deepcopy(BASE)
+    doc["campaigns"].append(copy.deepcopy(doc["campaigns"][0]))
+    with pytest.raises(CampaignError) as info:
+        parse(doc)
+    assert "campaign c1: id: duplicate campaign id; ids must be unique" in info.value.problems
+    assert "ad ad1: id: duplicate ad id; ids must be unique" in info.value.problems
+
+
+def test_all_problems_are_collected() -> None:
+    doc = mutate("campaigns.0.ecpm", -1)
+    doc["campaigns"][0]["pacing"] = "fast"
+    with pytest.raises(CampaignError) as info:
+        parse(doc)
+    assert len(info.value.problems) == 2
+
+
+def test_unreadable_file_is_named(tmp_path: Path) -> None:
+    (tmp_path / "broken.toml").write_text("[[campaigns]\n")
+    with pytest.raises(CampaignError, match=r"broken\.toml: cannot parse"):
+        load_campaigns(tmp_path)
+    with pytest.raises(CampaignError, match="not a folder"):
+        load_campaigns(tmp_path / "missing")
+
+
+@pytest.mark.parametrize(("spec", "expected"), [
+    ([0, 1, 2], ["0", "1", "2"]),
+    (["3-5"], ["3", "4", "5"]),
+    (["mon 09-11"], ["9", "10"]),
+    (["sat-sun 22-24"], ["142", "143", "166", "167"]),
+    (["fri-mon 09-10"], None),
+    ([168], None),
+    (["noon"], None),
+])
+def test_hours(spec: list[Any], expected: list[str] | None) -> None:
+    assert parse_hours(spec) == expected
+
+
+def test_direct_evaluation_semantics() -> None:
+    doc = mutate("campaigns.0.targeting", [
+        {"country": ["US"], "segment": ["s1", "s2"], "exclude": {"keyword": ["k9"]}},
+        {"device": ["ctv"]},
+    ])
+    (camp,) = parse(doc).campaigns
+    assert campaign_matches(camp, Request({"country": ("US",), "segment": ("s2", "s7")}))
+    assert not campaign_matches(camp, Request({"country": ("US",), "segment": ("s2",),
+                                               "keyword": ("k1", "k9")}))
+    assert not campaign_matches(camp, Request({"country": ("GB",), "segment": ("s1",)}))
+    assert campaign_matches(camp, Request({"device": ("ctv",), "keyword": ("k9",)}))
