@@ -55,6 +55,7 @@ def test_payload_holds_the_campaigns(sample_set: CampaignSet) -> None:
         strings = list(p.strings)
         assert strings[0] == ""
         assert p.version == 2
+        assert p.schemaId == int(schema_id(), 16)
         assert p.createdAt == 1_800_000_000
         camps = {strings[c.id]: c for c in p.campaigns}
         contoso = camps["contoso-savings"]

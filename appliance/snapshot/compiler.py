@@ -91,6 +91,7 @@ def _compile(campaign_set: CampaignSet, version: int, created_at: int
     msg = s.Payload.new_message()
     msg.version = version
     msg.createdAt = created_at
+    msg.schemaId = s.Payload.schema.node.scopeId
 
     active = sorted((c for c in campaign_set.campaigns if not c.paused), key=lambda c: c.id)
     paused = len(campaign_set.campaigns) - len(active)

@@ -24,6 +24,9 @@ struct Payload {
   placements @7 :List(Placement);   # sorted by id bytes, for binary search by request placement id
   index @8 :TargetingIndex;
   stats @9 :Stats;
+  # This file's id (the @0x... above). The manifest carries it too; the engine checks it here
+  # so it never has to parse the manifest's JSON.
+  schemaId @10 :UInt64;
 }
 
 struct Advertiser {
