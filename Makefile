@@ -11,9 +11,9 @@ DEMO_DIR := .demo
 # Debian packages the project needs. Grouped by what uses them.
 APT_PACKAGES := \
 	python3-venv python3-dev build-essential pkg-config \
-	capnproto libcapnp-dev
+	cmake g++ capnproto libcapnp-dev libssl-dev libgtest-dev
 
-.PHONY: help setup demo test bench lint clean
+.PHONY: help setup engine demo test bench lint clean
 
 help:
 	@echo "make demo   - set up, then build the sample campaign snapshot and show its summary"
@@ -22,7 +22,15 @@ help:
 	@echo "make lint   - ruff and mypy only"
 	@echo "make setup  - apt packages, the .venv, the adpop package (idempotent)"
 
-setup: $(STAMPS)/apt $(STAMPS)/venv
+setup: $(STAMPS)/apt $(STAMPS)/venv engine
+
+# The engine, twice: optimised (engine/build) and with ASan + UBSan (engine/build-asan) for
+# the unit tests. cmake --build is incremental, so an up-to-date tree costs a second.
+engine: $(STAMPS)/apt
+	@test -f engine/build/CMakeCache.txt || cmake -S engine -B engine/build -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+	cmake --build engine/build -j$$(nproc) -- --no-print-directory
+	@test -f engine/build-asan/CMakeCache.txt || cmake -S engine -B engine/build-asan -DCMAKE_BUILD_TYPE=Debug -DADPOP_SANITIZE=ON >/dev/null
+	cmake --build engine/build-asan -j$$(nproc) -- --no-print-directory
 
 # Installs only what is missing, so a second run costs a dpkg query, not an apt-get.
 $(STAMPS)/apt: Makefile
@@ -56,4 +64,4 @@ lint: setup
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(STAMPS) $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(STAMPS) $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache engine/build engine/build-asan

@@ -1,0 +1,236 @@
+#include "snapshot.hpp"
+
+#include <capnp/schema.h>
+#include <fcntl.h>
+#include <kj/exception.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <limits>
+
+namespace adpop {
+
+std::uint64_t compiled_schema_id() {
+  return capnp::Schema::from<Payload>().getProto().getScopeId();
+}
+
+namespace {
+
+constexpr std::size_t kHugePage = 2u << 20;
+
+bool fail(std::string* error, const std::string& message) {
+  if (error) *error = message;
+  return false;
+}
+
+}  // namespace
+
+Snapshot::~Snapshot() {
+  reader_.reset();
+  if (map_ != nullptr) munmap(map_, map_size_);
+}
+
+std::unique_ptr<Snapshot> Snapshot::open(const std::string& path, bool hugepages,
+                                         std::string* error) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    fail(error, "cannot open " + path + ": " + std::strerror(errno));
+    return nullptr;
+  }
+  struct stat st {};
+  if (fstat(fd, &st) != 0 || st.st_size <= 0 || st.st_size % sizeof(capnp::word) != 0) {
+    ::close(fd);
+    fail(error, path + " is empty or not a whole number of Cap'n Proto words");
+    return nullptr;
+  }
+  std::unique_ptr<Snapshot> snap(new Snapshot());
+  snap->size_ = static_cast<std::size_t>(st.st_size);
+  if (hugepages) {
+    // Huge pages cut TLB misses on the index walk; the payload is copied in once per swap.
+    std::size_t rounded = (snap->size_ + kHugePage - 1) / kHugePage * kHugePage;
+    void* mem = mmap(nullptr, rounded, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0);
+    if (mem != MAP_FAILED) {
+      std::size_t done = 0;
+      while (done < snap->size_) {
+        ssize_t n = pread(fd, static_cast<char*>(mem) + done, snap->size_ - done,
+                          static_cast<off_t>(done));
+        if (n <= 0) break;
+        done += static_cast<std::size_t>(n);
+      }
+      if (done == snap->size_) {
+        mprotect(mem, rounded, PROT_READ);
+        snap->map_ = mem;
+        snap->map_size_ = rounded;
+        snap->hugepages_ = true;
+      } else {
+        munmap(mem, rounded);
+      }
+    }
+  }
+  if (snap->map_ == nullptr) {
+    void* mem = mmap(nullptr, snap->size_, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
+    if (mem == MAP_FAILED) {
+      ::close(fd);
+      fail(error, "cannot map " + path + ": " + std::strerror(errno));
+      return nullptr;
+    }
+    snap->map_ = mem;
+    snap->map_size_ = snap->size_;
+  }
+  ::close(fd);
+  kj::ArrayPtr<const capnp::word> words(static_cast<const capnp::word*>(snap->map_),
+                                        snap->size_ / sizeof(capnp::word));
+  // Structural check with limits first, on a throwaway reader: a hostile payload cannot make
+  // it loop (traversal limit) or recurse deeply (nesting limit).
+  try {
+    capnp::ReaderOptions checked;
+    checked.traversalLimitInWords = words.size() * 2 + 1024;
+    checked.nestingLimit = 16;
+    capnp::FlatArrayMessageReader probe(words, checked);
+    (void)probe.getRoot<Payload>().totalSize();
+  } catch (const kj::Exception& e) {
+    fail(error, "payload structure invalid: " + std::string(e.getDescription().cStr()));
+    return nullptr;
+  }
+  // The serving reader has no traversal budget: Cap'n Proto counts it across the reader's
+  // whole life, and this one answers requests for as long as the snapshot is active.
+  capnp::ReaderOptions serving;
+  serving.traversalLimitInWords = std::numeric_limits<std::uint64_t>::max();
+  serving.nestingLimit = 16;
+  snap->reader_ = std::make_unique<capnp::FlatArrayMessageReader>(words, serving);
+  if (!snap->validate(error)) return nullptr;
+  return snap;
+}
+
+std::unique_ptr<Snapshot> Snapshot::from_words(kj::ArrayPtr<const capnp::word> words,
+                                               std::string* error) {
+  std::unique_ptr<Snapshot> snap(new Snapshot());
+  snap->size_ = words.size() * sizeof(capnp::word);
+  try {
+    capnp::ReaderOptions checked;
+    checked.traversalLimitInWords = words.size() * 2 + 1024;
+    capnp::FlatArrayMessageReader probe(words, checked);
+    (void)probe.getRoot<Payload>().totalSize();
+  } catch (const kj::Exception& e) {
+    fail(error, "payload structure invalid: " + std::string(e.getDescription().cStr()));
+    return nullptr;
+  }
+  capnp::ReaderOptions serving;
+  serving.traversalLimitInWords = std::numeric_limits<std::uint64_t>::max();
+  snap->reader_ = std::make_unique<capnp::FlatArrayMessageReader>(words, serving);
+  if (!snap->validate(error)) return nullptr;
+  return snap;
+}
+
+// Every pointer and index the request path follows is read or checked here once, so a
+// payload that passes cannot make the hot path throw or index out of range.
+bool Snapshot::validate(std::string* error) {
+  try {
+    return validate_unchecked(error);
+  } catch (const kj::Exception& e) {
+    return fail(error, "payload invalid: " + std::string(e.getDescription().cStr()));
+  }
+}
+
+bool Snapshot::validate_unchecked(std::string* error) {
+  root_ = reader_->getRoot<Payload>();
+  if (root_.getSchemaId() != compiled_schema_id()) {
+    char buf[96];
+    std::snprintf(buf, sizeof buf, "schema id %016llx, this engine reads %016llx",
+                  static_cast<unsigned long long>(root_.getSchemaId()),
+                  static_cast<unsigned long long>(compiled_schema_id()));
+    return fail(error, buf);
+  }
+  strings_ = root_.getStrings();
+  const std::uint32_t n_strings = strings_.size();
+  const auto advertisers = root_.getAdvertisers();
+  const auto creatives = root_.getCreatives();
+  const auto campaigns = root_.getCampaigns();
+  const auto ads = root_.getAds();
+  const auto placements = root_.getPlacements();
+  const auto index = root_.getIndex();
+  if (n_strings == 0) return fail(error, "string table is empty");
+  for (auto s : strings_) (void)s.size();
+  auto bad_string = [&](std::uint32_t id) { return id >= n_strings; };
+  for (auto a : advertisers)
+    if (bad_string(a.getId()) || bad_string(a.getName())) return fail(error, "advertiser string out of range");
+  for (auto c : creatives) {
+    if (c.getAdvertiser() >= advertisers.size()) return fail(error, "creative advertiser out of range");
+    if (bad_string(c.getId()) || bad_string(c.getBody()) || bad_string(c.getUrl()) ||
+        bad_string(c.getLandingUrl()))
+      return fail(error, "creative string out of range");
+  }
+  for (auto c : campaigns) {
+    if (c.getAdvertiser() >= advertisers.size()) return fail(error, "campaign advertiser out of range");
+    if (bad_string(c.getId()) || bad_string(c.getName())) return fail(error, "campaign string out of range");
+    if (std::uint64_t{c.getAdsStart()} + c.getAdsCount() > ads.size())
+      return fail(error, "campaign ad slice out of range");
+    for (auto label : c.getExclusionLabels())
+      if (bad_string(label)) return fail(error, "exclusion label out of range");
+    for (auto cap : c.getCaps())
+      if (cap.getCount() == 0 || cap.getWindowSeconds() == 0) return fail(error, "empty frequency cap");
+  }
+  for (auto ad : ads) {
+    if (ad.getCampaign() >= campaigns.size() || ad.getCreative() >= creatives.size() ||
+        bad_string(ad.getId()))
+      return fail(error, "ad reference out of range");
+  }
+  for (auto p : placements) {
+    if (bad_string(p.getId()) || bad_string(p.getZone())) return fail(error, "placement string out of range");
+    for (auto size : p.getSizes()) (void)size.getWidth();
+    for (auto ad : p.getCandidates())
+      if (ad >= ads.size()) return fail(error, "placement candidate out of range");
+  }
+  const auto conjunctions = index.getConjunctions();
+  const auto owners = index.getConjunctionCampaigns();
+  if (index.getAttributes().size() != kAttributes)
+    return fail(error, "index has " + std::to_string(index.getAttributes().size()) +
+                           " attributes, this engine knows " + std::to_string(kAttributes));
+  for (std::size_t a = 0; a < kAttributes; ++a) {
+    const auto attribute = index.getAttributes()[a];
+    if (attribute.getName() != kj::StringPtr(kAttributeNames[a]))
+      return fail(error, std::string("index attribute ") + std::to_string(a) + " is not " +
+                             kAttributeNames[a]);
+    // Request values are found by binary search: the values must be strictly sorted.
+    const auto values = attribute.getValues();
+    for (std::uint32_t i = 1; i < values.size(); ++i)
+      if (!(values[i - 1] < values[i]))
+        return fail(error, std::string("values of ") + kAttributeNames[a] + " are not sorted");
+  }
+  for (auto c : conjunctions)
+    if (std::uint64_t{c.getCampaignsStart()} + c.getCampaignsCount() > owners.size())
+      return fail(error, "conjunction campaign slice out of range");
+  for (auto owner : owners)
+    if (owner >= campaigns.size()) return fail(error, "conjunction campaign out of range");
+  const std::uint64_t max_entry = std::uint64_t{conjunctions.size()} << 1;
+  auto check_entries = [&](capnp::List<std::uint32_t>::Reader entries) {
+    std::uint32_t prev = 0;
+    for (std::uint32_t i = 0; i < entries.size(); ++i) {
+      std::uint32_t e = entries[i];
+      if (e >= max_entry || (i > 0 && e < prev)) return false;
+      prev = e;
+    }
+    return true;
+  };
+  if (!check_entries(index.getZeroEntries())) return fail(error, "Z list unsorted or out of range");
+  for (auto bucket : index.getBuckets()) {
+    std::uint64_t prev_key = 0;
+    bool first = true;
+    for (auto list : bucket.getLists()) {
+      if (list.getAttribute() >= kAttributes ||
+          list.getValue() >= index.getAttributes()[list.getAttribute()].getValues().size())
+        return fail(error, "posting list key out of range");
+      std::uint64_t key = (std::uint64_t{list.getAttribute()} << 32) | list.getValue();
+      if (!first && key <= prev_key) return fail(error, "posting lists not sorted");
+      prev_key = key;
+      first = false;
+      if (!check_entries(list.getEntries())) return fail(error, "posting entries unsorted or out of range");
+    }
+  }
+  return true;
+}
+
+}  // namespace adpop

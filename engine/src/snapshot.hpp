@@ -1,0 +1,64 @@
+// A campaign snapshot payload mapped into memory and read in place.
+//
+// Opening validates once (Cap'n Proto structure with traversal and nesting limits, the schema
+// id, and every cross-reference between tables) so the request path can index without checks.
+#pragma once
+
+#include <capnp/serialize.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "snapshot.capnp.h"
+
+namespace adpop {
+
+// Number of targeting attributes; the order is appliance/snapshot/model.py's ATTRIBUTES.
+inline constexpr std::size_t kAttributes = 9;
+inline constexpr const char* kAttributeNames[kAttributes] = {
+    "country", "region", "device", "os", "domain", "placement", "keyword", "segment", "hour"};
+
+enum Attribute : std::uint8_t {
+  kCountry = 0, kRegion, kDevice, kOs, kDomain, kPlacement, kKeyword, kSegment, kHour
+};
+
+// The schema id this engine was compiled against (the file id of snapshot.capnp).
+std::uint64_t compiled_schema_id();
+
+class Snapshot {
+ public:
+  // Maps `path` and validates it. On failure returns nullptr and sets `error` to one line.
+  // With `hugepages`, copies the payload into huge-page-backed memory when the host has them.
+  static std::unique_ptr<Snapshot> open(const std::string& path, bool hugepages,
+                                        std::string* error);
+  // Validates an in-memory payload (tests); `words` must stay alive as long as the snapshot.
+  static std::unique_ptr<Snapshot> from_words(kj::ArrayPtr<const capnp::word> words,
+                                              std::string* error);
+  ~Snapshot();
+  Snapshot(const Snapshot&) = delete;
+  Snapshot& operator=(const Snapshot&) = delete;
+
+  Payload::Reader payload() const { return root_; }
+  std::uint64_t version() const { return root_.getVersion(); }
+  std::size_t bytes() const { return size_; }
+  bool on_hugepages() const { return hugepages_; }
+  // The string at an interned index (validated in range at open).
+  kj::StringPtr str(std::uint32_t id) const { return strings_[id]; }
+
+ private:
+  Snapshot() = default;
+  bool validate(std::string* error);
+  bool validate_unchecked(std::string* error);
+
+  void* map_ = nullptr;
+  std::size_t map_size_ = 0;
+  std::size_t size_ = 0;
+  bool hugepages_ = false;
+  std::unique_ptr<capnp::FlatArrayMessageReader> reader_;
+  Payload::Reader root_;
+  capnp::List<capnp::Text>::Reader strings_;
+};
+
+}  // namespace adpop

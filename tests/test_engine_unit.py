@@ -1,0 +1,42 @@
+"""The engine's gtest unit tests, optimised and under ASan + UBSan, on a compiled payload."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from appliance.snapshot import bundle, synth
+from appliance.snapshot.manifest import SigningKey
+from appliance.snapshot.model import parse_documents
+
+REPO = Path(__file__).resolve().parent.parent
+BINARIES = {
+    "optimised": REPO / "engine" / "build" / "adpop-engine-tests",
+    "asan-ubsan": REPO / "engine" / "build-asan" / "adpop-engine-tests",
+}
+
+
+@pytest.fixture(scope="module")
+def payload_path(tmp_path_factory: pytest.TempPathFactory, signing_key: SigningKey) -> Path:
+    campaign_set = parse_documents(synth.generate(3000, seed=21))
+    built = bundle.build(campaign_set, 1, [signing_key], ttl=3600, target_group="default")
+    out = tmp_path_factory.mktemp("engine-payload")
+    bundle.write(built, out)
+    return out / "payload.capnp"
+
+
+@pytest.mark.parametrize("variant", sorted(BINARIES))
+def test_gtest_suite(variant: str, payload_path: Path) -> None:
+    binary = BINARIES[variant]
+    assert binary.is_file(), f"{binary} missing: `make setup` builds the engine"
+    env = dict(os.environ, ADPOP_TEST_PAYLOAD=str(payload_path),
+               ASAN_OPTIONS="detect_leaks=1:abort_on_error=1",
+               UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
+    result = subprocess.run([binary], env=env, capture_output=True, text=True, check=False,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "[  PASSED  ]" in result.stdout
+    assert "FAILED" not in result.stdout
