@@ -1,0 +1,36 @@
+// The /v1/decide wire format: request parsing (JSON body or flattened query) and the answer.
+//
+// JSON request:
+//   {"id": "req-1",
+//    "placements": [{"id": "home-top", "sizes": ["728x90"], "count": 1}],
+//    "user": {"key": "u1", "segments": ["s1"]}, "device": {"type": "mobile", "os": "ios"},
+//    "geo": {"country": "US", "region": "US-06"}, "site": {"domain": "news.example"},
+//    "keywords": ["k1"], "time": 1767225600, "explain": false}
+// Query form: id=..&placement=ID (repeatable)&sizes=300x250,728x90&count=N&user=..
+//   &segments=a,b&device=..&os=..&country=..&region=..&domain=..&keywords=a,b&time=..
+#pragma once
+
+#include <string>
+#include <string_view>
+
+#include "decide.hpp"
+#include "json.hpp"
+#include "snapshot.hpp"
+
+namespace adpop::api {
+
+// Parses a JSON body in place; string views in `out` point into `body`.
+bool parse_json(char* body, std::size_t size, json::Document& doc, DecideRequest& out,
+                const char** error);
+// Parses a query string; decoded text is written to `scratch` (resized to fit) and `out`
+// points into it.
+bool parse_query(std::string_view query, std::string& scratch, DecideRequest& out,
+                 const char** error);
+
+// Appends the JSON answer for `decision` to `out`.
+void render(const Snapshot& snap, const DecideRequest& request, const Decision& decision,
+            std::string& out);
+
+void append_json_string(std::string& out, std::string_view s);
+
+}  // namespace adpop::api

@@ -1,0 +1,103 @@
+// Ad decisions: targeting, flights, dayparts, sizes, then strict priority tiers and a seeded
+// weighted lottery within a tier, with competitive exclusion and no duplicate ad.
+//
+// Deterministic: the same request id, snapshot and time give the same decision, so any
+// decision can be replayed.
+#pragma once
+
+#include <cstdint>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "index.hpp"
+#include "snapshot.hpp"
+
+namespace adpop {
+
+struct AdSize {
+  std::uint16_t width = 0;
+  std::uint16_t height = 0;
+  bool operator==(const AdSize&) const = default;
+};
+
+struct PlacementRequest {
+  std::string_view id;
+  std::vector<AdSize> sizes;  // empty: every size the placement accepts
+  std::uint32_t count = 1;    // 1..20 ads wanted
+};
+
+inline constexpr std::uint32_t kMaxAdsPerPlacement = 20;
+inline constexpr std::size_t kMaxPlacements = 20;
+
+struct DecideRequest {
+  std::string_view id;
+  std::vector<PlacementRequest> placements;
+  std::string_view user_key;
+  std::vector<std::string_view> segments;
+  std::vector<std::string_view> keywords;
+  std::string_view device;
+  std::string_view os;
+  std::string_view country;
+  std::string_view region;
+  std::string_view domain;
+  std::int64_t time = -1;  // unix seconds; -1: the engine's clock
+  bool explain = false;
+
+  void clear() {
+    id = user_key = device = os = country = region = domain = {};
+    placements.clear();
+    segments.clear();
+    keywords.clear();
+    time = -1;
+    explain = false;
+  }
+};
+
+struct Choice {
+  std::uint32_t ad = 0;
+  std::uint32_t campaign = 0;
+  std::uint32_t creative = 0;
+};
+
+// Why an eligible-by-targeting campaign did not serve, for `explain`.
+enum class LossReason : std::uint8_t { kFlight, kSize, kTier, kLottery, kExclusion, kDuplicate };
+const char* loss_name(LossReason reason);
+
+struct Loss {
+  std::uint32_t campaign = 0;
+  LossReason reason = LossReason::kFlight;
+};
+
+struct PlacementDecision {
+  std::int64_t placement = -1;            // index in the snapshot, -1 if unknown
+  std::vector<Choice> chosen;
+  std::vector<std::uint32_t> eligible;    // campaigns passing targeting, flight and size
+  std::vector<Loss> losses;               // explain only
+};
+
+struct Decision {
+  std::vector<PlacementDecision> placements;
+  std::int64_t time = 0;
+  std::uint32_t hour_of_week = 0;
+};
+
+// Hour of week in UTC, Monday 00:00 = 0 (1970-01-01 was a Thursday).
+std::uint32_t hour_of_week(std::int64_t unix_seconds);
+
+class Decider {
+ public:
+  void decide(const Snapshot& snap, const DecideRequest& request, std::int64_t now,
+              Decision& out);
+
+ private:
+  Matcher matcher_;
+  TargetingRequest targeting_;
+  std::vector<std::uint32_t> matched_;
+  std::vector<std::uint32_t> fitting_ads_;    // per tier candidates: ad indexes
+  std::vector<std::uint32_t> used_ads_;
+  std::vector<std::pair<std::uint32_t, std::uint32_t>> exclusions_;  // (label, campaign)
+  char hour_text_[8] = {};
+};
+
+}  // namespace adpop

@@ -1,0 +1,144 @@
+// adpop-engine: the serving process. See --help; bad flags exit 2 with one line.
+#include <signal.h>
+
+#include <charconv>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <string_view>
+
+#include "server.hpp"
+
+namespace {
+
+constexpr const char* kUsage = R"(usage: adpop-engine --snapshot DIR [options]
+
+Serves ad decisions over HTTP/1.1 from the campaign snapshot in DIR (DIR/payload.capnp;
+normally the store's `current` link). One shard per CPU: a pinned thread with its own
+SO_REUSEPORT listener and epoll loop.
+
+  --listen HOST:PORT       serving address (default 127.0.0.1:8080)
+  --admin PATH             admin Unix socket: GET /status, POST /load /drain /undrain /decide
+  --snapshot DIR           snapshot folder (required); SIGHUP or POST /load re-reads it
+  --shards N               serving threads (default 1)
+  --cpus LIST              CPUs to pin shards to, e.g. 2,3 or 2-5 (default: unpinned)
+  --hugepages              back the snapshot with huge pages when the host has them
+  --max-connections N      open client connections, whole process (default 10000)
+  --idle-timeout MS        close keep-alive connections idle this long (default 30000)
+  --request-timeout MS     answer 408 if a request takes longer to arrive (default 10000)
+  --max-header-bytes N     request line + headers limit, else 431 (default 8192)
+  --max-body-bytes N       body limit, else 413 (default 65536)
+  --help                   this text
+)";
+
+[[noreturn]] void die(const std::string& message) {
+  std::fprintf(stderr, "adpop-engine: %s (see --help)\n", message.c_str());
+  std::exit(2);
+}
+
+std::uint64_t number(std::string_view flag, std::string_view value, std::uint64_t lo, std::uint64_t hi) {
+  std::uint64_t n = 0;
+  auto r = std::from_chars(value.data(), value.data() + value.size(), n);
+  if (r.ec != std::errc{} || r.ptr != value.data() + value.size() || n < lo || n > hi)
+    die(std::string(flag) + ": expected a number from " + std::to_string(lo) + " to " + std::to_string(hi) +
+        ", got '" + std::string(value) + "'");
+  return n;
+}
+
+std::vector<int> cpu_list(std::string_view value) {
+  std::vector<int> cpus;
+  while (!value.empty()) {
+    std::size_t comma = value.find(',');
+    std::string_view item = value.substr(0, comma);
+    std::size_t dash = item.find('-');
+    int a = static_cast<int>(number("--cpus", item.substr(0, dash), 0, 4095));
+    int b = dash == std::string_view::npos ? a : static_cast<int>(number("--cpus", item.substr(dash + 1), 0, 4095));
+    if (b < a) die("--cpus: range " + std::string(item) + " runs backwards");
+    for (int c = a; c <= b; ++c) cpus.push_back(c);
+    if (comma == std::string_view::npos) break;
+    value.remove_prefix(comma + 1);
+  }
+  if (cpus.empty()) die("--cpus: empty list");
+  return cpus;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  adpop::EngineOptions o;
+  bool shards_given = false;
+  for (int i = 1; i < argc; ++i) {
+    std::string_view flag = argv[i];
+    if (flag == "--help" || flag == "-h") {
+      std::fputs(kUsage, stdout);
+      return 0;
+    }
+    if (flag == "--hugepages") {
+      o.hugepages = true;
+      continue;
+    }
+    if (i + 1 >= argc) die(std::string(flag) + ": missing value, or unknown flag");
+    std::string_view value = argv[++i];
+    if (flag == "--listen") {
+      std::size_t colon = value.rfind(':');
+      if (colon == std::string_view::npos || colon == 0) die("--listen: expected HOST:PORT");
+      o.listen_host = std::string(value.substr(0, colon));
+      o.listen_port = static_cast<std::uint16_t>(number(flag, value.substr(colon + 1), 0, 65535));
+    } else if (flag == "--admin") {
+      o.admin_path = std::string(value);
+    } else if (flag == "--snapshot") {
+      o.snapshot_dir = std::string(value);
+    } else if (flag == "--shards") {
+      o.shards = static_cast<std::uint32_t>(number(flag, value, 1, 1024));
+      shards_given = true;
+    } else if (flag == "--cpus") {
+      o.cpus = cpu_list(value);
+    } else if (flag == "--max-connections") {
+      o.max_connections = static_cast<std::uint32_t>(number(flag, value, 1, 10000000));
+    } else if (flag == "--idle-timeout") {
+      o.idle_timeout_ms = static_cast<std::uint32_t>(number(flag, value, 10, 86400000));
+    } else if (flag == "--request-timeout") {
+      o.request_timeout_ms = static_cast<std::uint32_t>(number(flag, value, 10, 3600000));
+    } else if (flag == "--max-header-bytes") {
+      o.http.max_header_bytes = number(flag, value, 256, 1 << 20);
+    } else if (flag == "--max-body-bytes") {
+      o.http.max_body_bytes = number(flag, value, 0, 64 << 20);
+    } else {
+      die("unknown flag " + std::string(flag));
+    }
+  }
+  if (o.snapshot_dir.empty()) die("--snapshot DIR is required");
+  if (!o.cpus.empty() && !shards_given) o.shards = static_cast<std::uint32_t>(o.cpus.size());
+  if (!o.cpus.empty() && o.cpus.size() != o.shards)
+    die("--cpus lists " + std::to_string(o.cpus.size()) + " CPUs for " + std::to_string(o.shards) + " shards; give one per shard");
+
+  // Signals are taken synchronously by this thread; every other thread inherits the mask.
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGHUP);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  adpop::Engine engine(o);
+  std::string error;
+  if (!engine.start(&error)) {
+    std::fprintf(stderr, "adpop-engine: %s\n", error.c_str());
+    return 1;
+  }
+  std::fprintf(stderr, "adpop-engine: serving %s:%u with %u shard(s)\n", o.listen_host.c_str(), o.listen_port, o.shards);
+  while (true) {
+    int sig = 0;
+    if (sigwait(&set, &sig) != 0) continue;
+    if (sig == SIGHUP) {
+      engine.request_reload();
+      continue;
+    }
+    break;
+  }
+  engine.stop();
+  engine.wait();
+  return 0;
+}

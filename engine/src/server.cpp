@@ -1,0 +1,778 @@
+#include "server.hpp"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <openssl/evp.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sched.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <climits>
+#include <cstdio>
+#include <cstring>
+#include <ctime>
+#include <fstream>
+
+#include "api.hpp"
+#include "json.hpp"
+
+namespace adpop {
+
+namespace {
+
+std::int64_t mono_ns() {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return std::int64_t{ts.tv_sec} * 1000000000 + ts.tv_nsec;
+}
+
+constexpr std::size_t kMaxOutput = 1 << 20;  // stop reading a connection that will not read
+
+const char* status_text(int code) {
+  switch (code) {
+    case 200: return "OK";
+    case 204: return "No Content";
+    case 400: return "Bad Request";
+    case 403: return "Forbidden";
+    case 404: return "Not Found";
+    case 405: return "Method Not Allowed";
+    case 408: return "Request Timeout";
+    case 413: return "Content Too Large";
+    case 431: return "Request Header Fields Too Large";
+    case 501: return "Not Implemented";
+    case 503: return "Service Unavailable";
+    case 505: return "HTTP Version Not Supported";
+    default: return "Error";
+  }
+}
+
+void append_response(std::string& out, int code, std::string_view type, std::string_view body,
+                     bool close) {
+  char head[256];
+  int n = std::snprintf(head, sizeof head,
+                        "HTTP/1.1 %d %s\r\nContent-Type: %.*s\r\nContent-Length: %zu\r\n%s\r\n",
+                        code, status_text(code), static_cast<int>(type.size()), type.data(),
+                        body.size(), close ? "Connection: close\r\n" : "");
+  out.append(head, static_cast<std::size_t>(n));
+  out.append(body);
+}
+
+ErrorReason reason_from_parser(const char* name) {
+  std::string_view r(name);
+  if (r == "bad_header") return kErrBadHeader;
+  if (r == "bad_content_length") return kErrBadContentLength;
+  if (r == "headers_too_large") return kErrHeadersTooLarge;
+  if (r == "too_many_headers") return kErrTooManyHeaders;
+  if (r == "body_too_large") return kErrBodyTooLarge;
+  if (r == "transfer_encoding") return kErrTransferEncoding;
+  if (r == "bad_version") return kErrBadVersion;
+  return kErrBadRequestLine;
+}
+
+const char* kRouteNames[kRoutes] = {"decide_get", "decide_post", "healthz", "metrics", "other"};
+
+}  // namespace
+
+const char* error_reason_name(ErrorReason r) {
+  static const char* names[kErrReasons] = {
+      "bad_request_line", "bad_header", "bad_content_length", "headers_too_large",
+      "too_many_headers", "body_too_large", "transfer_encoding", "bad_version", "timeout",
+      "bad_json", "bad_field", "not_found", "method_not_allowed", "no_snapshot",
+      "explain_forbidden", "connection_cap"};
+  return r < kErrReasons ? names[r] : "unknown";
+}
+
+int LatencyHistogram::bucket_of(std::uint64_t ns) {
+  if (ns < 8) return 0;
+  int log = 63 - __builtin_clzll(ns);          // >= 3
+  int sub = static_cast<int>((ns >> (log - 3)) & 7);
+  int b = (log - 3) * 8 + sub;
+  return std::min(b, kBuckets - 1);
+}
+
+std::uint64_t LatencyHistogram::upper_ns(int bucket) {
+  int log = bucket / 8 + 3;
+  int sub = bucket % 8;
+  return static_cast<std::uint64_t>(8 + sub + 1) << (log - 3);
+}
+
+// ------------------------------------------------------------------------------------------
+// Shard
+
+struct Shard::Conn {
+  int fd = -1;
+  std::string in;
+  std::string out;
+  std::size_t out_off = 0;
+  std::int64_t last_active_ns = 0;
+  std::int64_t request_start_ns = 0;  // first byte of an unfinished request, 0 if none
+  bool close_after = false;
+  bool closed = true;
+};
+
+Shard::Shard(Engine& engine, std::uint32_t index, int cpu)
+    : engine_(engine), index_(index), cpu_(cpu) {}
+
+Shard::~Shard() {
+  for (auto& c : conns_)
+    if (c && !c->closed) ::close(c->fd);
+  if (listen_fd_ >= 0) ::close(listen_fd_);
+  if (epoll_fd_ >= 0) ::close(epoll_fd_);
+}
+
+bool Shard::start(std::string* error) {
+  const EngineOptions& o = engine_.options();
+  cap_ = std::max<std::uint32_t>(1, o.max_connections / std::max<std::uint32_t>(1, o.shards));
+  listen_fd_ = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (listen_fd_ < 0) {
+    *error = std::string("socket: ") + std::strerror(errno);
+    return false;
+  }
+  int one = 1;
+  // Each shard has its own listener on the same port: the kernel spreads connections, and
+  // no accept queue is shared between threads.
+  setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(o.listen_port);
+  if (inet_pton(AF_INET, o.listen_host.c_str(), &addr.sin_addr) != 1) {
+    *error = "--listen: not an IPv4 address: " + o.listen_host;
+    return false;
+  }
+  if (bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    *error = "bind " + o.listen_host + ":" + std::to_string(o.listen_port) + ": " + std::strerror(errno);
+    return false;
+  }
+  if (listen(listen_fd_, 4096) != 0) {
+    *error = std::string("listen: ") + std::strerror(errno);
+    return false;
+  }
+  epoll_fd_ = epoll_create1(EPOLL_CLOEXEC);
+  if (epoll_fd_ < 0) {
+    *error = std::string("epoll_create1: ") + std::strerror(errno);
+    return false;
+  }
+  set_listening(true);
+  thread_ = std::thread([this] { run(); });
+  return true;
+}
+
+void Shard::join() {
+  if (thread_.joinable()) thread_.join();
+}
+
+void Shard::set_listening(bool on) {
+  if (on == listening_) return;
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.fd = listen_fd_;
+  epoll_ctl(epoll_fd_, on ? EPOLL_CTL_ADD : EPOLL_CTL_DEL, listen_fd_, &ev);
+  listening_ = on;
+}
+
+void Shard::run() {
+  if (cpu_ >= 0) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu_, &set);
+    pthread_setaffinity_np(pthread_self(), sizeof set, &set);
+  }
+  char name[16];
+  std::snprintf(name, sizeof name, "shard-%u", index_);
+  pthread_setname_np(pthread_self(), name);
+  epoll_event events[256];
+  std::int64_t last_tick = mono_ns();
+  while (!engine_.stopping()) {
+    // Publish the snapshot generation this shard now uses; the admin thread frees an old
+    // snapshot only once every shard has published a generation past its retirement.
+    std::uint64_t generation = 0;
+    const Snapshot* snap = engine_.acquire(&generation);
+    stats_.seen_generation.store(generation, std::memory_order_release);
+    set_listening(!engine_.draining());
+    int n = epoll_wait(epoll_fd_, events, 256, 100);
+    // Re-acquire after the wait: a swap during the wait must not be missed by this batch.
+    snap = engine_.acquire(&generation);
+    stats_.seen_generation.store(generation, std::memory_order_release);
+    for (int i = 0; i < n; ++i) {
+      int fd = events[i].data.fd;
+      if (fd == listen_fd_) {
+        accept_all();
+        continue;
+      }
+      if (fd < 0 || static_cast<std::size_t>(fd) >= conns_.size() || !conns_[fd] || conns_[fd]->closed) continue;
+      Conn& c = *conns_[fd];
+      if (events[i].events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) on_readable(c);
+      if (!c.closed && (events[i].events & EPOLLOUT)) {
+        flush(c);
+        if (!c.closed && c.out.size() - c.out_off < kMaxOutput / 2) process(c);
+      }
+    }
+    (void)snap;
+    std::int64_t now = mono_ns();
+    if (now - last_tick > 100'000'000) {
+      tick(now);
+      last_tick = now;
+    }
+  }
+}
+
+void Shard::accept_all() {
+  while (true) {
+    int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) return;  // EAGAIN, or an error the next readiness will repeat
+    if (open_ >= cap_) {
+      // Over the cap: refuse at once rather than queue work this shard cannot do.
+      stats_.errors[kErrConnectionCap].add();
+      ::close(fd);
+      continue;
+    }
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (static_cast<std::size_t>(fd) >= conns_.size()) conns_.resize(static_cast<std::size_t>(fd) + 64);
+    if (!conns_[fd]) conns_[fd] = std::make_unique<Conn>();
+    Conn& c = *conns_[fd];
+    c.fd = fd;
+    c.in.clear();
+    c.out.clear();
+    c.out_off = 0;
+    c.close_after = false;
+    c.closed = false;
+    c.last_active_ns = mono_ns();
+    c.request_start_ns = 0;
+    epoll_event ev{};
+    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+    ev.data.fd = fd;
+    epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd, &ev);
+    ++open_;
+    stats_.connections_total.add();
+    stats_.connections_open.value.store(open_, std::memory_order_relaxed);
+  }
+}
+
+void Shard::close_conn(Conn& c) {
+  if (c.closed) return;
+  epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, c.fd, nullptr);
+  ::close(c.fd);
+  c.closed = true;
+  c.in.clear();
+  c.in.shrink_to_fit();
+  c.out.clear();
+  c.out.shrink_to_fit();
+  --open_;
+  stats_.connections_open.value.store(open_, std::memory_order_relaxed);
+}
+
+void Shard::on_readable(Conn& c) {
+  char buf[16384];
+  bool eof = false;
+  while (true) {
+    // A client that sends but never reads is not read from until its answers drain.
+    if (c.out.size() - c.out_off > kMaxOutput) break;
+    ssize_t n = ::read(c.fd, buf, sizeof buf);
+    if (n > 0) {
+      if (c.in.empty()) c.request_start_ns = mono_ns();
+      c.in.append(buf, static_cast<std::size_t>(n));
+      c.last_active_ns = mono_ns();
+      // Bound the buffer: a head or body over the limits is refused by the parser long
+      // before this, so only pipelined floods get here; process what we have first.
+      if (c.in.size() > engine_.options().http.max_header_bytes + engine_.options().http.max_body_bytes + 16384) {
+        process(c);
+        if (c.closed) return;
+        if (c.in.size() > engine_.options().http.max_header_bytes + engine_.options().http.max_body_bytes + 16384) break;
+      }
+      continue;
+    }
+    if (n == 0) {
+      eof = true;
+      break;
+    }
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+    close_conn(c);
+    return;
+  }
+  process(c);
+  if (eof && !c.closed) {
+    // The client finished sending: answer what was complete, then close.
+    c.close_after = true;
+    if (c.out.size() == c.out_off) close_conn(c);
+  }
+}
+
+void Shard::respond_error(Conn& c, int code, ErrorReason reason) {
+  stats_.errors[reason].add();
+  char body[128];
+  int n = std::snprintf(body, sizeof body, "{\"error\":\"%s\"}", error_reason_name(reason));
+  append_response(c.out, code, "application/json", std::string_view(body, static_cast<std::size_t>(n)), true);
+  c.close_after = true;
+  c.in.clear();
+}
+
+void Shard::process(Conn& c) {
+  std::size_t offset = 0;
+  const http::Limits& limits = engine_.options().http;
+  while (!c.close_after && offset < c.in.size() && c.out.size() - c.out_off <= kMaxOutput) {
+    http::Request req;
+    std::string_view view(c.in.data() + offset, c.in.size() - offset);
+    http::Result r = http::parse(view, limits, req);
+    if (r.status == http::Status::kIncomplete) break;
+    if (r.status == http::Status::kError) {
+      offset = 0;
+      respond_error(c, r.code, reason_from_parser(r.reason));
+      break;
+    }
+    const std::int64_t started = mono_ns();
+    std::uint64_t generation = 0;
+    const Snapshot* snap = engine_.acquire(&generation);
+    handle(c, req, snap);
+    stats_.latency.record(static_cast<std::uint64_t>(mono_ns() - started));
+    offset += req.consumed;
+    if (!req.keep_alive) c.close_after = true;
+  }
+  if (offset > 0 && !c.close_after) c.in.erase(0, offset);
+  else if (c.close_after) c.in.clear();
+  c.request_start_ns = c.in.empty() ? 0 : (c.request_start_ns ? c.request_start_ns : mono_ns());
+  flush(c);
+}
+
+void Shard::handle(Conn& c, const http::Request& req, const Snapshot* snap) {
+  const bool draining = engine_.draining();
+  const bool close = !req.keep_alive || draining;
+  if (req.path == "/healthz") {
+    stats_.requests[kRouteHealthz].add();
+    if (req.method != "GET" && req.method != "HEAD") return respond_error(c, 405, kErrMethod);
+    if (draining) append_response(c.out, 503, "text/plain", "draining\n", close);
+    else if (!snap) append_response(c.out, 503, "text/plain", "no snapshot\n", close);
+    else append_response(c.out, 200, "text/plain", "ok\n", close);
+    return;
+  }
+  if (req.path == "/metrics") {
+    stats_.requests[kRouteMetrics].add();
+    if (req.method != "GET") return respond_error(c, 405, kErrMethod);
+    append_response(c.out, 200, "text/plain; version=0.0.4", engine_.metrics_text(), close);
+    return;
+  }
+  if (req.path == "/v1/decide") {
+    const bool post = req.method == "POST";
+    stats_.requests[post ? kRouteDecidePost : kRouteDecideGet].add();
+    if (!post && req.method != "GET") return respond_error(c, 405, kErrMethod);
+    if (!snap) return respond_error(c, 503, kErrNoSnapshot);
+    const char* error = "invalid request";
+    bool ok;
+    if (post) {
+      // Parse in place: the body lives in this connection's input buffer.
+      char* body = c.in.data() + (req.body.data() - c.in.data());
+      json::Document doc;
+      ok = api::parse_json(body, req.body.size(), doc, request_, &error);
+      if (!ok) {
+        stats_.errors[kErrBadJson].add();
+        std::string msg = "{\"error\":";
+        api::append_json_string(msg, error);
+        msg += "}";
+        append_response(c.out, 400, "application/json", msg, close);
+        return;
+      }
+      if (request_.explain) return respond_error(c, 403, kErrExplainForbidden);
+      decider_.decide(*snap, request_, engine_.now_seconds(), decision_);
+    } else {
+      ok = api::parse_query(req.query, scratch_, request_, &error);
+      if (!ok) {
+        stats_.errors[kErrBadField].add();
+        std::string msg = "{\"error\":";
+        api::append_json_string(msg, error);
+        msg += "}";
+        append_response(c.out, 400, "application/json", msg, close);
+        return;
+      }
+      decider_.decide(*snap, request_, engine_.now_seconds(), decision_);
+    }
+    for (const auto& pd : decision_.placements)
+      if (pd.chosen.empty()) stats_.no_fill.add();
+    std::string body;
+    body.reserve(1024);
+    api::render(*snap, request_, decision_, body);
+    append_response(c.out, 200, "application/json", body, close);
+    return;
+  }
+  stats_.requests[kRouteOther].add();
+  respond_error(c, 404, kErrNotFound);
+}
+
+void Shard::flush(Conn& c) {
+  while (c.out_off < c.out.size()) {
+    ssize_t n = ::send(c.fd, c.out.data() + c.out_off, c.out.size() - c.out_off, MSG_NOSIGNAL);
+    if (n > 0) {
+      c.out_off += static_cast<std::size_t>(n);
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+    close_conn(c);
+    return;
+  }
+  c.out.clear();
+  c.out_off = 0;
+  if (c.close_after) close_conn(c);
+}
+
+void Shard::tick(std::int64_t now) {
+  const EngineOptions& o = engine_.options();
+  const std::int64_t idle = std::int64_t{o.idle_timeout_ms} * 1'000'000;
+  const std::int64_t slow = std::int64_t{o.request_timeout_ms} * 1'000'000;
+  for (auto& p : conns_) {
+    if (!p || p->closed) continue;
+    Conn& c = *p;
+    if (c.request_start_ns && now - c.request_start_ns > slow) {
+      // Slowloris: the request did not complete in time. Answer 408 and hang up.
+      respond_error(c, 408, kErrTimeout);
+      c.request_start_ns = 0;
+      flush(c);
+      if (!c.closed) close_conn(c);
+    } else if (c.in.empty() && c.out.size() == c.out_off && now - c.last_active_ns > idle) {
+      close_conn(c);
+    } else if (engine_.draining() && c.in.empty() && c.out.size() == c.out_off) {
+      // Draining: idle keep-alive connections are closed so clients move elsewhere.
+      close_conn(c);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Engine
+
+Engine::Engine(EngineOptions options) : options_(std::move(options)) {}
+
+Engine::~Engine() {
+  stopping_.store(true);
+  for (auto& s : shards_) s->join();
+  if (admin_thread_.joinable()) admin_thread_.join();
+  if (admin_fd_ >= 0) ::close(admin_fd_);
+  if (!options_.admin_path.empty()) ::unlink(options_.admin_path.c_str());
+  delete current_.load();
+}
+
+std::int64_t Engine::now_seconds() const { return static_cast<std::int64_t>(std::time(nullptr)); }
+
+std::string Engine::snapshot_hash() const { return hash_; }
+
+bool Engine::load(std::string* error) {
+  std::lock_guard<std::mutex> lock(swap_mutex_);
+  char resolved[PATH_MAX];
+  if (!realpath(options_.snapshot_dir.c_str(), resolved)) {
+    ++loads_failed_;
+    *error = "snapshot folder " + options_.snapshot_dir + ": " + std::strerror(errno);
+    last_load_error_ = *error;
+    return false;
+  }
+  const std::string path = std::string(resolved) + "/payload.capnp";
+  auto snap = Snapshot::open(path, options_.hugepages, error);
+  if (!snap) {
+    ++loads_failed_;
+    last_load_error_ = *error;
+    return false;
+  }
+  // Older versions are loaded too: a rollback re-points `current` at one on purpose. The
+  // sync verified every stored version (hash, signature) before it could become current.
+  // The hash is recomputed here for status and reports, over the bytes actually mapped.
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int digest_len = 0;
+  {
+    std::ifstream in(path, std::ios::binary);
+    EVP_MD_CTX* ctx = EVP_MD_CTX_new();
+    EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr);
+    char buf[1 << 16];
+    while (in.read(buf, sizeof buf) || in.gcount() > 0)
+      EVP_DigestUpdate(ctx, buf, static_cast<std::size_t>(in.gcount()));
+    EVP_DigestFinal_ex(ctx, digest, &digest_len);
+    EVP_MD_CTX_free(ctx);
+  }
+  char hex[2 * EVP_MAX_MD_SIZE + 1] = {};
+  for (unsigned i = 0; i < digest_len; ++i) std::snprintf(hex + 2 * i, 3, "%02x", digest[i]);
+  Snapshot* next = snap.release();
+  const Snapshot* old = current_.exchange(next, std::memory_order_acq_rel);
+  const std::uint64_t generation = generation_.fetch_add(1, std::memory_order_acq_rel) + 1;
+  if (old) retired_.emplace_back(std::unique_ptr<Snapshot>(const_cast<Snapshot*>(old)), generation);
+  hash_ = hex;
+  loaded_path_ = resolved;
+  ++loads_ok_;
+  last_load_error_.clear();
+  return true;
+}
+
+void Engine::reclaim() {
+  std::lock_guard<std::mutex> lock(swap_mutex_);
+  if (retired_.empty()) return;
+  std::uint64_t oldest_seen = UINT64_MAX;
+  for (auto& s : shards_) oldest_seen = std::min(oldest_seen, s->stats().seen_generation.load(std::memory_order_acquire));
+  // A snapshot retired at generation G may still be in use by a shard that has not yet
+  // published G; once every shard has, none can reach it and its mapping is released.
+  retired_.erase(std::remove_if(retired_.begin(), retired_.end(),
+                                [&](const auto& r) { return oldest_seen >= r.second; }),
+                 retired_.end());
+}
+
+bool Engine::start(std::string* error) {
+  started_ns_ = mono_ns();
+  rate_ns_ = started_ns_;
+  if (!load(error)) return false;
+  if (!options_.admin_path.empty()) {
+    ::unlink(options_.admin_path.c_str());
+    admin_fd_ = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    if (options_.admin_path.size() >= sizeof addr.sun_path) {
+      *error = "--admin: path too long for a Unix socket";
+      return false;
+    }
+    std::strcpy(addr.sun_path, options_.admin_path.c_str());
+    if (bind(admin_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 || listen(admin_fd_, 64) != 0) {
+      *error = "admin socket " + options_.admin_path + ": " + std::strerror(errno);
+      return false;
+    }
+    chmod(options_.admin_path.c_str(), 0660);
+  }
+  const int ncpu = static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN));
+  for (std::uint32_t i = 0; i < options_.shards; ++i) {
+    int cpu = options_.cpus.empty() ? -1 : options_.cpus[i % options_.cpus.size()];
+    if (cpu >= ncpu) {
+      *error = "--cpus: CPU " + std::to_string(cpu) + " does not exist (this machine has " + std::to_string(ncpu) + ")";
+      return false;
+    }
+    shards_.push_back(std::make_unique<Shard>(*this, i, cpu));
+    if (!shards_.back()->start(error)) return false;
+  }
+  admin_thread_ = std::thread([this] { admin_loop(); });
+  return true;
+}
+
+void Engine::wait() {
+  for (auto& s : shards_) s->join();
+  if (admin_thread_.joinable()) admin_thread_.join();
+}
+
+void Engine::admin_loop() {
+  pthread_setname_np(pthread_self(), "admin");
+  while (!stopping_.load()) {
+    if (reload_requested_.exchange(false)) {
+      std::string error;
+      if (!load(&error)) std::fprintf(stderr, "adpop-engine: reload refused: %s\n", error.c_str());
+      else std::fprintf(stderr, "adpop-engine: now serving snapshot version %llu\n",
+                        static_cast<unsigned long long>(current_.load()->version()));
+    }
+    reclaim();
+    if (admin_fd_ < 0) {
+      usleep(100000);
+      continue;
+    }
+    pollfd pfd{admin_fd_, POLLIN, 0};
+    if (poll(&pfd, 1, 100) <= 0) continue;
+    int fd = accept4(admin_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd < 0) continue;
+    timeval tv{2, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    handle_admin(fd);
+    ::close(fd);
+  }
+}
+
+void Engine::handle_admin(int fd) {
+  std::string in;
+  char buf[8192];
+  http::Request req;
+  http::Limits limits;
+  limits.max_body_bytes = 1 << 20;
+  http::Result r;
+  while (true) {
+    ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n <= 0) return;
+    in.append(buf, static_cast<std::size_t>(n));
+    r = http::parse(in, limits, req);
+    if (r.status != http::Status::kIncomplete) break;
+  }
+  std::string out;
+  auto reply = [&](int code, const std::string& body) {
+    append_response(out, code, "application/json", body, true);
+    std::size_t off = 0;
+    while (off < out.size()) {
+      ssize_t n = ::send(fd, out.data() + off, out.size() - off, MSG_NOSIGNAL);
+      if (n <= 0) return;
+      off += static_cast<std::size_t>(n);
+    }
+  };
+  auto error_json = [](const std::string& code, const std::string& message) {
+    std::string s = "{\"error\":";
+    api::append_json_string(s, code);
+    s += ",\"message\":";
+    api::append_json_string(s, message);
+    return s + "}";
+  };
+  if (r.status == http::Status::kError) return reply(r.code, error_json(r.reason, "malformed request"));
+  if (req.path == "/status" && req.method == "GET") return reply(200, status_json());
+  if (req.path == "/load" && req.method == "POST") {
+    std::string error;
+    if (!load(&error)) return reply(409, error_json("load_refused", error));
+    return reply(200, status_json());
+  }
+  if (req.path == "/drain" && req.method == "POST") {
+    drain(true);
+    return reply(200, status_json());
+  }
+  if (req.path == "/undrain" && req.method == "POST") {
+    drain(false);
+    return reply(200, status_json());
+  }
+  if (req.path == "/decide" && req.method == "POST") {
+    // The admin door for `explain`: the same decision the serving port would make.
+    const Snapshot* snap = current_.load();
+    std::string body(req.body);
+    json::Document doc;
+    DecideRequest request;
+    const char* error = "invalid request";
+    if (!api::parse_json(body.data(), body.size(), doc, request, &error))
+      return reply(400, error_json("bad_json", error));
+    // Only this (admin) thread swaps and frees snapshots, so `snap` stays valid here.
+    Decider decider;
+    Decision decision;
+    decider.decide(*snap, request, now_seconds(), decision);
+    std::string answer;
+    api::render(*snap, request, decision, answer);
+    return reply(200, answer);
+  }
+  reply(404, error_json("not_found", "routes: GET /status, POST /load /drain /undrain /decide"));
+}
+
+std::string Engine::status_json() {
+  std::uint64_t requests = 0, no_fill = 0, connections = 0;
+  std::uint64_t errors[kErrReasons] = {};
+  std::uint64_t hist[LatencyHistogram::kBuckets] = {};
+  for (auto& s : shards_) {
+    ShardStats& st = s->stats();
+    for (auto& r : st.requests) requests += r.get();
+    for (int e = 0; e < kErrReasons; ++e) errors[e] += st.errors[e].get();
+    no_fill += st.no_fill.get();
+    connections += st.connections_open.get();
+    for (int b = 0; b < LatencyHistogram::kBuckets; ++b) hist[b] += st.latency.buckets[b].get();
+  }
+  std::uint64_t total = 0;
+  for (auto h : hist) total += h;
+  auto quantile = [&](double q) -> double {
+    if (total == 0) return 0;
+    std::uint64_t rank = static_cast<std::uint64_t>(q * static_cast<double>(total - 1)) + 1, seen = 0;
+    for (int b = 0; b < LatencyHistogram::kBuckets; ++b) {
+      seen += hist[b];
+      if (seen >= rank) return static_cast<double>(LatencyHistogram::upper_ns(b)) / 1000.0;
+    }
+    return 0;
+  };
+  const std::int64_t now = mono_ns();
+  double rps = 0;
+  if (now > rate_ns_) rps = static_cast<double>(requests - rate_total_) * 1e9 / static_cast<double>(now - rate_ns_);
+  rate_total_ = requests;
+  rate_ns_ = now;
+  const Snapshot* snap = current_.load();
+  std::string s = "{";
+  char buf[512];
+  std::snprintf(buf, sizeof buf,
+                "\"version\":%llu,\"hash\":\"%s\",\"snapshot_bytes\":%zu,\"hugepages\":%s,"
+                "\"campaigns\":%u,\"shards\":%zu,\"draining\":%s,\"uptime_s\":%.1f,"
+                "\"requests\":%llu,\"requests_per_second\":%.1f,\"no_fill\":%llu,"
+                "\"connections\":%llu,\"latency_us\":{\"p50\":%.2f,\"p99\":%.2f,\"p999\":%.2f},",
+                static_cast<unsigned long long>(snap ? snap->version() : 0), hash_.c_str(),
+                snap ? snap->bytes() : 0, snap && snap->on_hugepages() ? "true" : "false",
+                snap ? snap->payload().getCampaigns().size() : 0u, shards_.size(),
+                draining() ? "true" : "false", static_cast<double>(now - started_ns_) / 1e9,
+                static_cast<unsigned long long>(requests), rps, static_cast<unsigned long long>(no_fill),
+                static_cast<unsigned long long>(connections), quantile(0.5), quantile(0.99), quantile(0.999));
+  s += buf;
+  s += "\"errors\":{";
+  for (int e = 0; e < kErrReasons; ++e) {
+    std::snprintf(buf, sizeof buf, "%s\"%s\":%llu", e ? "," : "", error_reason_name(static_cast<ErrorReason>(e)),
+                  static_cast<unsigned long long>(errors[e]));
+    s += buf;
+  }
+  std::snprintf(buf, sizeof buf, "},\"loads\":{\"ok\":%llu,\"failed\":%llu,\"retired_pending\":%zu,\"last_error\":",
+                static_cast<unsigned long long>(loads_ok_), static_cast<unsigned long long>(loads_failed_),
+                retired_.size());
+  s += buf;
+  api::append_json_string(s, last_load_error_);
+  s += ",\"path\":";
+  api::append_json_string(s, loaded_path_);
+  s += "}}";
+  return s;
+}
+
+std::string Engine::metrics_text() {
+  std::string s;
+  char buf[1024];
+  std::uint64_t routes[kRoutes] = {};
+  std::uint64_t errors[kErrReasons] = {};
+  std::uint64_t hist[LatencyHistogram::kBuckets] = {};
+  std::uint64_t no_fill = 0, connections = 0, connections_total = 0;
+  for (auto& sh : shards_) {
+    ShardStats& st = sh->stats();
+    for (int r = 0; r < kRoutes; ++r) routes[r] += st.requests[r].get();
+    for (int e = 0; e < kErrReasons; ++e) errors[e] += st.errors[e].get();
+    for (int b = 0; b < LatencyHistogram::kBuckets; ++b) hist[b] += st.latency.buckets[b].get();
+    no_fill += st.no_fill.get();
+    connections += st.connections_open.get();
+    connections_total += st.connections_total.get();
+  }
+  s += "# HELP adpop_requests_total Requests by route.\n# TYPE adpop_requests_total counter\n";
+  for (int r = 0; r < kRoutes; ++r) {
+    std::snprintf(buf, sizeof buf, "adpop_requests_total{route=\"%s\"} %llu\n", kRouteNames[r],
+                  static_cast<unsigned long long>(routes[r]));
+    s += buf;
+  }
+  s += "# HELP adpop_errors_total Refused or failed requests by reason.\n# TYPE adpop_errors_total counter\n";
+  for (int e = 0; e < kErrReasons; ++e) {
+    std::snprintf(buf, sizeof buf, "adpop_errors_total{reason=\"%s\"} %llu\n",
+                  error_reason_name(static_cast<ErrorReason>(e)), static_cast<unsigned long long>(errors[e]));
+    s += buf;
+  }
+  std::snprintf(buf, sizeof buf,
+                "# HELP adpop_no_fill_total Placements answered without an ad.\n# TYPE adpop_no_fill_total counter\n"
+                "adpop_no_fill_total %llu\n", static_cast<unsigned long long>(no_fill));
+  s += buf;
+  s += "# HELP adpop_request_duration_seconds Time from parsed request to queued answer.\n"
+       "# TYPE adpop_request_duration_seconds histogram\n";
+  static const double kBounds[] = {1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2};
+  std::uint64_t count = 0;
+  int b = 0;
+  for (double bound : kBounds) {
+    while (b < LatencyHistogram::kBuckets && static_cast<double>(LatencyHistogram::upper_ns(b)) <= bound * 1e9) count += hist[b++];
+    std::snprintf(buf, sizeof buf, "adpop_request_duration_seconds_bucket{le=\"%g\"} %llu\n", bound,
+                  static_cast<unsigned long long>(count));
+    s += buf;
+  }
+  while (b < LatencyHistogram::kBuckets) count += hist[b++];
+  std::snprintf(buf, sizeof buf, "adpop_request_duration_seconds_bucket{le=\"+Inf\"} %llu\nadpop_request_duration_seconds_count %llu\n",
+                static_cast<unsigned long long>(count), static_cast<unsigned long long>(count));
+  s += buf;
+  const Snapshot* snap = current_.load(std::memory_order_acquire);
+  std::snprintf(buf, sizeof buf,
+                "# HELP adpop_snapshot_version Active snapshot version.\n# TYPE adpop_snapshot_version gauge\n"
+                "adpop_snapshot_version %llu\n"
+                "# HELP adpop_connections Open client connections.\n# TYPE adpop_connections gauge\n"
+                "adpop_connections %llu\n"
+                "# HELP adpop_connections_total Accepted client connections.\n# TYPE adpop_connections_total counter\n"
+                "adpop_connections_total %llu\n"
+                "# HELP adpop_draining 1 while draining.\n# TYPE adpop_draining gauge\nadpop_draining %d\n",
+                static_cast<unsigned long long>(snap ? snap->version() : 0),
+                static_cast<unsigned long long>(connections), static_cast<unsigned long long>(connections_total),
+                draining() ? 1 : 0);
+  s += buf;
+  return s;
+}
+
+}  // namespace adpop

@@ -1,0 +1,166 @@
+// The serving process: one shard per CPU (pinned thread, own SO_REUSEPORT listener, own
+// edge-triggered epoll loop, own counters), an admin thread on a Unix socket, and the
+// snapshot slot every shard reads without a lock.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "decide.hpp"
+#include "http.hpp"
+#include "snapshot.hpp"
+
+namespace adpop {
+
+struct EngineOptions {
+  std::string listen_host = "127.0.0.1";
+  std::uint16_t listen_port = 8080;
+  std::string admin_path;
+  std::string snapshot_dir;           // the `current` link (or a version folder)
+  std::uint32_t shards = 1;
+  std::vector<int> cpus;              // one per shard; empty: no pinning
+  bool hugepages = false;
+  std::uint32_t max_connections = 10000;   // whole process; split evenly across shards
+  std::uint32_t idle_timeout_ms = 30000;   // keep-alive connection with nothing pending
+  std::uint32_t request_timeout_ms = 10000; // first byte to complete request (slowloris)
+  http::Limits http;
+};
+
+// Counters owned by one shard: written only by its thread (plain relaxed stores, no RMW),
+// read by the admin thread and /metrics.
+struct Counter {
+  std::atomic<std::uint64_t> value{0};
+  void add(std::uint64_t n = 1) { value.store(value.load(std::memory_order_relaxed) + n, std::memory_order_relaxed); }
+  std::uint64_t get() const { return value.load(std::memory_order_relaxed); }
+};
+
+// Log-linear latency histogram: 8 sub-buckets per power of two of nanoseconds.
+struct LatencyHistogram {
+  static constexpr int kBuckets = 8 * 40;
+  Counter buckets[kBuckets];
+  static int bucket_of(std::uint64_t ns);
+  static std::uint64_t upper_ns(int bucket);
+  void record(std::uint64_t ns) { buckets[bucket_of(ns)].add(); }
+};
+
+enum Route : std::uint8_t { kRouteDecideGet, kRouteDecidePost, kRouteHealthz, kRouteMetrics, kRouteOther, kRoutes };
+enum ErrorReason : std::uint8_t {
+  kErrBadRequestLine, kErrBadHeader, kErrBadContentLength, kErrHeadersTooLarge, kErrTooManyHeaders,
+  kErrBodyTooLarge, kErrTransferEncoding, kErrBadVersion, kErrTimeout, kErrBadJson, kErrBadField,
+  kErrNotFound, kErrMethod, kErrNoSnapshot, kErrExplainForbidden, kErrConnectionCap, kErrReasons
+};
+const char* error_reason_name(ErrorReason r);
+
+struct alignas(64) ShardStats {
+  Counter requests[kRoutes];
+  Counter errors[kErrReasons];
+  Counter no_fill;             // placements answered without an ad
+  Counter connections_open;    // gauge (owner writes absolute values)
+  Counter connections_total;
+  LatencyHistogram latency;
+  std::atomic<std::uint64_t> seen_generation{0};
+};
+
+class Engine;
+
+class Shard {
+ public:
+  Shard(Engine& engine, std::uint32_t index, int cpu);
+  ~Shard();
+  bool start(std::string* error);
+  void join();
+  ShardStats& stats() { return stats_; }
+
+ private:
+  struct Conn;
+  void run();
+  void accept_all();
+  void on_readable(Conn& c);
+  void process(Conn& c);
+  void flush(Conn& c);
+  void close_conn(Conn& c);
+  void tick(std::int64_t now_ns);
+  void respond_error(Conn& c, int code, ErrorReason reason);
+  void handle(Conn& c, const http::Request& req, const Snapshot* snap);
+  void set_listening(bool on);
+
+  Engine& engine_;
+  std::uint32_t index_;
+  int cpu_;
+  int listen_fd_ = -1;
+  int epoll_fd_ = -1;
+  bool listening_ = false;
+  std::uint32_t open_ = 0;
+  std::uint32_t cap_ = 0;
+  std::vector<std::unique_ptr<Conn>> conns_;  // by fd
+  std::thread thread_;
+  ShardStats stats_;
+  Decider decider_;
+  Decision decision_;
+  DecideRequest request_;
+  std::string scratch_;
+};
+
+class Engine {
+ public:
+  explicit Engine(EngineOptions options);
+  ~Engine();
+
+  // Loads the snapshot, binds everything and starts the shards and the admin thread.
+  bool start(std::string* error);
+  // Blocks until stop() (or SIGTERM/SIGINT via the caller) and then shuts down.
+  void wait();
+  void stop() { stopping_.store(true); }
+  void request_reload() { reload_requested_.store(true); }
+
+  // Re-reads the snapshot folder and swaps it in; returns false with a reason on refusal.
+  bool load(std::string* error);
+  void drain(bool on) { draining_.store(on); }
+
+  const EngineOptions& options() const { return options_; }
+  bool draining() const { return draining_.load(std::memory_order_relaxed); }
+  bool stopping() const { return stopping_.load(std::memory_order_relaxed); }
+  // The current snapshot and the generation it belongs to (see Shard::run for the protocol).
+  const Snapshot* acquire(std::uint64_t* generation) const {
+    *generation = generation_.load(std::memory_order_acquire);
+    return current_.load(std::memory_order_acquire);
+  }
+  std::string status_json();
+  std::string metrics_text();
+  std::string snapshot_hash() const;
+  std::int64_t now_seconds() const;
+
+ private:
+  void admin_loop();
+  void handle_admin(int fd);
+  void reclaim();
+
+  EngineOptions options_;
+  std::vector<std::unique_ptr<Shard>> shards_;
+  std::atomic<const Snapshot*> current_{nullptr};
+  std::atomic<std::uint64_t> generation_{1};
+  std::atomic<bool> draining_{false};
+  std::atomic<bool> stopping_{false};
+  std::atomic<bool> reload_requested_{false};
+  std::mutex swap_mutex_;  // admin side only: serialises loads and reclamation
+  std::vector<std::pair<std::unique_ptr<Snapshot>, std::uint64_t>> retired_;
+  std::unique_ptr<Snapshot> owned_;
+  std::string hash_;
+  std::string loaded_path_;
+  std::uint64_t loads_ok_ = 0;
+  std::uint64_t loads_failed_ = 0;
+  std::string last_load_error_;
+  int admin_fd_ = -1;
+  std::thread admin_thread_;
+  std::int64_t started_ns_ = 0;
+  // For requests-per-second in status: the total at the previous status call.
+  std::uint64_t rate_total_ = 0;
+  std::int64_t rate_ns_ = 0;
+};
+
+}  // namespace adpop
