@@ -87,7 +87,7 @@ const char* error_reason_name(ErrorReason r) {
       "bad_request_line", "bad_header", "bad_content_length", "headers_too_large",
       "too_many_headers", "body_too_large", "transfer_encoding", "bad_version", "timeout",
       "bad_json", "bad_field", "not_found", "method_not_allowed", "no_snapshot",
-      "explain_forbidden", "connection_cap"};
+      "explain_forbidden", "connection_cap", "draining"};
   return r < kErrReasons ? names[r] : "unknown";
 }
 
@@ -117,6 +117,8 @@ struct Shard::Conn {
   std::int64_t request_start_ns = 0;  // first byte of an unfinished request, 0 if none
   bool close_after = false;
   bool closed = true;
+  // Accepted while draining: gets health and metrics, but no new decisions.
+  bool accepted_draining = false;
 };
 
 Shard::Shard(Engine& engine, std::uint32_t index, int cpu)
@@ -162,22 +164,16 @@ bool Shard::start(std::string* error) {
     *error = std::string("epoll_create1: ") + std::strerror(errno);
     return false;
   }
-  set_listening(true);
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.fd = listen_fd_;
+  epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, listen_fd_, &ev);
   thread_ = std::thread([this] { run(); });
   return true;
 }
 
 void Shard::join() {
   if (thread_.joinable()) thread_.join();
-}
-
-void Shard::set_listening(bool on) {
-  if (on == listening_) return;
-  epoll_event ev{};
-  ev.events = EPOLLIN;
-  ev.data.fd = listen_fd_;
-  epoll_ctl(epoll_fd_, on ? EPOLL_CTL_ADD : EPOLL_CTL_DEL, listen_fd_, &ev);
-  listening_ = on;
 }
 
 void Shard::run() {
@@ -198,7 +194,6 @@ void Shard::run() {
     std::uint64_t generation = 0;
     const Snapshot* snap = engine_.acquire(&generation);
     stats_.seen_generation.store(generation, std::memory_order_release);
-    set_listening(!engine_.draining());
     int n = epoll_wait(epoll_fd_, events, 256, 100);
     // Re-acquire after the wait: a swap during the wait must not be missed by this batch.
     snap = engine_.acquire(&generation);
@@ -249,6 +244,7 @@ void Shard::accept_all() {
     c.closed = false;
     c.last_active_ns = mono_ns();
     c.request_start_ns = 0;
+    c.accepted_draining = engine_.draining();
     epoll_event ev{};
     ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
     ev.data.fd = fd;
@@ -367,6 +363,7 @@ void Shard::handle(Conn& c, const http::Request& req, const Snapshot* snap) {
     stats_.requests[post ? kRouteDecidePost : kRouteDecideGet].add();
     if (!post && req.method != "GET") return respond_error(c, 405, kErrMethod);
     if (!snap) return respond_error(c, 503, kErrNoSnapshot);
+    if (draining && c.accepted_draining) return respond_error(c, 503, kErrDraining);
     const char* error = "invalid request";
     bool ok;
     if (post) {

@@ -52,7 +52,8 @@ enum Route : std::uint8_t { kRouteDecideGet, kRouteDecidePost, kRouteHealthz, kR
 enum ErrorReason : std::uint8_t {
   kErrBadRequestLine, kErrBadHeader, kErrBadContentLength, kErrHeadersTooLarge, kErrTooManyHeaders,
   kErrBodyTooLarge, kErrTransferEncoding, kErrBadVersion, kErrTimeout, kErrBadJson, kErrBadField,
-  kErrNotFound, kErrMethod, kErrNoSnapshot, kErrExplainForbidden, kErrConnectionCap, kErrReasons
+  kErrNotFound, kErrMethod, kErrNoSnapshot, kErrExplainForbidden, kErrConnectionCap, kErrDraining,
+  kErrReasons
 };
 const char* error_reason_name(ErrorReason r);
 
@@ -87,14 +88,12 @@ class Shard {
   void tick(std::int64_t now_ns);
   void respond_error(Conn& c, int code, ErrorReason reason);
   void handle(Conn& c, const http::Request& req, const Snapshot* snap);
-  void set_listening(bool on);
 
   Engine& engine_;
   std::uint32_t index_;
   int cpu_;
   int listen_fd_ = -1;
   int epoll_fd_ = -1;
-  bool listening_ = false;
   std::uint32_t open_ = 0;
   std::uint32_t cap_ = 0;
   std::vector<std::unique_ptr<Conn>> conns_;  // by fd

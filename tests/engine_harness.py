@@ -1,0 +1,141 @@
+"""Start the real engine binary on a compiled snapshot and talk to it, for integration tests."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance.snapshot import bundle
+from appliance.snapshot.manifest import SigningKey
+from appliance.snapshot.model import CampaignSet
+from appliance.snapshot.store import SnapshotStore
+
+REPO = Path(__file__).resolve().parent.parent
+ENGINE = REPO / "engine" / "build" / "adpop-engine"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a Unix socket (the engine's admin socket)."""
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.unix_path)
+        self.sock = sock
+
+
+@dataclass
+class RunningEngine:
+    process: subprocess.Popen[bytes]
+    port: int
+    admin: Path
+    store: SnapshotStore
+    log: Path
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    def post(self, path: str, body: Any) -> tuple[int, Any]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request("POST", path, body=json.dumps(body),
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read())
+        finally:
+            conn.close()
+
+    def admin_call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        conn = UnixHTTPConnection(str(self.admin))
+        try:
+            conn.request(method, path, body=None if body is None else json.dumps(body))
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read())
+        finally:
+            conn.close()
+
+    def status(self) -> dict[str, Any]:
+        code, body = self.admin_call("GET", "/status")
+        assert code == 200, body
+        result: dict[str, Any] = body
+        return result
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+
+def install(store: SnapshotStore, campaign_set: CampaignSet, version: int, key: SigningKey,
+            now: int | None = None) -> bundle.Bundle:
+    built = bundle.build(campaign_set, version, [key], ttl=86400, target_group="default",
+                         now=now)
+    store.install(version, built.manifest_bytes, built.payload)
+    return built
+
+
+@contextmanager
+def running_engine(workdir: Path, campaign_set: CampaignSet, key: SigningKey,
+                   extra: Sequence[str] = (), shards: int = 2) -> Iterator[RunningEngine]:
+    """The engine serving `campaign_set` as version 1 from a real store; stopped after."""
+    assert ENGINE.is_file(), f"{ENGINE} missing: `make setup` builds the engine"
+    store = SnapshotStore(workdir / "state", keep=3)
+    if store.current_version() is None:
+        install(store, campaign_set, 1, key)
+    port = free_port()
+    admin = workdir / "engine.sock"
+    log = workdir / "engine.log"
+    with open(log, "wb") as log_fh:
+        process = subprocess.Popen(
+            [str(ENGINE), "--listen", f"127.0.0.1:{port}", "--admin", str(admin),
+             "--snapshot", str(store.current_link), "--shards", str(shards), *extra],
+            stdout=log_fh, stderr=subprocess.STDOUT)
+    engine = RunningEngine(process, port, admin, store, log)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            if process.poll() is not None:
+                raise AssertionError(f"engine exited: {log.read_text()}")
+            try:
+                if engine.get("/healthz")[0] == 200 and admin.exists():
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"engine not healthy in time: {log.read_text()}")
+            time.sleep(0.05)
+        yield engine
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if os.path.exists(admin):
+            os.unlink(admin)

@@ -1,0 +1,427 @@
+"""The real engine binary: decisions against the Python reference, hostile input, swaps, drain."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import random
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.snapshot import synth
+from appliance.snapshot.manifest import SigningKey
+from appliance.snapshot.model import CampaignSet, Request, campaign_matches, parse_documents
+from tests.engine_harness import ENGINE, RunningEngine, install, running_engine
+
+
+@pytest.fixture(scope="module")
+def engine_set() -> CampaignSet:
+    return parse_documents(synth.generate(3000, seed=31))
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory, engine_set: CampaignSet,
+           signing_key: SigningKey) -> Iterator[RunningEngine]:
+    with running_engine(tmp_path_factory.mktemp("engine"), engine_set, signing_key,
+                        extra=["--request-timeout", "800"]) as running:
+        yield running
+
+
+def hour_of_week(t: int) -> int:
+    moment = dt.datetime.fromtimestamp(t, tz=dt.timezone.utc)
+    return moment.weekday() * 24 + moment.hour
+
+
+class Reference:
+    """Direct evaluation of eligibility from the authored campaigns (not the payload)."""
+
+    def __init__(self, campaign_set: CampaignSet) -> None:
+        self.campaigns = [c for c in campaign_set.campaigns if not c.paused]
+        self.by_id = {c.id: c for c in self.campaigns}
+        self.creatives = {c.id: c for c in campaign_set.creatives}
+        self.placements = {p.id: p for p in campaign_set.placements}
+
+    def eligible(self, request: dict[str, Any], placement: dict[str, Any]) -> set[str]:
+        pl = self.placements.get(placement["id"])
+        if pl is None:
+            return set()
+        allowed = {str(s) for s in pl.sizes}
+        if placement.get("sizes"):
+            allowed &= set(placement["sizes"])
+        t = request["time"]
+        values = {
+            "country": (request["geo"]["country"],), "region": (request["geo"]["region"],),
+            "device": (request["device"]["type"],), "os": (request["device"]["os"],),
+            "domain": (request["site"]["domain"],), "keyword": tuple(request["keywords"]),
+            "segment": tuple(request["user"]["segments"]), "placement": (placement["id"],),
+            "hour": (str(hour_of_week(t)),),
+        }
+        values = {k: tuple(x for x in v if x) for k, v in values.items()}
+        out = set()
+        for camp in self.campaigns:
+            if not camp.start <= t < camp.end:
+                continue
+            if not any(str(self.creatives[ad.creative].size) in allowed for ad in camp.ads):
+                continue
+            if campaign_matches(camp, Request(values)):
+                out.add(camp.id)
+        return out
+
+
+def random_request(rng: random.Random, i: int, placements: int = 1) -> dict[str, Any]:
+    seen_placements = [p[0] for p in synth.PLACEMENTS] + ["no-such-placement"]
+    chosen = rng.sample(seen_placements, placements)
+    return {
+        "id": f"req-{i}",
+        "placements": [
+            {"id": pid, "count": rng.randint(1, 3),
+             **({"sizes": rng.sample(list(synth.SIZES), 3)} if rng.random() < 0.3 else {})}
+            for pid in chosen],
+        "user": {"key": f"u{rng.randrange(1000)}",
+                 "segments": [f"seg-{rng.randrange(500)}" for _ in range(rng.randint(0, 8))]},
+        "device": {"type": rng.choice(synth.DEVICES), "os": rng.choice(synth.OSES)},
+        "geo": {"country": rng.choice(synth.COUNTRIES[:12]),
+                "region": f"{rng.choice(synth.COUNTRIES[:3])}-{rng.randint(1, 20):02d}"},
+        "site": {"domain": f"site{rng.randrange(2000)}.example"},
+        "keywords": [f"kw{rng.randrange(3000)}" for _ in range(rng.randint(0, 6))],
+        "time": synth.YEAR_START + rng.randrange(0, 300 * 86400),
+        "explain": True,
+    }
+
+
+def test_explain_equals_reference_for_1000_requests(engine: RunningEngine,
+                                                   engine_set: CampaignSet) -> None:
+    ref = Reference(engine_set)
+    rng = random.Random(77)
+    filled = 0
+    eligible_total = 0
+    for i in range(1000):
+        request = random_request(rng, i, placements=1 if i % 4 else 3)
+        code, answer = engine.admin_call("POST", "/decide", request)
+        assert code == 200, answer
+        used_ads: set[str] = set()
+        taken_labels: dict[str, str] = {}
+        for placement, result in zip(request["placements"], answer["placements"]):
+            want = ref.eligible(request, placement)
+            got = set(result["explain"]["eligible"])
+            assert got == want, (request, sorted(got ^ want)[:5])
+            eligible_total += len(want)
+            assert result["explain"]["hour_of_week"] == hour_of_week(request["time"])
+            priorities = [ref.by_id[a["campaign"]].priority for a in result["ads"]]
+            for ad in result["ads"]:
+                assert ad["campaign"] in want, "chosen ad is not eligible"
+                assert ad["ad"] not in used_ads, "duplicate ad in one answer"
+                used_ads.add(ad["ad"])
+                for label in ref.by_id[ad["campaign"]].exclusion_labels:
+                    owner = taken_labels.setdefault(label, ad["campaign"])
+                    assert owner == ad["campaign"], f"competitive exclusion broken on {label}"
+            assert priorities == sorted(priorities)
+            if result["ads"] and len(request["placements"]) == 1:
+                filled += 1
+                # Strict priority: the first ad comes from the best tier present.
+                assert priorities[0] == min(ref.by_id[c].priority for c in want)
+            if not want:
+                assert result["ads"] == []
+    assert filled > 300, "too few requests found an ad to make the comparison meaningful"
+    assert eligible_total > 5000
+
+
+def test_decisions_replay_exactly(engine: RunningEngine) -> None:
+    rng = random.Random(5)
+    for i in range(50):
+        request = random_request(rng, i)
+        request["explain"] = False
+        first = engine.post("/v1/decide", request)
+        again = engine.post("/v1/decide", request)
+        assert first == again
+
+
+def test_get_and_post_agree(engine: RunningEngine) -> None:
+    request = {"id": "same", "placements": [{"id": "home-side", "sizes": ["300x250", "300x600"],
+                                             "count": 2}],
+               "geo": {"country": "US"}, "device": {"type": "desktop"}, "time": 1770000000}
+    code, posted = engine.post("/v1/decide", request)
+    assert code == 200
+    status, body = engine.get("/v1/decide?id=same&placement=home-side&sizes=300x250,300x600"
+                              "&count=2&country=US&device=desktop&time=1770000000")
+    assert status == 200
+    assert json.loads(body) == posted
+    assert posted["placements"][0]["ads"], "US desktop should find something"
+
+
+def test_explain_is_admin_only(engine: RunningEngine) -> None:
+    code, body = engine.post("/v1/decide", {"id": "x", "placements": [{"id": "home-top"}],
+                                            "explain": True})
+    assert code == 403
+    assert body == {"error": "explain_forbidden"}
+
+
+def test_healthz_and_metrics(engine: RunningEngine) -> None:
+    assert engine.get("/healthz") == (200, b"ok\n")
+    code, body = engine.get("/metrics")
+    assert code == 200
+    text = body.decode()
+    assert "adpop_snapshot_version" in text
+    assert 'adpop_requests_total{route="decide_post"}' in text
+    assert "adpop_request_duration_seconds_bucket" in text
+
+
+def hostile_corpus(rng: random.Random) -> list[bytes]:
+    valid = json.dumps({"id": "r", "placements": [{"id": "home-top", "count": 1}],
+                        "geo": {"country": "US"}}).encode()
+
+    def post(body: bytes, extra: bytes = b"") -> bytes:
+        return (b"POST /v1/decide HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n%s\r\n"
+                % (len(body), extra)) + body
+
+    corpus: list[bytes] = []
+    for method in (b"FOO", b"DELETE", b"PUT", b"get", b"G\x01T", b"", b"POST POST", b"\xff\xfe"):
+        corpus.append(method + b" /v1/decide HTTP/1.1\r\nHost: x\r\n\r\n")
+    for version in (b"HTTP/2.0", b"HTTP/1.x", b"HTTX/1.1", b"", b"HTTP/1.1 extra"):
+        corpus.append(b"GET /healthz " + version + b"\r\n\r\n")
+    for target in (b"v1/decide", b"/v1/\x00decide", b"*", b"/" + b"a" * 9000):
+        corpus.append(b"GET " + target + b" HTTP/1.1\r\n\r\n")
+    corpus.append(b"GET / HTTP/1.1\r\nX: " + b"y" * 20000 + b"\r\n\r\n")
+    corpus.append(b"GET / HTTP/1.1\r\n" + b"".join(b"H%d: v\r\n" % i for i in range(200)) + b"\r\n")
+    corpus.append(b"GET / HTTP/1.1\r\n folded: header\r\n\r\n")
+    corpus.append(b"GET / HTTP/1.1\r\nno-colon-header\r\n\r\n")
+    for length in (b"-1", b"abc", b"99999999999999999999", b"1 2", b""):
+        corpus.append(b"POST /v1/decide HTTP/1.1\r\nContent-Length: " + length + b"\r\n\r\n{}")
+    corpus.append(b"POST /v1/decide HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}")
+    corpus.append(b"POST /v1/decide HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"2\r\n{}\r\n0\r\n\r\n")
+    corpus.append(b"POST /v1/decide HTTP/1.1\r\nContent-Length: 10000000\r\n\r\n")
+    # Truncated bodies: the connection ends before the body does.
+    for cut in (1, len(valid) // 2, len(valid) - 1):
+        corpus.append(post(valid)[: len(post(valid)) - cut])
+    # Every prefix of a valid body, declared as complete: invalid JSON of every kind.
+    for cut in range(len(valid)):
+        corpus.append(post(valid[:cut]))
+    # Random byte flips of a valid body.
+    for _ in range(150):
+        body = bytearray(valid)
+        for _ in range(rng.randint(1, 4)):
+            body[rng.randrange(len(body))] = rng.randrange(256)
+        corpus.append(post(bytes(body)))
+    bad_bodies = [
+        b"[" * 5000 + b"]" * 5000, b'{"id":' * 2000, b"nul", b"{}", b"[]", b'"str"', b"1e999",
+        b'{"id":"x","placements":[]}', b'{"id":"x","placements":"home-top"}',
+        b'{"id":"x","placements":[{"id":"p","count":0}]}',
+        b'{"id":"x","placements":[{"id":"p","count":21}]}',
+        b'{"id":"x","placements":[{"id":"p","count":1.5}]}',
+        b'{"id":"x","placements":[{"id":"p","sizes":["300by250"]}]}',
+        b'{"id":"x","placements":[{"id":"p","sizes":["0x0"]}]}',
+        b'{"id":"x","placements":[' + b",".join([b'{"id":"p"}'] * 30) + b"]}",
+        b'{"id":"\\ud800","placements":[{"id":"p"}]}', b'{"id":"\\u12","placements":[]}',
+        b'{"id":"x","placements":[{"id":"p"}],"keywords":' + json.dumps(
+            ["k"] * 100).encode() + b"}",
+        b'{"id":"x","placements":[{"id":"p"}],"geo":"US"}',
+        b'{"id":"x","placements":[{"id":"p"}],"time":-5}',
+        b'{"id":"' + b"x" * 60000 + b'","placements":[{"id":"p"}]}',
+        b'{"id":"x","placements":[{"id":"p"}]} trailing', b"\x00" * 64, bytes(range(256)),
+    ]
+    corpus.extend(post(b) for b in bad_bodies)
+    for query in (b"id=x&placement=home-top&sizes=axb", b"id=x&placement=home-top&count=abc",
+                  b"id=%zz&placement=home-top", b"placement=home-top", b"id=x",
+                  b"id=x&placement=home-top&time=-1", b"id=x&" + b"placement=p&" * 40,
+                  b"id=x&placement=home-top&count=99", b"%", b"&&&="):
+        corpus.append(b"GET /v1/decide?" + query + b" HTTP/1.1\r\n\r\n")
+    for _ in range(200):
+        corpus.append(bytes(rng.randrange(256) for _ in range(rng.randint(1, 300))))
+    return corpus
+
+
+def exchange(port: int, payload: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        try:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the engine may hang up mid-send on garbage: that is an answer too
+        chunks = []
+        try:
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                chunks.append(data)
+        except (TimeoutError, ConnectionResetError):
+            pass
+        return b"".join(chunks)
+
+
+ALLOWED = {200, 400, 403, 404, 405, 408, 413, 431, 501, 503, 505}
+
+
+def test_hostile_corpus_never_crashes_or_hangs(engine: RunningEngine) -> None:
+    corpus = hostile_corpus(random.Random(99))
+    assert len(corpus) >= 500
+    before = engine.status()["errors"]
+    for i, payload in enumerate(corpus):
+        started = time.monotonic()
+        answer = exchange(engine.port, payload)
+        assert time.monotonic() - started < 5, f"item {i} hung"
+        assert engine.alive(), f"engine died on item {i}: {payload[:80]!r}"
+        if answer:
+            assert answer.startswith(b"HTTP/1.1 "), (i, answer[:80])
+            for line in answer.split(b"\r\n"):
+                if line.startswith(b"HTTP/1.1 "):
+                    assert int(line.split()[1]) in ALLOWED, (i, line)
+    after = engine.status()["errors"]
+    for reason in ("bad_request_line", "headers_too_large", "body_too_large", "bad_json",
+                   "bad_content_length", "transfer_encoding", "method_not_allowed"):
+        assert after[reason] > before[reason], f"{reason} was never counted"
+    assert engine.get("/healthz") == (200, b"ok\n")
+
+
+def test_slowloris_gets_408_and_others_are_served(engine: RunningEngine) -> None:
+    socks = []
+    for _ in range(20):
+        s = socket.create_connection(("127.0.0.1", engine.port), timeout=5)
+        s.sendall(b"GET /healthz HTTP/1.1\r\nX-Slow: ")
+        socks.append(s)
+    # Meanwhile a normal client is served at once.
+    assert engine.get("/healthz")[0] == 200
+    time.sleep(0.3)
+    for s in socks:
+        s.sendall(b"a")
+    answers = []
+    for s in socks:
+        data = b""
+        try:
+            while chunk := s.recv(4096):
+                data += chunk
+        except TimeoutError:
+            pass
+        answers.append(data)
+        s.close()
+    assert all(a.startswith(b"HTTP/1.1 408 ") for a in answers), answers[:2]
+    assert engine.status()["errors"]["timeout"] >= 20
+
+
+def test_pipelining_and_split_writes(engine: RunningEngine) -> None:
+    body = json.dumps({"id": "p", "placements": [{"id": "home-top"}]}).encode()
+    one = (b"POST /v1/decide HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
+    three = one + b"GET /healthz HTTP/1.1\r\n\r\n" + one
+    with socket.create_connection(("127.0.0.1", engine.port), timeout=5) as sock:
+        for i in range(0, len(three), 7):  # split at awkward places
+            sock.sendall(three[i:i + 7])
+            time.sleep(0.001)
+        data = b""
+        while data.count(b"HTTP/1.1 200") < 3:
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+    assert data.count(b"HTTP/1.1 200 OK") == 3
+
+
+def test_swaps_under_load_fail_no_request(tmp_path: Path, engine_set: CampaignSet,
+                                          signing_key: SigningKey) -> None:
+    with running_engine(tmp_path, engine_set, signing_key) as eng:
+        stop = threading.Event()
+        results: list[tuple[int, int]] = []  # (ok, failed) per loader
+
+        def load() -> None:
+            import http.client
+            ok = failed = 0
+            conn = http.client.HTTPConnection("127.0.0.1", eng.port, timeout=10)
+            rng = random.Random()
+            deadline = time.monotonic() + 120  # bounded even if the swaps stall
+            while not stop.is_set() and time.monotonic() < deadline:
+                request = random_request(rng, rng.randrange(10**6))
+                request["explain"] = False
+                try:
+                    conn.request("POST", "/v1/decide", body=json.dumps(request))
+                    resp = conn.getresponse()
+                    resp.read()
+                    if resp.status == 200:
+                        ok += 1
+                    else:
+                        failed += 1
+                except (OSError, http.client.HTTPException):
+                    failed += 1
+                    conn.close()
+                    conn = http.client.HTTPConnection("127.0.0.1", eng.port, timeout=10)
+            conn.close()
+            results.append((ok, failed))
+
+        loaders = [threading.Thread(target=load) for _ in range(3)]
+        for t in loaders:
+            t.start()
+        for version in range(2, 52):
+            install(eng.store, engine_set, version, signing_key)
+            code, status = eng.admin_call("POST", "/load")
+            assert code == 200, status
+            assert status["version"] == version
+        stop.set()
+        for t in loaders:
+            t.join()
+        assert len(results) == 3
+        assert sum(r[1] for r in results) == 0, results
+        assert sum(r[0] for r in results) > 100
+        deadline = time.monotonic() + 5
+        while eng.status()["loads"]["retired_pending"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        status = eng.status()
+        assert status["loads"]["ok"] == 51
+        assert status["loads"]["retired_pending"] == 0, "old snapshots were never released"
+
+
+def test_sighup_reloads_and_bad_snapshot_keeps_serving(tmp_path: Path, engine_set: CampaignSet,
+                                                       signing_key: SigningKey) -> None:
+    with running_engine(tmp_path, engine_set, signing_key) as eng:
+        install(eng.store, engine_set, 2, signing_key)
+        eng.process.send_signal(1)  # SIGHUP
+        deadline = time.monotonic() + 5
+        while eng.status()["version"] != 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert eng.status()["version"] == 2
+        # A corrupt payload behind `current` is refused; version 2 keeps serving.
+        eng.store.add(3, b"{}", b"\x00" * 64)
+        eng.store.activate(3)
+        code, body = eng.admin_call("POST", "/load")
+        assert code == 409
+        assert body["error"] == "load_refused"
+        assert eng.status()["version"] == 2
+        assert eng.get("/healthz")[0] == 200
+
+
+def test_drain_and_undrain(tmp_path: Path, engine_set: CampaignSet,
+                           signing_key: SigningKey) -> None:
+    with running_engine(tmp_path, engine_set, signing_key) as eng:
+        code, status = eng.admin_call("POST", "/drain")
+        assert code == 200 and status["draining"] is True
+        assert eng.get("/healthz") == (503, b"draining\n")
+        code, body = eng.post("/v1/decide", {"id": "d", "placements": [{"id": "home-top"}]})
+        assert code == 503 and body == {"error": "draining"}
+        code, status = eng.admin_call("POST", "/undrain")
+        assert status["draining"] is False
+        assert eng.get("/healthz")[0] == 200
+        assert eng.post("/v1/decide", {"id": "d", "placements": [{"id": "home-top"}]})[0] == 200
+
+
+@pytest.mark.parametrize("args", [
+    ["--shards", "zero", "--snapshot", "/x"], ["--bogus", "1"], [], ["--listen", "nope"],
+    ["--snapshot", "/x", "--cpus", "0,1", "--shards", "3"],
+])
+def test_bad_flags_exit_2_with_one_line(args: list[str]) -> None:
+    result = subprocess.run([str(ENGINE), *args], capture_output=True, text=True, check=False,
+                            timeout=10)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith("adpop-engine: ")
+
+
+def test_missing_snapshot_is_one_line(tmp_path: Path) -> None:
+    result = subprocess.run([str(ENGINE), "--snapshot", str(tmp_path / "none"), "--listen",
+                             "127.0.0.1:0"], capture_output=True, text=True, check=False,
+                            timeout=10)
+    assert result.returncode == 1
+    assert "snapshot folder" in result.stderr
