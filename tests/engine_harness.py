@@ -51,6 +51,7 @@ class RunningEngine:
     admin: Path
     store: SnapshotStore
     log: Path
+    spool: Path
 
     def get(self, path: str) -> tuple[int, bytes]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
@@ -101,8 +102,14 @@ def install(store: SnapshotStore, campaign_set: CampaignSet, version: int, key: 
 @contextmanager
 def running_engine(workdir: Path, campaign_set: CampaignSet, key: SigningKey,
                    extra: Sequence[str] = (), shards: int = 2) -> Iterator[RunningEngine]:
-    """The engine serving `campaign_set` as version 1 from a real store; stopped after."""
+    """The engine serving `campaign_set` as version 1 from a real store, with a token key
+    and a spool folder under `workdir`; stopped after."""
     assert ENGINE.is_file(), f"{ENGINE} missing: `make setup` builds the engine"
+    token_key = workdir / "token.key"
+    if not token_key.exists():
+        token_key.write_bytes(os.urandom(32))
+    spool = workdir / "spool"
+    spool.mkdir(exist_ok=True)
     store = SnapshotStore(workdir / "state", keep=3)
     if store.current_version() is None:
         install(store, campaign_set, 1, key)
@@ -112,9 +119,10 @@ def running_engine(workdir: Path, campaign_set: CampaignSet, key: SigningKey,
     with open(log, "wb") as log_fh:
         process = subprocess.Popen(
             [str(ENGINE), "--listen", f"127.0.0.1:{port}", "--admin", str(admin),
-             "--snapshot", str(store.current_link), "--shards", str(shards), *extra],
+             "--snapshot", str(store.current_link), "--shards", str(shards),
+             "--token-key", str(token_key), "--spool", str(spool), *extra],
             stdout=log_fh, stderr=subprocess.STDOUT)
-    engine = RunningEngine(process, port, admin, store, log)
+    engine = RunningEngine(process, port, admin, store, log, spool)
     try:
         deadline = time.monotonic() + 20
         while True:

@@ -263,7 +263,7 @@ void append_json_string(std::string& out, std::string_view s) {
 }
 
 void render(const Snapshot& snap, const DecideRequest& request, const Decision& decision,
-            std::string& out) {
+            std::string& out, const TrackingLinks* links) {
   const auto payload = snap.payload();
   const auto campaigns = payload.getCampaigns();
   const auto ads = payload.getAds();
@@ -306,6 +306,22 @@ void render(const Snapshot& snap, const DecideRequest& request, const Decision& 
       if (cr.getUrl() != 0) {
         out += ",\"url\":";
         append_json_string(out, snap.str(cr.getUrl()).cStr());
+      }
+      if (links) {
+        TrackingToken token;
+        token.expires = links->expires;
+        token.request_hash = request_hash(request.id);
+        token.campaign = snap.str(camp.getId()).cStr();
+        token.ad = snap.str(ad.getId()).cStr();
+        token.placement = request.placements[i].id;
+        // Tokens are base64url: safe in a URL and in JSON without escaping.
+        token.kind = TokenKind::kImpression;
+        out += ",\"imp\":\"/v1/e/imp?t=";
+        links->signer->sign(token, out);
+        token.kind = TokenKind::kClick;
+        out += "\",\"click\":\"/v1/e/click?t=";
+        links->signer->sign(token, out);
+        out.push_back('"');
       }
       out.push_back('}');
     }

@@ -16,6 +16,7 @@
 #include "decide.hpp"
 #include "json.hpp"
 #include "snapshot.hpp"
+#include "token.hpp"
 
 namespace adpop::api {
 
@@ -27,9 +28,16 @@ bool parse_json(char* body, std::size_t size, json::Document& doc, DecideRequest
 bool parse_query(std::string_view query, std::string& scratch, DecideRequest& out,
                  const char** error);
 
-// Appends the JSON answer for `decision` to `out`.
+// Signs the impression and click URLs of an answer.
+struct TrackingLinks {
+  const TokenSigner* signer = nullptr;
+  std::uint32_t expires = 0;
+};
+
+// Appends the JSON answer for `decision` to `out`; with `links`, each ad carries signed
+// "imp" and "click" URLs.
 void render(const Snapshot& snap, const DecideRequest& request, const Decision& decision,
-            std::string& out);
+            std::string& out, const TrackingLinks* links = nullptr);
 
 void append_json_string(std::string& out, std::string_view s);
 

@@ -1,5 +1,10 @@
 // adpop-engine: the serving process. See --help; bad flags exit 2 with one line.
 #include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <fstream>
+#include <iterator>
 
 #include <charconv>
 #include <cstdio>
@@ -29,6 +34,14 @@ SO_REUSEPORT listener and epoll loop.
   --request-timeout MS     answer 408 if a request takes longer to arrive (default 10000)
   --max-header-bytes N     request line + headers limit, else 431 (default 8192)
   --max-body-bytes N       body limit, else 413 (default 65536)
+  --spool DIR              per-shard event spool segments (see engine/SPOOL.md); without it
+                           events are counted as dropped
+  --spool-segment-bytes N  rotate a segment at this size (default 67108864)
+  --spool-segment-age S    rotate a segment at this age in seconds (default 60)
+  --token-key FILE         secret (>= 16 bytes) signing impression and click URLs; without
+                           it answers carry no tracking URLs and tracking requests get 403
+  --token-ttl S            tracking URLs stay valid this long (default 86400)
+  --dedup-window S         an impression of one request and ad counts once within (default 3600)
   --help                   this text
 )";
 
@@ -104,6 +117,24 @@ int main(int argc, char** argv) {
       o.http.max_header_bytes = number(flag, value, 256, 1 << 20);
     } else if (flag == "--max-body-bytes") {
       o.http.max_body_bytes = number(flag, value, 0, 64 << 20);
+    } else if (flag == "--spool") {
+      o.spool_dir = std::string(value);
+      struct stat st {};
+      if (stat(o.spool_dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode) || access(o.spool_dir.c_str(), W_OK) != 0)
+        die("--spool: " + o.spool_dir + " is not a writable folder; create it first");
+    } else if (flag == "--spool-segment-bytes") {
+      o.spool_segment_bytes = number(flag, value, 4096, 1ull << 34);
+    } else if (flag == "--spool-segment-age") {
+      o.spool_segment_age_s = static_cast<std::uint32_t>(number(flag, value, 1, 86400));
+    } else if (flag == "--token-key") {
+      std::ifstream in{std::string(value), std::ios::binary};
+      if (!in) die("--token-key: cannot read " + std::string(value));
+      o.token_key.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+      if (o.token_key.size() < 16) die("--token-key: " + std::string(value) + " holds fewer than 16 bytes; use e.g. `head -c 32 /dev/urandom`");
+    } else if (flag == "--token-ttl") {
+      o.token_ttl_s = static_cast<std::uint32_t>(number(flag, value, 1, 30 * 86400));
+    } else if (flag == "--dedup-window") {
+      o.dedup_window_s = static_cast<std::uint32_t>(number(flag, value, 1, 7 * 86400));
     } else {
       die("unknown flag " + std::string(flag));
     }

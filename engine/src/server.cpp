@@ -78,7 +78,51 @@ ErrorReason reason_from_parser(const char* name) {
   return kErrBadRequestLine;
 }
 
-const char* kRouteNames[kRoutes] = {"decide_get", "decide_post", "healthz", "metrics", "other"};
+const char* kRouteNames[kRoutes] = {"decide_get", "decide_post", "impression", "click",
+                                    "healthz",    "metrics",     "other"};
+
+std::uint64_t wall_ms() {
+  timespec ts{};
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return static_cast<std::uint64_t>(ts.tv_sec) * 1000 + static_cast<std::uint64_t>(ts.tv_nsec / 1000000);
+}
+
+int compare_id(kj::StringPtr a, std::string_view b) {
+  std::size_t n = std::min<std::size_t>(a.size(), b.size());
+  int c = n ? std::memcmp(a.begin(), b.data(), n) : 0;
+  if (c != 0) return c;
+  return a.size() < b.size() ? -1 : (a.size() > b.size() ? 1 : 0);
+}
+
+// The ad named by (campaign id, ad id) in `snap`, or -1. Campaigns are sorted by id and
+// each owns a short run of ads, so this is a binary search and a tiny scan.
+std::int64_t find_ad(const Snapshot& snap, std::string_view campaign, std::string_view ad) {
+  const auto campaigns = snap.payload().getCampaigns();
+  std::uint32_t lo = 0, hi = campaigns.size();
+  while (lo < hi) {
+    std::uint32_t mid = lo + (hi - lo) / 2;
+    if (compare_id(snap.str(campaigns[mid].getId()), campaign) < 0) lo = mid + 1;
+    else hi = mid;
+  }
+  if (lo >= campaigns.size() || compare_id(snap.str(campaigns[lo].getId()), campaign) != 0) return -1;
+  const auto c = campaigns[lo];
+  const auto ads = snap.payload().getAds();
+  for (std::uint32_t a = c.getAdsStart(); a < c.getAdsStart() + c.getAdsCount(); ++a)
+    if (compare_id(snap.str(ads[a].getId()), ad) == 0) return a;
+  return -1;
+}
+
+std::string_view query_param(std::string_view query, std::string_view name) {
+  while (!query.empty()) {
+    std::size_t amp = query.find('&');
+    std::string_view pair = query.substr(0, amp);
+    if (pair.size() > name.size() && pair.substr(0, name.size()) == name && pair[name.size()] == '=')
+      return pair.substr(name.size() + 1);
+    if (amp == std::string_view::npos) break;
+    query.remove_prefix(amp + 1);
+  }
+  return {};
+}
 
 }  // namespace
 
@@ -87,7 +131,8 @@ const char* error_reason_name(ErrorReason r) {
       "bad_request_line", "bad_header", "bad_content_length", "headers_too_large",
       "too_many_headers", "body_too_large", "transfer_encoding", "bad_version", "timeout",
       "bad_json", "bad_field", "not_found", "method_not_allowed", "no_snapshot",
-      "explain_forbidden", "connection_cap", "draining"};
+      "explain_forbidden", "connection_cap", "draining", "token_malformed", "token_forged",
+      "token_expired", "unknown_ad"};
   return r < kErrReasons ? names[r] : "unknown";
 }
 
@@ -122,7 +167,12 @@ struct Shard::Conn {
 };
 
 Shard::Shard(Engine& engine, std::uint32_t index, int cpu)
-    : engine_(engine), index_(index), cpu_(cpu) {}
+    : engine_(engine),
+      index_(index),
+      cpu_(cpu),
+      spool_(std::make_unique<Spool>(engine.options().spool_dir, index,
+                                     engine.options().spool_segment_bytes,
+                                     engine.options().spool_segment_age_s)) {}
 
 Shard::~Shard() {
   for (auto& c : conns_)
@@ -338,6 +388,8 @@ void Shard::process(Conn& c) {
   if (offset > 0 && !c.close_after) c.in.erase(0, offset);
   else if (c.close_after) c.in.clear();
   c.request_start_ns = c.in.empty() ? 0 : (c.request_start_ns ? c.request_start_ns : mono_ns());
+  // Records reach the file before the answers that caused them reach the client.
+  flush_spool(engine_.now_seconds());
   flush(c);
 }
 
@@ -364,45 +416,127 @@ void Shard::handle(Conn& c, const http::Request& req, const Snapshot* snap) {
     if (!post && req.method != "GET") return respond_error(c, 405, kErrMethod);
     if (!snap) return respond_error(c, 503, kErrNoSnapshot);
     if (draining && c.accepted_draining) return respond_error(c, 503, kErrDraining);
-    const char* error = "invalid request";
-    bool ok;
-    if (post) {
-      // Parse in place: the body lives in this connection's input buffer.
-      char* body = c.in.data() + (req.body.data() - c.in.data());
-      json::Document doc;
-      ok = api::parse_json(body, req.body.size(), doc, request_, &error);
-      if (!ok) {
-        stats_.errors[kErrBadJson].add();
-        std::string msg = "{\"error\":";
-        api::append_json_string(msg, error);
-        msg += "}";
-        append_response(c.out, 400, "application/json", msg, close);
-        return;
-      }
-      if (request_.explain) return respond_error(c, 403, kErrExplainForbidden);
-      decider_.decide(*snap, request_, engine_.now_seconds(), decision_);
-    } else {
-      ok = api::parse_query(req.query, scratch_, request_, &error);
-      if (!ok) {
-        stats_.errors[kErrBadField].add();
-        std::string msg = "{\"error\":";
-        api::append_json_string(msg, error);
-        msg += "}";
-        append_response(c.out, 400, "application/json", msg, close);
-        return;
-      }
-      decider_.decide(*snap, request_, engine_.now_seconds(), decision_);
-    }
-    for (const auto& pd : decision_.placements)
-      if (pd.chosen.empty()) stats_.no_fill.add();
-    std::string body;
-    body.reserve(1024);
-    api::render(*snap, request_, decision_, body);
-    append_response(c.out, 200, "application/json", body, close);
-    return;
+    return handle_decide(c, req, *snap, close);
+  }
+  if (req.path == "/v1/e/imp" || req.path == "/v1/e/click") {
+    const bool click = req.path == "/v1/e/click";
+    stats_.requests[click ? kRouteClick : kRouteImpression].add();
+    if (req.method != "GET") return respond_error(c, 405, kErrMethod);
+    return handle_tracking(c, req, snap, click, close);
   }
   stats_.requests[kRouteOther].add();
   respond_error(c, 404, kErrNotFound);
+}
+
+void Shard::handle_decide(Conn& c, const http::Request& req, const Snapshot& snap, bool close) {
+  const bool post = req.method == "POST";
+  const char* error = "invalid request";
+  bool ok;
+  if (post) {
+    // Parse in place: the body lives in this connection's input buffer.
+    char* body = c.in.data() + (req.body.data() - c.in.data());
+    json::Document doc;
+    ok = api::parse_json(body, req.body.size(), doc, request_, &error);
+  } else {
+    ok = api::parse_query(req.query, scratch_, request_, &error);
+  }
+  if (!ok) {
+    stats_.errors[post ? kErrBadJson : kErrBadField].add();
+    std::string msg = "{\"error\":";
+    api::append_json_string(msg, error);
+    msg += "}";
+    append_response(c.out, 400, "application/json", msg, close);
+    return;
+  }
+  if (request_.explain) return respond_error(c, 403, kErrExplainForbidden);
+  const std::int64_t now = engine_.now_seconds();
+  decider_.decide(snap, request_, now, decision_);
+  const auto campaigns = snap.payload().getCampaigns();
+  const auto ads = snap.payload().getAds();
+  // One decision record per answer, written before the answer is sent.
+  spool_->begin(EventType::kDecision, wall_ms());
+  spool_->put_string(request_.id);
+  spool_->put_string(request_.user_key);
+  spool_->put_u32(static_cast<std::uint32_t>(snap.version()));
+  spool_->put_u32(static_cast<std::uint32_t>(decision_.placements.size()));
+  for (std::size_t i = 0; i < decision_.placements.size(); ++i) {
+    const auto& pd = decision_.placements[i];
+    if (pd.chosen.empty()) stats_.no_fill.add();
+    spool_->put_string(request_.placements[i].id);
+    spool_->put_u32(static_cast<std::uint32_t>(pd.chosen.size()));
+    for (const auto& ch : pd.chosen) {
+      spool_->put_string(snap.str(campaigns[ch.campaign].getId()).cStr());
+      spool_->put_string(snap.str(ads[ch.ad].getId()).cStr());
+    }
+  }
+  spool_->end();
+  std::string body;
+  body.reserve(1024);
+  api::TrackingLinks links{&engine_.signer(), static_cast<std::uint32_t>(now) + engine_.options().token_ttl_s};
+  api::render(snap, request_, decision_, body, engine_.signer().usable() ? &links : nullptr);
+  append_response(c.out, 200, "application/json", body, close);
+}
+
+void Shard::handle_tracking(Conn& c, const http::Request& req, const Snapshot* snap, bool click,
+                            bool close) {
+  TrackingToken token;
+  const auto now = static_cast<std::uint32_t>(engine_.now_seconds());
+  std::string_view text = query_param(req.query, "t");
+  TokenError err = engine_.signer().usable()
+                       ? engine_.signer().verify(text, now, token_scratch_, token)
+                       : TokenError::kForged;
+  if (err == TokenError::kNone && (token.kind == TokenKind::kClick) != click) err = TokenError::kMalformed;
+  if (err == TokenError::kMalformed) return respond_error(c, 403, kErrTokenMalformed);
+  if (err == TokenError::kForged) return respond_error(c, 403, kErrTokenForged);
+  if (err == TokenError::kExpired) return respond_error(c, 403, kErrTokenExpired);
+  if (!click) {
+    // One impression per request and ad: retries and double-fired pixels count once.
+    std::uint64_t key = token.request_hash ^ (request_hash(token.ad) * 0x9E3779B97F4A7C15ULL);
+    if (engine_.dedup().seen(key, now, engine_.options().dedup_window_s)) {
+      stats_.impressions_duplicate.add();
+    } else {
+      stats_.impressions.add();
+      spool_->begin(EventType::kImpression, wall_ms());
+      spool_->put_string(token.campaign);
+      spool_->put_string(token.ad);
+      spool_->put_string(token.placement);
+      spool_->put_u32(static_cast<std::uint32_t>(token.request_hash));
+      spool_->put_u32(static_cast<std::uint32_t>(token.request_hash >> 32));
+      spool_->end();
+    }
+    append_response(c.out, 204, "text/plain", "", close);
+    return;
+  }
+  if (!snap) return respond_error(c, 503, kErrNoSnapshot);
+  std::int64_t ad = find_ad(*snap, token.campaign, token.ad);
+  if (ad < 0) return respond_error(c, 404, kErrUnknownAd);
+  const auto creative = snap->payload().getCreatives()[snap->payload().getAds()[static_cast<std::uint32_t>(ad)].getCreative()];
+  kj::StringPtr landing = snap->str(creative.getLandingUrl());
+  stats_.clicks.add();
+  spool_->begin(EventType::kClick, wall_ms());
+  spool_->put_string(token.campaign);
+  spool_->put_string(token.ad);
+  spool_->put_string(token.placement);
+  spool_->put_u32(static_cast<std::uint32_t>(token.request_hash));
+  spool_->put_u32(static_cast<std::uint32_t>(token.request_hash >> 32));
+  spool_->end();
+  char head[160];
+  int n = std::snprintf(head, sizeof head, "HTTP/1.1 302 Found\r\nContent-Length: 0\r\n%sLocation: ",
+                        close ? "Connection: close\r\n" : "");
+  c.out.append(head, static_cast<std::size_t>(n));
+  // The landing URL comes from a validated, signed snapshot; CR/LF cannot reach the header.
+  for (char ch : std::string_view(landing.cStr(), landing.size()))
+    if (ch != '\r' && ch != '\n') c.out.push_back(ch);
+  c.out += "\r\n\r\n";
+}
+
+void Shard::flush_spool(std::int64_t now_s) {
+  spool_->flush(now_s);
+  const SpoolStats& st = spool_->stats();
+  stats_.spool_records.value.store(st.records, std::memory_order_relaxed);
+  stats_.spool_write_errors.value.store(st.write_errors, std::memory_order_relaxed);
+  stats_.spool_dropped.value.store(st.disabled_dropped, std::memory_order_relaxed);
+  stats_.spool_segments_closed.value.store(st.segments_closed, std::memory_order_relaxed);
 }
 
 void Shard::flush(Conn& c) {
@@ -424,6 +558,7 @@ void Shard::flush(Conn& c) {
 
 void Shard::tick(std::int64_t now) {
   const EngineOptions& o = engine_.options();
+  flush_spool(engine_.now_seconds());  // rotates an idle shard's segment by age
   const std::int64_t idle = std::int64_t{o.idle_timeout_ms} * 1'000'000;
   const std::int64_t slow = std::int64_t{o.request_timeout_ms} * 1'000'000;
   for (auto& p : conns_) {
@@ -447,7 +582,39 @@ void Shard::tick(std::int64_t now) {
 // ------------------------------------------------------------------------------------------
 // Engine
 
-Engine::Engine(EngineOptions options) : options_(std::move(options)) {}
+Engine::Engine(EngineOptions options)
+    : options_(std::move(options)), signer_(options_.token_key), dedup_() {}
+
+DedupTable::DedupTable(std::size_t slots_pow2) : slots_(new Slot[slots_pow2]), mask_(slots_pow2 - 1) {}
+
+bool DedupTable::seen(std::uint64_t key, std::uint32_t now, std::uint32_t window) {
+  if (key == 0) key = 1;  // 0 marks an empty slot
+  const std::size_t start = static_cast<std::size_t>(key * 0x9E3779B97F4A7C15ULL >> 20) & mask_;
+  for (std::size_t probe = 0; probe < 8; ++probe) {
+    Slot& s = slots_[(start + probe) & mask_];
+    std::uint64_t k = s.key.load(std::memory_order_acquire);
+    if (k == key) {
+      std::uint32_t t = s.time.load(std::memory_order_relaxed);
+      if (now - t < window) return true;
+      s.time.store(now, std::memory_order_relaxed);
+      return false;
+    }
+    const bool expired = k != 0 && now - s.time.load(std::memory_order_relaxed) >= window;
+    if (k == 0 || expired) {
+      if (s.key.compare_exchange_strong(k, key, std::memory_order_acq_rel)) {
+        s.time.store(now, std::memory_order_relaxed);
+        return false;
+      }
+      if (k == key) return true;  // another shard recorded the same impression just now
+    }
+  }
+  // Every probed slot holds a live entry: overwrite the first (the table is sized so this
+  // is rare; an early overwrite can only miss a duplicate, never invent one).
+  Slot& s = slots_[start];
+  s.key.store(key, std::memory_order_release);
+  s.time.store(now, std::memory_order_relaxed);
+  return false;
+}
 
 Engine::~Engine() {
   stopping_.store(true);
@@ -651,10 +818,19 @@ void Engine::handle_admin(int fd) {
 
 std::string Engine::status_json() {
   std::uint64_t requests = 0, no_fill = 0, connections = 0;
+  std::uint64_t impressions = 0, duplicates = 0, clicks = 0, records = 0, write_errors = 0,
+                dropped = 0, closed = 0;
   std::uint64_t errors[kErrReasons] = {};
   std::uint64_t hist[LatencyHistogram::kBuckets] = {};
   for (auto& s : shards_) {
     ShardStats& st = s->stats();
+    impressions += st.impressions.get();
+    duplicates += st.impressions_duplicate.get();
+    clicks += st.clicks.get();
+    records += st.spool_records.get();
+    write_errors += st.spool_write_errors.get();
+    dropped += st.spool_dropped.get();
+    closed += st.spool_segments_closed.get();
     for (auto& r : st.requests) requests += r.get();
     for (int e = 0; e < kErrReasons; ++e) errors[e] += st.errors[e].get();
     no_fill += st.no_fill.get();
@@ -692,6 +868,15 @@ std::string Engine::status_json() {
                 static_cast<unsigned long long>(requests), rps, static_cast<unsigned long long>(no_fill),
                 static_cast<unsigned long long>(connections), quantile(0.5), quantile(0.99), quantile(0.999));
   s += buf;
+  std::snprintf(buf, sizeof buf,
+                "\"events\":{\"impressions\":%llu,\"impressions_duplicate\":%llu,\"clicks\":%llu},"
+                "\"spool\":{\"enabled\":%s,\"records\":%llu,\"write_errors\":%llu,\"dropped\":%llu,"
+                "\"segments_closed\":%llu},",
+                static_cast<unsigned long long>(impressions), static_cast<unsigned long long>(duplicates),
+                static_cast<unsigned long long>(clicks), options_.spool_dir.empty() ? "false" : "true",
+                static_cast<unsigned long long>(records), static_cast<unsigned long long>(write_errors),
+                static_cast<unsigned long long>(dropped), static_cast<unsigned long long>(closed));
+  s += buf;
   s += "\"errors\":{";
   for (int e = 0; e < kErrReasons; ++e) {
     std::snprintf(buf, sizeof buf, "%s\"%s\":%llu", e ? "," : "", error_reason_name(static_cast<ErrorReason>(e)),
@@ -716,8 +901,15 @@ std::string Engine::metrics_text() {
   std::uint64_t errors[kErrReasons] = {};
   std::uint64_t hist[LatencyHistogram::kBuckets] = {};
   std::uint64_t no_fill = 0, connections = 0, connections_total = 0;
+  std::uint64_t impressions = 0, duplicates = 0, clicks = 0, records = 0, write_errors = 0, dropped = 0;
   for (auto& sh : shards_) {
     ShardStats& st = sh->stats();
+    impressions += st.impressions.get();
+    duplicates += st.impressions_duplicate.get();
+    clicks += st.clicks.get();
+    records += st.spool_records.get();
+    write_errors += st.spool_write_errors.get();
+    dropped += st.spool_dropped.get();
     for (int r = 0; r < kRoutes; ++r) routes[r] += st.requests[r].get();
     for (int e = 0; e < kErrReasons; ++e) errors[e] += st.errors[e].get();
     for (int b = 0; b < LatencyHistogram::kBuckets; ++b) hist[b] += st.latency.buckets[b].get();
@@ -740,6 +932,17 @@ std::string Engine::metrics_text() {
   std::snprintf(buf, sizeof buf,
                 "# HELP adpop_no_fill_total Placements answered without an ad.\n# TYPE adpop_no_fill_total counter\n"
                 "adpop_no_fill_total %llu\n", static_cast<unsigned long long>(no_fill));
+  s += buf;
+  std::snprintf(buf, sizeof buf,
+                "# HELP adpop_events_total Tracking events by kind.\n# TYPE adpop_events_total counter\n"
+                "adpop_events_total{kind=\"impression\"} %llu\nadpop_events_total{kind=\"impression_duplicate\"} %llu\n"
+                "adpop_events_total{kind=\"click\"} %llu\n"
+                "# HELP adpop_spool_records_total Event records by outcome.\n# TYPE adpop_spool_records_total counter\n"
+                "adpop_spool_records_total{outcome=\"framed\"} %llu\nadpop_spool_records_total{outcome=\"write_error\"} %llu\n"
+                "adpop_spool_records_total{outcome=\"no_spool\"} %llu\n",
+                static_cast<unsigned long long>(impressions), static_cast<unsigned long long>(duplicates),
+                static_cast<unsigned long long>(clicks), static_cast<unsigned long long>(records),
+                static_cast<unsigned long long>(write_errors), static_cast<unsigned long long>(dropped));
   s += buf;
   s += "# HELP adpop_request_duration_seconds Time from parsed request to queued answer.\n"
        "# TYPE adpop_request_duration_seconds histogram\n";

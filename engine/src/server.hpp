@@ -14,6 +14,8 @@
 #include "decide.hpp"
 #include "http.hpp"
 #include "snapshot.hpp"
+#include "spool.hpp"
+#include "token.hpp"
 
 namespace adpop {
 
@@ -29,6 +31,30 @@ struct EngineOptions {
   std::uint32_t idle_timeout_ms = 30000;   // keep-alive connection with nothing pending
   std::uint32_t request_timeout_ms = 10000; // first byte to complete request (slowloris)
   http::Limits http;
+  std::string spool_dir;                   // empty: events are counted, not kept
+  std::uint64_t spool_segment_bytes = 64ull << 20;
+  std::uint32_t spool_segment_age_s = 60;
+  std::string token_key;                   // secret for tracking tokens (file contents)
+  std::uint32_t token_ttl_s = 86400;       // how long impression and click URLs stay valid
+  std::uint32_t dedup_window_s = 3600;     // impressions of one request and ad count once
+};
+
+// Impressions seen recently, shared by all shards without a lock: a fixed open-addressing
+// table of (key, time) claimed with compare-and-swap. Approximate by design: under extreme
+// load an old entry can be overwritten early, never a fresh one.
+class DedupTable {
+ public:
+  explicit DedupTable(std::size_t slots_pow2 = 1u << 20);
+  // True if `key` was seen within `window_s` of `now_s`; records it either way.
+  bool seen(std::uint64_t key, std::uint32_t now_s, std::uint32_t window_s);
+
+ private:
+  struct Slot {
+    std::atomic<std::uint64_t> key{0};
+    std::atomic<std::uint32_t> time{0};
+  };
+  std::unique_ptr<Slot[]> slots_;
+  std::size_t mask_;
 };
 
 // Counters owned by one shard: written only by its thread (plain relaxed stores, no RMW),
@@ -48,12 +74,15 @@ struct LatencyHistogram {
   void record(std::uint64_t ns) { buckets[bucket_of(ns)].add(); }
 };
 
-enum Route : std::uint8_t { kRouteDecideGet, kRouteDecidePost, kRouteHealthz, kRouteMetrics, kRouteOther, kRoutes };
+enum Route : std::uint8_t {
+  kRouteDecideGet, kRouteDecidePost, kRouteImpression, kRouteClick, kRouteHealthz, kRouteMetrics,
+  kRouteOther, kRoutes
+};
 enum ErrorReason : std::uint8_t {
   kErrBadRequestLine, kErrBadHeader, kErrBadContentLength, kErrHeadersTooLarge, kErrTooManyHeaders,
   kErrBodyTooLarge, kErrTransferEncoding, kErrBadVersion, kErrTimeout, kErrBadJson, kErrBadField,
   kErrNotFound, kErrMethod, kErrNoSnapshot, kErrExplainForbidden, kErrConnectionCap, kErrDraining,
-  kErrReasons
+  kErrTokenMalformed, kErrTokenForged, kErrTokenExpired, kErrUnknownAd, kErrReasons
 };
 const char* error_reason_name(ErrorReason r);
 
@@ -61,6 +90,13 @@ struct alignas(64) ShardStats {
   Counter requests[kRoutes];
   Counter errors[kErrReasons];
   Counter no_fill;             // placements answered without an ad
+  Counter impressions;
+  Counter impressions_duplicate;
+  Counter clicks;
+  Counter spool_records;       // gauges mirrored from the shard's Spool after each flush
+  Counter spool_write_errors;
+  Counter spool_dropped;
+  Counter spool_segments_closed;
   Counter connections_open;    // gauge (owner writes absolute values)
   Counter connections_total;
   LatencyHistogram latency;
@@ -88,6 +124,10 @@ class Shard {
   void tick(std::int64_t now_ns);
   void respond_error(Conn& c, int code, ErrorReason reason);
   void handle(Conn& c, const http::Request& req, const Snapshot* snap);
+  void handle_decide(Conn& c, const http::Request& req, const Snapshot& snap, bool close);
+  void handle_tracking(Conn& c, const http::Request& req, const Snapshot* snap, bool click,
+                       bool close);
+  void flush_spool(std::int64_t now_s);
 
   Engine& engine_;
   std::uint32_t index_;
@@ -103,6 +143,8 @@ class Shard {
   Decision decision_;
   DecideRequest request_;
   std::string scratch_;
+  std::string token_scratch_;
+  std::unique_ptr<Spool> spool_;
 };
 
 class Engine {
@@ -133,6 +175,8 @@ class Engine {
   std::string metrics_text();
   std::string snapshot_hash() const;
   std::int64_t now_seconds() const;
+  const TokenSigner& signer() const { return signer_; }
+  DedupTable& dedup() { return dedup_; }
 
  private:
   void admin_loop();
@@ -140,6 +184,8 @@ class Engine {
   void reclaim();
 
   EngineOptions options_;
+  TokenSigner signer_;
+  DedupTable dedup_;
   std::vector<std::unique_ptr<Shard>> shards_;
   std::atomic<const Snapshot*> current_{nullptr};
   std::atomic<std::uint64_t> generation_{1};

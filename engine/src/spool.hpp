@@ -1,0 +1,64 @@
+// Per-shard event spool: append-only segment files of CRC32C-framed records (engine/SPOOL.md).
+//
+// Records are written to the file (the kernel's page cache) before the answer that caused
+// them is sent, so a crash of the process loses no answered record. Segments rotate by size
+// and age; a rotated segment is renamed to *.closed, which is the supervisor's cue to ship it.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+namespace adpop {
+
+enum class EventType : std::uint8_t { kDecision = 1, kImpression = 2, kClick = 3 };
+
+std::uint32_t crc32c(const void* data, std::size_t n, std::uint32_t crc = 0);
+
+struct SpoolStats {
+  std::uint64_t records = 0;
+  std::uint64_t bytes = 0;
+  std::uint64_t segments_closed = 0;
+  std::uint64_t write_errors = 0;   // records that could not be written (counted, never silent)
+  std::uint64_t disabled_dropped = 0;  // records not kept because no --spool was given
+};
+
+class Spool {
+ public:
+  // `dir` empty: spooling disabled (records are counted as dropped).
+  Spool(std::string dir, std::uint32_t shard, std::uint64_t max_bytes, std::uint32_t max_age_s);
+  ~Spool();
+  Spool(const Spool&) = delete;
+  Spool& operator=(const Spool&) = delete;
+
+  bool enabled() const { return !dir_.empty(); }
+  // Starts a record; fields are appended with the put_* calls, then end() frames it.
+  void begin(EventType type, std::uint64_t time_ms);
+  void put_string(std::string_view s);
+  void put_u32(std::uint32_t v);
+  void end();
+  // Writes buffered records to the segment file; call before sending answers.
+  void flush(std::int64_t now_s);
+  const SpoolStats& stats() const { return stats_; }
+  const std::string& segment_path() const { return path_; }
+
+ private:
+  bool open_segment(std::int64_t now_s);
+  void close_segment();
+
+  std::string dir_;
+  std::uint32_t shard_;
+  std::uint64_t max_bytes_;
+  std::uint32_t max_age_s_;
+  int fd_ = -1;
+  std::string path_;
+  std::uint64_t segment_bytes_ = 0;
+  std::int64_t opened_s_ = 0;
+  std::uint64_t sequence_ = 0;
+  std::string buffer_;
+  std::size_t record_start_ = 0;
+  std::uint64_t pending_records_ = 0;
+  SpoolStats stats_;
+};
+
+}  // namespace adpop

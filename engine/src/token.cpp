@@ -1,0 +1,132 @@
+#include "token.hpp"
+
+#include <openssl/crypto.h>
+#include <openssl/hmac.h>
+
+#include <cstring>
+
+namespace adpop {
+
+namespace {
+
+constexpr std::size_t kMacBytes = 12;
+constexpr char kAlphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+void base64url(const unsigned char* data, std::size_t n, std::string& out) {
+  std::size_t i = 0;
+  for (; i + 3 <= n; i += 3) {
+    std::uint32_t v = std::uint32_t{data[i]} << 16 | std::uint32_t{data[i + 1]} << 8 | data[i + 2];
+    out.push_back(kAlphabet[v >> 18]);
+    out.push_back(kAlphabet[(v >> 12) & 63]);
+    out.push_back(kAlphabet[(v >> 6) & 63]);
+    out.push_back(kAlphabet[v & 63]);
+  }
+  if (n - i == 1) {
+    std::uint32_t v = std::uint32_t{data[i]} << 16;
+    out.push_back(kAlphabet[v >> 18]);
+    out.push_back(kAlphabet[(v >> 12) & 63]);
+  } else if (n - i == 2) {
+    std::uint32_t v = std::uint32_t{data[i]} << 16 | std::uint32_t{data[i + 1]} << 8;
+    out.push_back(kAlphabet[v >> 18]);
+    out.push_back(kAlphabet[(v >> 12) & 63]);
+    out.push_back(kAlphabet[(v >> 6) & 63]);
+  }
+}
+
+int decode_char(char c) {
+  if (c >= 'A' && c <= 'Z') return c - 'A';
+  if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+  if (c >= '0' && c <= '9') return c - '0' + 52;
+  if (c == '-') return 62;
+  if (c == '_') return 63;
+  return -1;
+}
+
+bool unbase64url(std::string_view text, std::string& out) {
+  out.clear();
+  if (text.size() % 4 == 1) return false;
+  std::uint32_t acc = 0;
+  int bits = 0;
+  for (char c : text) {
+    int d = decode_char(c);
+    if (d < 0) return false;
+    acc = acc << 6 | static_cast<std::uint32_t>(d);
+    bits += 6;
+    if (bits >= 8) {
+      bits -= 8;
+      out.push_back(static_cast<char>((acc >> bits) & 0xFF));
+    }
+  }
+  return true;
+}
+
+void mac(const std::string& key, const unsigned char* data, std::size_t n, unsigned char* out) {
+  unsigned char full[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  HMAC(EVP_sha256(), key.data(), static_cast<int>(key.size()), data, n, full, &len);
+  std::memcpy(out, full, kMacBytes);
+}
+
+void put_id(std::string& body, std::string_view id) {
+  std::size_t n = id.size() > 255 ? 255 : id.size();
+  body.push_back(static_cast<char>(n));
+  body.append(id.data(), n);
+}
+
+}  // namespace
+
+std::uint64_t request_hash(std::string_view request_id) {
+  std::uint64_t h = 1469598103934665603ULL;
+  for (unsigned char c : request_id) {
+    h ^= c;
+    h *= 1099511628211ULL;
+  }
+  return h;
+}
+
+void TokenSigner::sign(const TrackingToken& token, std::string& out) const {
+  std::string body;
+  body.reserve(64);
+  body.push_back(static_cast<char>(token.kind));
+  for (int i = 0; i < 4; ++i) body.push_back(static_cast<char>((token.expires >> (8 * i)) & 0xFF));
+  for (int i = 0; i < 8; ++i) body.push_back(static_cast<char>((token.request_hash >> (8 * i)) & 0xFF));
+  put_id(body, token.campaign);
+  put_id(body, token.ad);
+  put_id(body, token.placement);
+  unsigned char tag[kMacBytes];
+  mac(key_, reinterpret_cast<const unsigned char*>(body.data()), body.size(), tag);
+  body.append(reinterpret_cast<const char*>(tag), kMacBytes);
+  base64url(reinterpret_cast<const unsigned char*>(body.data()), body.size(), out);
+}
+
+TokenError TokenSigner::verify(std::string_view text, std::uint32_t now, std::string& scratch,
+                               TrackingToken& out) const {
+  if (text.empty() || text.size() > 1200 || !unbase64url(text, scratch)) return TokenError::kMalformed;
+  if (scratch.size() < 1 + 4 + 8 + 3 + kMacBytes) return TokenError::kMalformed;
+  const std::size_t body_len = scratch.size() - kMacBytes;
+  const auto* data = reinterpret_cast<const unsigned char*>(scratch.data());
+  unsigned char tag[kMacBytes];
+  mac(key_, data, body_len, tag);
+  // Constant time: a forger learns nothing from how long a wrong tag takes to refuse.
+  if (CRYPTO_memcmp(tag, data + body_len, kMacBytes) != 0) return TokenError::kForged;
+  std::size_t p = 0;
+  out.kind = static_cast<TokenKind>(data[p++]);
+  if (out.kind != TokenKind::kImpression && out.kind != TokenKind::kClick) return TokenError::kMalformed;
+  out.expires = 0;
+  for (int i = 0; i < 4; ++i) out.expires |= std::uint32_t{data[p++]} << (8 * i);
+  out.request_hash = 0;
+  for (int i = 0; i < 8; ++i) out.request_hash |= std::uint64_t{data[p++]} << (8 * i);
+  std::string_view* ids[] = {&out.campaign, &out.ad, &out.placement};
+  for (auto* id : ids) {
+    if (p >= body_len) return TokenError::kMalformed;
+    std::size_t n = data[p++];
+    if (p + n > body_len) return TokenError::kMalformed;
+    *id = std::string_view(scratch.data() + p, n);
+    p += n;
+  }
+  if (p != body_len) return TokenError::kMalformed;
+  if (now > out.expires) return TokenError::kExpired;
+  return TokenError::kNone;
+}
+
+}  // namespace adpop

@@ -1,0 +1,131 @@
+"""Tracking URLs, impression dedup, click redirects and the event spool of the real engine."""
+
+from __future__ import annotations
+
+import signal
+import time
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.snapshot import synth
+from appliance.snapshot.manifest import SigningKey
+from appliance.snapshot.model import CampaignSet, parse_documents
+from appliance.spool import EventType, read_segment, segments
+from tests.engine_harness import RunningEngine, running_engine
+
+REQUEST = {"id": "track-1", "placements": [{"id": "home-side", "count": 2}],
+           "geo": {"country": "US"}, "device": {"type": "desktop"}, "time": 1770000000,
+           "user": {"key": "user-9"}}
+
+
+@pytest.fixture(scope="module")
+def campaign_set() -> CampaignSet:
+    return parse_documents(synth.generate(1500, seed=41))
+
+
+@pytest.fixture()
+def engine(tmp_path: Path, campaign_set: CampaignSet,
+           signing_key: SigningKey) -> Iterator[RunningEngine]:
+    with running_engine(tmp_path, campaign_set, signing_key,
+                        extra=["--spool-segment-age", "1"]) as running:
+        yield running
+
+
+def first_ads(engine: RunningEngine, request: dict[str, Any]) -> list[dict[str, Any]]:
+    code, answer = engine.post("/v1/decide", request)
+    assert code == 200, answer
+    ads: list[dict[str, Any]] = answer["placements"][0]["ads"]
+    assert ads, "the sample request should fill"
+    return ads
+
+
+def all_events(folder: Path) -> list[Any]:
+    events = []
+    for path in segments(folder, closed_only=False):
+        segment = read_segment(path)
+        assert not segment.torn_tail, path
+        events.extend(segment.events)
+    return events
+
+
+def test_impression_counts_once_and_click_redirects(engine: RunningEngine,
+                                                    campaign_set: CampaignSet) -> None:
+    ads = first_ads(engine, REQUEST)
+    ad = ads[0]
+    assert ad["imp"].startswith("/v1/e/imp?t=") and ad["click"].startswith("/v1/e/click?t=")
+    assert engine.get(ad["imp"]) == (204, b"")
+    assert engine.get(ad["imp"]) == (204, b"")  # a retried pixel
+    events = engine.status()["events"]
+    assert events["impressions"] == 1
+    assert events["impressions_duplicate"] == 1
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", engine.port, timeout=5)
+    conn.request("GET", ad["click"])
+    resp = conn.getresponse()
+    resp.read()
+    conn.close()
+    assert resp.status == 302
+    creative = {c.id: c for c in campaign_set.creatives}[ad["creative"]]
+    assert resp.getheader("Location") == creative.landing_url
+    assert engine.status()["events"]["clicks"] == 1
+
+
+def test_forged_and_misused_tokens_get_403(engine: RunningEngine) -> None:
+    ad = first_ads(engine, REQUEST)[0]
+    token = urllib.parse.parse_qs(urllib.parse.urlparse(ad["imp"]).query)["t"][0]
+    forged = token[:10] + ("A" if token[10] != "A" else "B") + token[11:]
+    assert engine.get(f"/v1/e/imp?t={forged}")[0] == 403
+    assert engine.get("/v1/e/imp?t=")[0] == 403
+    assert engine.get("/v1/e/imp?t=!!!")[0] == 403
+    # An impression token is no click token.
+    assert engine.get(f"/v1/e/click?t={token}")[0] == 403
+    errors = engine.status()["errors"]
+    assert errors["token_forged"] >= 1
+    assert errors["token_malformed"] >= 3
+
+
+def test_expired_tokens_get_403(tmp_path: Path, campaign_set: CampaignSet,
+                                signing_key: SigningKey) -> None:
+    with running_engine(tmp_path, campaign_set, signing_key,
+                        extra=["--token-ttl", "1"]) as eng:
+        ad = first_ads(eng, REQUEST)[0]
+        time.sleep(2.2)
+        assert eng.get(ad["imp"])[0] == 403
+        assert eng.status()["errors"]["token_expired"] == 1
+
+
+def test_spool_holds_every_answered_request_after_a_crash(engine: RunningEngine) -> None:
+    answered = []
+    for i in range(200):
+        request = dict(REQUEST, id=f"crash-{i}")
+        code, _ = engine.post("/v1/decide", request)
+        assert code == 200
+        answered.append(request["id"])
+    ad = first_ads(engine, dict(REQUEST, id="crash-imp"))[0]
+    assert engine.get(ad["imp"])[0] == 204
+    engine.process.send_signal(signal.SIGKILL)
+    engine.process.wait()
+    events = all_events(engine.spool)
+    decided = {e.fields[0] for e in events if e.type is EventType.DECISION}
+    assert set(answered) <= decided, "an answered decision is missing from the spool"
+    impressions = [e for e in events if e.type is EventType.IMPRESSION]
+    assert [(e.fields[0], e.fields[1]) for e in impressions] == [(ad["campaign"], ad["ad"])]
+    record = next(e for e in events if e.type is EventType.DECISION and e.fields[0] == "crash-0")
+    assert record.fields[1] == "user-9"
+    placement, chosen = record.fields[3]
+    assert placement == "home-side" and len(chosen) == 2
+
+
+def test_segments_rotate_by_age(engine: RunningEngine) -> None:
+    assert engine.post("/v1/decide", REQUEST)[0] == 200
+    deadline = time.monotonic() + 5
+    while not list(engine.spool.glob("*.closed")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    closed = list(engine.spool.glob("*.closed"))
+    assert closed, "no segment was rotated"
+    assert any(e.fields[0] == "track-1" for p in closed for e in read_segment(p).events)
+    assert engine.status()["spool"]["segments_closed"] >= 1
