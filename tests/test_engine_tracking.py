@@ -129,3 +129,77 @@ def test_segments_rotate_by_age(engine: RunningEngine) -> None:
     assert closed, "no segment was rotated"
     assert any(e.fields[0] == "track-1" for p in closed for e in read_segment(p).events)
     assert engine.status()["spool"]["segments_closed"] >= 1
+
+
+def controls_set(cap_scope: str = "campaign") -> CampaignSet:
+    """A capped campaign, a budget-limited campaign and a house ad, all untargeted."""
+    ad_size = "300x250"
+    doc = {
+        "advertisers": [{"id": "adv-cap"}, {"id": "adv-pace"}, {"id": "adv-house"}],
+        "creatives": [
+            {"id": f"cr-{n}", "advertiser": f"adv-{n}", "size": ad_size,
+             "url": f"https://{n}.example/a.png", "landing_url": f"https://{n}.example/"}
+            for n in ("cap", "pace", "house")],
+        "placements": [{"id": "slot", "zone": "z", "sizes": [ad_size]}],
+        "campaigns": [
+            {"id": "capped", "advertiser": "adv-cap", "start": 0, "end": 2_000_000_000,
+             "priority": 1, "ads": [{"id": "ad-cap", "creative": "cr-cap"}],
+             "frequency_caps": [{"count": 2, "window": "1h", "scope": cap_scope}]},
+            {"id": "budgeted", "advertiser": "adv-pace", "start": 0, "end": 2_000_000_000,
+             "priority": 2, "ecpm": 1000.0, "budget_daily": 2.0, "pacing": "asap",
+             "ads": [{"id": "ad-pace", "creative": "cr-pace"}]},
+            {"id": "house", "advertiser": "adv-house", "start": 0, "end": 2_000_000_000,
+             "priority": 16, "ads": [{"id": "ad-house", "creative": "cr-house"}]},
+        ],
+    }
+    return parse_documents([("controls", doc)])
+
+
+@pytest.mark.parametrize("scope", ["campaign", "advertiser"])
+def test_frequency_caps_follow_the_echoed_token(tmp_path: Path, signing_key: SigningKey,
+                                                scope: str) -> None:
+    with running_engine(tmp_path, controls_set(scope), signing_key, shards=1) as eng:
+        caps = ""
+        served = []
+        for i in range(4):
+            request = {"id": f"cap-{i}", "placements": [{"id": "slot"}],
+                       "user": {"key": "alice"}, "caps": caps, "time": 1770000000 + i}
+            code, answer = eng.post("/v1/decide", request)
+            assert code == 200, answer
+            served.append(answer["placements"][0]["ads"][0]["campaign"])
+            caps = answer["caps"]
+        assert served[:2] == ["capped", "capped"]
+        assert "capped" not in served[2:]
+        # The window ends: the cap lets the campaign serve again.
+        code, answer = eng.post("/v1/decide", {"id": "cap-late", "placements": [{"id": "slot"}],
+                                               "user": {"key": "alice"}, "caps": caps,
+                                               "time": 1770000000 + 3601})
+        assert answer["placements"][0]["ads"][0]["campaign"] == "capped"
+        # Bob cannot reuse Alice's token, and a forged one is ignored: both start afresh.
+        for token in (caps, caps[:-2] + ("AA" if caps[-2:] != "AA" else "BB")):
+            code, answer = eng.post("/v1/decide", {"id": "bob", "placements": [{"id": "slot"}],
+                                                   "user": {"key": "bob"}, "caps": token,
+                                                   "time": 1770000000})
+            assert answer["placements"][0]["ads"][0]["campaign"] == "capped"
+        assert eng.status()["events"]["cap_tokens_rejected"] == 2
+
+
+def test_daily_budget_paces_local_spend(tmp_path: Path, signing_key: SigningKey) -> None:
+    with running_engine(tmp_path, controls_set(), signing_key, shards=1) as eng:
+        served = []
+        for i in range(5):
+            # Different users, so the capped campaign serves each once and then the budgeted
+            # campaign (priority 2) wins the second slot until its $2 day budget is spent.
+            request = {"id": f"pace-{i}", "placements": [{"id": "slot", "count": 2}],
+                       "user": {"key": f"user-{i}"}, "time": 1770000000}
+            code, answer = eng.post("/v1/decide", request)
+            assert code == 200
+            served.append([a["campaign"] for a in answer["placements"][0]["ads"]])
+        # eCPM 1000 spends 1.00 per ad: two ads exhaust the 2.00 daily budget.
+        assert [s[1] for s in served] == ["budgeted", "budgeted", "house", "house", "house"]
+        # The next UTC day the budget starts over.
+        code, answer = eng.post("/v1/decide", {"id": "tomorrow",
+                                               "placements": [{"id": "slot", "count": 2}],
+                                               "user": {"key": "user-x"},
+                                               "time": 1770000000 + 86400})
+        assert [a["campaign"] for a in answer["placements"][0]["ads"]] == ["capped", "budgeted"]

@@ -28,6 +28,7 @@ SCHEMA_PATH = Path(__file__).with_name("snapshot.capnp")
 # Nesting the schema needs: Payload > TargetingIndex > buckets > SizeBucket > lists >
 # PostingList > entries.
 SCHEMA_NESTING = 7
+PASS_THROUGH_ALL = 1_000_000  # ppm: no forecast-based throttling until the origin sets one
 
 
 class PayloadError(AdpopError):
@@ -168,6 +169,7 @@ def _write_campaigns(msg: Any, active: Sequence[Campaign], advertiser_index: dic
             o.exclusionLabels = sorted(intern(label) for label in camp.exclusion_labels)
         o.adsStart = ad_pos
         o.adsCount = len(camp.ads)
+        o.passThroughPpm = PASS_THROUGH_ALL
         for ad in sorted(camp.ads, key=lambda a: a.id):
             a = out_ads[ad_pos]
             a.id = intern(ad.id)

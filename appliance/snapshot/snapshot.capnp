@@ -85,6 +85,10 @@ struct Campaign {
   exclusionLabels @12 :List(StringId);   # sorted
   adsStart @13 :UInt32;
   adsCount @14 :UInt32;
+  # Share of eligible requests this campaign may try to win, in parts per million, before
+  # local spend pacing. The compiler writes 1000000; the origin lowers it for campaigns its
+  # forecast says would overspend.
+  passThroughPpm @15 :UInt32;
 }
 
 struct Ad {

@@ -35,7 +35,8 @@ bool get_string(const json::Document& doc, const json::Value& obj, std::string_v
                 std::string_view* out) {
   const json::Value* v = doc.member(obj, name);
   if (!v || v->type == json::Type::kNull) return true;
-  if (v->type != json::Type::kString || v->text.size() > 256) return false;
+  const std::size_t limit = name == "caps" ? 4096 : 256;  // a cap token outgrows an id
+  if (v->type != json::Type::kString || v->text.size() > limit) return false;
   *out = v->text;
   return true;
 }
@@ -140,7 +141,7 @@ bool parse_json(char* body, std::size_t size, json::Document& doc, DecideRequest
   if (!get_string(doc, u, "key", &out.user_key) || !get_strings(doc, u, "segments", &out.segments) ||
       !get_string(doc, d, "type", &out.device) || !get_string(doc, d, "os", &out.os) ||
       !get_string(doc, g, "country", &out.country) || !get_string(doc, g, "region", &out.region) ||
-      !get_string(doc, s, "domain", &out.domain) ||
+      !get_string(doc, s, "domain", &out.domain) || !get_string(doc, root, "caps", &out.caps) ||
       !get_strings(doc, root, "keywords", &out.keywords)) {
     *error = "a field has the wrong type (strings, and lists of at most 64 strings)";
     return false;
@@ -220,6 +221,7 @@ bool parse_query(std::string_view query, std::string& scratch, DecideRequest& ou
     else if (key == "country") out.country = value;
     else if (key == "region") out.region = value;
     else if (key == "domain") out.domain = value;
+    else if (key == "caps") out.caps = value;
     else if (key == "time") {
       if (!parse_int(value, &out.time) || out.time < 0) {
         *error = "time: unix seconds";
@@ -346,7 +348,13 @@ void render(const Snapshot& snap, const DecideRequest& request, const Decision& 
     }
     out.push_back('}');
   }
-  out += "]}";
+  out.push_back(']');
+  if (!decision.caps.empty()) {
+    out += ",\"caps\":\"";
+    out += decision.caps;  // base64url: no escaping needed
+    out.push_back('"');
+  }
+  out.push_back('}');
 }
 
 }  // namespace adpop::api

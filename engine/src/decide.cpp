@@ -64,6 +64,8 @@ const char* loss_name(LossReason reason) {
   switch (reason) {
     case LossReason::kFlight: return "flight";
     case LossReason::kSize: return "size";
+    case LossReason::kCap: return "cap";
+    case LossReason::kPacing: return "pacing";
     case LossReason::kTier: return "tier";
     case LossReason::kLottery: return "lottery";
     case LossReason::kExclusion: return "exclusion";
@@ -79,8 +81,74 @@ std::uint32_t hour_of_week(std::int64_t t) {
   return static_cast<std::uint32_t>(weekday * 24 + hour);
 }
 
+std::uint64_t Decider::spent(std::string_view campaign_id) const {
+  auto it = spend_.find(id_hash(campaign_id));
+  return it == spend_.end() ? 0 : it->second;
+}
+
+bool Decider::capped(const Snapshot& snap, std::uint32_t campaign, std::int64_t t) const {
+  const auto camp = snap.payload().getCampaigns()[campaign];
+  for (auto cap : camp.getCaps()) {
+    const bool advertiser = cap.getScope() == CapScope::ADVERTISER;
+    const std::uint32_t id = advertiser
+        ? id_hash(snap.str(snap.payload().getAdvertisers()[camp.getAdvertiser()].getId()).cStr())
+        : id_hash(snap.str(camp.getId()).cStr());
+    for (const CapEntry& e : caps_) {
+      if (e.scope == (advertiser ? 1 : 0) && e.id == id && e.window == cap.getWindowSeconds() &&
+          t < std::int64_t{e.start} + e.window && e.count >= cap.getCount())
+        return true;
+    }
+  }
+  return false;
+}
+
+void Decider::count_cap(const Snapshot& snap, std::uint32_t campaign, std::int64_t t) {
+  const auto camp = snap.payload().getCampaigns()[campaign];
+  for (auto cap : camp.getCaps()) {
+    const bool advertiser = cap.getScope() == CapScope::ADVERTISER;
+    const std::uint32_t id = advertiser
+        ? id_hash(snap.str(snap.payload().getAdvertisers()[camp.getAdvertiser()].getId()).cStr())
+        : id_hash(snap.str(camp.getId()).cStr());
+    CapEntry* found = nullptr;
+    for (CapEntry& e : caps_)
+      if (e.scope == (advertiser ? 1 : 0) && e.id == id && e.window == cap.getWindowSeconds()) found = &e;
+    if (!found) {
+      caps_.push_back(CapEntry{static_cast<std::uint8_t>(advertiser ? 1 : 0), id, cap.getWindowSeconds(),
+                               static_cast<std::uint32_t>(t), 0});
+      found = &caps_.back();
+    }
+    if (t >= std::int64_t{found->start} + found->window) {
+      found->start = static_cast<std::uint32_t>(t);
+      found->count = 0;
+    }
+    if (found->count < 0xFFFF) ++found->count;
+  }
+}
+
+bool Decider::paced_out(const Snapshot& snap, std::uint32_t campaign, std::int64_t t,
+                        const DecideContext& context, std::uint64_t roll) {
+  const auto camp = snap.payload().getCampaigns()[campaign];
+  if (camp.getPassThroughPpm() < 1000000 && roll % 1000000 >= camp.getPassThroughPpm()) return true;
+  const std::uint64_t daily = camp.getBudgetDailyMicros();
+  if (daily == 0) return false;
+  const std::int64_t day = t / 86400;
+  if (day != spend_day_) {
+    spend_.clear();  // a new UTC day: budgets start over
+    spend_day_ = day;
+  }
+  auto it = spend_.find(id_hash(snap.str(camp.getId()).cStr()));
+  const std::uint64_t spent = it == spend_.end() ? 0 : it->second;
+  const double frac = static_cast<double>(t - day * 86400) / 86400.0;
+  double curve = 1.0;  // asap: the whole day's budget is available at once
+  if (camp.getPacing() == Pacing::EVEN) curve = std::min(1.0, frac + 1.0 / 24);  // an hour of slack
+  else if (camp.getPacing() == Pacing::FRONTLOADED) curve = std::min(1.0, frac * 1.5 + 1.0 / 12);
+  const double allowed = static_cast<double>(daily) * context.budget_share /
+                         std::max<std::uint32_t>(1, context.shards) * curve;
+  return static_cast<double>(spent) >= allowed;
+}
+
 void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::int64_t now,
-                     Decision& out) {
+                     Decision& out, const DecideContext& context) {
   const auto payload = snap.payload();
   const auto campaigns = payload.getCampaigns();
   const auto ads = payload.getAds();
@@ -108,6 +176,14 @@ void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::in
   used_ads_.clear();
   exclusions_.clear();
   Rng rng{fnv1a(request.id) ^ (snap.version() * 0x9E3779B97F4A7C15ULL)};
+  const std::uint64_t user = request_hash(request.user_key);
+  out.caps.clear();
+  out.caps_rejected = false;
+  caps_.clear();
+  if (context.signer && context.signer->usable() && !request.caps.empty() &&
+      !decode_caps(*context.signer, request.caps, user, caps_scratch_, caps_))
+    out.caps_rejected = true;
+  bool caps_changed = false;
 
   for (std::size_t pi = 0; pi < request.placements.size(); ++pi) {
     const PlacementRequest& preq = request.placements[pi];
@@ -158,9 +234,22 @@ void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::in
       }
       pd.eligible.push_back(c);
     }
+    // Caps and pacing decide who may compete; `eligible` keeps everyone who could have.
+    biddable_.clear();
+    for (std::uint32_t c : pd.eligible) {
+      if (campaigns[c].getCaps().size() > 0 && capped(snap, c, t)) {
+        if (request.explain) pd.losses.push_back({c, LossReason::kCap});
+        continue;
+      }
+      if (paced_out(snap, c, t, context, rng.next())) {
+        if (request.explain) pd.losses.push_back({c, LossReason::kPacing});
+        continue;
+      }
+      biddable_.push_back(c);
+    }
     // Strict priority: tier 1 before tier 2; within a tier, campaign index order is only the
     // starting point of a seeded weighted lottery.
-    std::stable_sort(pd.eligible.begin(), pd.eligible.end(), [&](std::uint32_t a, std::uint32_t b) {
+    std::stable_sort(biddable_.begin(), biddable_.end(), [&](std::uint32_t a, std::uint32_t b) {
       return campaigns[a].getPriority() < campaigns[b].getPriority();
     });
 
@@ -168,13 +257,13 @@ void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::in
                                                       kMaxAdsPerPlacement);
     std::vector<std::uint32_t>& pool = fitting_ads_;  // campaigns of the current tier
     std::size_t tier_start = 0;
-    while (pd.chosen.size() < want && tier_start < pd.eligible.size()) {
-      const std::uint8_t tier = campaigns[pd.eligible[tier_start]].getPriority();
+    while (pd.chosen.size() < want && tier_start < biddable_.size()) {
+      const std::uint8_t tier = campaigns[biddable_[tier_start]].getPriority();
       std::size_t tier_end = tier_start;
-      while (tier_end < pd.eligible.size() && campaigns[pd.eligible[tier_end]].getPriority() == tier)
+      while (tier_end < biddable_.size() && campaigns[biddable_[tier_end]].getPriority() == tier)
         ++tier_end;
-      pool.assign(pd.eligible.begin() + static_cast<std::ptrdiff_t>(tier_start),
-                  pd.eligible.begin() + static_cast<std::ptrdiff_t>(tier_end));
+      pool.assign(biddable_.begin() + static_cast<std::ptrdiff_t>(tier_start),
+                  biddable_.begin() + static_cast<std::ptrdiff_t>(tier_end));
       while (pd.chosen.size() < want && !pool.empty()) {
         // Drop campaigns that can no longer serve: a competitor took their label, or every
         // ad that fits is already in this answer.
@@ -226,6 +315,11 @@ void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::in
         }
         pd.chosen.push_back({chosen_ad, c, ads[chosen_ad].getCreative()});
         used_ads_.push_back(chosen_ad);
+        if (camp.getCaps().size() > 0) {
+          count_cap(snap, c, t);
+          caps_changed = true;
+        }
+        if (camp.getBudgetDailyMicros() > 0) spend_[id_hash(snap.str(camp.getId()).cStr())] += camp.getEcpmMicros() / 1000;
         // Competitive exclusion holds across the whole answer, placements included.
         for (auto label : camp.getExclusionLabels()) exclusions_.emplace_back(label, c);
         // One ad per campaign per placement; the campaign may still serve other placements.
@@ -236,10 +330,12 @@ void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::in
       tier_start = tier_end;
     }
     if (request.explain) {
-      for (std::size_t i = tier_start; i < pd.eligible.size(); ++i)
-        pd.losses.push_back({pd.eligible[i], LossReason::kTier});
+      for (std::size_t i = tier_start; i < biddable_.size(); ++i)
+        pd.losses.push_back({biddable_[i], LossReason::kTier});
     }
   }
+  if (context.signer && context.signer->usable() && (caps_changed || !request.caps.empty()))
+    encode_caps(*context.signer, user, caps_, out.caps);
 }
 
 }  // namespace adpop

@@ -12,6 +12,10 @@
 
 #include "index.hpp"
 #include "snapshot.hpp"
+#include "token.hpp"
+
+#include <string>
+#include <unordered_map>
 
 namespace adpop {
 
@@ -43,9 +47,10 @@ struct DecideRequest {
   std::string_view domain;
   std::int64_t time = -1;  // unix seconds; -1: the engine's clock
   bool explain = false;
+  std::string_view caps;   // the frequency-cap token the client echoes back
 
   void clear() {
-    id = user_key = device = os = country = region = domain = {};
+    id = user_key = device = os = country = region = domain = caps = {};
     placements.clear();
     segments.clear();
     keywords.clear();
@@ -61,7 +66,9 @@ struct Choice {
 };
 
 // Why an eligible-by-targeting campaign did not serve, for `explain`.
-enum class LossReason : std::uint8_t { kFlight, kSize, kTier, kLottery, kExclusion, kDuplicate };
+enum class LossReason : std::uint8_t {
+  kFlight, kSize, kCap, kPacing, kTier, kLottery, kExclusion, kDuplicate
+};
 const char* loss_name(LossReason reason);
 
 struct Loss {
@@ -80,6 +87,16 @@ struct Decision {
   std::vector<PlacementDecision> placements;
   std::int64_t time = 0;
   std::uint32_t hour_of_week = 0;
+  std::string caps;            // the updated cap token for the client ("" when none)
+  bool caps_rejected = false;  // a token was sent but was forged, malformed or another user's
+};
+
+// What a decision needs beyond the request: the token signer (caps) and this shard's share
+// of each campaign's daily budget.
+struct DecideContext {
+  const TokenSigner* signer = nullptr;
+  double budget_share = 1.0;   // this PoP's share of a daily budget
+  std::uint32_t shards = 1;    // the PoP's share is split evenly across its shards
 };
 
 // Hour of week in UTC, Monday 00:00 = 0 (1970-01-01 was a Thursday).
@@ -88,13 +105,27 @@ std::uint32_t hour_of_week(std::int64_t unix_seconds);
 class Decider {
  public:
   void decide(const Snapshot& snap, const DecideRequest& request, std::int64_t now,
-              Decision& out);
+              Decision& out, const DecideContext& context = {});
+  // Local spend of a campaign today, in micros (tests and status).
+  std::uint64_t spent(std::string_view campaign_id) const;
 
  private:
+  bool capped(const Snapshot& snap, std::uint32_t campaign, std::int64_t t) const;
+  void count_cap(const Snapshot& snap, std::uint32_t campaign, std::int64_t t);
+  bool paced_out(const Snapshot& snap, std::uint32_t campaign, std::int64_t t,
+                 const DecideContext& context, std::uint64_t roll);
+
+  std::vector<CapEntry> caps_;
+  std::string caps_scratch_;
+  // Local pacing state: spend per campaign (by id hash) for the current UTC day.
+  std::unordered_map<std::uint32_t, std::uint64_t> spend_;
+  std::int64_t spend_day_ = -1;
+
   Matcher matcher_;
   TargetingRequest targeting_;
   std::vector<std::uint32_t> matched_;
-  std::vector<std::uint32_t> fitting_ads_;    // per tier candidates: ad indexes
+  std::vector<std::uint32_t> fitting_ads_;    // campaigns of the tier being filled
+  std::vector<std::uint32_t> biddable_;       // eligible and neither capped nor paced out
   std::vector<std::uint32_t> used_ads_;
   std::vector<std::pair<std::uint32_t, std::uint32_t>> exclusions_;  // (label, campaign)
   char hour_text_[8] = {};

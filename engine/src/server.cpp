@@ -450,7 +450,10 @@ void Shard::handle_decide(Conn& c, const http::Request& req, const Snapshot& sna
   }
   if (request_.explain) return respond_error(c, 403, kErrExplainForbidden);
   const std::int64_t now = engine_.now_seconds();
-  decider_.decide(snap, request_, now, decision_);
+  const DecideContext context{&engine_.signer(), engine_.options().budget_share,
+                              engine_.options().shards};
+  decider_.decide(snap, request_, now, decision_, context);
+  if (decision_.caps_rejected) stats_.caps_rejected.add();
   const auto campaigns = snap.payload().getCampaigns();
   const auto ads = snap.payload().getAds();
   // One decision record per answer, written before the answer is sent.
@@ -808,7 +811,8 @@ void Engine::handle_admin(int fd) {
     // Only this (admin) thread swaps and frees snapshots, so `snap` stays valid here.
     Decider decider;
     Decision decision;
-    decider.decide(*snap, request, now_seconds(), decision);
+    DecideContext context{&signer_, options_.budget_share, options_.shards};
+    decider.decide(*snap, request, now_seconds(), decision, context);
     std::string answer;
     api::render(*snap, request, decision, answer);
     return reply(200, answer);
@@ -819,7 +823,7 @@ void Engine::handle_admin(int fd) {
 std::string Engine::status_json() {
   std::uint64_t requests = 0, no_fill = 0, connections = 0;
   std::uint64_t impressions = 0, duplicates = 0, clicks = 0, records = 0, write_errors = 0,
-                dropped = 0, closed = 0;
+                dropped = 0, closed = 0, caps_rejected = 0;
   std::uint64_t errors[kErrReasons] = {};
   std::uint64_t hist[LatencyHistogram::kBuckets] = {};
   for (auto& s : shards_) {
@@ -827,6 +831,7 @@ std::string Engine::status_json() {
     impressions += st.impressions.get();
     duplicates += st.impressions_duplicate.get();
     clicks += st.clicks.get();
+    caps_rejected += st.caps_rejected.get();
     records += st.spool_records.get();
     write_errors += st.spool_write_errors.get();
     dropped += st.spool_dropped.get();
@@ -869,11 +874,13 @@ std::string Engine::status_json() {
                 static_cast<unsigned long long>(connections), quantile(0.5), quantile(0.99), quantile(0.999));
   s += buf;
   std::snprintf(buf, sizeof buf,
-                "\"events\":{\"impressions\":%llu,\"impressions_duplicate\":%llu,\"clicks\":%llu},"
+                "\"events\":{\"impressions\":%llu,\"impressions_duplicate\":%llu,\"clicks\":%llu,"
+                "\"cap_tokens_rejected\":%llu},"
                 "\"spool\":{\"enabled\":%s,\"records\":%llu,\"write_errors\":%llu,\"dropped\":%llu,"
                 "\"segments_closed\":%llu},",
                 static_cast<unsigned long long>(impressions), static_cast<unsigned long long>(duplicates),
-                static_cast<unsigned long long>(clicks), options_.spool_dir.empty() ? "false" : "true",
+                static_cast<unsigned long long>(clicks), static_cast<unsigned long long>(caps_rejected),
+                options_.spool_dir.empty() ? "false" : "true",
                 static_cast<unsigned long long>(records), static_cast<unsigned long long>(write_errors),
                 static_cast<unsigned long long>(dropped), static_cast<unsigned long long>(closed));
   s += buf;

@@ -37,6 +37,7 @@ struct EngineOptions {
   std::string token_key;                   // secret for tracking tokens (file contents)
   std::uint32_t token_ttl_s = 86400;       // how long impression and click URLs stay valid
   std::uint32_t dedup_window_s = 3600;     // impressions of one request and ad count once
+  double budget_share = 1.0;               // this PoP's share of each campaign's daily budget
 };
 
 // Impressions seen recently, shared by all shards without a lock: a fixed open-addressing
@@ -93,6 +94,7 @@ struct alignas(64) ShardStats {
   Counter impressions;
   Counter impressions_duplicate;
   Counter clicks;
+  Counter caps_rejected;       // cap tokens that were forged, malformed or another user's
   Counter spool_records;       // gauges mirrored from the shard's Spool after each flush
   Counter spool_write_errors;
   Counter spool_dropped;

@@ -75,6 +75,82 @@ void put_id(std::string& body, std::string_view id) {
 
 }  // namespace
 
+void TokenSigner::seal(std::string_view body, std::string& out) const {
+  std::string sealed(body);
+  unsigned char tag[kMacBytes];
+  mac(key_, reinterpret_cast<const unsigned char*>(sealed.data()), sealed.size(), tag);
+  sealed.append(reinterpret_cast<const char*>(tag), kMacBytes);
+  base64url(reinterpret_cast<const unsigned char*>(sealed.data()), sealed.size(), out);
+}
+
+TokenError TokenSigner::open(std::string_view text, std::string& scratch, std::string_view* body) const {
+  if (text.empty() || text.size() > 4096 || !unbase64url(text, scratch) || scratch.size() < kMacBytes + 1)
+    return TokenError::kMalformed;
+  const std::size_t n = scratch.size() - kMacBytes;
+  unsigned char tag[kMacBytes];
+  mac(key_, reinterpret_cast<const unsigned char*>(scratch.data()), n, tag);
+  if (CRYPTO_memcmp(tag, scratch.data() + n, kMacBytes) != 0) return TokenError::kForged;
+  *body = std::string_view(scratch.data(), n);
+  return TokenError::kNone;
+}
+
+std::uint32_t id_hash(std::string_view id) {
+  return static_cast<std::uint32_t>(request_hash(id) >> 32);
+}
+
+namespace {
+constexpr std::size_t kCapEntryBytes = 1 + 4 + 4 + 4 + 2;
+void put(std::string& b, std::uint64_t v, int bytes) {
+  for (int i = 0; i < bytes; ++i) b.push_back(static_cast<char>((v >> (8 * i)) & 0xFF));
+}
+std::uint64_t get(const unsigned char* p, int bytes) {
+  std::uint64_t v = 0;
+  for (int i = 0; i < bytes; ++i) v |= std::uint64_t{p[i]} << (8 * i);
+  return v;
+}
+}  // namespace
+
+bool decode_caps(const TokenSigner& signer, std::string_view text, std::uint64_t user,
+                 std::string& scratch, std::vector<CapEntry>& out) {
+  out.clear();
+  std::string_view body;
+  if (text.empty() || signer.open(text, scratch, &body) != TokenError::kNone) return false;
+  const auto* p = reinterpret_cast<const unsigned char*>(body.data());
+  if (body.size() < 9 || p[0] != static_cast<unsigned char>(TokenKind::kCaps)) return false;
+  if (get(p + 1, 8) != user) return false;  // another user's token: start afresh
+  const std::size_t n = (body.size() - 9) / kCapEntryBytes;
+  if ((body.size() - 9) % kCapEntryBytes != 0 || n > kMaxCapEntries) return false;
+  for (std::size_t i = 0; i < n; ++i) {
+    const unsigned char* e = p + 9 + i * kCapEntryBytes;
+    CapEntry entry;
+    entry.scope = e[0];
+    entry.id = static_cast<std::uint32_t>(get(e + 1, 4));
+    entry.window = static_cast<std::uint32_t>(get(e + 5, 4));
+    entry.start = static_cast<std::uint32_t>(get(e + 9, 4));
+    entry.count = static_cast<std::uint16_t>(get(e + 13, 2));
+    out.push_back(entry);
+  }
+  return true;
+}
+
+void encode_caps(const TokenSigner& signer, std::uint64_t user, const std::vector<CapEntry>& entries,
+                 std::string& out) {
+  std::string body;
+  body.push_back(static_cast<char>(TokenKind::kCaps));
+  put(body, user, 8);
+  // Newest windows first when trimming: old windows are the least likely to still cap.
+  std::size_t skip = entries.size() > kMaxCapEntries ? entries.size() - kMaxCapEntries : 0;
+  for (std::size_t i = skip; i < entries.size(); ++i) {
+    const CapEntry& e = entries[i];
+    body.push_back(static_cast<char>(e.scope));
+    put(body, e.id, 4);
+    put(body, e.window, 4);
+    put(body, e.start, 4);
+    put(body, e.count, 2);
+  }
+  signer.seal(body, out);
+}
+
 std::uint64_t request_hash(std::string_view request_id) {
   std::uint64_t h = 1469598103934665603ULL;
   for (unsigned char c : request_id) {
