@@ -16,7 +16,7 @@ from typing import Any
 
 from appliance.snapshot import bundle
 from appliance.snapshot.manifest import SigningKey
-from appliance.snapshot.model import CampaignSet
+from appliance.snapshot.model import CampaignSet, parse_documents
 from appliance.snapshot.store import SnapshotStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -147,3 +147,36 @@ def running_engine(workdir: Path, campaign_set: CampaignSet, key: SigningKey,
                 process.wait()
         if os.path.exists(admin):
             os.unlink(admin)
+
+
+def controls_set(cap_scope: str = "campaign") -> CampaignSet:
+    """Small set for delivery controls: on placement "slot" (300x250) a capped campaign
+    (2 per hour, tier 1), a budget-limited one (eCPM 1000, 2.00 a day, tier 2) and a house
+    ad; on placement "lottery" (728x90) two tier-5 campaigns weighted 3 ("heavy") : 1."""
+    creatives = [
+        {"id": f"cr-{n}", "advertiser": f"adv-{n}", "size": size,
+         "url": f"https://{n}.example/a.png", "landing_url": f"https://{n}.example/"}
+        for n, size in (("cap", "300x250"), ("pace", "300x250"), ("house", "300x250"),
+                        ("heavy", "728x90"), ("light", "728x90"))]
+    forever = {"start": 0, "end": 2_000_000_000}
+    doc = {
+        "advertisers": [{"id": f"adv-{n}"} for n in ("cap", "pace", "house", "heavy", "light")],
+        "creatives": creatives,
+        "placements": [{"id": "slot", "zone": "z", "sizes": ["300x250"]},
+                       {"id": "lottery", "zone": "z", "sizes": ["728x90"]}],
+        "campaigns": [
+            {"id": "capped", "advertiser": "adv-cap", "priority": 1, **forever,
+             "ads": [{"id": "ad-cap", "creative": "cr-cap"}],
+             "frequency_caps": [{"count": 2, "window": "1h", "scope": cap_scope}]},
+            {"id": "budgeted", "advertiser": "adv-pace", "priority": 2, **forever,
+             "ecpm": 1000.0, "budget_daily": 2.0, "pacing": "asap",
+             "ads": [{"id": "ad-pace", "creative": "cr-pace"}]},
+            {"id": "house", "advertiser": "adv-house", "priority": 16, **forever,
+             "ads": [{"id": "ad-house", "creative": "cr-house"}]},
+            {"id": "heavy", "advertiser": "adv-heavy", "priority": 5, "weight": 3, **forever,
+             "ads": [{"id": "ad-heavy", "creative": "cr-heavy"}]},
+            {"id": "light", "advertiser": "adv-light", "priority": 5, "weight": 1, **forever,
+             "ads": [{"id": "ad-light", "creative": "cr-light"}]},
+        ],
+    }
+    return parse_documents([("controls", doc)])

@@ -15,7 +15,7 @@ from appliance.snapshot import synth
 from appliance.snapshot.manifest import SigningKey
 from appliance.snapshot.model import CampaignSet, parse_documents
 from appliance.spool import EventType, read_segment, segments
-from tests.engine_harness import RunningEngine, running_engine
+from tests.engine_harness import RunningEngine, controls_set, running_engine
 
 REQUEST = {"id": "track-1", "placements": [{"id": "home-side", "count": 2}],
            "geo": {"country": "US"}, "device": {"type": "desktop"}, "time": 1770000000,
@@ -129,30 +129,6 @@ def test_segments_rotate_by_age(engine: RunningEngine) -> None:
     assert closed, "no segment was rotated"
     assert any(e.fields[0] == "track-1" for p in closed for e in read_segment(p).events)
     assert engine.status()["spool"]["segments_closed"] >= 1
-
-
-def controls_set(cap_scope: str = "campaign") -> CampaignSet:
-    """A capped campaign, a budget-limited campaign and a house ad, all untargeted."""
-    ad_size = "300x250"
-    doc = {
-        "advertisers": [{"id": "adv-cap"}, {"id": "adv-pace"}, {"id": "adv-house"}],
-        "creatives": [
-            {"id": f"cr-{n}", "advertiser": f"adv-{n}", "size": ad_size,
-             "url": f"https://{n}.example/a.png", "landing_url": f"https://{n}.example/"}
-            for n in ("cap", "pace", "house")],
-        "placements": [{"id": "slot", "zone": "z", "sizes": [ad_size]}],
-        "campaigns": [
-            {"id": "capped", "advertiser": "adv-cap", "start": 0, "end": 2_000_000_000,
-             "priority": 1, "ads": [{"id": "ad-cap", "creative": "cr-cap"}],
-             "frequency_caps": [{"count": 2, "window": "1h", "scope": cap_scope}]},
-            {"id": "budgeted", "advertiser": "adv-pace", "start": 0, "end": 2_000_000_000,
-             "priority": 2, "ecpm": 1000.0, "budget_daily": 2.0, "pacing": "asap",
-             "ads": [{"id": "ad-pace", "creative": "cr-pace"}]},
-            {"id": "house", "advertiser": "adv-house", "start": 0, "end": 2_000_000_000,
-             "priority": 16, "ads": [{"id": "ad-house", "creative": "cr-house"}]},
-        ],
-    }
-    return parse_documents([("controls", doc)])
 
 
 @pytest.mark.parametrize("scope", ["campaign", "advertiser"])

@@ -11,6 +11,7 @@ import pytest
 from appliance.snapshot import bundle, synth
 from appliance.snapshot.manifest import SigningKey
 from appliance.snapshot.model import parse_documents
+from tests.engine_harness import controls_set
 
 REPO = Path(__file__).resolve().parent.parent
 BINARIES = {
@@ -20,19 +21,24 @@ BINARIES = {
 
 
 @pytest.fixture(scope="module")
-def payload_path(tmp_path_factory: pytest.TempPathFactory, signing_key: SigningKey) -> Path:
-    campaign_set = parse_documents(synth.generate(3000, seed=21))
-    built = bundle.build(campaign_set, 1, [signing_key], ttl=3600, target_group="default")
-    out = tmp_path_factory.mktemp("engine-payload")
-    bundle.write(built, out)
-    return out / "payload.capnp"
+def payloads(tmp_path_factory: pytest.TempPathFactory, signing_key: SigningKey
+             ) -> dict[str, str]:
+    """The synthetic payload (index, ranking) and the controls payload (caps, pacing)."""
+    paths = {}
+    for env, campaign_set in (("ADPOP_TEST_PAYLOAD", parse_documents(synth.generate(3000, 21))),
+                              ("ADPOP_CONTROLS_PAYLOAD", controls_set())):
+        built = bundle.build(campaign_set, 1, [signing_key], ttl=3600, target_group="default")
+        out = tmp_path_factory.mktemp("engine-payload")
+        bundle.write(built, out)
+        paths[env] = str(out / "payload.capnp")
+    return paths
 
 
 @pytest.mark.parametrize("variant", sorted(BINARIES))
-def test_gtest_suite(variant: str, payload_path: Path) -> None:
+def test_gtest_suite(variant: str, payloads: dict[str, str]) -> None:
     binary = BINARIES[variant]
     assert binary.is_file(), f"{binary} missing: `make setup` builds the engine"
-    env = dict(os.environ, ADPOP_TEST_PAYLOAD=str(payload_path),
+    env = dict(os.environ, **payloads,
                ASAN_OPTIONS="detect_leaks=1:abort_on_error=1",
                UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
     result = subprocess.run([binary], env=env, capture_output=True, text=True, check=False,
