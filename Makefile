@@ -11,15 +11,19 @@ DEMO_DIR := .demo
 # Debian packages the project needs. Grouped by what uses them.
 APT_PACKAGES := \
 	python3-venv python3-dev build-essential pkg-config \
-	cmake g++ capnproto libcapnp-dev libssl-dev libgtest-dev
+	cmake g++ capnproto libcapnp-dev libssl-dev libgtest-dev \
+	clang libclang-rt-14-dev
 
-.PHONY: help setup engine demo test bench lint clean
+FUZZ_SECONDS ?= 60
+
+.PHONY: help setup engine demo test bench lint fuzz clean
 
 help:
 	@echo "make demo   - set up, then build the sample campaign snapshot and show its summary"
 	@echo "make test   - set up, then run the whole test suite (ruff and mypy included)"
 	@echo "make bench  - set up, then run the benchmarks in bench/"
 	@echo "make lint   - ruff and mypy only"
+	@echo "make fuzz   - run the libFuzzer targets for FUZZ_SECONDS each (default 60)"
 	@echo "make setup  - apt packages, the .venv, the adpop package (idempotent)"
 
 setup: $(STAMPS)/apt $(STAMPS)/venv engine
@@ -31,7 +35,19 @@ engine: $(STAMPS)/apt
 	cmake --build engine/build -j$$(nproc) -- --no-print-directory
 	@test -f engine/build-asan/CMakeCache.txt || cmake -S engine -B engine/build-asan -DCMAKE_BUILD_TYPE=Debug -DADPOP_SANITIZE=ON >/dev/null
 	cmake --build engine/build-asan -j$$(nproc) -- --no-print-directory
+	@test -f engine/build-fuzz/CMakeCache.txt || cmake -S engine -B engine/build-fuzz -DADPOP_FUZZ=ON \
+		-DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+	cmake --build engine/build-fuzz -j$$(nproc) --target fuzz_http fuzz_json -- --no-print-directory
 
+# Each libFuzzer target for FUZZ_SECONDS, growing a corpus under engine/build-fuzz from the
+# committed seeds in engine/fuzz/corpus/. A crash leaves its input in engine/build-fuzz/.
+fuzz: setup
+	@for t in http json; do \
+		mkdir -p engine/build-fuzz/corpus-$$t; \
+		echo "fuzz_$$t for $(FUZZ_SECONDS)s"; \
+		(cd engine/build-fuzz && ./fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -max_len=8192 \
+			-print_final_stats=1 corpus-$$t ../fuzz/corpus/$$t) 2>&1 | grep -E "^(stat::|Done|==)" || exit 1; \
+	done
 # Installs only what is missing, so a second run costs a dpkg query, not an apt-get.
 $(STAMPS)/apt: Makefile
 	@mkdir -p $(STAMPS)
@@ -64,4 +80,4 @@ lint: setup
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(STAMPS) $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache engine/build engine/build-asan
+	rm -rf $(STAMPS) $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache engine/build engine/build-asan engine/build-fuzz

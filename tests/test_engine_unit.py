@@ -46,3 +46,21 @@ def test_gtest_suite(variant: str, payloads: dict[str, str]) -> None:
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "[  PASSED  ]" in result.stdout
     assert "FAILED" not in result.stdout
+
+
+FUZZ = REPO / "engine" / "build-fuzz"
+
+
+@pytest.mark.parametrize("target", ["http", "json"])
+def test_fuzz_target_runs_its_seed_corpus(target: str, tmp_path: Path) -> None:
+    """The libFuzzer targets build, replay the committed seeds, and survive a short, counted
+    run (`make fuzz` runs them for longer)."""
+    binary = FUZZ / f"fuzz_{target}"
+    assert binary.is_file(), f"{binary} missing: `make setup` builds the fuzz targets"
+    seeds = REPO / "engine" / "fuzz" / "corpus" / target
+    assert len(list(seeds.iterdir())) >= 5
+    result = subprocess.run([binary, "-runs=20000", "-seed=1", "-max_len=4096", str(tmp_path),
+                             str(seeds)], capture_output=True, text=True, check=False,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Done 20000 runs" in result.stderr
