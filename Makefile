@@ -12,7 +12,8 @@ DEMO_DIR := .demo
 APT_PACKAGES := \
 	python3-venv python3-dev build-essential pkg-config \
 	cmake g++ capnproto libcapnp-dev libssl-dev libgtest-dev \
-	clang libclang-rt-14-dev
+	clang libclang-rt-14-dev \
+	libbenchmark-dev nginx-light wrk
 
 FUZZ_SECONDS ?= 60
 
@@ -74,6 +75,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/bench_snapshot.py
+	$(BIN)/python bench/bench_engine.py
 
 lint: setup
 	$(BIN)/ruff check .
