@@ -118,9 +118,12 @@ def _compile(campaign_set: CampaignSet, version: int, created_at: int
         o.url = intern(cre.url)
         o.landingUrl = intern(cre.landing_url)
 
-    ad_count = _write_campaigns(msg, active, advertiser_index, creative_index, intern)
-    _write_placements(msg, campaign_set, active, creatives, creative_index, intern)
-    index_stats = _write_index(msg, active)
+    conj_table = _Conjunctions(active)
+    ad_count = _write_campaigns(msg, active, advertiser_index, creative_index, intern,
+                                conj_table)
+    _write_placements(msg, campaign_set, active, creatives, creative_index, intern,
+                      conj_table)
+    index_stats = _write_index(msg, conj_table)
 
     # Strings last: everything above interned into the table.
     out_str = msg.init("strings", len(intern.strings))
@@ -137,12 +140,68 @@ def _compile(campaign_set: CampaignSet, version: int, created_at: int
     st.maxConjunctionSize = max_k
     stats = CompileStats(len(active), paused, ad_count, conjunctions, lists, entries, max_k,
                          len(intern.strings))
-    return msg.to_bytes(), stats
+    return _single_segment(msg), stats
+
+
+def _single_segment(msg: Any) -> bytes:
+    """The message re-laid into ONE segment. The builder grows segment by segment, and a
+    multi-segment message makes every cross-segment read in the engine look the segment up
+    (under a lock in libcapnp); one segment keeps the request path to plain pointer math."""
+    words = msg.total_size.word_count
+    single = capnp._MallocMessageBuilder(words + 8)
+    single.set_root(msg)
+    data: bytes = single.get_root(schema().Payload).to_bytes()
+    return data
+
+
+class _Conjunctions:
+    """Distinct conjunctions and who owns them, numbered in campaign order."""
+
+    def __init__(self, active: Sequence[Campaign]) -> None:
+        self.ids: dict[Conjunction, int] = {}
+        self.by_id: list[Conjunction] = []
+        self.campaigns: list[list[int]] = []    # conjunction id -> owning campaign indexes
+        self.of_campaign: list[list[int]] = []  # campaign index -> its conjunction ids
+        for ci, camp in enumerate(active):
+            mine: list[int] = []
+            # Sorted, so the order conjunctions were authored in cannot change their ids.
+            for conj in sorted(camp.targeting) or (_EMPTY,):
+                cid = self.ids.get(conj)
+                if cid is None:
+                    cid = self.ids[conj] = len(self.campaigns)
+                    self.by_id.append(conj)
+                    self.campaigns.append([])
+                owners = self.campaigns[cid]
+                if not owners or owners[-1] != ci:
+                    owners.append(ci)
+                    mine.append(cid)
+            self.of_campaign.append(mine)
+
+    def reach(self, campaign: int) -> list[tuple[set[str] | None, set[str] | None, set[str]]]:
+        """Per conjunction: (placements IN or None, countries IN or None, countries NOT IN):
+        what the serving path's placement and country partitions need to know."""
+        out = []
+        for cid in self.of_campaign[campaign]:
+            placements: set[str] | None = None
+            countries: set[str] | None = None
+            not_countries: set[str] = set()
+            for p in self.by_id[cid].predicates:
+                if p.attribute == "placement" and not p.negated:
+                    placements = set(p.values)
+                elif p.attribute == "country":
+                    if p.negated:
+                        not_countries = set(p.values)
+                    else:
+                        countries = set(p.values)
+            out.append((placements, countries, not_countries))
+        return out
 
 
 def _write_campaigns(msg: Any, active: Sequence[Campaign], advertiser_index: dict[str, int],
-                     creative_index: dict[str, int], intern: _Interner) -> int:
+                     creative_index: dict[str, int], intern: _Interner,
+                     conjunctions: _Conjunctions) -> int:
     out = msg.init("campaigns", len(active))
+    conj_pos = 0
     ads_total = sum(len(c.ads) for c in active)
     out_ads = msg.init("ads", ads_total)
     ad_pos = 0
@@ -170,6 +229,10 @@ def _write_campaigns(msg: Any, active: Sequence[Campaign], advertiser_index: dic
         o.adsStart = ad_pos
         o.adsCount = len(camp.ads)
         o.passThroughPpm = PASS_THROUGH_ALL
+        mine = conjunctions.of_campaign[i]
+        o.conjunctionsStart = conj_pos
+        o.conjunctionsCount = len(mine)
+        conj_pos += len(mine)
         for ad in sorted(camp.ads, key=lambda a: a.id):
             a = out_ads[ad_pos]
             a.id = intern(ad.id)
@@ -182,16 +245,53 @@ def _write_campaigns(msg: Any, active: Sequence[Campaign], advertiser_index: dic
 
 def _write_placements(msg: Any, campaign_set: CampaignSet, active: Sequence[Campaign],
                       creatives: Sequence[Any], creative_index: dict[str, int],
-                      intern: _Interner) -> None:
-    # Ads by creative size, in (priority, campaign index, ad index) order.
+                      intern: _Interner, conjunctions: _Conjunctions) -> None:
+    placements = sorted(campaign_set.placements, key=lambda p: p.id.encode())
+    placements_of_size: dict[tuple[int, int], list[int]] = {}
+    for i, pl in enumerate(placements):
+        for size in pl.sizes:
+            placements_of_size.setdefault((size.width, size.height), []).append(i)
+    # Ads by creative size, in (priority, campaign index, ad index) order; and per placement
+    # and country partition the campaigns that can ever serve there, by tier.
+    country_values = sorted({v for conj in conjunctions.by_id for p in conj.predicates
+                             if p.attribute == "country" for v in p.values}, key=str.encode)
+    partition_of = {country: k + 1 for k, country in enumerate(country_values)}
+    n_partitions = len(country_values) + 1
     by_size: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+    tiers: list[list[dict[int, list[int]]]] = [
+        [{} for _ in range(n_partitions)] for _ in placements]
+    all_partitions = range(n_partitions)
     ad_pos = 0
     for ci, camp in enumerate(active):
+        fits: set[int] = set()
         for ad in sorted(camp.ads, key=lambda a: a.id):
             size = creatives[creative_index[ad.creative]].size
-            by_size.setdefault((size.width, size.height), []).append((camp.priority, ci, ad_pos))
+            key = (size.width, size.height)
+            by_size.setdefault(key, []).append((camp.priority, ci, ad_pos))
+            fits.update(placements_of_size.get(key, ()))
             ad_pos += 1
-    placements = sorted(campaign_set.placements, key=lambda p: p.id.encode())
+        if not fits:
+            continue
+        reach = conjunctions.reach(ci)
+        for pi in fits:
+            pid = placements[pi].id
+            # Partitions some conjunction allowing this placement can match: a conjunction
+            # without a country IN matches requests of any country (0: none or unnamed) but
+            # those it excludes.
+            parts: set[int] = set()
+            for allowed, countries, excluded in reach:
+                if allowed is not None and pid not in allowed:
+                    continue
+                if countries is None:
+                    if not excluded:
+                        parts = set(all_partitions)
+                        break
+                    parts.update(k for k in all_partitions
+                                 if k == 0 or country_values[k - 1] not in excluded)
+                else:
+                    parts.update(partition_of[c] for c in countries if c not in excluded)
+            for k in sorted(parts):
+                tiers[pi][k].setdefault(camp.priority, []).append(ci)
     out = msg.init("placements", len(placements))
     for i, pl in enumerate(placements):
         o = out[i]
@@ -205,22 +305,27 @@ def _write_placements(msg: Any, campaign_set: CampaignSet, active: Sequence[Camp
             candidates.extend(by_size.get((size.width, size.height), ()))
         candidates.sort()
         o.candidates = [c[2] for c in candidates]
+        out_parts = o.init("partitions", n_partitions)
+        for k in range(n_partitions):
+            by_tier = tiers[i][k]
+            out_tiers = out_parts[k].init("tiers", len(by_tier))
+            for t, priority in enumerate(sorted(by_tier)):
+                members = by_tier[priority]
+                running = 0
+                cumulative = []
+                for ci in members:
+                    running += active[ci].weight
+                    cumulative.append(running)
+                out_tiers[t].priority = priority
+                out_tiers[t].campaigns = members
+                out_tiers[t].cumulativeWeights = cumulative
 
 
-def _write_index(msg: Any, active: Sequence[Campaign]) -> tuple[int, int, int, int]:
-    """Write the k-index; return (conjunctions, posting lists, posting entries, max K)."""
-    conj_ids: dict[Conjunction, int] = {}
-    conj_campaigns: list[list[int]] = []
-    for ci, camp in enumerate(active):
-        # Sorted, so the order conjunctions were authored in cannot change conjunction ids.
-        for conj in sorted(camp.targeting) or (_EMPTY,):
-            cid = conj_ids.get(conj)
-            if cid is None:
-                cid = conj_ids[conj] = len(conj_campaigns)
-                conj_campaigns.append([])
-            owners = conj_campaigns[cid]
-            if not owners or owners[-1] != ci:
-                owners.append(ci)
+def _write_index(msg: Any, conjunctions: _Conjunctions) -> tuple[int, int, int, int]:
+    """Write the k-index and the direct form of every conjunction; return (conjunctions,
+    posting lists, posting entries, max K)."""
+    conj_ids = conjunctions.ids
+    conj_campaigns = conjunctions.campaigns
 
     values: list[set[str]] = [set() for _ in ATTRIBUTES]
     for conj in conj_ids:
@@ -233,6 +338,12 @@ def _write_index(msg: Any, active: Sequence[Campaign]) -> tuple[int, int, int, i
         ordinals.append({v: i for i, v in enumerate(ordered)})
         out_attrs[a].name = name
         out_attrs[a].values = ordered
+        encoded = [v.encode() for v in ordered]
+        offsets = [0]
+        for e in encoded:
+            offsets.append(offsets[-1] + len(e))
+        out_attrs[a].blob = b"".join(encoded)
+        out_attrs[a].offsets = offsets
 
     postings: dict[tuple[int, int, int], list[int]] = {}
     zero: list[int] = []
@@ -258,14 +369,27 @@ def _write_index(msg: Any, active: Sequence[Campaign]) -> tuple[int, int, int, i
 
     out_conj = msg.index.init("conjunctions", len(conj_campaigns))
     flat: list[int] = []
-    for cid, owners in enumerate(conj_campaigns):
+    program: list[int] = []
+    starts: list[int] = []
+    for (conj, cid), owners in zip(conj_ids.items(), conj_campaigns):
         o = out_conj[cid]
         o.size = sizes[cid]
         o.campaignsStart = len(flat)
         o.campaignsCount = len(owners)
         flat.extend(owners)
+        starts.append(len(program))
+        program.append(len(conj.predicates))
+        for p in conj.predicates:
+            a = _ATTRIBUTE_NUMBER[p.attribute]
+            table = ordinals[a]
+            program.append(a << 1 | (1 if p.negated else 0))
+            program.append(len(p.values))
+            program.extend(sorted(table[v] for v in p.values))
     msg.index.conjunctionCampaigns = flat
     msg.index.zeroEntries = zero
+    msg.index.program = program
+    msg.index.conjunctionProgram = starts
+    msg.index.campaignConjunctions = [c for mine in conjunctions.of_campaign for c in mine]
 
     by_bucket: list[list[tuple[int, int]]] = [[] for _ in range(max_k + 1)]
     for k, a, ordinal in postings:

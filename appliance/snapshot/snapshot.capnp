@@ -89,6 +89,10 @@ struct Campaign {
   # local spend pacing. The compiler writes 1000000; the origin lowers it for campaigns its
   # forecast says would overspend.
   passThroughPpm @15 :UInt32;
+  # This campaign's conjunctions (a slice of TargetingIndex.campaignConjunctions), for
+  # evaluating its targeting directly; none means it matches every request.
+  conjunctionsStart @16 :UInt32;
+  conjunctionsCount @17 :UInt32;
 }
 
 struct Ad {
@@ -111,6 +115,22 @@ struct Placement {
   # (campaign priority, campaign index, ad index): the engine intersects this list with the
   # campaigns the targeting index returned.
   candidates @3 :List(UInt32);
+  # The campaigns that can ever serve here (an ad fits, and some conjunction allows this
+  # placement), split by the request's country, each split by priority tier, best first:
+  # the serving path draws from these by weight. partitions[0] is for requests whose country
+  # no campaign names (or none); partitions[k + 1] for the country with ordinal k in the
+  # index's country values.
+  partitions @4 :List(Partition);
+}
+
+struct Partition {
+  tiers @0 :List(Tier);
+}
+
+struct Tier {
+  priority @0 :UInt8;
+  campaigns @1 :List(UInt32);           # campaign indexes, ascending
+  cumulativeWeights @2 :List(UInt64);   # running sum of campaign weights, for weighted draws
 }
 
 # The k-index. A conjunction's size K is the number of attributes it has an IN predicate on.
@@ -125,6 +145,14 @@ struct TargetingIndex {
   # Campaign indexes, sliced by Conjunction. A campaign without targeting owns the empty
   # conjunction (K=0, only a Z entry), so it matches every request.
   conjunctionCampaigns @4 :List(UInt32);
+  # The same conjunctions in direct form, for checking one campaign without walking the
+  # index. conjunctionProgram[id] is the offset in `program` of conjunction `id`, coded as
+  #   predicates, then per predicate: attribute << 1 | negated, value count, value ordinals
+  # (ascending). Campaign.conjunctions* slice `campaignConjunctions` (conjunction ids).
+  # Flat UInt32 lists, so the engine reads them as plain arrays.
+  program @5 :List(UInt32);
+  conjunctionProgram @6 :List(UInt32);
+  campaignConjunctions @7 :List(UInt32);
 }
 
 struct AttributeValues {
@@ -132,6 +160,10 @@ struct AttributeValues {
   # Distinct values the index mentions for this attribute, sorted by bytes: a request value's
   # ordinal is its position, found by binary search.
   values @1 :List(Text);
+  # The same values packed: value i is blob[offsets[i], offsets[i + 1]). The engine's binary
+  # search reads these as plain memory.
+  blob @2 :Data;
+  offsets @3 :List(UInt32);
 }
 
 struct SizeBucket {

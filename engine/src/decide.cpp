@@ -147,10 +147,59 @@ bool Decider::paced_out(const Snapshot& snap, std::uint32_t campaign, std::int64
   return static_cast<double>(spent) >= allowed;
 }
 
+namespace {
+// Weighted draws per slot before falling back to checking the whole tier. A draw costs about
+// one targeting check, so this bounds the sampling cost near the fallback's for small tiers.
+constexpr int kMaxDraws = 32;
+}  // namespace
+
+void Decider::prepare_ordinals(const Snapshot& snap) {
+  for (std::size_t a = 0; a < kAttributes; ++a) {
+    ords_[a].clear();
+    const AttributeView& values = snap.attribute(a);
+    for (std::string_view v : targeting_.values[a]) {
+      std::int64_t o = values.find(v);
+      if (o >= 0) ords_[a].push_back(static_cast<std::uint32_t>(o));
+    }
+    std::sort(ords_[a].begin(), ords_[a].end());
+  }
+}
+
+bool Decider::targets(const Snapshot& snap, std::uint32_t campaign) const {
+  const auto camp = snap.campaigns()[campaign];
+  const U32Span program = snap.program();
+  const U32Span starts = snap.conjunction_program();
+  const U32Span owned = snap.campaign_conjunctions();
+  const std::uint32_t end = camp.getConjunctionsStart() + camp.getConjunctionsCount();
+  for (std::uint32_t i = camp.getConjunctionsStart(); i < end; ++i) {
+    const std::uint32_t* p = program.data + starts[owned[i]];
+    const std::uint32_t n = *p++;
+    bool holds = true;
+    for (std::uint32_t k = 0; k < n; ++k) {
+      const std::uint32_t attribute = p[0] >> 1;
+      const bool negated = p[0] & 1;
+      const std::uint32_t count = p[1];
+      const std::uint32_t* values = p + 2;
+      p = values + count;
+      if (!holds) continue;  // walk past the remaining predicates' values
+      bool hit = false;
+      for (std::uint32_t o : ords_[attribute]) {
+        if (std::binary_search(values, values + count, o)) {
+          hit = true;
+          break;
+        }
+      }
+      if (hit == negated) holds = false;
+    }
+    if (holds) return true;
+  }
+  return false;
+}
+
 void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::int64_t now,
                      Decision& out, const DecideContext& context) {
   const auto payload = snap.payload();
-  const auto campaigns = payload.getCampaigns();
+  const auto campaigns = snap.campaigns();
   const auto ads = payload.getAds();
   const auto creatives = payload.getCreatives();
   const auto placements = payload.getPlacements();
@@ -172,6 +221,7 @@ void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::in
   set1(kHour, hour_text_);
   for (auto k : request.keywords) targeting_.values[kKeyword].push_back(k);
   for (auto s : request.segments) targeting_.values[kSegment].push_back(s);
+  prepare_ordinals(snap);
 
   used_ads_.clear();
   exclusions_.clear();
@@ -211,131 +261,183 @@ void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::in
         if (allowed[i] == size) return true;
       return false;
     };
-
+    auto unused_fitting_ad = [&](std::uint32_t c) {
+      const auto camp = campaigns[c];
+      for (std::uint32_t a = camp.getAdsStart(); a < camp.getAdsStart() + camp.getAdsCount(); ++a)
+        if (fits(a) && std::find(used_ads_.begin(), used_ads_.end(), a) == used_ads_.end()) return true;
+      return false;
+    };
+    auto chosen_here = [&](std::uint32_t c) {
+      for (const Choice& ch : pd.chosen)
+        if (ch.campaign == c) return true;
+      return false;
+    };
+    // The placement is an attribute like any other; its ordinal joins the request's.
     targeting_.values[kPlacement].clear();
     targeting_.values[kPlacement].push_back(preq.id);
-    matcher_.match_campaigns(snap, targeting_, matched_);
+    ords_[kPlacement].clear();
+    if (std::int64_t o = snap.attribute(kPlacement).find(preq.id); o >= 0)
+      ords_[kPlacement].push_back(static_cast<std::uint32_t>(o));
 
-    for (std::uint32_t c : matched_) {
+    // Cheapest checks first; targeting is checked directly on the campaign's conjunctions.
+    auto can_serve = [&](std::uint32_t c) {
       const auto camp = campaigns[c];
-      if (t < camp.getStart() || t >= camp.getEnd()) {
-        if (request.explain) pd.losses.push_back({c, LossReason::kFlight});
-        continue;
-      }
-      bool any = false;
+      if (t < camp.getStart() || t >= camp.getEnd()) return false;
+      if (chosen_here(c)) return false;
+      if (!targets(snap, c)) return false;
+      if (!unused_fitting_ad(c)) return false;
+      if (labels_conflict(c, camp.getExclusionLabels(), exclusions_)) return false;
+      if (camp.getCaps().size() > 0 && capped(snap, c, t)) return false;
+      if (paced_out(snap, c, t, context, rng.next())) return false;
+      return true;
+    };
+    auto choose = [&](std::uint32_t c) {
+      const auto camp = campaigns[c];
+      std::uint64_t ad_total = 0;
       for (std::uint32_t a = camp.getAdsStart(); a < camp.getAdsStart() + camp.getAdsCount(); ++a)
-        if (fits(a)) {
-          any = true;
-          break;
-        }
-      if (!any) {
-        if (request.explain) pd.losses.push_back({c, LossReason::kSize});
-        continue;
+        if (fits(a) && std::find(used_ads_.begin(), used_ads_.end(), a) == used_ads_.end())
+          ad_total += ads[a].getWeight();
+      std::uint64_t ra = rng.below(ad_total);
+      std::uint32_t chosen_ad = camp.getAdsStart();
+      for (std::uint32_t a = camp.getAdsStart(); a < camp.getAdsStart() + camp.getAdsCount(); ++a) {
+        if (!fits(a) || std::find(used_ads_.begin(), used_ads_.end(), a) != used_ads_.end()) continue;
+        chosen_ad = a;
+        std::uint64_t w = ads[a].getWeight();
+        if (ra < w) break;
+        ra -= w;
       }
-      pd.eligible.push_back(c);
-    }
-    // Caps and pacing decide who may compete; `eligible` keeps everyone who could have.
-    biddable_.clear();
-    for (std::uint32_t c : pd.eligible) {
-      if (campaigns[c].getCaps().size() > 0 && capped(snap, c, t)) {
-        if (request.explain) pd.losses.push_back({c, LossReason::kCap});
-        continue;
+      pd.chosen.push_back({chosen_ad, c, ads[chosen_ad].getCreative()});
+      used_ads_.push_back(chosen_ad);
+      // Competitive exclusion holds across the whole answer, placements included.
+      for (auto label : camp.getExclusionLabels()) exclusions_.emplace_back(label, c);
+      if (camp.getCaps().size() > 0) {
+        count_cap(snap, c, t);
+        caps_changed = true;
       }
-      if (paced_out(snap, c, t, context, rng.next())) {
-        if (request.explain) pd.losses.push_back({c, LossReason::kPacing});
-        continue;
-      }
-      biddable_.push_back(c);
-    }
-    // Strict priority: tier 1 before tier 2; within a tier, campaign index order is only the
-    // starting point of a seeded weighted lottery.
-    std::stable_sort(biddable_.begin(), biddable_.end(), [&](std::uint32_t a, std::uint32_t b) {
-      return campaigns[a].getPriority() < campaigns[b].getPriority();
-    });
+      if (camp.getBudgetDailyMicros() > 0)
+        spend_[id_hash(snap.str(camp.getId()).cStr())] += camp.getEcpmMicros() / 1000;
+    };
 
     const std::uint32_t want = std::min<std::uint32_t>(std::max<std::uint32_t>(preq.count, 1),
                                                       kMaxAdsPerPlacement);
-    std::vector<std::uint32_t>& pool = fitting_ads_;  // campaigns of the current tier
-    std::size_t tier_start = 0;
-    while (pd.chosen.size() < want && tier_start < biddable_.size()) {
-      const std::uint8_t tier = campaigns[biddable_[tier_start]].getPriority();
-      std::size_t tier_end = tier_start;
-      while (tier_end < biddable_.size() && campaigns[biddable_[tier_end]].getPriority() == tier)
-        ++tier_end;
-      pool.assign(biddable_.begin() + static_cast<std::ptrdiff_t>(tier_start),
-                  biddable_.begin() + static_cast<std::ptrdiff_t>(tier_end));
-      while (pd.chosen.size() < want && !pool.empty()) {
-        // Drop campaigns that can no longer serve: a competitor took their label, or every
-        // ad that fits is already in this answer.
-        std::uint64_t total = 0;
-        for (std::size_t i = 0; i < pool.size();) {
-          const auto camp = campaigns[pool[i]];
-          bool blocked = labels_conflict(pool[i], camp.getExclusionLabels(), exclusions_);
-          bool has_ad = false;
-          for (std::uint32_t a = camp.getAdsStart(); a < camp.getAdsStart() + camp.getAdsCount(); ++a)
-            if (fits(a) && std::find(used_ads_.begin(), used_ads_.end(), a) == used_ads_.end()) {
-              has_ad = true;
-              break;
+    // Strict priority: tiers best first. Within a tier, a weighted draw over every campaign
+    // that can ever serve here, kept if it can serve this request: exactly the weighted
+    // lottery among the eligible ones, found in a few draws when many are eligible. After
+    // kMaxDraws misses the tier is checked whole, which also proves it empty.
+    // The request's country picks the partition (0: no country, or one no campaign names).
+    const std::uint32_t part = ords_[kCountry].empty() ? 0 : ords_[kCountry][0] + 1;
+    if (part >= snap.partitions()) continue;
+    for (const TierView& tier : snap.tiers(static_cast<std::uint32_t>(pd.placement), part)) {
+      if (pd.chosen.size() >= want) break;
+      const U32Span members{tier.members, tier.size};
+      const std::uint64_t* cumulative = tier.cumulative;
+      if (members.size == 0) continue;
+      const std::uint64_t total = cumulative[members.size - 1];
+      // A small tier is cheaper to check whole than to sample: draws are for big ones.
+      const int draws = static_cast<int>(std::min<std::uint32_t>(kMaxDraws, members.size / 2));
+      bool exhaustive = draws < 4;
+      while (pd.chosen.size() < want) {
+        std::int64_t pick = -1;
+        if (!exhaustive && total > 0) {
+          for (int d = 0; d < draws && pick < 0; ++d) {
+            const std::uint64_t r = rng.below(total);
+            std::uint32_t lo = 0, hi = members.size - 1;
+            while (lo < hi) {
+              std::uint32_t mid = lo + (hi - lo) / 2;
+              if (cumulative[mid] <= r) lo = mid + 1;
+              else hi = mid;
             }
-          if (blocked || !has_ad) {
-            if (request.explain)
-              pd.losses.push_back({pool[i], blocked ? LossReason::kExclusion : LossReason::kDuplicate});
-            pool[i] = pool.back();
-            pool.pop_back();
-            continue;
+            if (can_serve(members[lo])) pick = members[lo];
           }
-          total += camp.getWeight();
-          ++i;
+          if (pick < 0) exhaustive = true;
         }
-        if (pool.empty()) break;
-        // Pool order depends on removals above, which are deterministic too.
-        std::sort(pool.begin(), pool.end());
-        std::uint64_t r = rng.below(total);
-        std::size_t pick = 0;
-        for (; pick < pool.size(); ++pick) {
-          std::uint64_t w = campaigns[pool[pick]].getWeight();
-          if (r < w) break;
-          r -= w;
+        if (pick < 0) {
+          pool_.clear();
+          std::uint64_t pool_weight = 0;
+          for (std::uint32_t m = 0; m < members.size; ++m)
+            if (const std::uint32_t c = members[m]; can_serve(c)) {
+              pool_.push_back(c);
+              pool_weight += campaigns[c].getWeight();
+            }
+          if (pool_.empty()) break;
+          std::uint64_t r = rng.below(pool_weight);
+          for (std::uint32_t c : pool_) {
+            pick = c;
+            const std::uint64_t w = campaigns[c].getWeight();
+            if (r < w) break;
+            r -= w;
+          }
         }
-        if (pick == pool.size()) pick = pool.size() - 1;
-        const std::uint32_t c = pool[pick];
-        const auto camp = campaigns[c];
-        std::uint64_t ad_total = 0;
-        for (std::uint32_t a = camp.getAdsStart(); a < camp.getAdsStart() + camp.getAdsCount(); ++a)
-          if (fits(a) && std::find(used_ads_.begin(), used_ads_.end(), a) == used_ads_.end())
-            ad_total += ads[a].getWeight();
-        std::uint64_t ra = rng.below(ad_total);
-        std::uint32_t chosen_ad = camp.getAdsStart();
-        for (std::uint32_t a = camp.getAdsStart(); a < camp.getAdsStart() + camp.getAdsCount(); ++a) {
-          if (!fits(a) || std::find(used_ads_.begin(), used_ads_.end(), a) != used_ads_.end()) continue;
-          chosen_ad = a;
-          std::uint64_t w = ads[a].getWeight();
-          if (ra < w) break;
-          ra -= w;
-        }
-        pd.chosen.push_back({chosen_ad, c, ads[chosen_ad].getCreative()});
-        used_ads_.push_back(chosen_ad);
-        if (camp.getCaps().size() > 0) {
-          count_cap(snap, c, t);
-          caps_changed = true;
-        }
-        if (camp.getBudgetDailyMicros() > 0) spend_[id_hash(snap.str(camp.getId()).cStr())] += camp.getEcpmMicros() / 1000;
-        // Competitive exclusion holds across the whole answer, placements included.
-        for (auto label : camp.getExclusionLabels()) exclusions_.emplace_back(label, c);
-        // One ad per campaign per placement; the campaign may still serve other placements.
-        pool.erase(pool.begin() + static_cast<std::ptrdiff_t>(pick));
+        choose(static_cast<std::uint32_t>(pick));
       }
-      if (request.explain)
-        for (std::uint32_t c : pool) pd.losses.push_back({c, LossReason::kLottery});
-      tier_start = tier_end;
     }
-    if (request.explain) {
-      for (std::size_t i = tier_start; i < biddable_.size(); ++i)
-        pd.losses.push_back({biddable_[i], LossReason::kTier});
-    }
+
+    if (request.explain) explain(snap, request, pi, t, context, out);
   }
   if (context.signer && context.signer->usable() && (caps_changed || !request.caps.empty()))
     encode_caps(*context.signer, user, caps_, out.caps);
+}
+
+// The exhaustive view for `explain`: every campaign the k-index says targeting admits, and
+// for each that did not serve, why. The choice itself is the serving path's, unchanged.
+void Decider::explain(const Snapshot& snap, const DecideRequest& request, std::size_t pi,
+                      std::int64_t t, const DecideContext& context, Decision& out) {
+  const auto payload = snap.payload();
+  const auto campaigns = payload.getCampaigns();
+  const auto ads = payload.getAds();
+  const auto creatives = payload.getCreatives();
+  PlacementDecision& pd = out.placements[pi];
+  const PlacementRequest& preq = request.placements[pi];
+  const auto placement = payload.getPlacements()[static_cast<std::uint32_t>(pd.placement)];
+  auto fits = [&](std::uint32_t ad) {
+    const auto cr = creatives[ads[ad].getCreative()];
+    for (auto s : placement.getSizes()) {
+      AdSize size{s.getWidth(), s.getHeight()};
+      if (size.width != cr.getWidth() || size.height != cr.getHeight()) continue;
+      if (preq.sizes.empty() || std::find(preq.sizes.begin(), preq.sizes.end(), size) != preq.sizes.end())
+        return true;
+    }
+    return false;
+  };
+  matcher_.match_campaigns(snap, targeting_, matched_);
+  std::uint8_t worst_chosen = 0;
+  for (const Choice& ch : pd.chosen) worst_chosen = std::max<std::uint8_t>(worst_chosen, campaigns[ch.campaign].getPriority());
+  for (std::uint32_t c : matched_) {
+    const auto camp = campaigns[c];
+    if (t < camp.getStart() || t >= camp.getEnd()) {
+      pd.losses.push_back({c, LossReason::kFlight});
+      continue;
+    }
+    bool any = false;
+    for (std::uint32_t a = camp.getAdsStart(); a < camp.getAdsStart() + camp.getAdsCount(); ++a)
+      any = any || fits(a);
+    if (!any) {
+      pd.losses.push_back({c, LossReason::kSize});
+      continue;
+    }
+    pd.eligible.push_back(c);
+    bool served = false;
+    for (const Choice& ch : pd.chosen) served = served || ch.campaign == c;
+    if (served) continue;
+    bool unused = false;
+    for (std::uint32_t a = camp.getAdsStart(); a < camp.getAdsStart() + camp.getAdsCount(); ++a)
+      unused = unused || (fits(a) && std::find(used_ads_.begin(), used_ads_.end(), a) == used_ads_.end());
+    LossReason reason = LossReason::kLottery;
+    if (camp.getCaps().size() > 0 && capped(snap, c, t)) reason = LossReason::kCap;
+    else if (labels_conflict(c, camp.getExclusionLabels(), exclusions_)) reason = LossReason::kExclusion;
+    else if (!unused) reason = LossReason::kDuplicate;
+    else if (!pd.chosen.empty() && camp.getPriority() > worst_chosen) reason = LossReason::kTier;
+    else if (camp.getPassThroughPpm() < 1000000 || camp.getBudgetDailyMicros() > 0) {
+      // Pacing rolls are not replayed here; a budgeted campaign that lost is reported as
+      // paced when its local spend has reached its allowance, else as a lottery loss.
+      const std::uint64_t spent = this->spent(snap.str(camp.getId()).cStr());
+      if (camp.getBudgetDailyMicros() > 0 &&
+          static_cast<double>(spent) >= static_cast<double>(camp.getBudgetDailyMicros()) *
+                                            context.budget_share / std::max<std::uint32_t>(1, context.shards))
+        reason = LossReason::kPacing;
+    }
+    pd.losses.push_back({c, reason});
+  }
 }
 
 }  // namespace adpop

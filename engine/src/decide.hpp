@@ -14,6 +14,7 @@
 #include "snapshot.hpp"
 #include "token.hpp"
 
+#include <array>
 #include <string>
 #include <unordered_map>
 
@@ -114,6 +115,10 @@ class Decider {
   void count_cap(const Snapshot& snap, std::uint32_t campaign, std::int64_t t);
   bool paced_out(const Snapshot& snap, std::uint32_t campaign, std::int64_t t,
                  const DecideContext& context, std::uint64_t roll);
+  void prepare_ordinals(const Snapshot& snap);
+  bool targets(const Snapshot& snap, std::uint32_t campaign) const;
+  void explain(const Snapshot& snap, const DecideRequest& request, std::size_t placement,
+               std::int64_t t, const DecideContext& context, Decision& out);
 
   std::vector<CapEntry> caps_;
   std::string caps_scratch_;
@@ -124,8 +129,8 @@ class Decider {
   Matcher matcher_;
   TargetingRequest targeting_;
   std::vector<std::uint32_t> matched_;
-  std::vector<std::uint32_t> fitting_ads_;    // campaigns of the tier being filled
-  std::vector<std::uint32_t> biddable_;       // eligible and neither capped nor paced out
+  std::array<std::vector<std::uint32_t>, kAttributes> ords_;  // request value ordinals, sorted
+  std::vector<std::uint32_t> pool_;           // a tier's servable campaigns (fallback path)
   std::vector<std::uint32_t> used_ads_;
   std::vector<std::pair<std::uint32_t, std::uint32_t>> exclusions_;  // (label, campaign)
   char hour_text_[8] = {};

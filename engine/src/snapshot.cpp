@@ -1,5 +1,6 @@
 #include "snapshot.hpp"
 
+#include <capnp/any.h>
 #include <capnp/schema.h>
 #include <fcntl.h>
 #include <kj/exception.h>
@@ -12,6 +13,16 @@
 
 namespace adpop {
 
+std::int64_t AttributeView::find(std::string_view v) const {
+  std::uint32_t lo = 0, hi = count;
+  while (lo < hi) {
+    std::uint32_t mid = lo + (hi - lo) / 2;
+    if (value(mid) < v) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo < count && value(lo) == v ? lo : -1;
+}
+
 std::uint64_t compiled_schema_id() {
   return capnp::Schema::from<Payload>().getProto().getScopeId();
 }
@@ -19,6 +30,11 @@ std::uint64_t compiled_schema_id() {
 namespace {
 
 constexpr std::size_t kHugePage = 2u << 20;
+
+template <typename T, typename List>
+const T* raw(List list) {
+  return reinterpret_cast<const T*>(capnp::AnyList::Reader(list).getRawBytes().begin());
+}
 
 bool fail(std::string* error, const std::string& message) {
   if (error) *error = message;
@@ -137,6 +153,10 @@ bool Snapshot::validate(std::string* error) {
 
 bool Snapshot::validate_unchecked(std::string* error) {
   root_ = reader_->getRoot<Payload>();
+  // One segment: the request path then never looks a segment up (a locked lookup in
+  // libcapnp). The compiler always writes one; anything else was not made by it.
+  if (reader_->getSegment(1) != nullptr)
+    return fail(error, "payload has more than one segment; rebuild it with `adpop snapshot build`");
   if (root_.getSchemaId() != compiled_schema_id()) {
     char buf[96];
     std::snprintf(buf, sizeof buf, "schema id %016llx, this engine reads %016llx",
@@ -203,6 +223,77 @@ bool Snapshot::validate_unchecked(std::string* error) {
   for (auto c : conjunctions)
     if (std::uint64_t{c.getCampaignsStart()} + c.getCampaignsCount() > owners.size())
       return fail(error, "conjunction campaign slice out of range");
+  // Packed attribute values: the binary search reads them as plain memory.
+  for (std::size_t a = 0; a < kAttributes; ++a) {
+    const auto attr = index.getAttributes()[a];
+    const auto offsets = attr.getOffsets();
+    const auto blob = attr.getBlob();
+    if (offsets.size() != attr.getValues().size() + 1 || offsets[0] != 0 ||
+        offsets[offsets.size() - 1] != blob.size())
+      return fail(error, std::string("packed values of ") + kAttributeNames[a] + " do not match");
+    for (std::uint32_t i = 1; i < offsets.size(); ++i)
+      if (offsets[i] < offsets[i - 1]) return fail(error, "packed value offsets decrease");
+    attributes_[a] = AttributeView{reinterpret_cast<const char*>(blob.begin()),
+                                   raw<std::uint32_t>(offsets), attr.getValues().size()};
+  }
+  // The conjunction program: every offset, count and ordinal is checked once here.
+  const auto program = index.getProgram();
+  const auto starts = index.getConjunctionProgram();
+  const auto campaign_conjunctions = index.getCampaignConjunctions();
+  if (starts.size() != conjunctions.size()) return fail(error, "conjunction program index size mismatch");
+  program_ = U32Span{raw<std::uint32_t>(program), program.size()};
+  conjunction_program_ = U32Span{raw<std::uint32_t>(starts), starts.size()};
+  campaign_conjunctions_ = U32Span{raw<std::uint32_t>(campaign_conjunctions), campaign_conjunctions.size()};
+  for (std::uint32_t c = 0; c < starts.size(); ++c) {
+    std::uint64_t at = starts[c];
+    if (at >= program.size()) return fail(error, "conjunction program offset out of range");
+    std::uint32_t n = program_[static_cast<std::uint32_t>(at++)];
+    for (std::uint32_t p = 0; p < n; ++p) {
+      if (at + 2 > program.size()) return fail(error, "conjunction program truncated");
+      std::uint32_t attribute = program_[static_cast<std::uint32_t>(at)] >> 1;
+      std::uint32_t count = program_[static_cast<std::uint32_t>(at + 1)];
+      at += 2;
+      if (attribute >= kAttributes || at + count > program.size())
+        return fail(error, "conjunction program predicate out of range");
+      for (std::uint32_t v = 0; v < count; ++v) {
+        std::uint32_t ordinal = program_[static_cast<std::uint32_t>(at + v)];
+        if (ordinal >= attributes_[attribute].count ||
+            (v > 0 && ordinal <= program_[static_cast<std::uint32_t>(at + v - 1)]))
+          return fail(error, "conjunction program values unsorted or out of range");
+      }
+      at += count;
+    }
+  }
+  for (auto cc : campaign_conjunctions)
+    if (cc >= conjunctions.size()) return fail(error, "campaign conjunction out of range");
+  for (auto c : campaigns)
+    if (std::uint64_t{c.getConjunctionsStart()} + c.getConjunctionsCount() > campaign_conjunctions.size())
+      return fail(error, "campaign conjunction slice out of range");
+  const std::uint32_t partitions = index.getAttributes()[kCountry].getValues().size() + 1;
+  partitions_ = partitions;
+  campaigns_ = campaigns;
+  tiers_.assign(std::size_t{placements.size()} * partitions, {});
+  std::size_t slot = 0;
+  for (auto p : placements) {
+    if (p.getPartitions().size() != partitions)
+      return fail(error, "placement has " + std::to_string(p.getPartitions().size()) +
+                             " country partitions, expected " + std::to_string(partitions));
+    for (auto part : p.getPartitions()) {
+      for (auto tier : part.getTiers()) {
+        const auto members = tier.getCampaigns();
+        const auto cumulative = tier.getCumulativeWeights();
+        if (members.size() != cumulative.size()) return fail(error, "tier weights do not match its campaigns");
+        for (std::uint32_t i = 0; i < members.size(); ++i) {
+          if (members[i] >= campaigns.size() || campaigns[members[i]].getPriority() != tier.getPriority())
+            return fail(error, "tier campaign out of range or of another priority");
+          if (i > 0 && cumulative[i] < cumulative[i - 1]) return fail(error, "tier weights decrease");
+        }
+        tiers_[slot].push_back(TierView{tier.getPriority(), raw<std::uint32_t>(members),
+                                        raw<std::uint64_t>(cumulative), members.size()});
+      }
+      ++slot;
+    }
+  }
   for (auto owner : owners)
     if (owner >= campaigns.size()) return fail(error, "conjunction campaign out of range");
   const std::uint64_t max_entry = std::uint64_t{conjunctions.size()} << 1;

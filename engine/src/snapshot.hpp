@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
+#include <vector>
 
 #include "snapshot.capnp.h"
 
@@ -26,6 +28,32 @@ enum Attribute : std::uint8_t {
 
 // The schema id this engine was compiled against (the file id of snapshot.capnp).
 std::uint64_t compiled_schema_id();
+
+// Plain views of the flat lists the request path reads, taken once at open (a pointer and a
+// length per list; nothing is copied or rebuilt). Valid while the Snapshot lives.
+struct U32Span {
+  const std::uint32_t* data = nullptr;
+  std::uint32_t size = 0;
+  std::uint32_t operator[](std::uint32_t i) const { return data[i]; }
+};
+
+struct TierView {
+  std::uint8_t priority = 0;
+  const std::uint32_t* members = nullptr;
+  const std::uint64_t* cumulative = nullptr;
+  std::uint32_t size = 0;
+};
+
+struct AttributeView {
+  const char* blob = nullptr;
+  const std::uint32_t* offsets = nullptr;
+  std::uint32_t count = 0;
+  std::string_view value(std::uint32_t i) const {
+    return std::string_view(blob + offsets[i], offsets[i + 1] - offsets[i]);
+  }
+  // Ordinal of `v`, or -1.
+  std::int64_t find(std::string_view v) const;
+};
 
 class Snapshot {
  public:
@@ -47,6 +75,17 @@ class Snapshot {
   // The string at an interned index (validated in range at open).
   kj::StringPtr str(std::uint32_t id) const { return strings_[id]; }
 
+  capnp::List<Campaign>::Reader campaigns() const { return campaigns_; }
+  const AttributeView& attribute(std::size_t a) const { return attributes_[a]; }
+  U32Span program() const { return program_; }
+  U32Span conjunction_program() const { return conjunction_program_; }
+  U32Span campaign_conjunctions() const { return campaign_conjunctions_; }
+  std::uint32_t partitions() const { return partitions_; }
+  // Tiers of a placement for a country partition, best first.
+  const std::vector<TierView>& tiers(std::uint32_t placement, std::uint32_t partition) const {
+    return tiers_[placement * partitions_ + partition];
+  }
+
  private:
   Snapshot() = default;
   bool validate(std::string* error);
@@ -59,6 +98,11 @@ class Snapshot {
   std::unique_ptr<capnp::FlatArrayMessageReader> reader_;
   Payload::Reader root_;
   capnp::List<capnp::Text>::Reader strings_;
+  capnp::List<Campaign>::Reader campaigns_;
+  AttributeView attributes_[kAttributes];
+  U32Span program_, conjunction_program_, campaign_conjunctions_;
+  std::uint32_t partitions_ = 0;
+  std::vector<std::vector<TierView>> tiers_;
 };
 
 }  // namespace adpop
