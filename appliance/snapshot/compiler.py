@@ -7,6 +7,7 @@ always give a byte-identical payload whatever order the files listed them in.
 from __future__ import annotations
 
 import functools
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -58,6 +59,27 @@ class CompileStats:
     strings: int
 
 
+def id_hash(text: str) -> int:
+    """CRC-32 (zlib's) of the id: the engine's key for caps and spend, and its value hash.
+    zlib computes it in C, which keeps a million-campaign compile fast."""
+    return zlib.crc32(text.encode())
+
+
+def hash_slots(encoded: Sequence[bytes]) -> list[int]:
+    """The open-addressing table of AttributeValues.slots (ordinal + 1 per used slot)."""
+    size = 2
+    while size < 2 * len(encoded):
+        size *= 2
+    slots = [0] * size
+    mask = size - 1
+    for ordinal, value in enumerate(encoded):
+        at = zlib.crc32(value) & mask
+        while slots[at]:
+            at = (at + 1) & mask
+        slots[at] = ordinal + 1
+    return slots
+
+
 class _Interner:
     def __init__(self) -> None:
         self.ids: dict[str, int] = {"": 0}
@@ -103,6 +125,7 @@ def _compile(campaign_set: CampaignSet, version: int, created_at: int
     for i, adv in enumerate(advertisers):
         out_adv[i].id = intern(adv.id)
         out_adv[i].name = intern(adv.name)
+        out_adv[i].idHash = id_hash(adv.id)
 
     creatives = sorted(campaign_set.creatives, key=lambda c: c.id)
     creative_index = {c.id: i for i, c in enumerate(creatives)}
@@ -119,8 +142,10 @@ def _compile(campaign_set: CampaignSet, version: int, created_at: int
         o.landingUrl = intern(cre.landing_url)
 
     conj_table = _Conjunctions(active)
+    msg.campaignStarts = [c.start for c in active]
+    msg.campaignEnds = [c.end for c in active]
     ad_count = _write_campaigns(msg, active, advertiser_index, creative_index, intern,
-                                conj_table)
+                                conj_table, [c.size for c in creatives])
     _write_placements(msg, campaign_set, active, creatives, creative_index, intern,
                       conj_table)
     index_stats = _write_index(msg, conj_table)
@@ -199,7 +224,7 @@ class _Conjunctions:
 
 def _write_campaigns(msg: Any, active: Sequence[Campaign], advertiser_index: dict[str, int],
                      creative_index: dict[str, int], intern: _Interner,
-                     conjunctions: _Conjunctions) -> int:
+                     conjunctions: _Conjunctions, creative_sizes: Sequence[Any]) -> int:
     out = msg.init("campaigns", len(active))
     conj_pos = 0
     ads_total = sum(len(c.ads) for c in active)
@@ -232,6 +257,7 @@ def _write_campaigns(msg: Any, active: Sequence[Campaign], advertiser_index: dic
         mine = conjunctions.of_campaign[i]
         o.conjunctionsStart = conj_pos
         o.conjunctionsCount = len(mine)
+        o.idHash = id_hash(camp.id)
         conj_pos += len(mine)
         for ad in sorted(camp.ads, key=lambda a: a.id):
             a = out_ads[ad_pos]
@@ -239,6 +265,9 @@ def _write_campaigns(msg: Any, active: Sequence[Campaign], advertiser_index: dic
             a.campaign = i
             a.creative = creative_index[ad.creative]
             a.weight = ad.weight
+            size = creative_sizes[a.creative]
+            a.width = size.width
+            a.height = size.height
             ad_pos += 1
     return ads_total
 
@@ -344,6 +373,7 @@ def _write_index(msg: Any, conjunctions: _Conjunctions) -> tuple[int, int, int, 
             offsets.append(offsets[-1] + len(e))
         out_attrs[a].blob = b"".join(encoded)
         out_attrs[a].offsets = offsets
+        out_attrs[a].slots = hash_slots(encoded)
 
     postings: dict[tuple[int, int, int], list[int]] = {}
     zero: list[int] = []

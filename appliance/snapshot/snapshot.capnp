@@ -27,11 +27,16 @@ struct Payload {
   # This file's id (the @0x... above). The manifest carries it too; the engine checks it here
   # so it never has to parse the manifest's JSON.
   schemaId @10 :UInt64;
+  # Campaign.start and .end again as flat columns (by campaign index): most weighted draws
+  # end at the flight check, and these keep it to two plain reads.
+  campaignStarts @11 :List(Int64);
+  campaignEnds @12 :List(Int64);
 }
 
 struct Advertiser {
   id @0 :StringId;
   name @1 :StringId;
+  idHash @2 :UInt32;           # crc32(id), as Campaign.idHash
 }
 
 enum CreativeKind {
@@ -93,6 +98,7 @@ struct Campaign {
   # evaluating its targeting directly; none means it matches every request.
   conjunctionsStart @16 :UInt32;
   conjunctionsCount @17 :UInt32;
+  idHash @18 :UInt32;          # crc32(id) (zlib's): keys caps and local spend across swaps
 }
 
 struct Ad {
@@ -100,6 +106,8 @@ struct Ad {
   campaign @1 :UInt32;         # index into Payload.campaigns
   creative @2 :UInt32;         # index into Payload.creatives
   weight @3 :UInt32;
+  width @4 :UInt16;            # the creative's size, copied so size checks stay on the ad
+  height @5 :UInt16;
 }
 
 struct Size {
@@ -164,6 +172,10 @@ struct AttributeValues {
   # search reads these as plain memory.
   blob @2 :Data;
   offsets @3 :List(UInt32);
+  # Open-addressing hash table over the values: slot (crc32(value) + probe) mod size holds
+  # ordinal + 1, or 0 for empty; size is a power of two at least twice the value count.
+  # A request value is found with one hash and, usually, one comparison.
+  slots @4 :List(UInt32);
 }
 
 struct SizeBucket {

@@ -1,5 +1,7 @@
 #include "decide.hpp"
 
+#include "spool.hpp"
+
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
@@ -82,7 +84,7 @@ std::uint32_t hour_of_week(std::int64_t t) {
 }
 
 std::uint64_t Decider::spent(std::string_view campaign_id) const {
-  auto it = spend_.find(id_hash(campaign_id));
+  auto it = spend_.find(crc32_ieee(campaign_id.data(), campaign_id.size()));
   return it == spend_.end() ? 0 : it->second;
 }
 
@@ -90,9 +92,8 @@ bool Decider::capped(const Snapshot& snap, std::uint32_t campaign, std::int64_t 
   const auto camp = snap.payload().getCampaigns()[campaign];
   for (auto cap : camp.getCaps()) {
     const bool advertiser = cap.getScope() == CapScope::ADVERTISER;
-    const std::uint32_t id = advertiser
-        ? id_hash(snap.str(snap.payload().getAdvertisers()[camp.getAdvertiser()].getId()).cStr())
-        : id_hash(snap.str(camp.getId()).cStr());
+    const std::uint32_t id = advertiser ? snap.payload().getAdvertisers()[camp.getAdvertiser()].getIdHash()
+                                        : camp.getIdHash();
     for (const CapEntry& e : caps_) {
       if (e.scope == (advertiser ? 1 : 0) && e.id == id && e.window == cap.getWindowSeconds() &&
           t < std::int64_t{e.start} + e.window && e.count >= cap.getCount())
@@ -106,9 +107,8 @@ void Decider::count_cap(const Snapshot& snap, std::uint32_t campaign, std::int64
   const auto camp = snap.payload().getCampaigns()[campaign];
   for (auto cap : camp.getCaps()) {
     const bool advertiser = cap.getScope() == CapScope::ADVERTISER;
-    const std::uint32_t id = advertiser
-        ? id_hash(snap.str(snap.payload().getAdvertisers()[camp.getAdvertiser()].getId()).cStr())
-        : id_hash(snap.str(camp.getId()).cStr());
+    const std::uint32_t id = advertiser ? snap.payload().getAdvertisers()[camp.getAdvertiser()].getIdHash()
+                                        : camp.getIdHash();
     CapEntry* found = nullptr;
     for (CapEntry& e : caps_)
       if (e.scope == (advertiser ? 1 : 0) && e.id == id && e.window == cap.getWindowSeconds()) found = &e;
@@ -136,7 +136,7 @@ bool Decider::paced_out(const Snapshot& snap, std::uint32_t campaign, std::int64
     spend_.clear();  // a new UTC day: budgets start over
     spend_day_ = day;
   }
-  auto it = spend_.find(id_hash(snap.str(camp.getId()).cStr()));
+  auto it = spend_.find(camp.getIdHash());
   const std::uint64_t spent = it == spend_.end() ? 0 : it->second;
   const double frac = static_cast<double>(t - day * 86400) / 86400.0;
   double curve = 1.0;  // asap: the whole day's budget is available at once
@@ -255,8 +255,8 @@ void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::in
       if (wanted && n_allowed < 32) allowed[n_allowed++] = size;
     }
     auto fits = [&](std::uint32_t ad) {
-      const auto cr = creatives[ads[ad].getCreative()];
-      AdSize size{cr.getWidth(), cr.getHeight()};
+      const auto a = ads[ad];
+      AdSize size{a.getWidth(), a.getHeight()};
       for (std::size_t i = 0; i < n_allowed; ++i)
         if (allowed[i] == size) return true;
       return false;
@@ -281,10 +281,9 @@ void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::in
 
     // Cheapest checks first; targeting is checked directly on the campaign's conjunctions.
     auto can_serve = [&](std::uint32_t c) {
-      const auto camp = campaigns[c];
-      if (t < camp.getStart() || t >= camp.getEnd()) return false;
       if (chosen_here(c)) return false;
       if (!targets(snap, c)) return false;
+      const auto camp = campaigns[c];
       if (!unused_fitting_ad(c)) return false;
       if (labels_conflict(c, camp.getExclusionLabels(), exclusions_)) return false;
       if (camp.getCaps().size() > 0 && capped(snap, c, t)) return false;
@@ -315,7 +314,7 @@ void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::in
         caps_changed = true;
       }
       if (camp.getBudgetDailyMicros() > 0)
-        spend_[id_hash(snap.str(camp.getId()).cStr())] += camp.getEcpmMicros() / 1000;
+        spend_[camp.getIdHash()] += camp.getEcpmMicros() / 1000;
     };
 
     const std::uint32_t want = std::min<std::uint32_t>(std::max<std::uint32_t>(preq.count, 1),
@@ -347,6 +346,8 @@ void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::in
               if (cumulative[mid] <= r) lo = mid + 1;
               else hi = mid;
             }
+            const std::uint32_t c = members[lo];
+            if (t < snap.campaign_start(c) || t >= snap.campaign_end(c)) continue;  // the usual miss
             if (can_serve(members[lo])) pick = members[lo];
           }
           if (pick < 0) exhaustive = true;
@@ -355,7 +356,8 @@ void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::in
           pool_.clear();
           std::uint64_t pool_weight = 0;
           for (std::uint32_t m = 0; m < members.size; ++m)
-            if (const std::uint32_t c = members[m]; can_serve(c)) {
+            if (const std::uint32_t c = members[m];
+                t >= snap.campaign_start(c) && t < snap.campaign_end(c) && can_serve(c)) {
               pool_.push_back(c);
               pool_weight += campaigns[c].getWeight();
             }

@@ -164,6 +164,7 @@ struct Shard::Conn {
   bool closed = true;
   // Accepted while draining: gets health and metrics, but no new decisions.
   bool accepted_draining = false;
+  bool dirty = false;  // has answers waiting for the end of the event batch
 };
 
 Shard::Shard(Engine& engine, std::uint32_t index, int cpu)
@@ -263,6 +264,15 @@ void Shard::run() {
       }
     }
     (void)snap;
+    if (!dirty_.empty()) {
+      flush_spool(engine_.now_seconds());
+      for (int fd : dirty_) {
+        Conn& c = *conns_[static_cast<std::size_t>(fd)];
+        c.dirty = false;
+        if (!c.closed) flush(c);
+      }
+      dirty_.clear();
+    }
     std::int64_t now = mono_ns();
     if (now - last_tick > 100'000'000) {
       tick(now);
@@ -295,6 +305,7 @@ void Shard::accept_all() {
     c.last_active_ns = mono_ns();
     c.request_start_ns = 0;
     c.accepted_draining = engine_.draining();
+    c.dirty = false;
     epoll_event ev{};
     ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
     ev.data.fd = fd;
@@ -348,11 +359,9 @@ void Shard::on_readable(Conn& c) {
     return;
   }
   process(c);
-  if (eof && !c.closed) {
-    // The client finished sending: answer what was complete, then close.
-    c.close_after = true;
-    if (c.out.size() == c.out_off) close_conn(c);
-  }
+  // The client finished sending: answer what was complete (at the end of this batch), then
+  // close.
+  if (eof && !c.closed) c.close_after = true;
 }
 
 void Shard::respond_error(Conn& c, int code, ErrorReason reason) {
@@ -388,9 +397,12 @@ void Shard::process(Conn& c) {
   if (offset > 0 && !c.close_after) c.in.erase(0, offset);
   else if (c.close_after) c.in.clear();
   c.request_start_ns = c.in.empty() ? 0 : (c.request_start_ns ? c.request_start_ns : mono_ns());
-  // Records reach the file before the answers that caused them reach the client.
-  flush_spool(engine_.now_seconds());
-  flush(c);
+  // Answers go out at the end of the event batch, after one spool write for the whole batch:
+  // records reach the file before the answers that caused them reach the client.
+  if (!c.dirty) {
+    c.dirty = true;
+    dirty_.push_back(c.fd);
+  }
 }
 
 void Shard::handle(Conn& c, const http::Request& req, const Snapshot* snap) {

@@ -146,6 +146,7 @@ class Shard {
   DecideRequest request_;
   std::string scratch_;
   std::string token_scratch_;
+  std::vector<int> dirty_;  // connections with answers to send after this batch's spool write
   std::unique_ptr<Spool> spool_;
 };
 

@@ -1,5 +1,7 @@
 #include "snapshot.hpp"
 
+#include "spool.hpp"
+
 #include <capnp/any.h>
 #include <capnp/schema.h>
 #include <fcntl.h>
@@ -14,13 +16,14 @@
 namespace adpop {
 
 std::int64_t AttributeView::find(std::string_view v) const {
-  std::uint32_t lo = 0, hi = count;
-  while (lo < hi) {
-    std::uint32_t mid = lo + (hi - lo) / 2;
-    if (value(mid) < v) lo = mid + 1;
-    else hi = mid;
+  if (count == 0) return -1;
+  // Open addressing over the compiler's table; it is at most half full, so probes are short
+  // and an empty slot always ends the search.
+  for (std::uint32_t at = crc32_ieee(v.data(), v.size()) & mask;; at = (at + 1) & mask) {
+    const std::uint32_t slot = slots[at];
+    if (slot == 0) return -1;
+    if (value(slot - 1) == v) return slot - 1;
   }
-  return lo < count && value(lo) == v ? lo : -1;
 }
 
 std::uint64_t compiled_schema_id() {
@@ -197,7 +200,19 @@ bool Snapshot::validate_unchecked(std::string* error) {
     if (ad.getCampaign() >= campaigns.size() || ad.getCreative() >= creatives.size() ||
         bad_string(ad.getId()))
       return fail(error, "ad reference out of range");
+    const auto cr = creatives[ad.getCreative()];
+    if (ad.getWidth() != cr.getWidth() || ad.getHeight() != cr.getHeight())
+      return fail(error, "ad size disagrees with its creative");
   }
+  const auto flight_starts = root_.getCampaignStarts();
+  const auto flight_ends = root_.getCampaignEnds();
+  if (flight_starts.size() != campaigns.size() || flight_ends.size() != campaigns.size())
+    return fail(error, "flight columns do not match the campaigns");
+  for (std::uint32_t i = 0; i < campaigns.size(); ++i)
+    if (flight_starts[i] != campaigns[i].getStart() || flight_ends[i] != campaigns[i].getEnd())
+      return fail(error, "flight columns disagree with the campaigns");
+  campaign_starts_ = raw<std::int64_t>(flight_starts);
+  campaign_ends_ = raw<std::int64_t>(flight_ends);
   for (auto p : placements) {
     if (bad_string(p.getId()) || bad_string(p.getZone())) return fail(error, "placement string out of range");
     for (auto size : p.getSizes()) (void)size.getWidth();
@@ -233,8 +248,22 @@ bool Snapshot::validate_unchecked(std::string* error) {
       return fail(error, std::string("packed values of ") + kAttributeNames[a] + " do not match");
     for (std::uint32_t i = 1; i < offsets.size(); ++i)
       if (offsets[i] < offsets[i - 1]) return fail(error, "packed value offsets decrease");
-    attributes_[a] = AttributeView{reinterpret_cast<const char*>(blob.begin()),
-                                   raw<std::uint32_t>(offsets), attr.getValues().size()};
+    const auto slots = attr.getSlots();
+    const std::uint32_t n = attr.getValues().size();
+    if (slots.size() < 2 || (slots.size() & (slots.size() - 1)) != 0 || slots.size() < 2 * n)
+      return fail(error, std::string("hash table of ") + kAttributeNames[a] + " is not a power of two at least twice its values");
+    std::uint32_t used = 0;
+    for (auto s : slots) {
+      if (s > n) return fail(error, "hash slot out of range");
+      used += s != 0;
+    }
+    if (used != n) return fail(error, std::string("hash table of ") + kAttributeNames[a] + " misses values");
+    attributes_[a] = AttributeView{reinterpret_cast<const char*>(blob.begin()), raw<std::uint32_t>(offsets),
+                                   raw<std::uint32_t>(slots), slots.size() - 1, n};
+    // Every value must be findable through the table (a bad table would hide targeting).
+    for (std::uint32_t i = 0; i < n; ++i)
+      if (attributes_[a].find(attributes_[a].value(i)) != i)
+        return fail(error, std::string("hash table of ") + kAttributeNames[a] + " does not find its values");
   }
   // The conjunction program: every offset, count and ordinal is checked once here.
   const auto program = index.getProgram();
@@ -282,7 +311,8 @@ bool Snapshot::validate_unchecked(std::string* error) {
       for (auto tier : part.getTiers()) {
         const auto members = tier.getCampaigns();
         const auto cumulative = tier.getCumulativeWeights();
-        if (members.size() != cumulative.size()) return fail(error, "tier weights do not match its campaigns");
+        if (members.size() != cumulative.size())
+          return fail(error, "tier columns do not match its campaigns");
         for (std::uint32_t i = 0; i < members.size(); ++i) {
           if (members[i] >= campaigns.size() || campaigns[members[i]].getPriority() != tier.getPriority())
             return fail(error, "tier campaign out of range or of another priority");

@@ -47,6 +47,8 @@ struct TierView {
 struct AttributeView {
   const char* blob = nullptr;
   const std::uint32_t* offsets = nullptr;
+  const std::uint32_t* slots = nullptr;  // hash table: ordinal + 1, 0 empty
+  std::uint32_t mask = 0;                // slots - 1
   std::uint32_t count = 0;
   std::string_view value(std::uint32_t i) const {
     return std::string_view(blob + offsets[i], offsets[i + 1] - offsets[i]);
@@ -80,6 +82,8 @@ class Snapshot {
   U32Span program() const { return program_; }
   U32Span conjunction_program() const { return conjunction_program_; }
   U32Span campaign_conjunctions() const { return campaign_conjunctions_; }
+  std::int64_t campaign_start(std::uint32_t c) const { return campaign_starts_[c]; }
+  std::int64_t campaign_end(std::uint32_t c) const { return campaign_ends_[c]; }
   std::uint32_t partitions() const { return partitions_; }
   // Tiers of a placement for a country partition, best first.
   const std::vector<TierView>& tiers(std::uint32_t placement, std::uint32_t partition) const {
@@ -101,6 +105,8 @@ class Snapshot {
   capnp::List<Campaign>::Reader campaigns_;
   AttributeView attributes_[kAttributes];
   U32Span program_, conjunction_program_, campaign_conjunctions_;
+  const std::int64_t* campaign_starts_ = nullptr;
+  const std::int64_t* campaign_ends_ = nullptr;
   std::uint32_t partitions_ = 0;
   std::vector<std::vector<TierView>> tiers_;
 };

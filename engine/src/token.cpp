@@ -1,7 +1,6 @@
 #include "token.hpp"
 
 #include <openssl/crypto.h>
-#include <openssl/hmac.h>
 
 #include <cstring>
 
@@ -60,12 +59,6 @@ bool unbase64url(std::string_view text, std::string& out) {
   return true;
 }
 
-void mac(const std::string& key, const unsigned char* data, std::size_t n, unsigned char* out) {
-  unsigned char full[EVP_MAX_MD_SIZE];
-  unsigned int len = 0;
-  HMAC(EVP_sha256(), key.data(), static_cast<int>(key.size()), data, n, full, &len);
-  std::memcpy(out, full, kMacBytes);
-}
 
 void put_id(std::string& body, std::string_view id) {
   std::size_t n = id.size() > 255 ? 255 : id.size();
@@ -78,7 +71,7 @@ void put_id(std::string& body, std::string_view id) {
 void TokenSigner::seal(std::string_view body, std::string& out) const {
   std::string sealed(body);
   unsigned char tag[kMacBytes];
-  mac(key_, reinterpret_cast<const unsigned char*>(sealed.data()), sealed.size(), tag);
+  mac(reinterpret_cast<const unsigned char*>(sealed.data()), sealed.size(), tag);
   sealed.append(reinterpret_cast<const char*>(tag), kMacBytes);
   base64url(reinterpret_cast<const unsigned char*>(sealed.data()), sealed.size(), out);
 }
@@ -88,7 +81,7 @@ TokenError TokenSigner::open(std::string_view text, std::string& scratch, std::s
     return TokenError::kMalformed;
   const std::size_t n = scratch.size() - kMacBytes;
   unsigned char tag[kMacBytes];
-  mac(key_, reinterpret_cast<const unsigned char*>(scratch.data()), n, tag);
+  mac(reinterpret_cast<const unsigned char*>(scratch.data()), n, tag);
   if (CRYPTO_memcmp(tag, scratch.data() + n, kMacBytes) != 0) return TokenError::kForged;
   *body = std::string_view(scratch.data(), n);
   return TokenError::kNone;
@@ -151,6 +144,12 @@ void encode_caps(const TokenSigner& signer, std::uint64_t user, const std::vecto
   signer.seal(body, out);
 }
 
+void TokenSigner::mac(const unsigned char* data, std::size_t n, unsigned char* out) const {
+  std::uint8_t full[32];
+  hmac_.mac(data, n, full);
+  std::memcpy(out, full, kMacBytes);
+}
+
 std::uint64_t request_hash(std::string_view request_id) {
   std::uint64_t h = 1469598103934665603ULL;
   for (unsigned char c : request_id) {
@@ -170,7 +169,7 @@ void TokenSigner::sign(const TrackingToken& token, std::string& out) const {
   put_id(body, token.ad);
   put_id(body, token.placement);
   unsigned char tag[kMacBytes];
-  mac(key_, reinterpret_cast<const unsigned char*>(body.data()), body.size(), tag);
+  mac(reinterpret_cast<const unsigned char*>(body.data()), body.size(), tag);
   body.append(reinterpret_cast<const char*>(tag), kMacBytes);
   base64url(reinterpret_cast<const unsigned char*>(body.data()), body.size(), out);
 }
@@ -182,7 +181,7 @@ TokenError TokenSigner::verify(std::string_view text, std::uint32_t now, std::st
   const std::size_t body_len = scratch.size() - kMacBytes;
   const auto* data = reinterpret_cast<const unsigned char*>(scratch.data());
   unsigned char tag[kMacBytes];
-  mac(key_, data, body_len, tag);
+  mac(data, body_len, tag);
   // Constant time: a forger learns nothing from how long a wrong tag takes to refuse.
   if (CRYPTO_memcmp(tag, data + body_len, kMacBytes) != 0) return TokenError::kForged;
   std::size_t p = 0;

@@ -12,6 +12,8 @@
 #include <string_view>
 #include <vector>
 
+#include "sha256.hpp"
+
 namespace adpop {
 
 enum class TokenKind : std::uint8_t { kImpression = 1, kClick = 2, kCaps = 3 };
@@ -30,7 +32,7 @@ enum class TokenError : std::uint8_t { kNone, kMalformed, kForged, kExpired };
 class TokenSigner {
  public:
   // `key` is the secret from --token-key (at least 16 bytes).
-  explicit TokenSigner(std::string key) : key_(std::move(key)) {}
+  explicit TokenSigner(std::string key) : key_(std::move(key)), hmac_(key_) {}
   bool usable() const { return key_.size() >= 16; }
 
   // Appends the base64url token to `out`.
@@ -46,7 +48,9 @@ class TokenSigner {
   TokenError open(std::string_view text, std::string& scratch, std::string_view* body) const;
 
  private:
+  void mac(const unsigned char* data, std::size_t n, unsigned char* out) const;
   std::string key_;
+  HmacSha256 hmac_;
 };
 
 std::uint64_t request_hash(std::string_view request_id);

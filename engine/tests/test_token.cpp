@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include <cctype>
+#include <cstdio>
 
 #include "spool.hpp"
 #include "token.hpp"
@@ -82,6 +83,28 @@ TEST(CapToken, KeepsTheNewestEntries) {
   ASSERT_TRUE(decode_caps(kSigner, text, 1, scratch, out));
   ASSERT_EQ(out.size(), kMaxCapEntries);
   EXPECT_EQ(out.back().id, kMaxCapEntries + 9);
+}
+
+TEST(HmacSha256, Rfc4231Case2) {
+  HmacSha256 h("Jefe");
+  const std::string data = "what do ya want for nothing?";
+  std::uint8_t out[32];
+  h.mac(data.data(), data.size(), out);
+  char hex[65];
+  for (int i = 0; i < 32; ++i) std::snprintf(hex + 2 * i, 3, "%02x", out[i]);
+  EXPECT_EQ(std::string(hex), "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+}
+
+TEST(Sha256, LongInputAcrossBlocks) {
+  Sha256 h;
+  const std::string a(1000000, 'a');
+  h.update(a.data(), 333);
+  h.update(a.data() + 333, a.size() - 333);
+  std::uint8_t out[32];
+  h.finish(out);
+  char hex[65];
+  for (int i = 0; i < 32; ++i) std::snprintf(hex + 2 * i, 3, "%02x", out[i]);
+  EXPECT_EQ(std::string(hex), "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
 }
 
 TEST(Crc32c, KnownVector) {
