@@ -289,7 +289,6 @@ def _write_placements(msg: Any, campaign_set: CampaignSet, active: Sequence[Camp
     by_size: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
     tiers: list[list[dict[int, list[int]]]] = [
         [{} for _ in range(n_partitions)] for _ in placements]
-    all_partitions = range(n_partitions)
     ad_pos = 0
     for ci, camp in enumerate(active):
         fits: set[int] = set()
@@ -304,21 +303,18 @@ def _write_placements(msg: Any, campaign_set: CampaignSet, active: Sequence[Camp
         reach = conjunctions.reach(ci)
         for pi in fits:
             pid = placements[pi].id
-            # Partitions some conjunction allowing this placement can match: a conjunction
-            # without a country IN matches requests of any country (0: none or unnamed) but
-            # those it excludes.
+            # A campaign with a conjunction naming no country can serve any country: it goes
+            # to partition 0 once (the engine draws from 0 and the request's country's
+            # partition together). Otherwise it goes to the partitions of the countries its
+            # conjunctions name. Exact country exclusions are left to the targeting check.
             parts: set[int] = set()
             for allowed, countries, excluded in reach:
                 if allowed is not None and pid not in allowed:
                     continue
                 if countries is None:
-                    if not excluded:
-                        parts = set(all_partitions)
-                        break
-                    parts.update(k for k in all_partitions
-                                 if k == 0 or country_values[k - 1] not in excluded)
-                else:
-                    parts.update(partition_of[c] for c in countries if c not in excluded)
+                    parts = {0}
+                    break
+                parts.update(partition_of[c] for c in countries if c not in excluded)
             for k in sorted(parts):
                 tiers[pi][k].setdefault(camp.priority, []).append(ci)
     out = msg.init("placements", len(placements))

@@ -124,10 +124,11 @@ struct Placement {
   # campaigns the targeting index returned.
   candidates @3 :List(UInt32);
   # The campaigns that can ever serve here (an ad fits, and some conjunction allows this
-  # placement), split by the request's country, each split by priority tier, best first:
-  # the serving path draws from these by weight. partitions[0] is for requests whose country
-  # no campaign names (or none); partitions[k + 1] for the country with ordinal k in the
-  # index's country values.
+  # placement), split by country, each split by priority tier, best first: the serving path
+  # draws from these by weight. partitions[0] holds campaigns with a conjunction naming no
+  # country (they may serve any country); partitions[k + 1] those that need the country with
+  # ordinal k in the index's country values. A request draws from partition 0 and its own
+  # country's together; each campaign is in exactly one of the two.
   partitions @4 :List(Partition);
 }
 

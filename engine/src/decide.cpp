@@ -326,41 +326,63 @@ void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::in
     // The request's country picks the partition (0: no country, or one no campaign names).
     const std::uint32_t part = ords_[kCountry].empty() ? 0 : ords_[kCountry][0] + 1;
     if (part >= snap.partitions()) continue;
-    for (const TierView& tier : snap.tiers(static_cast<std::uint32_t>(pd.placement), part)) {
-      if (pd.chosen.size() >= want) break;
-      const U32Span members{tier.members, tier.size};
-      const std::uint64_t* cumulative = tier.cumulative;
-      if (members.size == 0) continue;
-      const std::uint64_t total = cumulative[members.size - 1];
+    // Partition 0 (campaigns for any country) and the request country's partition are drawn
+    // from together, tier by tier; a campaign is in one of them, never both.
+    const std::vector<TierView>& any = snap.tiers(static_cast<std::uint32_t>(pd.placement), 0);
+    static const std::vector<TierView> kNone;
+    const std::vector<TierView>& own = part ? snap.tiers(static_cast<std::uint32_t>(pd.placement), part) : kNone;
+    std::size_t ia = 0, io = 0;
+    while (pd.chosen.size() < want && (ia < any.size() || io < own.size())) {
+      const unsigned pa = ia < any.size() ? any[ia].priority : 256u;
+      const unsigned po = io < own.size() ? own[io].priority : 256u;
+      const unsigned priority = std::min(pa, po);
+      const TierView* lists[2] = {pa == priority ? &any[ia++] : nullptr, po == priority ? &own[io++] : nullptr};
+      std::uint64_t totals[2] = {0, 0};
+      std::uint32_t size = 0;
+      for (int l = 0; l < 2; ++l)
+        if (lists[l] && lists[l]->size) {
+          totals[l] = lists[l]->cumulative[lists[l]->size - 1];
+          size += lists[l]->size;
+        }
+      const std::uint64_t total = totals[0] + totals[1];
+      if (size == 0) continue;
       // A small tier is cheaper to check whole than to sample: draws are for big ones.
-      const int draws = static_cast<int>(std::min<std::uint32_t>(kMaxDraws, members.size / 2));
+      const int draws = static_cast<int>(std::min<std::uint32_t>(kMaxDraws, size / 2));
       bool exhaustive = draws < 4;
       while (pd.chosen.size() < want) {
         std::int64_t pick = -1;
         if (!exhaustive && total > 0) {
           for (int d = 0; d < draws && pick < 0; ++d) {
-            const std::uint64_t r = rng.below(total);
-            std::uint32_t lo = 0, hi = members.size - 1;
+            std::uint64_t r = rng.below(total);
+            const TierView* tier = lists[0];
+            if (r >= totals[0]) {
+              r -= totals[0];
+              tier = lists[1];
+            }
+            std::uint32_t lo = 0, hi = tier->size - 1;
             while (lo < hi) {
               std::uint32_t mid = lo + (hi - lo) / 2;
-              if (cumulative[mid] <= r) lo = mid + 1;
+              if (tier->cumulative[mid] <= r) lo = mid + 1;
               else hi = mid;
             }
-            const std::uint32_t c = members[lo];
+            const std::uint32_t c = tier->members[lo];
             if (t < snap.campaign_start(c) || t >= snap.campaign_end(c)) continue;  // the usual miss
-            if (can_serve(members[lo])) pick = members[lo];
+            if (can_serve(c)) pick = c;
           }
           if (pick < 0) exhaustive = true;
         }
         if (pick < 0) {
           pool_.clear();
           std::uint64_t pool_weight = 0;
-          for (std::uint32_t m = 0; m < members.size; ++m)
-            if (const std::uint32_t c = members[m];
-                t >= snap.campaign_start(c) && t < snap.campaign_end(c) && can_serve(c)) {
-              pool_.push_back(c);
-              pool_weight += campaigns[c].getWeight();
-            }
+          for (const TierView* tier : lists) {
+            if (!tier) continue;
+            for (std::uint32_t m = 0; m < tier->size; ++m)
+              if (const std::uint32_t c = tier->members[m];
+                  t >= snap.campaign_start(c) && t < snap.campaign_end(c) && can_serve(c)) {
+                pool_.push_back(c);
+                pool_weight += campaigns[c].getWeight();
+              }
+          }
           if (pool_.empty()) break;
           std::uint64_t r = rng.below(pool_weight);
           for (std::uint32_t c : pool_) {
