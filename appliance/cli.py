@@ -160,7 +160,7 @@ def cmd_snapshot_inspect(args: argparse.Namespace) -> int:
         for k, n in idx["conjunctions_by_size"].items()))
     print("  values       " + "  ".join(f"{k} {v}" for k, v in idx["attribute_values"].items()))
     print("placements     " + "  ".join(
-        f"{k} {v}" for k, v in info["placement_candidates"].items()) + "  (candidate ads)")
+        f"{k} {v}" for k, v in info["placement_candidates"].items()) + "  (candidate campaigns)")
     return 0
 
 

@@ -18,7 +18,7 @@ from appliance.snapshot.compiler import (
     open_payload,
     schema_id,
 )
-from appliance.snapshot.model import CampaignSet
+from appliance.snapshot.model import CampaignSet, parse_documents
 
 T = TypeVar("T")
 
@@ -70,19 +70,29 @@ def test_payload_holds_the_campaigns(sample_set: CampaignSet) -> None:
         assert sorted(strings[a.id] for a in ads) == ["ad-contoso-mobile", "ad-contoso-mrec"]
         creative = p.creatives[ads[0].creative]
         assert strings[creative.landingUrl] == "https://contoso.example/savings"
-        # Placements sorted by id; candidates fit the sizes and come in priority order.
+        # Placements sorted by id; their tier lists hold campaigns with an ad that fits, in
+        # tiers of their own priority, best first, with running weight sums.
         placement_ids = [strings[pl.id] for pl in p.placements]
         assert placement_ids == sorted(placement_ids)
         for pl in p.placements:
             sizes = {(s.width, s.height) for s in pl.sizes}
-            priorities = []
-            for ad_index in pl.candidates:
-                ad = p.ads[ad_index]
-                cr = p.creatives[ad.creative]
-                assert (cr.width, cr.height) in sizes
-                priorities.append(p.campaigns[ad.campaign].priority)
-            assert priorities == sorted(priorities)
-            assert pl.candidates, strings[pl.id]
+            seen = set()
+            for part in pl.partitions:
+                priorities = [t.priority for t in part.tiers]
+                assert priorities == sorted(set(priorities))
+                for tier in part.tiers:
+                    running = 0
+                    for ci, cumulative in zip(tier.campaigns, tier.cumulativeWeights):
+                        camp = p.campaigns[ci]
+                        assert camp.priority == tier.priority
+                        running += camp.weight
+                        assert cumulative == running
+                        ads = [p.ads[a] for a in range(camp.adsStart,
+                                                        camp.adsStart + camp.adsCount)]
+                        assert any((a.width, a.height) in sizes for a in ads)
+                        seen.add(ci)
+            assert seen, strings[pl.id]
+
 
 
 def test_paused_campaigns_are_left_out(sample_set: CampaignSet) -> None:
@@ -125,3 +135,45 @@ def test_cpp_reader_decodes_our_payload(sample_set: CampaignSet, tmp_path: Path)
     assert "version = 9" in text
     assert '"contoso-savings"' in text
     assert "maxConjunctionSize = 3" in text
+
+
+def test_partitions_place_each_campaign_once_per_country_split() -> None:
+    """Placement targeting and size decide where a campaign is listed; a country IN lists it
+    under that country, no country IN under partition 0 (any country)."""
+    doc = {
+        "advertisers": [{"id": "a"}],
+        "creatives": [{"id": "cr", "advertiser": "a", "size": "300x250", "url": "https://x/",
+                       "landing_url": "https://x/"}],
+        "placements": [{"id": "p1", "zone": "z", "sizes": ["300x250"]},
+                       {"id": "p2", "zone": "z", "sizes": ["300x250"]},
+                       {"id": "p3", "zone": "z", "sizes": ["728x90"]}],
+        "campaigns": [
+            {"id": "only-p1", "advertiser": "a", "start": 0, "end": 10,
+             "ads": [{"id": "ad1", "creative": "cr"}], "targeting": [{"placement": ["p1"]}]},
+            {"id": "us-gb", "advertiser": "a", "start": 0, "end": 10,
+             "ads": [{"id": "ad2", "creative": "cr"}],
+             "targeting": [{"country": ["US", "GB"]}]},
+            {"id": "anywhere", "advertiser": "a", "start": 0, "end": 10,
+             "ads": [{"id": "ad3", "creative": "cr"}],
+             "targeting": [{"country": ["US"]}, {"device": ["ctv"]}]},
+        ],
+    }
+    campaign_set = parse_documents([("t", doc)])
+    payload, _ = compile_payload(campaign_set, 1, 0)
+    with open_payload(payload) as p:
+        strings = list(p.strings)
+        countries = list(p.index.attributes[0].values)
+        listing: dict[tuple[str, str], set[str]] = {}
+        for pl in p.placements:
+            for k, part in enumerate(pl.partitions):
+                name = "any" if k == 0 else countries[k - 1]
+                for tier in part.tiers:
+                    for ci in tier.campaigns:
+                        listing.setdefault((strings[pl.id], name), set()).add(
+                            strings[p.campaigns[ci].id])
+    assert listing == {
+        ("p1", "any"): {"only-p1", "anywhere"},
+        ("p2", "any"): {"anywhere"},
+        ("p1", "GB"): {"us-gb"}, ("p1", "US"): {"us-gb"},
+        ("p2", "GB"): {"us-gb"}, ("p2", "US"): {"us-gb"},
+    }

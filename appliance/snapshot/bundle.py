@@ -111,7 +111,10 @@ def describe(manifest: Manifest, payload: bytes, nesting_limit: int = 16) -> dic
             "attribute_values": {a.name: len(a.values) for a in index.attributes},
         }
         strings = p.strings
-        placement_names = {strings[pl.id]: len(pl.candidates) for pl in p.placements}
+        placement_names = {
+            strings[pl.id]: sum(len(t.campaigns) for part in pl.partitions for t in part.tiers)
+            for pl in p.placements
+        }
     return {
         "manifest": asdict(manifest),
         "payload_bytes": len(payload),

@@ -119,9 +119,8 @@ struct Placement {
   id @0 :StringId;
   zone @1 :StringId;
   sizes @2 :List(Size);
-  # Ads whose creative fits one of `sizes`, as indexes into Payload.ads, ordered by
-  # (campaign priority, campaign index, ad index): the engine intersects this list with the
-  # campaigns the targeting index returned.
+  # Retired before any release shipped: ad-level candidates, replaced by `partitions`. Not
+  # written; the ordinal stays taken so later fields keep their numbers.
   candidates @3 :List(UInt32);
   # The campaigns that can ever serve here (an ad fits, and some conjunction allows this
   # placement), split by country, each split by priority tier, best first: the serving path
