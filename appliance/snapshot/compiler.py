@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
+import time
 import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -26,6 +28,8 @@ from appliance.snapshot.model import (
     Pacing,
     bulk_allocation,
 )
+
+log = logging.getLogger(__name__)
 
 SCHEMA_PATH = Path(__file__).with_name("snapshot.capnp")
 # Nesting the schema needs: Payload > TargetingIndex > buckets > SizeBucket > lists >
@@ -80,6 +84,18 @@ def hash_slots(encoded: Sequence[bytes]) -> list[int]:
             at = (at + 1) & mask
         slots[at] = ordinal + 1
     return slots
+
+
+class _Steps:
+    """Logs each compile step's name and duration (at debug level)."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        log.debug("compile step %s: %.2fs", name, now - self.last)
+        self.last = now
 
 
 class _Interner:
@@ -146,19 +162,25 @@ def _compile(campaign_set: CampaignSet, version: int, created_at: int
         o.url = intern(cre.url)
         o.landingUrl = intern(cre.landing_url)
 
+    step = _Steps()
     conj_table = _Conjunctions(active)
     msg.campaignStarts = [c.start for c in active]
     msg.campaignEnds = [c.end for c in active]
+    step("conjunctions")
     ad_count = _write_campaigns(msg, active, advertiser_index, creative_index, intern,
                                 conj_table, [c.size for c in creatives])
+    step("campaigns and ads")
     _write_placements(msg, campaign_set, active, creatives, creative_index, intern,
                       conj_table)
+    step("placement tiers")
     index_stats = _write_index(msg, conj_table)
+    step("k-index")
 
     # Strings last: everything above interned into the table.
     out_str = msg.init("strings", len(intern.strings))
     for i, text in enumerate(intern.strings):
         out_str[i] = text
+    step("strings")
 
     conjunctions, lists, entries, max_k = index_stats
     st = msg.stats
@@ -171,6 +193,7 @@ def _compile(campaign_set: CampaignSet, version: int, created_at: int
     stats = CompileStats(len(active), paused, ad_count, conjunctions, lists, entries, max_k,
                          len(intern.strings))
     data: bytes = msg.to_bytes()
+    step("serialise")
     # The stream header's first word is the segment count minus one.
     if int.from_bytes(data[:4], "little") == 0:
         return data, stats

@@ -64,6 +64,9 @@ class Pacing(str, Enum):
     FRONTLOADED = "frontloaded"
 
 
+_PACING = {p.value: p for p in Pacing}
+
+
 class CapScope(str, Enum):
     """What a frequency cap counts impressions of."""
 
@@ -199,6 +202,7 @@ def campaign_matches(campaign: Campaign, request: Request) -> bool:
 class _Problems:
     def __init__(self) -> None:
         self.lines: list[str] = []
+        self.good_values: dict[str, set[Any]] = {a: set() for a in ATTRIBUTES}
 
     def add(self, where: str, field: str, message: str) -> None:
         self.lines.append(f"{where}: {field}: {message}")
@@ -284,6 +288,17 @@ def _money_micros(value: Any) -> int | None:
     return round(value * MICROS)
 
 
+def _remember(seen: set[Any], attribute: str, value: Any) -> bool:
+    """Check a targeting value; remember it when good."""
+    try:
+        good = isinstance(value, str) and _check_value(attribute, value)
+    except TypeError:  # unhashable junk in the value list
+        return False
+    if good:
+        seen.add(value)
+    return good
+
+
 def _check_value(attribute: str, value: str) -> bool:
     if attribute == "country":
         return bool(_COUNTRY.fullmatch(value))
@@ -324,7 +339,10 @@ def _parse_conjunction(raw: Any, where: str, field: str, problems: _Problems) ->
                 continue
             clean = set(parsed)
         else:
-            bad = [v for v in values if not isinstance(v, str) or not _check_value(attribute, v)]
+            # Values repeat across a large set (countries, devices, segments): each distinct
+            # one is checked once per parse.
+            seen = problems.good_values[attribute]
+            bad = [v for v in values if v not in seen and not _remember(seen, attribute, v)]
             if bad:
                 hint = {"country": "ISO 3166 alpha-2 in capitals, e.g. \"US\"",
                         "device": f"one of {', '.join(sorted(DEVICE_TYPES))}"}.get(
@@ -392,9 +410,8 @@ def _parse_campaign(raw: Any, problems: _Problems, source: str) -> Campaign | No
     if total and daily and daily > total:
         problems.add(where, "budget_daily", "exceeds budget_total")
     pacing_raw = raw.get("pacing", "even")
-    try:
-        pacing = Pacing(pacing_raw)
-    except ValueError:
+    pacing = _PACING.get(pacing_raw) if isinstance(pacing_raw, str) else None
+    if pacing is None:
         problems.add(where, "pacing", f"unknown {pacing_raw!r}; use even, asap or frontloaded")
         pacing = Pacing.EVEN
     caps: list[FrequencyCap] = []
