@@ -33,6 +33,29 @@ echo
 echo
 "$adpop" snapshot list --config "$demo/appliance.toml"
 echo
-echo "The engine, origin and console arrive with the next issues; for now try:"
+# One decision from the real engine on the snapshot just installed, then stop it.
+port=$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+engine/build/adpop-engine --listen "127.0.0.1:$port" --snapshot "$demo/state/current" --shards 1 \
+    --admin "$PWD/$demo/engine.sock" >"$demo/engine.log" 2>&1 &
+engine_pid=$!
+trap 'kill $engine_pid 2>/dev/null || true' EXIT
+url="http://127.0.0.1:$port/v1/decide?id=demo-1&placement=article-inline&country=US&device=desktop&time=1790000000"
+.venv/bin/python - "$url" <<'PY'
+import json, sys, time, urllib.request
+url = sys.argv[1]
+for _ in range(100):
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            print("engine answered GET", url.split("127.0.0.1")[1])
+            print(json.dumps(json.load(resp), indent=2))
+            break
+    except OSError:
+        time.sleep(0.05)
+else:
+    sys.exit("demo: the engine did not answer; see .demo/engine.log")
+PY
+echo
+echo "The origin, supervisor and console arrive with the next issues; meanwhile try:"
+echo "  engine/build/adpop-engine --snapshot $demo/state/current --listen 127.0.0.1:8080 --admin /tmp/adpop.sock"
 echo "  $adpop snapshot inspect $demo/snapshot-v$version --json"
 echo "  $adpop config dump --config $demo/appliance.toml"

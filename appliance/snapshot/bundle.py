@@ -112,7 +112,8 @@ def describe(manifest: Manifest, payload: bytes, nesting_limit: int = 16) -> dic
         }
         strings = p.strings
         placement_names = {
-            strings[pl.id]: sum(len(t.campaigns) for part in pl.partitions for t in part.tiers)
+            strings[pl.id]: len({c for part in pl.partitions for t in part.tiers
+                                 for c in t.campaigns})
             for pl in p.placements
         }
     return {
