@@ -38,7 +38,7 @@ port=$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1
 engine/build/adpop-engine --listen "127.0.0.1:$port" --snapshot "$demo/state/current" --shards 1 \
     --admin "$PWD/$demo/engine.sock" >"$demo/engine.log" 2>&1 &
 engine_pid=$!
-trap 'kill $engine_pid 2>/dev/null || true' EXIT
+trap 'kill $engine_pid 2>/dev/null; wait $engine_pid 2>/dev/null || true' EXIT
 url="http://127.0.0.1:$port/v1/decide?id=demo-1&placement=article-inline&country=US&device=desktop&time=1790000000"
 .venv/bin/python - "$url" <<'PY'
 import json, sys, time, urllib.request
