@@ -646,6 +646,7 @@ std::string Engine::snapshot_hash() const { return hash_; }
 
 bool Engine::load(std::string* error) {
   std::lock_guard<std::mutex> lock(swap_mutex_);
+  const std::int64_t started = mono_ns();
   char resolved[PATH_MAX];
   if (!realpath(options_.snapshot_dir.c_str(), resolved)) {
     ++loads_failed_;
@@ -683,6 +684,7 @@ bool Engine::load(std::string* error) {
   if (old) retired_.emplace_back(std::unique_ptr<Snapshot>(const_cast<Snapshot*>(old)), generation);
   hash_ = hex;
   loaded_path_ = resolved;
+  last_load_ms_ = static_cast<double>(mono_ns() - started) / 1e6;
   ++loads_ok_;
   last_load_error_.clear();
   return true;
@@ -902,9 +904,11 @@ std::string Engine::status_json() {
                   static_cast<unsigned long long>(errors[e]));
     s += buf;
   }
-  std::snprintf(buf, sizeof buf, "},\"loads\":{\"ok\":%llu,\"failed\":%llu,\"retired_pending\":%zu,\"last_error\":",
+  std::snprintf(buf, sizeof buf,
+                "},\"loads\":{\"ok\":%llu,\"failed\":%llu,\"retired_pending\":%zu,\"last_ms\":%.1f,"
+                "\"last_error\":",
                 static_cast<unsigned long long>(loads_ok_), static_cast<unsigned long long>(loads_failed_),
-                retired_.size());
+                retired_.size(), last_load_ms_);
   s += buf;
   api::append_json_string(s, last_load_error_);
   s += ",\"path\":";

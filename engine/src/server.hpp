@@ -203,6 +203,7 @@ class Engine {
   std::uint64_t loads_ok_ = 0;
   std::uint64_t loads_failed_ = 0;
   std::string last_load_error_;
+  double last_load_ms_ = 0;  // map + validate + hash of the last good load
   int admin_fd_ = -1;
   std::thread admin_thread_;
   std::int64_t started_ns_ = 0;
