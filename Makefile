@@ -13,7 +13,7 @@ APT_PACKAGES := \
 	python3-venv python3-dev build-essential pkg-config \
 	cmake g++ capnproto libcapnp-dev libssl-dev libgtest-dev \
 	clang libclang-rt-14-dev \
-	libbenchmark-dev nginx-light wrk
+	libbenchmark-dev nginx-light wrk clang-format
 
 FUZZ_SECONDS ?= 60
 

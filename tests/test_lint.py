@@ -16,6 +16,17 @@ def test_ruff_clean() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_engine_sources_are_clang_formatted() -> None:
+    """The engine's C++ follows engine/.clang-format (STYLE.md)."""
+    sources = sorted(str(p) for folder in ("src", "tests", "fuzz", "bench")
+                     for p in (REPO / "engine" / folder).glob("*.[ch]pp"))
+    assert len(sources) > 10
+    result = subprocess.run(["clang-format", "--dry-run", "--Werror",
+                             f"--style=file:{REPO / 'engine' / '.clang-format'}", *sources],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_mypy_clean() -> None:
     result = subprocess.run([BIN / "mypy"], cwd=REPO, capture_output=True, text=True,
                             check=False)

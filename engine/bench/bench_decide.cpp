@@ -68,7 +68,8 @@ void BM_Decide(benchmark::State& state) {
     benchmark::DoNotOptimize(decision.placements.data());
     if (++i == f.requests.size()) i = 0;
   }
-  state.counters["filled"] = benchmark::Counter(static_cast<double>(filled) / static_cast<double>(state.iterations()));
+  state.counters["filled"] =
+      benchmark::Counter(static_cast<double>(filled) / static_cast<double>(state.iterations()));
 }
 BENCHMARK(BM_Decide)->MinTime(2.0);
 
@@ -89,7 +90,8 @@ void BM_Match(benchmark::State& state) {
     matched += out.size();
     if (++i == f.requests.size()) i = 0;
   }
-  state.counters["matched"] = benchmark::Counter(static_cast<double>(matched) / static_cast<double>(state.iterations()));
+  state.counters["matched"] =
+      benchmark::Counter(static_cast<double>(matched) / static_cast<double>(state.iterations()));
 }
 BENCHMARK(BM_Match)->MinTime(2.0);
 

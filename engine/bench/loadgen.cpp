@@ -115,7 +115,8 @@ int main(int argc, char** argv) {
           std::any_of(conns.begin(), conns.end(), [](const Conn& c) { return c.busy; })) &&
          now_ns() < hard_stop) {
     const std::int64_t t = now_ns();
-    while (next_index < total && start + next_index * interval <= t) backlog.push_back(start + interval * next_index++);
+    while (next_index < total && start + next_index * interval <= t)
+      backlog.push_back(start + interval * next_index++);
     while (!backlog.empty() && !idle.empty()) {
       Conn& c = conns[idle.back()];
       idle.pop_back();
@@ -159,8 +160,10 @@ int main(int argc, char** argv) {
       while (c.busy && (len = response_length(c.in)) > 0) {
         const bool good = c.in.compare(0, 12, "HTTP/1.1 200") == 0;
         c.in.erase(0, len);
-        if (good) ++ok;
-        else ++errors;
+        if (good)
+          ++ok;
+        else
+          ++errors;
         latencies.push_back(now_ns() - c.scheduled);
         c.busy = false;
         idle.push_back(idx);
@@ -174,9 +177,10 @@ int main(int argc, char** argv) {
     return static_cast<double>(latencies[i]) / 1000.0;
   };
   const double elapsed = static_cast<double>(now_ns() - start) / 1e9;
-  std::printf("{\"sent\":%lld,\"ok\":%lld,\"errors\":%lld,\"achieved_rps\":%.1f,\"p50_us\":%.1f,"
-              "\"p99_us\":%.1f,\"p999_us\":%.1f}\n",
-              static_cast<long long>(next_index), static_cast<long long>(ok), static_cast<long long>(errors),
-              static_cast<double>(ok) / elapsed, q(0.5), q(0.99), q(0.999));
+  std::printf(
+      "{\"sent\":%lld,\"ok\":%lld,\"errors\":%lld,\"achieved_rps\":%.1f,\"p50_us\":%.1f,"
+      "\"p99_us\":%.1f,\"p999_us\":%.1f}\n",
+      static_cast<long long>(next_index), static_cast<long long>(ok), static_cast<long long>(errors),
+      static_cast<double>(ok) / elapsed, q(0.5), q(0.99), q(0.999));
   return 0;
 }

@@ -19,7 +19,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       if (p.count < 1 || p.count > adpop::kMaxAdsPerPlacement) __builtin_trap();
   }
   std::string scratch;
-  (void)adpop::api::parse_query(std::string_view(reinterpret_cast<const char*>(data), size), scratch,
-                                request, &error);
+  (void)adpop::api::parse_query(std::string_view(reinterpret_cast<const char*>(data), size), scratch, request,
+                                &error);
   return 0;
 }

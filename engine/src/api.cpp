@@ -48,8 +48,10 @@ bool get_strings(const json::Document& doc, const json::Value& obj, std::string_
   if (v->type != json::Type::kArray || v->count > kMaxListValues) return false;
   bool ok = true;
   doc.each(*v, [&](const json::Value& item) {
-    if (item.type != json::Type::kString || item.text.size() > 256) ok = false;
-    else out->push_back(item.text);
+    if (item.type != json::Type::kString || item.text.size() > 256)
+      ok = false;
+    else
+      out->push_back(item.text);
   });
   return ok;
 }
@@ -66,8 +68,7 @@ void split_list(std::string_view s, std::vector<std::string_view>* out) {
 
 }  // namespace
 
-bool parse_json(char* body, std::size_t size, json::Document& doc, DecideRequest& out,
-                const char** error) {
+bool parse_json(char* body, std::size_t size, json::Document& doc, DecideRequest& out, const char** error) {
   out.clear();
   json::Limits limits;
   if (!doc.parse(body, size, limits, error)) return false;
@@ -112,8 +113,8 @@ bool parse_json(char* body, std::size_t size, json::Document& doc, DecideRequest
       });
     }
     if (const json::Value* count = doc.member(p, "count")) {
-      if (count->type != json::Type::kNumber || count->number < 1 ||
-          count->number > kMaxAdsPerPlacement || count->number != static_cast<int>(count->number)) {
+      if (count->type != json::Type::kNumber || count->number < 1 || count->number > kMaxAdsPerPlacement ||
+          count->number != static_cast<int>(count->number)) {
         *error = "placements[].count: a whole number from 1 to 20";
         ok = false;
         return;
@@ -163,8 +164,7 @@ bool parse_json(char* body, std::size_t size, json::Document& doc, DecideRequest
   return true;
 }
 
-bool parse_query(std::string_view query, std::string& scratch, DecideRequest& out,
-                 const char** error) {
+bool parse_query(std::string_view query, std::string& scratch, DecideRequest& out, const char** error) {
   out.clear();
   // Decoded text never grows, so one buffer of the query's size holds every value; views
   // into it stay valid because it is not resized afterwards.
@@ -188,7 +188,8 @@ bool parse_query(std::string_view query, std::string& scratch, DecideRequest& ou
     }
     std::string_view value(w, static_cast<std::size_t>(n));
     w += n;
-    if (key == "id") out.id = value;
+    if (key == "id")
+      out.id = value;
     else if (key == "placement") {
       if (placement_ids.size() >= kMaxPlacements) {
         *error = "at most 20 placements";
@@ -213,15 +214,24 @@ bool parse_query(std::string_view query, std::string& scratch, DecideRequest& ou
         return false;
       }
       count = static_cast<std::uint32_t>(c);
-    } else if (key == "user") out.user_key = value;
-    else if (key == "segments") split_list(value, &out.segments);
-    else if (key == "keywords") split_list(value, &out.keywords);
-    else if (key == "device") out.device = value;
-    else if (key == "os") out.os = value;
-    else if (key == "country") out.country = value;
-    else if (key == "region") out.region = value;
-    else if (key == "domain") out.domain = value;
-    else if (key == "caps") out.caps = value;
+    } else if (key == "user")
+      out.user_key = value;
+    else if (key == "segments")
+      split_list(value, &out.segments);
+    else if (key == "keywords")
+      split_list(value, &out.keywords);
+    else if (key == "device")
+      out.device = value;
+    else if (key == "os")
+      out.os = value;
+    else if (key == "country")
+      out.country = value;
+    else if (key == "region")
+      out.region = value;
+    else if (key == "domain")
+      out.domain = value;
+    else if (key == "caps")
+      out.caps = value;
     else if (key == "time") {
       if (!parse_int(value, &out.time) || out.time < 0) {
         *error = "time: unix seconds";
@@ -246,11 +256,21 @@ void append_json_string(std::string& out, std::string_view s) {
   out.push_back('"');
   for (unsigned char c : s) {
     switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      case '\r': out += "\\r"; break;
-      case '\t': out += "\\t"; break;
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
       default:
         if (c < 0x20) {
           char buf[8];
@@ -264,8 +284,8 @@ void append_json_string(std::string& out, std::string_view s) {
   out.push_back('"');
 }
 
-void render(const Snapshot& snap, const DecideRequest& request, const Decision& decision,
-            std::string& out, const TrackingLinks* links) {
+void render(const Snapshot& snap, const DecideRequest& request, const Decision& decision, std::string& out,
+            const TrackingLinks* links) {
   const auto payload = snap.payload();
   const auto campaigns = payload.getCampaigns();
   const auto ads = payload.getAds();
@@ -275,8 +295,7 @@ void render(const Snapshot& snap, const DecideRequest& request, const Decision& 
   out += "{\"id\":";
   append_json_string(out, request.id);
   std::snprintf(num, sizeof num, ",\"version\":%llu,\"time\":%lld,\"placements\":[",
-                static_cast<unsigned long long>(snap.version()),
-                static_cast<long long>(decision.time));
+                static_cast<unsigned long long>(snap.version()), static_cast<long long>(decision.time));
   out += num;
   for (std::size_t i = 0; i < decision.placements.size(); ++i) {
     const PlacementDecision& pd = decision.placements[i];
@@ -297,9 +316,8 @@ void render(const Snapshot& snap, const DecideRequest& request, const Decision& 
       append_json_string(out, snap.str(camp.getId()).cStr());
       out += ",\"creative\":";
       append_json_string(out, snap.str(cr.getId()).cStr());
-      std::snprintf(num, sizeof num, ",\"size\":\"%ux%u\",\"priority\":%u,\"type\":\"%s\"",
-                    cr.getWidth(), cr.getHeight(), camp.getPriority(),
-                    kKinds[static_cast<unsigned>(cr.getKind()) & 3]);
+      std::snprintf(num, sizeof num, ",\"size\":\"%ux%u\",\"priority\":%u,\"type\":\"%s\"", cr.getWidth(),
+                    cr.getHeight(), camp.getPriority(), kKinds[static_cast<unsigned>(cr.getKind()) & 3]);
       out += num;
       if (cr.getBody() != 0) {
         out += ",\"body\":";

@@ -21,12 +21,10 @@
 namespace adpop::api {
 
 // Parses a JSON body in place; string views in `out` point into `body`.
-bool parse_json(char* body, std::size_t size, json::Document& doc, DecideRequest& out,
-                const char** error);
+bool parse_json(char* body, std::size_t size, json::Document& doc, DecideRequest& out, const char** error);
 // Parses a query string; decoded text is written to `scratch` (resized to fit) and `out`
 // points into it.
-bool parse_query(std::string_view query, std::string& scratch, DecideRequest& out,
-                 const char** error);
+bool parse_query(std::string_view query, std::string& scratch, DecideRequest& out, const char** error);
 
 // Signs the impression and click URLs of an answer.
 struct TrackingLinks {
@@ -36,8 +34,8 @@ struct TrackingLinks {
 
 // Appends the JSON answer for `decision` to `out`; with `links`, each ad carries signed
 // "imp" and "click" URLs.
-void render(const Snapshot& snap, const DecideRequest& request, const Decision& decision,
-            std::string& out, const TrackingLinks* links = nullptr);
+void render(const Snapshot& snap, const DecideRequest& request, const Decision& decision, std::string& out,
+            const TrackingLinks* links = nullptr);
 
 void append_json_string(std::string& out, std::string_view s);
 

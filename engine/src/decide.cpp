@@ -43,8 +43,10 @@ std::int64_t find_placement(const Snapshot& snap, std::string_view id) {
   std::uint32_t lo = 0, hi = placements.size();
   while (lo < hi) {
     std::uint32_t mid = lo + (hi - lo) / 2;
-    if (compare_text(snap.str(placements[mid].getId()), id) < 0) lo = mid + 1;
-    else hi = mid;
+    if (compare_text(snap.str(placements[mid].getId()), id) < 0)
+      lo = mid + 1;
+    else
+      hi = mid;
   }
   if (lo < placements.size() && compare_text(snap.str(placements[lo].getId()), id) == 0) return lo;
   return -1;
@@ -64,14 +66,22 @@ bool labels_conflict(std::uint32_t campaign, capnp::List<std::uint32_t>::Reader 
 
 const char* loss_name(LossReason reason) {
   switch (reason) {
-    case LossReason::kFlight: return "flight";
-    case LossReason::kSize: return "size";
-    case LossReason::kCap: return "cap";
-    case LossReason::kPacing: return "pacing";
-    case LossReason::kTier: return "tier";
-    case LossReason::kLottery: return "lottery";
-    case LossReason::kExclusion: return "exclusion";
-    case LossReason::kDuplicate: return "duplicate";
+    case LossReason::kFlight:
+      return "flight";
+    case LossReason::kSize:
+      return "size";
+    case LossReason::kCap:
+      return "cap";
+    case LossReason::kPacing:
+      return "pacing";
+    case LossReason::kTier:
+      return "tier";
+    case LossReason::kLottery:
+      return "lottery";
+    case LossReason::kExclusion:
+      return "exclusion";
+    case LossReason::kDuplicate:
+      return "duplicate";
   }
   return "unknown";
 }
@@ -92,8 +102,8 @@ bool Decider::capped(const Snapshot& snap, std::uint32_t campaign, std::int64_t 
   const auto camp = snap.payload().getCampaigns()[campaign];
   for (auto cap : camp.getCaps()) {
     const bool advertiser = cap.getScope() == CapScope::ADVERTISER;
-    const std::uint32_t id = advertiser ? snap.payload().getAdvertisers()[camp.getAdvertiser()].getIdHash()
-                                        : camp.getIdHash();
+    const std::uint32_t id =
+        advertiser ? snap.payload().getAdvertisers()[camp.getAdvertiser()].getIdHash() : camp.getIdHash();
     for (const CapEntry& e : caps_) {
       if (e.scope == (advertiser ? 1 : 0) && e.id == id && e.window == cap.getWindowSeconds() &&
           t < std::int64_t{e.start} + e.window && e.count >= cap.getCount())
@@ -107,8 +117,8 @@ void Decider::count_cap(const Snapshot& snap, std::uint32_t campaign, std::int64
   const auto camp = snap.payload().getCampaigns()[campaign];
   for (auto cap : camp.getCaps()) {
     const bool advertiser = cap.getScope() == CapScope::ADVERTISER;
-    const std::uint32_t id = advertiser ? snap.payload().getAdvertisers()[camp.getAdvertiser()].getIdHash()
-                                        : camp.getIdHash();
+    const std::uint32_t id =
+        advertiser ? snap.payload().getAdvertisers()[camp.getAdvertiser()].getIdHash() : camp.getIdHash();
     CapEntry* found = nullptr;
     for (CapEntry& e : caps_)
       if (e.scope == (advertiser ? 1 : 0) && e.id == id && e.window == cap.getWindowSeconds()) found = &e;
@@ -140,10 +150,12 @@ bool Decider::paced_out(const Snapshot& snap, std::uint32_t campaign, std::int64
   const std::uint64_t spent = it == spend_.end() ? 0 : it->second;
   const double frac = static_cast<double>(t - day * 86400) / 86400.0;
   double curve = 1.0;  // asap: the whole day's budget is available at once
-  if (camp.getPacing() == Pacing::EVEN) curve = std::min(1.0, frac + 1.0 / 24);  // an hour of slack
-  else if (camp.getPacing() == Pacing::FRONTLOADED) curve = std::min(1.0, frac * 1.5 + 1.0 / 12);
-  const double allowed = static_cast<double>(daily) * context.budget_share /
-                         std::max<std::uint32_t>(1, context.shards) * curve;
+  if (camp.getPacing() == Pacing::EVEN)
+    curve = std::min(1.0, frac + 1.0 / 24);  // an hour of slack
+  else if (camp.getPacing() == Pacing::FRONTLOADED)
+    curve = std::min(1.0, frac * 1.5 + 1.0 / 12);
+  const double allowed =
+      static_cast<double>(daily) * context.budget_share / std::max<std::uint32_t>(1, context.shards) * curve;
   return static_cast<double>(spent) >= allowed;
 }
 
@@ -196,8 +208,8 @@ bool Decider::targets(const Snapshot& snap, std::uint32_t campaign) const {
   return false;
 }
 
-void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::int64_t now,
-                     Decision& out, const DecideContext& context) {
+void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::int64_t now, Decision& out,
+                     const DecideContext& context) {
   const auto payload = snap.payload();
   const auto campaigns = snap.campaigns();
   const auto ads = payload.getAds();
@@ -250,8 +262,8 @@ void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::in
     std::size_t n_allowed = 0;
     for (auto s : placement.getSizes()) {
       AdSize size{s.getWidth(), s.getHeight()};
-      bool wanted = preq.sizes.empty() ||
-                    std::find(preq.sizes.begin(), preq.sizes.end(), size) != preq.sizes.end();
+      bool wanted =
+          preq.sizes.empty() || std::find(preq.sizes.begin(), preq.sizes.end(), size) != preq.sizes.end();
       if (wanted && n_allowed < 32) allowed[n_allowed++] = size;
     }
     auto fits = [&](std::uint32_t ad) {
@@ -313,12 +325,11 @@ void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::in
         count_cap(snap, c, t);
         caps_changed = true;
       }
-      if (camp.getBudgetDailyMicros() > 0)
-        spend_[camp.getIdHash()] += camp.getEcpmMicros() / 1000;
+      if (camp.getBudgetDailyMicros() > 0) spend_[camp.getIdHash()] += camp.getEcpmMicros() / 1000;
     };
 
-    const std::uint32_t want = std::min<std::uint32_t>(std::max<std::uint32_t>(preq.count, 1),
-                                                      kMaxAdsPerPlacement);
+    const std::uint32_t want =
+        std::min<std::uint32_t>(std::max<std::uint32_t>(preq.count, 1), kMaxAdsPerPlacement);
     // Strict priority: tiers best first. Within a tier, a weighted draw over every campaign
     // that can ever serve here, kept if it can serve this request: exactly the weighted
     // lottery among the eligible ones, found in a few draws when many are eligible. After
@@ -330,13 +341,15 @@ void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::in
     // from together, tier by tier; a campaign is in one of them, never both.
     const std::vector<TierView>& any = snap.tiers(static_cast<std::uint32_t>(pd.placement), 0);
     static const std::vector<TierView> kNone;
-    const std::vector<TierView>& own = part ? snap.tiers(static_cast<std::uint32_t>(pd.placement), part) : kNone;
+    const std::vector<TierView>& own =
+        part ? snap.tiers(static_cast<std::uint32_t>(pd.placement), part) : kNone;
     std::size_t ia = 0, io = 0;
     while (pd.chosen.size() < want && (ia < any.size() || io < own.size())) {
       const unsigned pa = ia < any.size() ? any[ia].priority : 256u;
       const unsigned po = io < own.size() ? own[io].priority : 256u;
       const unsigned priority = std::min(pa, po);
-      const TierView* lists[2] = {pa == priority ? &any[ia++] : nullptr, po == priority ? &own[io++] : nullptr};
+      const TierView* lists[2] = {pa == priority ? &any[ia++] : nullptr,
+                                  po == priority ? &own[io++] : nullptr};
       std::uint64_t totals[2] = {0, 0};
       std::uint32_t size = 0;
       for (int l = 0; l < 2; ++l)
@@ -362,8 +375,10 @@ void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::in
             std::uint32_t lo = 0, hi = tier->size - 1;
             while (lo < hi) {
               std::uint32_t mid = lo + (hi - lo) / 2;
-              if (tier->cumulative[mid] <= r) lo = mid + 1;
-              else hi = mid;
+              if (tier->cumulative[mid] <= r)
+                lo = mid + 1;
+              else
+                hi = mid;
             }
             const std::uint32_t c = tier->members[lo];
             if (t < snap.campaign_start(c) || t >= snap.campaign_end(c)) continue;  // the usual miss
@@ -404,8 +419,8 @@ void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::in
 
 // The exhaustive view for `explain`: every campaign the k-index says targeting admits, and
 // for each that did not serve, why. The choice itself is the serving path's, unchanged.
-void Decider::explain(const Snapshot& snap, const DecideRequest& request, std::size_t pi,
-                      std::int64_t t, const DecideContext& context, Decision& out) {
+void Decider::explain(const Snapshot& snap, const DecideRequest& request, std::size_t pi, std::int64_t t,
+                      const DecideContext& context, Decision& out) {
   const auto payload = snap.payload();
   const auto campaigns = payload.getCampaigns();
   const auto ads = payload.getAds();
@@ -425,7 +440,8 @@ void Decider::explain(const Snapshot& snap, const DecideRequest& request, std::s
   };
   matcher_.match_campaigns(snap, targeting_, matched_);
   std::uint8_t worst_chosen = 0;
-  for (const Choice& ch : pd.chosen) worst_chosen = std::max<std::uint8_t>(worst_chosen, campaigns[ch.campaign].getPriority());
+  for (const Choice& ch : pd.chosen)
+    worst_chosen = std::max<std::uint8_t>(worst_chosen, campaigns[ch.campaign].getPriority());
   for (std::uint32_t c : matched_) {
     const auto camp = campaigns[c];
     if (t < camp.getStart() || t >= camp.getEnd()) {
@@ -447,10 +463,14 @@ void Decider::explain(const Snapshot& snap, const DecideRequest& request, std::s
     for (std::uint32_t a = camp.getAdsStart(); a < camp.getAdsStart() + camp.getAdsCount(); ++a)
       unused = unused || (fits(a) && std::find(used_ads_.begin(), used_ads_.end(), a) == used_ads_.end());
     LossReason reason = LossReason::kLottery;
-    if (camp.getCaps().size() > 0 && capped(snap, c, t)) reason = LossReason::kCap;
-    else if (labels_conflict(c, camp.getExclusionLabels(), exclusions_)) reason = LossReason::kExclusion;
-    else if (!unused) reason = LossReason::kDuplicate;
-    else if (!pd.chosen.empty() && camp.getPriority() > worst_chosen) reason = LossReason::kTier;
+    if (camp.getCaps().size() > 0 && capped(snap, c, t))
+      reason = LossReason::kCap;
+    else if (labels_conflict(c, camp.getExclusionLabels(), exclusions_))
+      reason = LossReason::kExclusion;
+    else if (!unused)
+      reason = LossReason::kDuplicate;
+    else if (!pd.chosen.empty() && camp.getPriority() > worst_chosen)
+      reason = LossReason::kTier;
     else if (camp.getPassThroughPpm() < 1000000 || camp.getBudgetDailyMicros() > 0) {
       // Pacing rolls are not replayed here; a budgeted campaign that lost is reported as
       // paced when its local spend has reached its allowance, else as a lottery loss.

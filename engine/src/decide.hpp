@@ -48,7 +48,7 @@ struct DecideRequest {
   std::string_view domain;
   std::int64_t time = -1;  // unix seconds; -1: the engine's clock
   bool explain = false;
-  std::string_view caps;   // the frequency-cap token the client echoes back
+  std::string_view caps;  // the frequency-cap token the client echoes back
 
   void clear() {
     id = user_key = device = os = country = region = domain = caps = {};
@@ -68,7 +68,14 @@ struct Choice {
 
 // Why an eligible-by-targeting campaign did not serve, for `explain`.
 enum class LossReason : std::uint8_t {
-  kFlight, kSize, kCap, kPacing, kTier, kLottery, kExclusion, kDuplicate
+  kFlight,
+  kSize,
+  kCap,
+  kPacing,
+  kTier,
+  kLottery,
+  kExclusion,
+  kDuplicate
 };
 const char* loss_name(LossReason reason);
 
@@ -78,10 +85,10 @@ struct Loss {
 };
 
 struct PlacementDecision {
-  std::int64_t placement = -1;            // index in the snapshot, -1 if unknown
+  std::int64_t placement = -1;  // index in the snapshot, -1 if unknown
   std::vector<Choice> chosen;
-  std::vector<std::uint32_t> eligible;    // campaigns passing targeting, flight and size
-  std::vector<Loss> losses;               // explain only
+  std::vector<std::uint32_t> eligible;  // campaigns passing targeting, flight and size
+  std::vector<Loss> losses;             // explain only
 };
 
 struct Decision {
@@ -96,8 +103,8 @@ struct Decision {
 // of each campaign's daily budget.
 struct DecideContext {
   const TokenSigner* signer = nullptr;
-  double budget_share = 1.0;   // this PoP's share of a daily budget
-  std::uint32_t shards = 1;    // the PoP's share is split evenly across its shards
+  double budget_share = 1.0;  // this PoP's share of a daily budget
+  std::uint32_t shards = 1;   // the PoP's share is split evenly across its shards
 };
 
 // Hour of week in UTC, Monday 00:00 = 0 (1970-01-01 was a Thursday).
@@ -105,20 +112,20 @@ std::uint32_t hour_of_week(std::int64_t unix_seconds);
 
 class Decider {
  public:
-  void decide(const Snapshot& snap, const DecideRequest& request, std::int64_t now,
-              Decision& out, const DecideContext& context = {});
+  void decide(const Snapshot& snap, const DecideRequest& request, std::int64_t now, Decision& out,
+              const DecideContext& context = {});
   // Local spend of a campaign today, in micros (tests and status).
   std::uint64_t spent(std::string_view campaign_id) const;
 
  private:
   bool capped(const Snapshot& snap, std::uint32_t campaign, std::int64_t t) const;
   void count_cap(const Snapshot& snap, std::uint32_t campaign, std::int64_t t);
-  bool paced_out(const Snapshot& snap, std::uint32_t campaign, std::int64_t t,
-                 const DecideContext& context, std::uint64_t roll);
+  bool paced_out(const Snapshot& snap, std::uint32_t campaign, std::int64_t t, const DecideContext& context,
+                 std::uint64_t roll);
   void prepare_ordinals(const Snapshot& snap);
   bool targets(const Snapshot& snap, std::uint32_t campaign) const;
-  void explain(const Snapshot& snap, const DecideRequest& request, std::size_t placement,
-               std::int64_t t, const DecideContext& context, Decision& out);
+  void explain(const Snapshot& snap, const DecideRequest& request, std::size_t placement, std::int64_t t,
+               const DecideContext& context, Decision& out);
 
   std::vector<CapEntry> caps_;
   std::string caps_scratch_;
@@ -130,7 +137,7 @@ class Decider {
   TargetingRequest targeting_;
   std::vector<std::uint32_t> matched_;
   std::array<std::vector<std::uint32_t>, kAttributes> ords_;  // request value ordinals, sorted
-  std::vector<std::uint32_t> pool_;           // a tier's servable campaigns (fallback path)
+  std::vector<std::uint32_t> pool_;                           // a tier's servable campaigns (fallback path)
   std::vector<std::uint32_t> used_ads_;
   std::vector<std::pair<std::uint32_t, std::uint32_t>> exclusions_;  // (label, campaign)
   char hour_text_[8] = {};

@@ -29,7 +29,9 @@ std::string_view trim(std::string_view s) {
   return s;
 }
 
-Result error(int code, const char* reason) { return Result{Status::kError, code, reason}; }
+Result error(int code, const char* reason) {
+  return Result{Status::kError, code, reason};
+}
 
 }  // namespace
 
@@ -38,9 +40,8 @@ Result parse(std::string_view buffer, const Limits& limits, Request& out) {
   // Find the end of the head; tolerate bare LF line endings as RFC 9112 allows.
   std::size_t head_end = std::string_view::npos;
   std::size_t body_start = 0;
-  const std::size_t scan = buffer.size() < limits.max_header_bytes + 4
-                               ? buffer.size()
-                               : limits.max_header_bytes + 4;
+  const std::size_t scan =
+      buffer.size() < limits.max_header_bytes + 4 ? buffer.size() : limits.max_header_bytes + 4;
   for (std::size_t i = 0; i < scan; ++i) {
     if (buffer[i] != '\n') continue;
     if (i + 1 < buffer.size() && buffer[i + 1] == '\n') {
@@ -57,11 +58,9 @@ Result parse(std::string_view buffer, const Limits& limits, Request& out) {
   if (head_end == std::string_view::npos) {
     if (buffer.size() > limits.max_header_bytes) return error(431, "headers_too_large");
     // Reject garbage early instead of waiting for a head that will never be valid.
-    for (std::size_t i = 0; i < buffer.size() && buffer[i] != ' ' && buffer[i] != '\r' &&
-                            buffer[i] != '\n';
+    for (std::size_t i = 0; i < buffer.size() && buffer[i] != ' ' && buffer[i] != '\r' && buffer[i] != '\n';
          ++i)
-      if (!is_token_char(static_cast<unsigned char>(buffer[i])))
-        return error(400, "bad_request_line");
+      if (!is_token_char(static_cast<unsigned char>(buffer[i]))) return error(400, "bad_request_line");
     return Result{};
   }
   if (body_start - 1 > limits.max_header_bytes) return error(431, "headers_too_large");
@@ -83,10 +82,14 @@ Result parse(std::string_view buffer, const Limits& limits, Request& out) {
   if (out.target.empty() || out.target.front() != '/') return error(400, "bad_request_line");
   for (char c : out.target)
     if (static_cast<unsigned char>(c) <= 0x20 || c == 0x7f) return error(400, "bad_request_line");
-  if (version == "HTTP/1.1") out.keep_alive = true;
-  else if (version == "HTTP/1.0") out.keep_alive = false;
-  else if (version.substr(0, 5) == "HTTP/") return error(505, "bad_version");
-  else return error(400, "bad_request_line");
+  if (version == "HTTP/1.1")
+    out.keep_alive = true;
+  else if (version == "HTTP/1.0")
+    out.keep_alive = false;
+  else if (version.substr(0, 5) == "HTTP/")
+    return error(505, "bad_version");
+  else
+    return error(400, "bad_request_line");
   std::size_t q = out.target.find('?');
   out.path = out.target.substr(0, q);
   out.query = q == std::string_view::npos ? std::string_view{} : out.target.substr(q + 1);
@@ -124,8 +127,10 @@ Result parse(std::string_view buffer, const Limits& limits, Request& out) {
     } else if (iequals(name, "transfer-encoding")) {
       return error(501, "transfer_encoding");
     } else if (iequals(name, "connection")) {
-      if (iequals(value, "close")) out.keep_alive = false;
-      else if (iequals(value, "keep-alive")) out.keep_alive = true;
+      if (iequals(value, "close"))
+        out.keep_alive = false;
+      else if (iequals(value, "keep-alive"))
+        out.keep_alive = true;
     } else if (iequals(name, "content-type")) {
       out.content_type = value;
     }

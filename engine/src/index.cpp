@@ -25,8 +25,10 @@ std::int64_t find_list(capnp::List<PostingList>::Reader lists, std::uint32_t att
     std::uint32_t mid = lo + (hi - lo) / 2;
     auto l = lists[mid];
     std::uint64_t k = (std::uint64_t{l.getAttribute()} << 32) | l.getValue();
-    if (k < key) lo = mid + 1;
-    else hi = mid;
+    if (k < key)
+      lo = mid + 1;
+    else
+      hi = mid;
   }
   if (lo < lists.size()) {
     auto l = lists[lo];
@@ -41,8 +43,10 @@ std::int64_t find_text(capnp::List<capnp::Text>::Reader sorted, std::string_view
   std::uint32_t lo = 0, hi = sorted.size();
   while (lo < hi) {
     std::uint32_t mid = lo + (hi - lo) / 2;
-    if (compare(sorted[mid], value) < 0) lo = mid + 1;
-    else hi = mid;
+    if (compare(sorted[mid], value) < 0)
+      lo = mid + 1;
+    else
+      hi = mid;
   }
   if (lo < sorted.size() && compare(sorted[lo], value) == 0) return lo;
   return -1;
@@ -65,8 +69,10 @@ void Matcher::skip_to(Cursor& c, std::uint64_t conj) {
     // Galloping would help very long lists; a plain lower bound is enough at these sizes.
     while (lo < hi) {
       std::uint32_t mid = lo + (hi - lo) / 2;
-      if (s.entries[mid] < target) lo = mid + 1;
-      else hi = mid;
+      if (s.entries[mid] < target)
+        lo = mid + 1;
+      else
+        hi = mid;
     }
     s.pos = lo;
   }
@@ -90,8 +96,10 @@ void Matcher::walk(std::size_t k, std::vector<std::uint32_t>& out) {
       } else {
         // Rejected by a NOT IN: also move cursors past K that sit on it.
         for (std::size_t i = k; i < order_.size(); ++i) {
-          if ((order_[i]->current >> 1) == conj) skip_to(*order_[i], conj + 1);
-          else break;
+          if ((order_[i]->current >> 1) == conj)
+            skip_to(*order_[i], conj + 1);
+          else
+            break;
         }
       }
       next = conj + 1;

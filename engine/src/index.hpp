@@ -38,7 +38,7 @@ class Matcher {
   struct Cursor {
     std::uint32_t first_sub = 0;  // slice of subs_
     std::uint32_t n_subs = 0;
-    std::uint64_t current = 0;    // smallest entry among subs, or kEnd
+    std::uint64_t current = 0;  // smallest entry among subs, or kEnd
   };
   struct Sub {
     Entries entries;

@@ -89,14 +89,30 @@ bool Document::parse_string(std::string_view* out) {
     }
     char e = *p_++;
     switch (e) {
-      case '"': *w++ = '"'; break;
-      case '\\': *w++ = '\\'; break;
-      case '/': *w++ = '/'; break;
-      case 'b': *w++ = '\b'; break;
-      case 'f': *w++ = '\f'; break;
-      case 'n': *w++ = '\n'; break;
-      case 'r': *w++ = '\r'; break;
-      case 't': *w++ = '\t'; break;
+      case '"':
+        *w++ = '"';
+        break;
+      case '\\':
+        *w++ = '\\';
+        break;
+      case '/':
+        *w++ = '/';
+        break;
+      case 'b':
+        *w++ = '\b';
+        break;
+      case 'f':
+        *w++ = '\f';
+        break;
+      case 'n':
+        *w++ = '\n';
+        break;
+      case 'r':
+        *w++ = '\r';
+        break;
+      case 't':
+        *w++ = '\t';
+        break;
       case 'u': {
         auto read4 = [&](std::uint32_t* cp) {
           if (end_ - p_ < 4) return false;
@@ -117,8 +133,8 @@ bool Document::parse_string(std::string_view* out) {
         }
         if (cp >= 0xD800 && cp <= 0xDBFF) {
           std::uint32_t low = 0;
-          if (end_ - p_ < 6 || p_[0] != '\\' || p_[1] != 'u' || (p_ += 2, !read4(&low)) ||
-              low < 0xDC00 || low > 0xDFFF) {
+          if (end_ - p_ < 6 || p_[0] != '\\' || p_[1] != 'u' || (p_ += 2, !read4(&low)) || low < 0xDC00 ||
+              low > 0xDFFF) {
             error_ = "unpaired surrogate";
             return false;
           }
@@ -192,8 +208,10 @@ bool Document::parse_value(std::uint32_t depth, std::uint32_t slot) {
       const auto child = static_cast<std::uint32_t>(values_.size());
       values_.emplace_back();
       values_[child].key = key;
-      if (values_[slot].count == 0) values_[slot].first = child;
-      else values_[prev].next = child;
+      if (values_[slot].count == 0)
+        values_[slot].first = child;
+      else
+        values_[prev].next = child;
       values_[slot].count++;
       prev = child;
       if (!parse_value(depth + 1, child)) return false;

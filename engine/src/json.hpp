@@ -14,11 +14,11 @@ struct Value {
   Type type = Type::kNull;
   bool boolean = false;
   double number = 0;
-  std::string_view text;     // string contents (decoded) or a number's text
-  std::uint32_t first = 0;   // arrays/objects: index of the first child in Document::values
-  std::uint32_t count = 0;   // arrays/objects: number of children
-  std::uint32_t next = 0;    // index of the next sibling, 0 for none
-  std::string_view key;      // for object members: the member name
+  std::string_view text;    // string contents (decoded) or a number's text
+  std::uint32_t first = 0;  // arrays/objects: index of the first child in Document::values
+  std::uint32_t count = 0;  // arrays/objects: number of children
+  std::uint32_t next = 0;   // index of the next sibling, 0 for none
+  std::string_view key;     // for object members: the member name
 };
 
 struct Limits {

@@ -67,7 +67,9 @@ std::vector<int> cpu_list(std::string_view value) {
     std::string_view item = value.substr(0, comma);
     std::size_t dash = item.find('-');
     int a = static_cast<int>(number("--cpus", item.substr(0, dash), 0, 4095));
-    int b = dash == std::string_view::npos ? a : static_cast<int>(number("--cpus", item.substr(dash + 1), 0, 4095));
+    int b = dash == std::string_view::npos
+                ? a
+                : static_cast<int>(number("--cpus", item.substr(dash + 1), 0, 4095));
     if (b < a) die("--cpus: range " + std::string(item) + " runs backwards");
     for (int c = a; c <= b; ++c) cpus.push_back(c);
     if (comma == std::string_view::npos) break;
@@ -121,7 +123,8 @@ int main(int argc, char** argv) {
     } else if (flag == "--spool") {
       o.spool_dir = std::string(value);
       struct stat st {};
-      if (stat(o.spool_dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode) || access(o.spool_dir.c_str(), W_OK) != 0)
+      if (stat(o.spool_dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode) ||
+          access(o.spool_dir.c_str(), W_OK) != 0)
         die("--spool: " + o.spool_dir + " is not a writable folder; create it first");
     } else if (flag == "--spool-segment-bytes") {
       o.spool_segment_bytes = number(flag, value, 4096, 1ull << 34);
@@ -131,7 +134,9 @@ int main(int argc, char** argv) {
       std::ifstream in{std::string(value), std::ios::binary};
       if (!in) die("--token-key: cannot read " + std::string(value));
       o.token_key.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-      if (o.token_key.size() < 16) die("--token-key: " + std::string(value) + " holds fewer than 16 bytes; use e.g. `head -c 32 /dev/urandom`");
+      if (o.token_key.size() < 16)
+        die("--token-key: " + std::string(value) +
+            " holds fewer than 16 bytes; use e.g. `head -c 32 /dev/urandom`");
     } else if (flag == "--token-ttl") {
       o.token_ttl_s = static_cast<std::uint32_t>(number(flag, value, 1, 30 * 86400));
     } else if (flag == "--budget-share") {
@@ -149,7 +154,8 @@ int main(int argc, char** argv) {
   if (o.snapshot_dir.empty()) die("--snapshot DIR is required");
   if (!o.cpus.empty() && !shards_given) o.shards = static_cast<std::uint32_t>(o.cpus.size());
   if (!o.cpus.empty() && o.cpus.size() != o.shards)
-    die("--cpus lists " + std::to_string(o.cpus.size()) + " CPUs for " + std::to_string(o.shards) + " shards; give one per shard");
+    die("--cpus lists " + std::to_string(o.cpus.size()) + " CPUs for " + std::to_string(o.shards) +
+        " shards; give one per shard");
 
   // Signals are taken synchronously by this thread; every other thread inherits the mask.
   sigset_t set;
@@ -166,7 +172,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "adpop-engine: %s\n", error.c_str());
     return 1;
   }
-  std::fprintf(stderr, "adpop-engine: serving %s:%u with %u shard(s)\n", o.listen_host.c_str(), o.listen_port, o.shards);
+  std::fprintf(stderr, "adpop-engine: serving %s:%u with %u shard(s)\n", o.listen_host.c_str(), o.listen_port,
+               o.shards);
   while (true) {
     int sig = 0;
     if (sigwait(&set, &sig) != 0) continue;

@@ -39,29 +39,41 @@ constexpr std::size_t kMaxOutput = 1 << 20;  // stop reading a connection that w
 
 const char* status_text(int code) {
   switch (code) {
-    case 200: return "OK";
-    case 204: return "No Content";
-    case 400: return "Bad Request";
-    case 403: return "Forbidden";
-    case 404: return "Not Found";
-    case 405: return "Method Not Allowed";
-    case 408: return "Request Timeout";
-    case 413: return "Content Too Large";
-    case 431: return "Request Header Fields Too Large";
-    case 501: return "Not Implemented";
-    case 503: return "Service Unavailable";
-    case 505: return "HTTP Version Not Supported";
-    default: return "Error";
+    case 200:
+      return "OK";
+    case 204:
+      return "No Content";
+    case 400:
+      return "Bad Request";
+    case 403:
+      return "Forbidden";
+    case 404:
+      return "Not Found";
+    case 405:
+      return "Method Not Allowed";
+    case 408:
+      return "Request Timeout";
+    case 413:
+      return "Content Too Large";
+    case 431:
+      return "Request Header Fields Too Large";
+    case 501:
+      return "Not Implemented";
+    case 503:
+      return "Service Unavailable";
+    case 505:
+      return "HTTP Version Not Supported";
+    default:
+      return "Error";
   }
 }
 
-void append_response(std::string& out, int code, std::string_view type, std::string_view body,
-                     bool close) {
+void append_response(std::string& out, int code, std::string_view type, std::string_view body, bool close) {
   char head[256];
   int n = std::snprintf(head, sizeof head,
-                        "HTTP/1.1 %d %s\r\nContent-Type: %.*s\r\nContent-Length: %zu\r\n%s\r\n",
-                        code, status_text(code), static_cast<int>(type.size()), type.data(),
-                        body.size(), close ? "Connection: close\r\n" : "");
+                        "HTTP/1.1 %d %s\r\nContent-Type: %.*s\r\nContent-Length: %zu\r\n%s\r\n", code,
+                        status_text(code), static_cast<int>(type.size()), type.data(), body.size(),
+                        close ? "Connection: close\r\n" : "");
   out.append(head, static_cast<std::size_t>(n));
   out.append(body);
 }
@@ -101,8 +113,10 @@ std::int64_t find_ad(const Snapshot& snap, std::string_view campaign, std::strin
   std::uint32_t lo = 0, hi = campaigns.size();
   while (lo < hi) {
     std::uint32_t mid = lo + (hi - lo) / 2;
-    if (compare_id(snap.str(campaigns[mid].getId()), campaign) < 0) lo = mid + 1;
-    else hi = mid;
+    if (compare_id(snap.str(campaigns[mid].getId()), campaign) < 0)
+      lo = mid + 1;
+    else
+      hi = mid;
   }
   if (lo >= campaigns.size() || compare_id(snap.str(campaigns[lo].getId()), campaign) != 0) return -1;
   const auto c = campaigns[lo];
@@ -128,17 +142,17 @@ std::string_view query_param(std::string_view query, std::string_view name) {
 
 const char* error_reason_name(ErrorReason r) {
   static const char* names[kErrReasons] = {
-      "bad_request_line", "bad_header", "bad_content_length", "headers_too_large",
-      "too_many_headers", "body_too_large", "transfer_encoding", "bad_version", "timeout",
-      "bad_json", "bad_field", "not_found", "method_not_allowed", "no_snapshot",
-      "explain_forbidden", "connection_cap", "draining", "token_malformed", "token_forged",
-      "token_expired", "unknown_ad"};
+      "bad_request_line", "bad_header",        "bad_content_length", "headers_too_large", "too_many_headers",
+      "body_too_large",   "transfer_encoding", "bad_version",        "timeout",           "bad_json",
+      "bad_field",        "not_found",         "method_not_allowed", "no_snapshot",       "explain_forbidden",
+      "connection_cap",   "draining",          "token_malformed",    "token_forged",      "token_expired",
+      "unknown_ad"};
   return r < kErrReasons ? names[r] : "unknown";
 }
 
 int LatencyHistogram::bucket_of(std::uint64_t ns) {
   if (ns < 8) return 0;
-  int log = 63 - __builtin_clzll(ns);          // >= 3
+  int log = 63 - __builtin_clzll(ns);  // >= 3
   int sub = static_cast<int>((ns >> (log - 3)) & 7);
   int b = (log - 3) * 8 + sub;
   return std::min(b, kBuckets - 1);
@@ -171,8 +185,7 @@ Shard::Shard(Engine& engine, std::uint32_t index, int cpu)
     : engine_(engine),
       index_(index),
       cpu_(cpu),
-      spool_(std::make_unique<Spool>(engine.options().spool_dir, index,
-                                     engine.options().spool_segment_bytes,
+      spool_(std::make_unique<Spool>(engine.options().spool_dir, index, engine.options().spool_segment_bytes,
                                      engine.options().spool_segment_age_s)) {}
 
 Shard::~Shard() {
@@ -255,7 +268,8 @@ void Shard::run() {
         accept_all();
         continue;
       }
-      if (fd < 0 || static_cast<std::size_t>(fd) >= conns_.size() || !conns_[fd] || conns_[fd]->closed) continue;
+      if (fd < 0 || static_cast<std::size_t>(fd) >= conns_.size() || !conns_[fd] || conns_[fd]->closed)
+        continue;
       Conn& c = *conns_[fd];
       if (events[i].events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) on_readable(c);
       if (!c.closed && (events[i].events & EPOLLOUT)) {
@@ -342,10 +356,13 @@ void Shard::on_readable(Conn& c) {
       c.last_active_ns = mono_ns();
       // Bound the buffer: a head or body over the limits is refused by the parser long
       // before this, so only pipelined floods get here; process what we have first.
-      if (c.in.size() > engine_.options().http.max_header_bytes + engine_.options().http.max_body_bytes + 16384) {
+      if (c.in.size() >
+          engine_.options().http.max_header_bytes + engine_.options().http.max_body_bytes + 16384) {
         process(c);
         if (c.closed) return;
-        if (c.in.size() > engine_.options().http.max_header_bytes + engine_.options().http.max_body_bytes + 16384) break;
+        if (c.in.size() >
+            engine_.options().http.max_header_bytes + engine_.options().http.max_body_bytes + 16384)
+          break;
       }
       continue;
     }
@@ -394,8 +411,10 @@ void Shard::process(Conn& c) {
     offset += req.consumed;
     if (!req.keep_alive) c.close_after = true;
   }
-  if (offset > 0 && !c.close_after) c.in.erase(0, offset);
-  else if (c.close_after) c.in.clear();
+  if (offset > 0 && !c.close_after)
+    c.in.erase(0, offset);
+  else if (c.close_after)
+    c.in.clear();
   c.request_start_ns = c.in.empty() ? 0 : (c.request_start_ns ? c.request_start_ns : mono_ns());
   // Answers go out at the end of the event batch, after one spool write for the whole batch:
   // records reach the file before the answers that caused them reach the client.
@@ -411,9 +430,12 @@ void Shard::handle(Conn& c, const http::Request& req, const Snapshot* snap) {
   if (req.path == "/healthz") {
     stats_.requests[kRouteHealthz].add();
     if (req.method != "GET" && req.method != "HEAD") return respond_error(c, 405, kErrMethod);
-    if (draining) append_response(c.out, 503, "text/plain", "draining\n", close);
-    else if (!snap) append_response(c.out, 503, "text/plain", "no snapshot\n", close);
-    else append_response(c.out, 200, "text/plain", "ok\n", close);
+    if (draining)
+      append_response(c.out, 503, "text/plain", "draining\n", close);
+    else if (!snap)
+      append_response(c.out, 503, "text/plain", "no snapshot\n", close);
+    else
+      append_response(c.out, 200, "text/plain", "ok\n", close);
     return;
   }
   if (req.path == "/metrics") {
@@ -462,8 +484,7 @@ void Shard::handle_decide(Conn& c, const http::Request& req, const Snapshot& sna
   }
   if (request_.explain) return respond_error(c, 403, kErrExplainForbidden);
   const std::int64_t now = engine_.now_seconds();
-  const DecideContext context{&engine_.signer(), engine_.options().budget_share,
-                              engine_.options().shards};
+  const DecideContext context{&engine_.signer(), engine_.options().budget_share, engine_.options().shards};
   decider_.decide(snap, request_, now, decision_, context);
   if (decision_.caps_rejected) stats_.caps_rejected.add();
   const auto campaigns = snap.payload().getCampaigns();
@@ -487,19 +508,18 @@ void Shard::handle_decide(Conn& c, const http::Request& req, const Snapshot& sna
   spool_->end();
   std::string body;
   body.reserve(1024);
-  api::TrackingLinks links{&engine_.signer(), static_cast<std::uint32_t>(now) + engine_.options().token_ttl_s};
+  api::TrackingLinks links{&engine_.signer(),
+                           static_cast<std::uint32_t>(now) + engine_.options().token_ttl_s};
   api::render(snap, request_, decision_, body, engine_.signer().usable() ? &links : nullptr);
   append_response(c.out, 200, "application/json", body, close);
 }
 
-void Shard::handle_tracking(Conn& c, const http::Request& req, const Snapshot* snap, bool click,
-                            bool close) {
+void Shard::handle_tracking(Conn& c, const http::Request& req, const Snapshot* snap, bool click, bool close) {
   TrackingToken token;
   const auto now = static_cast<std::uint32_t>(engine_.now_seconds());
   std::string_view text = query_param(req.query, "t");
-  TokenError err = engine_.signer().usable()
-                       ? engine_.signer().verify(text, now, token_scratch_, token)
-                       : TokenError::kForged;
+  TokenError err = engine_.signer().usable() ? engine_.signer().verify(text, now, token_scratch_, token)
+                                             : TokenError::kForged;
   if (err == TokenError::kNone && (token.kind == TokenKind::kClick) != click) err = TokenError::kMalformed;
   if (err == TokenError::kMalformed) return respond_error(c, 403, kErrTokenMalformed);
   if (err == TokenError::kForged) return respond_error(c, 403, kErrTokenForged);
@@ -525,7 +545,8 @@ void Shard::handle_tracking(Conn& c, const http::Request& req, const Snapshot* s
   if (!snap) return respond_error(c, 503, kErrNoSnapshot);
   std::int64_t ad = find_ad(*snap, token.campaign, token.ad);
   if (ad < 0) return respond_error(c, 404, kErrUnknownAd);
-  const auto creative = snap->payload().getCreatives()[snap->payload().getAds()[static_cast<std::uint32_t>(ad)].getCreative()];
+  const auto creative =
+      snap->payload().getCreatives()[snap->payload().getAds()[static_cast<std::uint32_t>(ad)].getCreative()];
   kj::StringPtr landing = snap->str(creative.getLandingUrl());
   stats_.clicks.add();
   spool_->begin(EventType::kClick, wall_ms());
@@ -597,8 +618,7 @@ void Shard::tick(std::int64_t now) {
 // ------------------------------------------------------------------------------------------
 // Engine
 
-Engine::Engine(EngineOptions options)
-    : options_(std::move(options)), signer_(options_.token_key), dedup_() {}
+Engine::Engine(EngineOptions options) : options_(std::move(options)), signer_(options_.token_key), dedup_() {}
 
 DedupTable::DedupTable(std::size_t slots_pow2) : slots_(new Slot[slots_pow2]), mask_(slots_pow2 - 1) {}
 
@@ -640,9 +660,13 @@ Engine::~Engine() {
   delete current_.load();
 }
 
-std::int64_t Engine::now_seconds() const { return static_cast<std::int64_t>(std::time(nullptr)); }
+std::int64_t Engine::now_seconds() const {
+  return static_cast<std::int64_t>(std::time(nullptr));
+}
 
-std::string Engine::snapshot_hash() const { return hash_; }
+std::string Engine::snapshot_hash() const {
+  return hash_;
+}
 
 bool Engine::load(std::string* error) {
   std::lock_guard<std::mutex> lock(swap_mutex_);
@@ -694,7 +718,8 @@ void Engine::reclaim() {
   std::lock_guard<std::mutex> lock(swap_mutex_);
   if (retired_.empty()) return;
   std::uint64_t oldest_seen = UINT64_MAX;
-  for (auto& s : shards_) oldest_seen = std::min(oldest_seen, s->stats().seen_generation.load(std::memory_order_acquire));
+  for (auto& s : shards_)
+    oldest_seen = std::min(oldest_seen, s->stats().seen_generation.load(std::memory_order_acquire));
   // A snapshot retired at generation G may still be in use by a shard that has not yet
   // published G; once every shard has, none can reach it and its mapping is released.
   retired_.erase(std::remove_if(retired_.begin(), retired_.end(),
@@ -726,7 +751,8 @@ bool Engine::start(std::string* error) {
   for (std::uint32_t i = 0; i < options_.shards; ++i) {
     int cpu = options_.cpus.empty() ? -1 : options_.cpus[i % options_.cpus.size()];
     if (cpu >= ncpu) {
-      *error = "--cpus: CPU " + std::to_string(cpu) + " does not exist (this machine has " + std::to_string(ncpu) + ")";
+      *error = "--cpus: CPU " + std::to_string(cpu) + " does not exist (this machine has " +
+               std::to_string(ncpu) + ")";
       return false;
     }
     shards_.push_back(std::make_unique<Shard>(*this, i, cpu));
@@ -746,9 +772,11 @@ void Engine::admin_loop() {
   while (!stopping_.load()) {
     if (reload_requested_.exchange(false)) {
       std::string error;
-      if (!load(&error)) std::fprintf(stderr, "adpop-engine: reload refused: %s\n", error.c_str());
-      else std::fprintf(stderr, "adpop-engine: now serving snapshot version %llu\n",
-                        static_cast<unsigned long long>(current_.load()->version()));
+      if (!load(&error))
+        std::fprintf(stderr, "adpop-engine: reload refused: %s\n", error.c_str());
+      else
+        std::fprintf(stderr, "adpop-engine: now serving snapshot version %llu\n",
+                     static_cast<unsigned long long>(current_.load()->version()));
     }
     reclaim();
     if (admin_fd_ < 0) {
@@ -836,8 +864,8 @@ void Engine::handle_admin(int fd) {
 
 std::string Engine::status_json() {
   std::uint64_t requests = 0, no_fill = 0, connections = 0;
-  std::uint64_t impressions = 0, duplicates = 0, clicks = 0, records = 0, write_errors = 0,
-                dropped = 0, closed = 0, caps_rejected = 0;
+  std::uint64_t impressions = 0, duplicates = 0, clicks = 0, records = 0, write_errors = 0, dropped = 0,
+                closed = 0, caps_rejected = 0;
   std::uint64_t errors[kErrReasons] = {};
   std::uint64_t hist[LatencyHistogram::kBuckets] = {};
   for (auto& s : shards_) {
@@ -869,7 +897,8 @@ std::string Engine::status_json() {
   };
   const std::int64_t now = mono_ns();
   double rps = 0;
-  if (now > rate_ns_) rps = static_cast<double>(requests - rate_total_) * 1e9 / static_cast<double>(now - rate_ns_);
+  if (now > rate_ns_)
+    rps = static_cast<double>(requests - rate_total_) * 1e9 / static_cast<double>(now - rate_ns_);
   rate_total_ = requests;
   rate_ns_ = now;
   const Snapshot* snap = current_.load();
@@ -894,14 +923,14 @@ std::string Engine::status_json() {
                 "\"segments_closed\":%llu},",
                 static_cast<unsigned long long>(impressions), static_cast<unsigned long long>(duplicates),
                 static_cast<unsigned long long>(clicks), static_cast<unsigned long long>(caps_rejected),
-                options_.spool_dir.empty() ? "false" : "true",
-                static_cast<unsigned long long>(records), static_cast<unsigned long long>(write_errors),
-                static_cast<unsigned long long>(dropped), static_cast<unsigned long long>(closed));
+                options_.spool_dir.empty() ? "false" : "true", static_cast<unsigned long long>(records),
+                static_cast<unsigned long long>(write_errors), static_cast<unsigned long long>(dropped),
+                static_cast<unsigned long long>(closed));
   s += buf;
   s += "\"errors\":{";
   for (int e = 0; e < kErrReasons; ++e) {
-    std::snprintf(buf, sizeof buf, "%s\"%s\":%llu", e ? "," : "", error_reason_name(static_cast<ErrorReason>(e)),
-                  static_cast<unsigned long long>(errors[e]));
+    std::snprintf(buf, sizeof buf, "%s\"%s\":%llu", e ? "," : "",
+                  error_reason_name(static_cast<ErrorReason>(e)), static_cast<unsigned long long>(errors[e]));
     s += buf;
   }
   std::snprintf(buf, sizeof buf,
@@ -952,48 +981,58 @@ std::string Engine::metrics_text() {
                   error_reason_name(static_cast<ErrorReason>(e)), static_cast<unsigned long long>(errors[e]));
     s += buf;
   }
-  std::snprintf(buf, sizeof buf,
-                "# HELP adpop_no_fill_total Placements answered without an ad.\n# TYPE adpop_no_fill_total counter\n"
-                "adpop_no_fill_total %llu\n", static_cast<unsigned long long>(no_fill));
+  std::snprintf(
+      buf, sizeof buf,
+      "# HELP adpop_no_fill_total Placements answered without an ad.\n# TYPE adpop_no_fill_total counter\n"
+      "adpop_no_fill_total %llu\n",
+      static_cast<unsigned long long>(no_fill));
   s += buf;
-  std::snprintf(buf, sizeof buf,
-                "# HELP adpop_events_total Tracking events by kind.\n# TYPE adpop_events_total counter\n"
-                "adpop_events_total{kind=\"impression\"} %llu\nadpop_events_total{kind=\"impression_duplicate\"} %llu\n"
-                "adpop_events_total{kind=\"click\"} %llu\n"
-                "# HELP adpop_spool_records_total Event records by outcome.\n# TYPE adpop_spool_records_total counter\n"
-                "adpop_spool_records_total{outcome=\"framed\"} %llu\nadpop_spool_records_total{outcome=\"write_error\"} %llu\n"
-                "adpop_spool_records_total{outcome=\"no_spool\"} %llu\n",
-                static_cast<unsigned long long>(impressions), static_cast<unsigned long long>(duplicates),
-                static_cast<unsigned long long>(clicks), static_cast<unsigned long long>(records),
-                static_cast<unsigned long long>(write_errors), static_cast<unsigned long long>(dropped));
+  std::snprintf(
+      buf, sizeof buf,
+      "# HELP adpop_events_total Tracking events by kind.\n# TYPE adpop_events_total counter\n"
+      "adpop_events_total{kind=\"impression\"} %llu\nadpop_events_total{kind=\"impression_duplicate\"} %llu\n"
+      "adpop_events_total{kind=\"click\"} %llu\n"
+      "# HELP adpop_spool_records_total Event records by outcome.\n# TYPE adpop_spool_records_total counter\n"
+      "adpop_spool_records_total{outcome=\"framed\"} "
+      "%llu\nadpop_spool_records_total{outcome=\"write_error\"} %llu\n"
+      "adpop_spool_records_total{outcome=\"no_spool\"} %llu\n",
+      static_cast<unsigned long long>(impressions), static_cast<unsigned long long>(duplicates),
+      static_cast<unsigned long long>(clicks), static_cast<unsigned long long>(records),
+      static_cast<unsigned long long>(write_errors), static_cast<unsigned long long>(dropped));
   s += buf;
   s += "# HELP adpop_request_duration_seconds Time from parsed request to queued answer.\n"
        "# TYPE adpop_request_duration_seconds histogram\n";
-  static const double kBounds[] = {1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2};
+  static const double kBounds[] = {1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4,
+                                   2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2};
   std::uint64_t count = 0;
   int b = 0;
   for (double bound : kBounds) {
-    while (b < LatencyHistogram::kBuckets && static_cast<double>(LatencyHistogram::upper_ns(b)) <= bound * 1e9) count += hist[b++];
+    while (b < LatencyHistogram::kBuckets &&
+           static_cast<double>(LatencyHistogram::upper_ns(b)) <= bound * 1e9)
+      count += hist[b++];
     std::snprintf(buf, sizeof buf, "adpop_request_duration_seconds_bucket{le=\"%g\"} %llu\n", bound,
                   static_cast<unsigned long long>(count));
     s += buf;
   }
   while (b < LatencyHistogram::kBuckets) count += hist[b++];
-  std::snprintf(buf, sizeof buf, "adpop_request_duration_seconds_bucket{le=\"+Inf\"} %llu\nadpop_request_duration_seconds_count %llu\n",
-                static_cast<unsigned long long>(count), static_cast<unsigned long long>(count));
+  std::snprintf(
+      buf, sizeof buf,
+      "adpop_request_duration_seconds_bucket{le=\"+Inf\"} %llu\nadpop_request_duration_seconds_count %llu\n",
+      static_cast<unsigned long long>(count), static_cast<unsigned long long>(count));
   s += buf;
   const Snapshot* snap = current_.load(std::memory_order_acquire);
-  std::snprintf(buf, sizeof buf,
-                "# HELP adpop_snapshot_version Active snapshot version.\n# TYPE adpop_snapshot_version gauge\n"
-                "adpop_snapshot_version %llu\n"
-                "# HELP adpop_connections Open client connections.\n# TYPE adpop_connections gauge\n"
-                "adpop_connections %llu\n"
-                "# HELP adpop_connections_total Accepted client connections.\n# TYPE adpop_connections_total counter\n"
-                "adpop_connections_total %llu\n"
-                "# HELP adpop_draining 1 while draining.\n# TYPE adpop_draining gauge\nadpop_draining %d\n",
-                static_cast<unsigned long long>(snap ? snap->version() : 0),
-                static_cast<unsigned long long>(connections), static_cast<unsigned long long>(connections_total),
-                draining() ? 1 : 0);
+  std::snprintf(
+      buf, sizeof buf,
+      "# HELP adpop_snapshot_version Active snapshot version.\n# TYPE adpop_snapshot_version gauge\n"
+      "adpop_snapshot_version %llu\n"
+      "# HELP adpop_connections Open client connections.\n# TYPE adpop_connections gauge\n"
+      "adpop_connections %llu\n"
+      "# HELP adpop_connections_total Accepted client connections.\n# TYPE adpop_connections_total counter\n"
+      "adpop_connections_total %llu\n"
+      "# HELP adpop_draining 1 while draining.\n# TYPE adpop_draining gauge\nadpop_draining %d\n",
+      static_cast<unsigned long long>(snap ? snap->version() : 0),
+      static_cast<unsigned long long>(connections), static_cast<unsigned long long>(connections_total),
+      draining() ? 1 : 0);
   s += buf;
   return s;
 }

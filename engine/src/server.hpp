@@ -23,21 +23,21 @@ struct EngineOptions {
   std::string listen_host = "127.0.0.1";
   std::uint16_t listen_port = 8080;
   std::string admin_path;
-  std::string snapshot_dir;           // the `current` link (or a version folder)
+  std::string snapshot_dir;  // the `current` link (or a version folder)
   std::uint32_t shards = 1;
-  std::vector<int> cpus;              // one per shard; empty: no pinning
+  std::vector<int> cpus;  // one per shard; empty: no pinning
   bool hugepages = false;
-  std::uint32_t max_connections = 10000;   // whole process; split evenly across shards
-  std::uint32_t idle_timeout_ms = 30000;   // keep-alive connection with nothing pending
-  std::uint32_t request_timeout_ms = 10000; // first byte to complete request (slowloris)
+  std::uint32_t max_connections = 10000;     // whole process; split evenly across shards
+  std::uint32_t idle_timeout_ms = 30000;     // keep-alive connection with nothing pending
+  std::uint32_t request_timeout_ms = 10000;  // first byte to complete request (slowloris)
   http::Limits http;
-  std::string spool_dir;                   // empty: events are counted, not kept
+  std::string spool_dir;  // empty: events are counted, not kept
   std::uint64_t spool_segment_bytes = 64ull << 20;
   std::uint32_t spool_segment_age_s = 60;
-  std::string token_key;                   // secret for tracking tokens (file contents)
-  std::uint32_t token_ttl_s = 86400;       // how long impression and click URLs stay valid
-  std::uint32_t dedup_window_s = 3600;     // impressions of one request and ad count once
-  double budget_share = 1.0;               // this PoP's share of each campaign's daily budget
+  std::string token_key;                // secret for tracking tokens (file contents)
+  std::uint32_t token_ttl_s = 86400;    // how long impression and click URLs stay valid
+  std::uint32_t dedup_window_s = 3600;  // impressions of one request and ad count once
+  double budget_share = 1.0;            // this PoP's share of each campaign's daily budget
 };
 
 // Impressions seen recently, shared by all shards without a lock: a fixed open-addressing
@@ -62,7 +62,9 @@ class DedupTable {
 // read by the admin thread and /metrics.
 struct Counter {
   std::atomic<std::uint64_t> value{0};
-  void add(std::uint64_t n = 1) { value.store(value.load(std::memory_order_relaxed) + n, std::memory_order_relaxed); }
+  void add(std::uint64_t n = 1) {
+    value.store(value.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
+  }
   std::uint64_t get() const { return value.load(std::memory_order_relaxed); }
 };
 
@@ -76,30 +78,54 @@ struct LatencyHistogram {
 };
 
 enum Route : std::uint8_t {
-  kRouteDecideGet, kRouteDecidePost, kRouteImpression, kRouteClick, kRouteHealthz, kRouteMetrics,
-  kRouteOther, kRoutes
+  kRouteDecideGet,
+  kRouteDecidePost,
+  kRouteImpression,
+  kRouteClick,
+  kRouteHealthz,
+  kRouteMetrics,
+  kRouteOther,
+  kRoutes
 };
 enum ErrorReason : std::uint8_t {
-  kErrBadRequestLine, kErrBadHeader, kErrBadContentLength, kErrHeadersTooLarge, kErrTooManyHeaders,
-  kErrBodyTooLarge, kErrTransferEncoding, kErrBadVersion, kErrTimeout, kErrBadJson, kErrBadField,
-  kErrNotFound, kErrMethod, kErrNoSnapshot, kErrExplainForbidden, kErrConnectionCap, kErrDraining,
-  kErrTokenMalformed, kErrTokenForged, kErrTokenExpired, kErrUnknownAd, kErrReasons
+  kErrBadRequestLine,
+  kErrBadHeader,
+  kErrBadContentLength,
+  kErrHeadersTooLarge,
+  kErrTooManyHeaders,
+  kErrBodyTooLarge,
+  kErrTransferEncoding,
+  kErrBadVersion,
+  kErrTimeout,
+  kErrBadJson,
+  kErrBadField,
+  kErrNotFound,
+  kErrMethod,
+  kErrNoSnapshot,
+  kErrExplainForbidden,
+  kErrConnectionCap,
+  kErrDraining,
+  kErrTokenMalformed,
+  kErrTokenForged,
+  kErrTokenExpired,
+  kErrUnknownAd,
+  kErrReasons
 };
 const char* error_reason_name(ErrorReason r);
 
 struct alignas(64) ShardStats {
   Counter requests[kRoutes];
   Counter errors[kErrReasons];
-  Counter no_fill;             // placements answered without an ad
+  Counter no_fill;  // placements answered without an ad
   Counter impressions;
   Counter impressions_duplicate;
   Counter clicks;
-  Counter caps_rejected;       // cap tokens that were forged, malformed or another user's
-  Counter spool_records;       // gauges mirrored from the shard's Spool after each flush
+  Counter caps_rejected;  // cap tokens that were forged, malformed or another user's
+  Counter spool_records;  // gauges mirrored from the shard's Spool after each flush
   Counter spool_write_errors;
   Counter spool_dropped;
   Counter spool_segments_closed;
-  Counter connections_open;    // gauge (owner writes absolute values)
+  Counter connections_open;  // gauge (owner writes absolute values)
   Counter connections_total;
   LatencyHistogram latency;
   std::atomic<std::uint64_t> seen_generation{0};
@@ -127,8 +153,7 @@ class Shard {
   void respond_error(Conn& c, int code, ErrorReason reason);
   void handle(Conn& c, const http::Request& req, const Snapshot* snap);
   void handle_decide(Conn& c, const http::Request& req, const Snapshot& snap, bool close);
-  void handle_tracking(Conn& c, const http::Request& req, const Snapshot* snap, bool click,
-                       bool close);
+  void handle_tracking(Conn& c, const http::Request& req, const Snapshot* snap, bool click, bool close);
   void flush_spool(std::int64_t now_s);
 
   Engine& engine_;

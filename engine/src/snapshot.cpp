@@ -51,8 +51,7 @@ Snapshot::~Snapshot() {
   if (map_ != nullptr) munmap(map_, map_size_);
 }
 
-std::unique_ptr<Snapshot> Snapshot::open(const std::string& path, bool hugepages,
-                                         std::string* error) {
+std::unique_ptr<Snapshot> Snapshot::open(const std::string& path, bool hugepages, std::string* error) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     fail(error, "cannot open " + path + ": " + std::strerror(errno));
@@ -69,13 +68,12 @@ std::unique_ptr<Snapshot> Snapshot::open(const std::string& path, bool hugepages
   if (hugepages) {
     // Huge pages cut TLB misses on the index walk; the payload is copied in once per swap.
     std::size_t rounded = (snap->size_ + kHugePage - 1) / kHugePage * kHugePage;
-    void* mem = mmap(nullptr, rounded, PROT_READ | PROT_WRITE,
-                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0);
+    void* mem =
+        mmap(nullptr, rounded, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0);
     if (mem != MAP_FAILED) {
       std::size_t done = 0;
       while (done < snap->size_) {
-        ssize_t n = pread(fd, static_cast<char*>(mem) + done, snap->size_ - done,
-                          static_cast<off_t>(done));
+        ssize_t n = pread(fd, static_cast<char*>(mem) + done, snap->size_ - done, static_cast<off_t>(done));
         if (n <= 0) break;
         done += static_cast<std::size_t>(n);
       }
@@ -124,8 +122,7 @@ std::unique_ptr<Snapshot> Snapshot::open(const std::string& path, bool hugepages
   return snap;
 }
 
-std::unique_ptr<Snapshot> Snapshot::from_words(kj::ArrayPtr<const capnp::word> words,
-                                               std::string* error) {
+std::unique_ptr<Snapshot> Snapshot::from_words(kj::ArrayPtr<const capnp::word> words, std::string* error) {
   std::unique_ptr<Snapshot> snap(new Snapshot());
   snap->size_ = words.size() * sizeof(capnp::word);
   try {
@@ -179,7 +176,8 @@ bool Snapshot::validate_unchecked(std::string* error) {
   for (auto s : strings_) (void)s.size();
   auto bad_string = [&](std::uint32_t id) { return id >= n_strings; };
   for (auto a : advertisers)
-    if (bad_string(a.getId()) || bad_string(a.getName())) return fail(error, "advertiser string out of range");
+    if (bad_string(a.getId()) || bad_string(a.getName()))
+      return fail(error, "advertiser string out of range");
   for (auto c : creatives) {
     if (c.getAdvertiser() >= advertisers.size()) return fail(error, "creative advertiser out of range");
     if (bad_string(c.getId()) || bad_string(c.getBody()) || bad_string(c.getUrl()) ||
@@ -227,8 +225,8 @@ bool Snapshot::validate_unchecked(std::string* error) {
   for (std::size_t a = 0; a < kAttributes; ++a) {
     const auto attribute = index.getAttributes()[a];
     if (attribute.getName() != kj::StringPtr(kAttributeNames[a]))
-      return fail(error, std::string("index attribute ") + std::to_string(a) + " is not " +
-                             kAttributeNames[a]);
+      return fail(error,
+                  std::string("index attribute ") + std::to_string(a) + " is not " + kAttributeNames[a]);
     // Request values are found by binary search: the values must be strictly sorted.
     const auto values = attribute.getValues();
     for (std::uint32_t i = 1; i < values.size(); ++i)
@@ -251,7 +249,8 @@ bool Snapshot::validate_unchecked(std::string* error) {
     const auto slots = attr.getSlots();
     const std::uint32_t n = attr.getValues().size();
     if (slots.size() < 2 || (slots.size() & (slots.size() - 1)) != 0 || slots.size() < 2 * n)
-      return fail(error, std::string("hash table of ") + kAttributeNames[a] + " is not a power of two at least twice its values");
+      return fail(error, std::string("hash table of ") + kAttributeNames[a] +
+                             " is not a power of two at least twice its values");
     std::uint32_t used = 0;
     for (auto s : slots) {
       if (s > n) return fail(error, "hash slot out of range");

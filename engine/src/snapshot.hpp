@@ -23,7 +23,15 @@ inline constexpr const char* kAttributeNames[kAttributes] = {
     "country", "region", "device", "os", "domain", "placement", "keyword", "segment", "hour"};
 
 enum Attribute : std::uint8_t {
-  kCountry = 0, kRegion, kDevice, kOs, kDomain, kPlacement, kKeyword, kSegment, kHour
+  kCountry = 0,
+  kRegion,
+  kDevice,
+  kOs,
+  kDomain,
+  kPlacement,
+  kKeyword,
+  kSegment,
+  kHour
 };
 
 // The schema id this engine was compiled against (the file id of snapshot.capnp).
@@ -61,11 +69,9 @@ class Snapshot {
  public:
   // Maps `path` and validates it. On failure returns nullptr and sets `error` to one line.
   // With `hugepages`, copies the payload into huge-page-backed memory when the host has them.
-  static std::unique_ptr<Snapshot> open(const std::string& path, bool hugepages,
-                                        std::string* error);
+  static std::unique_ptr<Snapshot> open(const std::string& path, bool hugepages, std::string* error);
   // Validates an in-memory payload (tests); `words` must stay alive as long as the snapshot.
-  static std::unique_ptr<Snapshot> from_words(kj::ArrayPtr<const capnp::word> words,
-                                              std::string* error);
+  static std::unique_ptr<Snapshot> from_words(kj::ArrayPtr<const capnp::word> words, std::string* error);
   ~Snapshot();
   Snapshot(const Snapshot&) = delete;
   Snapshot& operator=(const Snapshot&) = delete;

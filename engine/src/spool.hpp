@@ -21,7 +21,7 @@ struct SpoolStats {
   std::uint64_t records = 0;
   std::uint64_t bytes = 0;
   std::uint64_t segments_closed = 0;
-  std::uint64_t write_errors = 0;   // records that could not be written (counted, never silent)
+  std::uint64_t write_errors = 0;      // records that could not be written (counted, never silent)
   std::uint64_t disabled_dropped = 0;  // records not kept because no --spool was given
 };
 

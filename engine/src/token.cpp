@@ -59,7 +59,6 @@ bool unbase64url(std::string_view text, std::string& out) {
   return true;
 }
 
-
 void put_id(std::string& body, std::string_view id) {
   std::size_t n = id.size() > 255 ? 255 : id.size();
   body.push_back(static_cast<char>(n));
@@ -103,8 +102,8 @@ std::uint64_t get(const unsigned char* p, int bytes) {
 }
 }  // namespace
 
-bool decode_caps(const TokenSigner& signer, std::string_view text, std::uint64_t user,
-                 std::string& scratch, std::vector<CapEntry>& out) {
+bool decode_caps(const TokenSigner& signer, std::string_view text, std::uint64_t user, std::string& scratch,
+                 std::vector<CapEntry>& out) {
   out.clear();
   std::string_view body;
   if (text.empty() || signer.open(text, scratch, &body) != TokenError::kNone) return false;

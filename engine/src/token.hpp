@@ -39,8 +39,7 @@ class TokenSigner {
   void sign(const TrackingToken& token, std::string& out) const;
   // Decodes `text` into `scratch` and fills `out` (views into scratch). Checks the MAC
   // before anything else is trusted, then expiry against `now`.
-  TokenError verify(std::string_view text, std::uint32_t now, std::string& scratch,
-                    TrackingToken& out) const;
+  TokenError verify(std::string_view text, std::uint32_t now, std::string& scratch, TrackingToken& out) const;
 
   // The generic seal: body + MAC, base64url. `open` checks the MAC first and returns the
   // body (a view into scratch).
@@ -59,18 +58,18 @@ std::uint64_t request_hash(std::string_view request_id);
 // window) the start of the current window and the ads served in it. Signed, bound to the
 // user key, at most kMaxCapEntries entries (oldest windows dropped first).
 struct CapEntry {
-  std::uint8_t scope = 0;      // 0 campaign, 1 advertiser (snapshot CapScope)
-  std::uint32_t id = 0;        // hash of the campaign or advertiser id
-  std::uint32_t window = 0;    // seconds
-  std::uint32_t start = 0;     // unix seconds the window opened
+  std::uint8_t scope = 0;    // 0 campaign, 1 advertiser (snapshot CapScope)
+  std::uint32_t id = 0;      // hash of the campaign or advertiser id
+  std::uint32_t window = 0;  // seconds
+  std::uint32_t start = 0;   // unix seconds the window opened
   std::uint16_t count = 0;
 };
 inline constexpr std::size_t kMaxCapEntries = 48;
 
 std::uint32_t id_hash(std::string_view id);
 // Empty `out` and false when the token is absent, forged, malformed or another user's.
-bool decode_caps(const TokenSigner& signer, std::string_view text, std::uint64_t user,
-                 std::string& scratch, std::vector<CapEntry>& out);
+bool decode_caps(const TokenSigner& signer, std::string_view text, std::uint64_t user, std::string& scratch,
+                 std::vector<CapEntry>& out);
 void encode_caps(const TokenSigner& signer, std::uint64_t user, const std::vector<CapEntry>& entries,
                  std::string& out);
 

@@ -1,8 +1,8 @@
 // Ranking, caps and pacing on compiled payloads (paths from the pytest wrapper).
 #include <gtest/gtest.h>
 
-#include <cstdlib>
 #include <algorithm>
+#include <cstdlib>
 #include <map>
 #include <random>
 #include <set>
@@ -23,7 +23,7 @@ std::unique_ptr<Snapshot> open_env(const char* name) {
 
 const char* kCountries[] = {"US", "GB", "DE", "FR", "JP", "CA"};
 const char* kDevices[] = {"desktop", "mobile", "tablet", "ctv"};
-const char* kPlacements[] = {"home-top", "home-side", "article-inline", "article-bottom",
+const char* kPlacements[] = {"home-top",      "home-side",       "article-inline", "article-bottom",
                              "mobile-banner", "video-companion", "search-results"};
 
 TEST(Ranking, BestTierFirstNoDuplicatesAndReplayable) {
@@ -112,7 +112,8 @@ TEST(Caps, TokenCapsAfterCount) {
     r.explain = true;
     r.placements.push_back({"slot", {}, 1});
     decider.decide(*snap, r, 0, d, ctx);
-    served.emplace_back(snap->str(snap->payload().getCampaigns()[d.placements[0].chosen[0].campaign].getId()).cStr());
+    served.emplace_back(
+        snap->str(snap->payload().getCampaigns()[d.placements[0].chosen[0].campaign].getId()).cStr());
     caps = d.caps;
   }
   EXPECT_EQ(served, (std::vector<std::string>{"capped", "capped", "budgeted"}));
@@ -134,15 +135,16 @@ TEST(Pacing, DailyBudgetStopsLocalSpend) {
     r.placements.push_back({"slot", {}, 2});
     decider.decide(*snap, r, 0, d, DecideContext{nullptr, 1.0, 1});
     for (auto& ch : d.placements[0].chosen)
-      if (std::string(snap->str(snap->payload().getCampaigns()[ch.campaign].getId()).cStr()) == "budgeted") ++budgeted;
+      if (std::string(snap->str(snap->payload().getCampaigns()[ch.campaign].getId()).cStr()) == "budgeted")
+        ++budgeted;
   }
   EXPECT_EQ(budgeted, 2);  // eCPM 1000 = 1.00 per ad against a 2.00 day
   EXPECT_EQ(decider.spent("budgeted"), 2000000u);
 }
 
 TEST(Time, HourOfWeek) {
-  EXPECT_EQ(hour_of_week(0), 3u * 24);           // Thursday 1970-01-01 00:00
-  EXPECT_EQ(hour_of_week(1767225600), 3u * 24);  // Thursday 2026-01-01 00:00
+  EXPECT_EQ(hour_of_week(0), 3u * 24);                             // Thursday 1970-01-01 00:00
+  EXPECT_EQ(hour_of_week(1767225600), 3u * 24);                    // Thursday 2026-01-01 00:00
   EXPECT_EQ(hour_of_week(1767225600 + 4 * 86400 + 5 * 3600), 5u);  // Monday 05:00
 }
 
