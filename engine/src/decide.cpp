@@ -162,7 +162,7 @@ bool Decider::paced_out(const Snapshot& snap, std::uint32_t campaign, std::int64
 namespace {
 // Weighted draws per slot before falling back to checking the whole tier. A draw costs about
 // one targeting check, so this bounds the sampling cost near the fallback's for small tiers.
-constexpr int kMaxDraws = 32;
+constexpr int kMaxDraws = 64;
 }  // namespace
 
 void Decider::prepare_ordinals(const Snapshot& snap) {
