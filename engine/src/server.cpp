@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <charconv>
 #include <climits>
 #include <cstdio>
 #include <cstring>
@@ -68,13 +69,18 @@ const char* status_text(int code) {
   }
 }
 
+// Plain appends rather than snprintf: this runs for every answer.
 void append_response(std::string& out, int code, std::string_view type, std::string_view body, bool close) {
-  char head[256];
-  int n = std::snprintf(head, sizeof head,
-                        "HTTP/1.1 %d %s\r\nContent-Type: %.*s\r\nContent-Length: %zu\r\n%s\r\n", code,
-                        status_text(code), static_cast<int>(type.size()), type.data(), body.size(),
-                        close ? "Connection: close\r\n" : "");
-  out.append(head, static_cast<std::size_t>(n));
+  char num[24];
+  out += "HTTP/1.1 ";
+  out.append(num, static_cast<std::size_t>(std::to_chars(num, num + sizeof num, code).ptr - num));
+  out.push_back(' ');
+  out += status_text(code);
+  out += "\r\nContent-Type: ";
+  out += type;
+  out += "\r\nContent-Length: ";
+  out.append(num, static_cast<std::size_t>(std::to_chars(num, num + sizeof num, body.size()).ptr - num));
+  out += close ? "\r\nConnection: close\r\n\r\n" : "\r\n\r\n";
   out.append(body);
 }
 

@@ -68,6 +68,14 @@ Spool::~Spool() {
 }
 
 void Spool::begin(EventType type, std::uint64_t time_ms) {
+  if (dir_.empty()) {
+    // No spool folder: the record is only counted (as dropped), not built.
+    building_ = false;
+    ++stats_.records;
+    ++stats_.disabled_dropped;
+    return;
+  }
+  building_ = true;
   record_start_ = buffer_.size();
   buffer_.append(8, '\0');  // length and CRC, filled by end()
   buffer_.push_back(static_cast<char>(type));
@@ -75,6 +83,7 @@ void Spool::begin(EventType type, std::uint64_t time_ms) {
 }
 
 void Spool::put_string(std::string_view s) {
+  if (!building_) return;
   std::size_t n = s.size() > 0xFFFF ? 0xFFFF : s.size();
   buffer_.push_back(static_cast<char>(n & 0xFF));
   buffer_.push_back(static_cast<char>(n >> 8));
@@ -82,10 +91,12 @@ void Spool::put_string(std::string_view s) {
 }
 
 void Spool::put_u32(std::uint32_t v) {
+  if (!building_) return;
   for (int i = 0; i < 4; ++i) buffer_.push_back(static_cast<char>((v >> (8 * i)) & 0xFF));
 }
 
 void Spool::end() {
+  if (!building_) return;
   const std::size_t body = record_start_ + 8;
   const std::uint32_t len = static_cast<std::uint32_t>(buffer_.size() - body);
   put_le32(buffer_, record_start_, len);
@@ -118,12 +129,7 @@ void Spool::close_segment() {
 void Spool::flush(std::int64_t now_s) {
   if (fd_ >= 0 && (segment_bytes_ >= max_bytes_ || now_s - opened_s_ >= max_age_s_)) close_segment();
   if (buffer_.empty()) return;
-  if (dir_.empty()) {
-    stats_.disabled_dropped += pending_records_;
-    pending_records_ = 0;
-    buffer_.clear();
-    return;
-  }
+  if (dir_.empty()) return;  // nothing is built without a folder (see begin)
   if (fd_ < 0 && !open_segment(now_s)) {
     stats_.write_errors += pending_records_;
     pending_records_ = 0;

@@ -60,6 +60,7 @@ class Spool {
   std::string buffer_;
   std::size_t record_start_ = 0;
   std::uint64_t pending_records_ = 0;
+  bool building_ = false;  // the current record is being framed (a spool folder is set)
   SpoolStats stats_;
 };
 
