@@ -265,6 +265,7 @@ void Shard::run() {
     const Snapshot* snap = engine_.acquire(&generation);
     stats_.seen_generation.store(generation, std::memory_order_release);
     int n = epoll_wait(epoll_fd_, events, 256, 100);
+    batch_ns_ = mono_ns();
     // Re-acquire after the wait: a swap during the wait must not be missed by this batch.
     snap = engine_.acquire(&generation);
     stats_.seen_generation.store(generation, std::memory_order_release);
@@ -277,7 +278,8 @@ void Shard::run() {
       if (fd < 0 || static_cast<std::size_t>(fd) >= conns_.size() || !conns_[fd] || conns_[fd]->closed)
         continue;
       Conn& c = *conns_[fd];
-      if (events[i].events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) on_readable(c);
+      if (events[i].events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+        on_readable(c, (events[i].events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0);
       if (!c.closed && (events[i].events & EPOLLOUT)) {
         flush(c);
         if (!c.closed && c.out.size() - c.out_off < kMaxOutput / 2) process(c);
@@ -349,17 +351,17 @@ void Shard::close_conn(Conn& c) {
   stats_.connections_open.value.store(open_, std::memory_order_relaxed);
 }
 
-void Shard::on_readable(Conn& c) {
+void Shard::on_readable(Conn& c, bool hangup) {
   char buf[16384];
   bool eof = false;
   while (true) {
     // A client that sends but never reads is not read from until its answers drain.
     if (c.out.size() - c.out_off > kMaxOutput) break;
-    ssize_t n = ::read(c.fd, buf, sizeof buf);
+    ssize_t n = ::recv(c.fd, buf, sizeof buf, 0);
     if (n > 0) {
-      if (c.in.empty()) c.request_start_ns = mono_ns();
+      if (c.in.empty()) c.request_start_ns = batch_ns_;
       c.in.append(buf, static_cast<std::size_t>(n));
-      c.last_active_ns = mono_ns();
+      c.last_active_ns = batch_ns_;
       // Bound the buffer: a head or body over the limits is refused by the parser long
       // before this, so only pipelined floods get here; process what we have first.
       if (c.in.size() >
@@ -370,6 +372,9 @@ void Shard::on_readable(Conn& c) {
             engine_.options().http.max_header_bytes + engine_.options().http.max_body_bytes + 16384)
           break;
       }
+      // A short read drained the socket: with edge triggering, new data raises a new event,
+      // so the read that would only say EAGAIN is skipped. After a hangup, read on to EOF.
+      if (static_cast<std::size_t>(n) < sizeof buf && !hangup) break;
       continue;
     }
     if (n == 0) {

@@ -145,7 +145,7 @@ class Shard {
   struct Conn;
   void run();
   void accept_all();
-  void on_readable(Conn& c);
+  void on_readable(Conn& c, bool hangup);
   void process(Conn& c);
   void flush(Conn& c);
   void close_conn(Conn& c);
@@ -171,7 +171,8 @@ class Shard {
   DecideRequest request_;
   std::string scratch_;
   std::string token_scratch_;
-  std::vector<int> dirty_;  // connections with answers to send after this batch's spool write
+  std::int64_t batch_ns_ = 0;  // monotonic time of the current event batch
+  std::vector<int> dirty_;     // connections with answers to send after this batch's spool write
   std::unique_ptr<Spool> spool_;
 };
 
