@@ -83,7 +83,8 @@ TEST(HttpParse, RefusalsCarryTheirCode) {
       {"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400, "bad_content_length"},
       {"POST / HTTP/1.1\r\nContent-Length: 51\r\n\r\n", 413, "body_too_large"},
       {"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", 501, "transfer_encoding"},
-      {"\x16\x03\x01\x02\x00", 400, "bad_request_line"},  // a TLS hello on the plain port
+      {"\x16\x03\x01\x02\x00", 400, "bad_request_line"},                      // a TLS hello on the plain port
+      {std::string("G\0T / HTTP/1.1\r\n\r\n", 18), 400, "bad_request_line"},  // NUL in the method
   };
   for (const auto& t : table) {
     Request r;
