@@ -3,6 +3,7 @@
 #include "spool.hpp"
 
 #include <algorithm>
+#include <charconv>
 #include <cstdio>
 #include <cstring>
 
@@ -218,7 +219,7 @@ void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::in
   const std::int64_t t = request.time >= 0 ? request.time : now;
   out.time = t;
   out.hour_of_week = hour_of_week(t);
-  std::snprintf(hour_text_, sizeof hour_text_, "%u", out.hour_of_week);
+  *std::to_chars(hour_text_, hour_text_ + sizeof hour_text_ - 1, out.hour_of_week).ptr = '\0';
   out.placements.resize(request.placements.size());
 
   targeting_.clear();
