@@ -11,15 +11,6 @@ namespace adpop {
 
 namespace {
 
-std::uint64_t fnv1a(std::string_view s) {
-  std::uint64_t h = 1469598103934665603ULL;
-  for (unsigned char c : s) {
-    h ^= c;
-    h *= 1099511628211ULL;
-  }
-  return h;
-}
-
 // splitmix64: a tiny, well-mixed generator; seeded per request so decisions replay exactly.
 struct Rng {
   std::uint64_t state;
@@ -32,24 +23,17 @@ struct Rng {
   std::uint64_t below(std::uint64_t n) { return n ? next() % n : 0; }
 };
 
-int compare_text(kj::StringPtr a, std::string_view b) {
-  std::size_t n = std::min<std::size_t>(a.size(), b.size());
-  int c = n ? std::memcmp(a.begin(), b.data(), n) : 0;
-  if (c != 0) return c;
-  return a.size() < b.size() ? -1 : (a.size() > b.size() ? 1 : 0);
-}
-
 std::int64_t find_placement(const Snapshot& snap, std::string_view id) {
   const auto placements = snap.payload().getPlacements();
   std::uint32_t lo = 0, hi = placements.size();
   while (lo < hi) {
     std::uint32_t mid = lo + (hi - lo) / 2;
-    if (compare_text(snap.str(placements[mid].getId()), id) < 0)
+    if (compare_bytes(snap.str(placements[mid].getId()), id) < 0)
       lo = mid + 1;
     else
       hi = mid;
   }
-  if (lo < placements.size() && compare_text(snap.str(placements[lo].getId()), id) == 0) return lo;
+  if (lo < placements.size() && compare_bytes(snap.str(placements[lo].getId()), id) == 0) return lo;
   return -1;
 }
 
@@ -214,7 +198,6 @@ void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::in
   const auto payload = snap.payload();
   const auto campaigns = snap.campaigns();
   const auto ads = payload.getAds();
-  const auto creatives = payload.getCreatives();
   const auto placements = payload.getPlacements();
   const std::int64_t t = request.time >= 0 ? request.time : now;
   out.time = t;
@@ -238,7 +221,7 @@ void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::in
 
   used_ads_.clear();
   exclusions_.clear();
-  Rng rng{fnv1a(request.id) ^ (snap.version() * 0x9E3779B97F4A7C15ULL)};
+  Rng rng{request_hash(request.id) ^ (snap.version() * 0x9E3779B97F4A7C15ULL)};
   const std::uint64_t user = request_hash(request.user_key);
   out.caps.clear();
   out.caps_rejected = false;

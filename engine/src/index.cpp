@@ -9,13 +9,6 @@ namespace {
 
 constexpr std::uint64_t kEnd = ~std::uint64_t{0};
 
-int compare(kj::StringPtr a, std::string_view b) {
-  std::size_t n = std::min<std::size_t>(a.size(), b.size());
-  int c = n ? std::memcmp(a.begin(), b.data(), n) : 0;
-  if (c != 0) return c;
-  return a.size() < b.size() ? -1 : (a.size() > b.size() ? 1 : 0);
-}
-
 // Position of the posting list for (attribute, ordinal) in a bucket, or -1.
 std::int64_t find_list(capnp::List<PostingList>::Reader lists, std::uint32_t attribute,
                        std::uint32_t ordinal) {
@@ -43,12 +36,12 @@ std::int64_t find_text(capnp::List<capnp::Text>::Reader sorted, std::string_view
   std::uint32_t lo = 0, hi = sorted.size();
   while (lo < hi) {
     std::uint32_t mid = lo + (hi - lo) / 2;
-    if (compare(sorted[mid], value) < 0)
+    if (compare_bytes(sorted[mid], value) < 0)
       lo = mid + 1;
     else
       hi = mid;
   }
-  if (lo < sorted.size() && compare(sorted[lo], value) == 0) return lo;
+  if (lo < sorted.size() && compare_bytes(sorted[lo], value) == 0) return lo;
   return -1;
 }
 

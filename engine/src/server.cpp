@@ -105,13 +105,6 @@ std::uint64_t wall_ms() {
   return static_cast<std::uint64_t>(ts.tv_sec) * 1000 + static_cast<std::uint64_t>(ts.tv_nsec / 1000000);
 }
 
-int compare_id(kj::StringPtr a, std::string_view b) {
-  std::size_t n = std::min<std::size_t>(a.size(), b.size());
-  int c = n ? std::memcmp(a.begin(), b.data(), n) : 0;
-  if (c != 0) return c;
-  return a.size() < b.size() ? -1 : (a.size() > b.size() ? 1 : 0);
-}
-
 // The ad named by (campaign id, ad id) in `snap`, or -1. Campaigns are sorted by id and
 // each owns a short run of ads, so this is a binary search and a tiny scan.
 std::int64_t find_ad(const Snapshot& snap, std::string_view campaign, std::string_view ad) {
@@ -119,16 +112,16 @@ std::int64_t find_ad(const Snapshot& snap, std::string_view campaign, std::strin
   std::uint32_t lo = 0, hi = campaigns.size();
   while (lo < hi) {
     std::uint32_t mid = lo + (hi - lo) / 2;
-    if (compare_id(snap.str(campaigns[mid].getId()), campaign) < 0)
+    if (compare_bytes(snap.str(campaigns[mid].getId()), campaign) < 0)
       lo = mid + 1;
     else
       hi = mid;
   }
-  if (lo >= campaigns.size() || compare_id(snap.str(campaigns[lo].getId()), campaign) != 0) return -1;
+  if (lo >= campaigns.size() || compare_bytes(snap.str(campaigns[lo].getId()), campaign) != 0) return -1;
   const auto c = campaigns[lo];
   const auto ads = snap.payload().getAds();
   for (std::uint32_t a = c.getAdsStart(); a < c.getAdsStart() + c.getAdsCount(); ++a)
-    if (compare_id(snap.str(ads[a].getId()), ad) == 0) return a;
+    if (compare_bytes(snap.str(ads[a].getId()), ad) == 0) return a;
   return -1;
 }
 

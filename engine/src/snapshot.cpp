@@ -100,6 +100,18 @@ std::unique_ptr<Snapshot> Snapshot::open(const std::string& path, bool hugepages
   ::close(fd);
   kj::ArrayPtr<const capnp::word> words(static_cast<const capnp::word*>(snap->map_),
                                         snap->size_ / sizeof(capnp::word));
+  if (!snap->attach(words, error)) return nullptr;
+  return snap;
+}
+
+std::unique_ptr<Snapshot> Snapshot::from_words(kj::ArrayPtr<const capnp::word> words, std::string* error) {
+  std::unique_ptr<Snapshot> snap(new Snapshot());
+  snap->size_ = words.size() * sizeof(capnp::word);
+  if (!snap->attach(words, error)) return nullptr;
+  return snap;
+}
+
+bool Snapshot::attach(kj::ArrayPtr<const capnp::word> words, std::string* error) {
   // Structural check with limits first, on a throwaway reader: a hostile payload cannot make
   // it loop (traversal limit) or recurse deeply (nesting limit).
   try {
@@ -109,36 +121,15 @@ std::unique_ptr<Snapshot> Snapshot::open(const std::string& path, bool hugepages
     capnp::FlatArrayMessageReader probe(words, checked);
     (void)probe.getRoot<Payload>().totalSize();
   } catch (const kj::Exception& e) {
-    fail(error, "payload structure invalid: " + std::string(e.getDescription().cStr()));
-    return nullptr;
+    return fail(error, "payload structure invalid: " + std::string(e.getDescription().cStr()));
   }
   // The serving reader has no traversal budget: Cap'n Proto counts it across the reader's
   // whole life, and this one answers requests for as long as the snapshot is active.
   capnp::ReaderOptions serving;
   serving.traversalLimitInWords = std::numeric_limits<std::uint64_t>::max();
   serving.nestingLimit = 16;
-  snap->reader_ = std::make_unique<capnp::FlatArrayMessageReader>(words, serving);
-  if (!snap->validate(error)) return nullptr;
-  return snap;
-}
-
-std::unique_ptr<Snapshot> Snapshot::from_words(kj::ArrayPtr<const capnp::word> words, std::string* error) {
-  std::unique_ptr<Snapshot> snap(new Snapshot());
-  snap->size_ = words.size() * sizeof(capnp::word);
-  try {
-    capnp::ReaderOptions checked;
-    checked.traversalLimitInWords = words.size() * 2 + 1024;
-    capnp::FlatArrayMessageReader probe(words, checked);
-    (void)probe.getRoot<Payload>().totalSize();
-  } catch (const kj::Exception& e) {
-    fail(error, "payload structure invalid: " + std::string(e.getDescription().cStr()));
-    return nullptr;
-  }
-  capnp::ReaderOptions serving;
-  serving.traversalLimitInWords = std::numeric_limits<std::uint64_t>::max();
-  snap->reader_ = std::make_unique<capnp::FlatArrayMessageReader>(words, serving);
-  if (!snap->validate(error)) return nullptr;
-  return snap;
+  reader_ = std::make_unique<capnp::FlatArrayMessageReader>(words, serving);
+  return validate(error);
 }
 
 // Every pointer and index the request path follows is read or checked here once, so a

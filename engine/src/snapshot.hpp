@@ -34,6 +34,12 @@ enum Attribute : std::uint8_t {
   kHour
 };
 
+// Byte order of a payload string against a request value (the compiler sorts by bytes).
+inline int compare_bytes(kj::StringPtr a, std::string_view b) {
+  const std::string_view av(a.begin(), a.size());
+  return av < b ? -1 : (b < av ? 1 : 0);
+}
+
 // The schema id this engine was compiled against (the file id of snapshot.capnp).
 std::uint64_t compiled_schema_id();
 
@@ -98,6 +104,7 @@ class Snapshot {
 
  private:
   Snapshot() = default;
+  bool attach(kj::ArrayPtr<const capnp::word> words, std::string* error);
   bool validate(std::string* error);
   bool validate_unchecked(std::string* error);
 
