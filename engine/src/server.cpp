@@ -866,28 +866,37 @@ void Engine::handle_admin(int fd) {
   reply(404, error_json("not_found", "routes: GET /status, POST /load /drain /undrain /decide"));
 }
 
-std::string Engine::status_json() {
-  std::uint64_t requests = 0, no_fill = 0, connections = 0;
-  std::uint64_t impressions = 0, duplicates = 0, clicks = 0, records = 0, write_errors = 0, dropped = 0,
-                closed = 0, caps_rejected = 0;
-  std::uint64_t errors[kErrReasons] = {};
-  std::uint64_t hist[LatencyHistogram::kBuckets] = {};
-  for (auto& s : shards_) {
-    ShardStats& st = s->stats();
-    impressions += st.impressions.get();
-    duplicates += st.impressions_duplicate.get();
-    clicks += st.clicks.get();
-    caps_rejected += st.caps_rejected.get();
-    records += st.spool_records.get();
-    write_errors += st.spool_write_errors.get();
-    dropped += st.spool_dropped.get();
-    closed += st.spool_segments_closed.get();
-    for (auto& r : st.requests) requests += r.get();
-    for (int e = 0; e < kErrReasons; ++e) errors[e] += st.errors[e].get();
-    no_fill += st.no_fill.get();
-    connections += st.connections_open.get();
-    for (int b = 0; b < LatencyHistogram::kBuckets; ++b) hist[b] += st.latency.buckets[b].get();
+Engine::Totals Engine::collect() const {
+  Totals t;
+  for (const auto& shard : shards_) {
+    const ShardStats& st = shard->stats();
+    for (int r = 0; r < kRoutes; ++r) t.routes[r] += st.requests[r].get();
+    for (int e = 0; e < kErrReasons; ++e) t.errors[e] += st.errors[e].get();
+    for (int b = 0; b < LatencyHistogram::kBuckets; ++b) t.hist[b] += st.latency.buckets[b].get();
+    t.no_fill += st.no_fill.get();
+    t.connections += st.connections_open.get();
+    t.connections_total += st.connections_total.get();
+    t.impressions += st.impressions.get();
+    t.duplicates += st.impressions_duplicate.get();
+    t.clicks += st.clicks.get();
+    t.caps_rejected += st.caps_rejected.get();
+    t.records += st.spool_records.get();
+    t.write_errors += st.spool_write_errors.get();
+    t.dropped += st.spool_dropped.get();
+    t.closed += st.spool_segments_closed.get();
   }
+  for (auto r : t.routes) t.requests += r;
+  return t;
+}
+
+std::string Engine::status_json() {
+  const Totals totals = collect();
+  const auto& hist = totals.hist;
+  const auto& errors = totals.errors;
+  const std::uint64_t requests = totals.requests, no_fill = totals.no_fill, connections = totals.connections;
+  const std::uint64_t impressions = totals.impressions, duplicates = totals.duplicates,
+                      clicks = totals.clicks, records = totals.records, write_errors = totals.write_errors,
+                      dropped = totals.dropped, closed = totals.closed, caps_rejected = totals.caps_rejected;
   std::uint64_t total = 0;
   for (auto h : hist) total += h;
   auto quantile = [&](double q) -> double {
@@ -953,26 +962,14 @@ std::string Engine::status_json() {
 std::string Engine::metrics_text() {
   std::string s;
   char buf[1024];
-  std::uint64_t routes[kRoutes] = {};
-  std::uint64_t errors[kErrReasons] = {};
-  std::uint64_t hist[LatencyHistogram::kBuckets] = {};
-  std::uint64_t no_fill = 0, connections = 0, connections_total = 0;
-  std::uint64_t impressions = 0, duplicates = 0, clicks = 0, records = 0, write_errors = 0, dropped = 0;
-  for (auto& sh : shards_) {
-    ShardStats& st = sh->stats();
-    impressions += st.impressions.get();
-    duplicates += st.impressions_duplicate.get();
-    clicks += st.clicks.get();
-    records += st.spool_records.get();
-    write_errors += st.spool_write_errors.get();
-    dropped += st.spool_dropped.get();
-    for (int r = 0; r < kRoutes; ++r) routes[r] += st.requests[r].get();
-    for (int e = 0; e < kErrReasons; ++e) errors[e] += st.errors[e].get();
-    for (int b = 0; b < LatencyHistogram::kBuckets; ++b) hist[b] += st.latency.buckets[b].get();
-    no_fill += st.no_fill.get();
-    connections += st.connections_open.get();
-    connections_total += st.connections_total.get();
-  }
+  const Totals totals = collect();
+  const auto& routes = totals.routes;
+  const auto& errors = totals.errors;
+  const auto& hist = totals.hist;
+  const std::uint64_t no_fill = totals.no_fill, connections = totals.connections,
+                      connections_total = totals.connections_total, impressions = totals.impressions,
+                      duplicates = totals.duplicates, clicks = totals.clicks, records = totals.records,
+                      write_errors = totals.write_errors, dropped = totals.dropped;
   s += "# HELP adpop_requests_total Requests by route.\n# TYPE adpop_requests_total counter\n";
   for (int r = 0; r < kRoutes; ++r) {
     std::snprintf(buf, sizeof buf, "adpop_requests_total{route=\"%s\"} %llu\n", kRouteNames[r],

@@ -140,6 +140,7 @@ class Shard {
   bool start(std::string* error);
   void join();
   ShardStats& stats() { return stats_; }
+  const ShardStats& stats() const { return stats_; }
 
  private:
   struct Conn;
@@ -208,6 +209,16 @@ class Engine {
   DedupTable& dedup() { return dedup_; }
 
  private:
+  // Every shard's counters summed: collected once, rendered by status_json and metrics_text.
+  struct Totals {
+    std::uint64_t routes[kRoutes] = {};
+    std::uint64_t errors[kErrReasons] = {};
+    std::uint64_t hist[LatencyHistogram::kBuckets] = {};
+    std::uint64_t requests = 0, no_fill = 0, connections = 0, connections_total = 0;
+    std::uint64_t impressions = 0, duplicates = 0, clicks = 0, caps_rejected = 0;
+    std::uint64_t records = 0, write_errors = 0, dropped = 0, closed = 0;
+  };
+  Totals collect() const;
   void admin_loop();
   void handle_admin(int fd);
   void reclaim();
