@@ -425,3 +425,27 @@ def test_missing_snapshot_is_one_line(tmp_path: Path) -> None:
                             timeout=10)
     assert result.returncode == 1
     assert "snapshot folder" in result.stderr
+
+
+def test_pipelined_flood_from_a_slow_reader_is_answered_whole(engine: RunningEngine) -> None:
+    """20,000 pipelined requests sent at once by a client that reads late: the engine stops
+    reading while its answers back up, then reads on (edge-triggered epoll will not report
+    the waiting bytes again), and answers every one."""
+    count = 20_000
+    request = (b"GET /v1/decide?id=flood&placement=home-top&country=US&device=desktop"
+               b"&time=1770000000 HTTP/1.1\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", engine.port), timeout=10) as sock:
+        sock.sendall(request * count)
+        time.sleep(0.5)
+        received = 0
+        tail = b""
+        deadline = time.monotonic() + 60
+        while received < count and time.monotonic() < deadline:
+            chunk = sock.recv(1 << 20)
+            assert chunk, f"connection closed after {received} answers"
+            data = tail + chunk
+            received += data.count(b"HTTP/1.1 200 OK")
+            tail = data[-16:]  # a status line split across reads is counted once
+            received -= tail.count(b"HTTP/1.1 200 OK")
+        received += tail.count(b"HTTP/1.1 200 OK")
+    assert received == count

@@ -177,7 +177,8 @@ struct Shard::Conn {
   bool closed = true;
   // Accepted while draining: gets health and metrics, but no new decisions.
   bool accepted_draining = false;
-  bool dirty = false;  // has answers waiting for the end of the event batch
+  bool read_pending = false;  // reading stopped for backpressure before the socket drained
+  bool dirty = false;         // has answers waiting for the end of the event batch
 };
 
 Shard::Shard(Engine& engine, std::uint32_t index, int cpu)
@@ -273,20 +274,26 @@ void Shard::run() {
       Conn& c = *conns_[fd];
       if (events[i].events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
         on_readable(c, (events[i].events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0);
-      if (!c.closed && (events[i].events & EPOLLOUT)) {
-        flush(c);
-        if (!c.closed && c.out.size() - c.out_off < kMaxOutput / 2) process(c);
-      }
+      // Writable again: its pending output goes out with the batch, after the spool write
+      // (never before: an answer must not leave ahead of its event record).
+      if (!c.closed && (events[i].events & EPOLLOUT) && c.out.size() > c.out_off) mark_dirty(c);
     }
     (void)snap;
-    if (!dirty_.empty()) {
+    // Spool, then answers. A connection held back by a full output buffer gets its waiting
+    // requests processed once it drains, which queues more answers: repeat until none.
+    while (!dirty_.empty()) {
       flush_spool(engine_.now_seconds());
-      for (int fd : dirty_) {
+      sending_.swap(dirty_);
+      for (int fd : sending_) {
         Conn& c = *conns_[static_cast<std::size_t>(fd)];
         c.dirty = false;
-        if (!c.closed) flush(c);
+        if (c.closed) continue;
+        flush(c);
+        if (c.closed || c.out.size() - c.out_off >= kMaxOutput / 2) continue;
+        if (!c.in.empty()) process(c);
+        if (!c.closed && c.read_pending) on_readable(c, false);
       }
-      dirty_.clear();
+      sending_.clear();
     }
     std::int64_t now = mono_ns();
     if (now - last_tick > 100'000'000) {
@@ -320,6 +327,7 @@ void Shard::accept_all() {
     c.last_active_ns = mono_ns();
     c.request_start_ns = 0;
     c.accepted_draining = engine_.draining();
+    c.read_pending = false;
     c.dirty = false;
     epoll_event ev{};
     ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
@@ -347,9 +355,15 @@ void Shard::close_conn(Conn& c) {
 void Shard::on_readable(Conn& c, bool hangup) {
   char buf[16384];
   bool eof = false;
+  c.read_pending = false;
   while (true) {
-    // A client that sends but never reads is not read from until its answers drain.
-    if (c.out.size() - c.out_off > kMaxOutput) break;
+    // A client that sends but never reads is not read from until its answers drain. Edge
+    // triggering will not report the bytes left in the socket again, so the connection is
+    // marked to be read on once its output drains (see run()).
+    if (c.out.size() - c.out_off > kMaxOutput) {
+      c.read_pending = true;
+      break;
+    }
     ssize_t n = ::recv(c.fd, buf, sizeof buf, 0);
     if (n > 0) {
       if (c.in.empty()) c.request_start_ns = batch_ns_;
@@ -362,8 +376,10 @@ void Shard::on_readable(Conn& c, bool hangup) {
         process(c);
         if (c.closed) return;
         if (c.in.size() >
-            engine_.options().http.max_header_bytes + engine_.options().http.max_body_bytes + 16384)
+            engine_.options().http.max_header_bytes + engine_.options().http.max_body_bytes + 16384) {
+          c.read_pending = true;
           break;
+        }
       }
       // A short read drained the socket: with edge triggering, new data raises a new event,
       // so the read that would only say EAGAIN is skipped. After a hangup, read on to EOF.
@@ -382,7 +398,10 @@ void Shard::on_readable(Conn& c, bool hangup) {
   process(c);
   // The client finished sending: answer what was complete (at the end of this batch), then
   // close.
-  if (eof && !c.closed) c.close_after = true;
+  if (eof && !c.closed) {
+    c.close_after = true;
+    mark_dirty(c);
+  }
 }
 
 void Shard::respond_error(Conn& c, int code, ErrorReason reason) {
@@ -394,7 +413,14 @@ void Shard::respond_error(Conn& c, int code, ErrorReason reason) {
   c.in.clear();
 }
 
+void Shard::mark_dirty(Conn& c) {
+  if (c.dirty) return;
+  c.dirty = true;
+  dirty_.push_back(c.fd);
+}
+
 void Shard::process(Conn& c) {
+  const std::size_t out_before = c.out.size();
   std::size_t offset = 0;
   const http::Limits& limits = engine_.options().http;
   while (!c.close_after && offset < c.in.size() && c.out.size() - c.out_off <= kMaxOutput) {
@@ -422,10 +448,7 @@ void Shard::process(Conn& c) {
   c.request_start_ns = c.in.empty() ? 0 : (c.request_start_ns ? c.request_start_ns : mono_ns());
   // Answers go out at the end of the event batch, after one spool write for the whole batch:
   // records reach the file before the answers that caused them reach the client.
-  if (!c.dirty) {
-    c.dirty = true;
-    dirty_.push_back(c.fd);
-  }
+  if (c.out.size() != out_before || c.close_after) mark_dirty(c);
 }
 
 void Shard::handle(Conn& c, const http::Request& req, const Snapshot* snap) {

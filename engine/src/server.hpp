@@ -149,6 +149,7 @@ class Shard {
   void on_readable(Conn& c, bool hangup);
   void process(Conn& c);
   void flush(Conn& c);
+  void mark_dirty(Conn& c);
   void close_conn(Conn& c);
   void tick(std::int64_t now_ns);
   void respond_error(Conn& c, int code, ErrorReason reason);
@@ -173,7 +174,9 @@ class Shard {
   std::string scratch_;
   std::string token_scratch_;
   std::int64_t batch_ns_ = 0;  // monotonic time of the current event batch
-  std::vector<int> dirty_;     // connections with answers to send after this batch's spool write
+  std::vector<int> dirty_;
+  std::vector<int> sending_;  // the dirty list being flushed (process() may refill dirty_)     // connections
+                              // with answers to send after this batch's spool write
   std::unique_ptr<Spool> spool_;
 };
 
