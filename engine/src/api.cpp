@@ -32,10 +32,9 @@ bool parse_int(std::string_view s, std::int64_t* out) {
 
 // Reads a string member if present; false if present with another type.
 bool get_string(const json::Document& doc, const json::Value& obj, std::string_view name,
-                std::string_view* out) {
+                std::string_view* out, std::size_t limit = 256) {
   const json::Value* v = doc.member(obj, name);
   if (!v || v->type == json::Type::kNull) return true;
-  const std::size_t limit = name == "caps" ? 4096 : 256;  // a cap token outgrows an id
   if (v->type != json::Type::kString || v->text.size() > limit) return false;
   *out = v->text;
   return true;
@@ -142,7 +141,7 @@ bool parse_json(char* body, std::size_t size, json::Document& doc, DecideRequest
   if (!get_string(doc, u, "key", &out.user_key) || !get_strings(doc, u, "segments", &out.segments) ||
       !get_string(doc, d, "type", &out.device) || !get_string(doc, d, "os", &out.os) ||
       !get_string(doc, g, "country", &out.country) || !get_string(doc, g, "region", &out.region) ||
-      !get_string(doc, s, "domain", &out.domain) || !get_string(doc, root, "caps", &out.caps) ||
+      !get_string(doc, s, "domain", &out.domain) || !get_string(doc, root, "caps", &out.caps, 4096) ||
       !get_strings(doc, root, "keywords", &out.keywords)) {
     *error = "a field has the wrong type (strings, and lists of at most 64 strings)";
     return false;

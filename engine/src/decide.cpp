@@ -23,19 +23,24 @@ struct Rng {
   std::uint64_t below(std::uint64_t n) { return n ? next() % n : 0; }
 };
 
-std::int64_t find_placement(const Snapshot& snap, std::string_view id) {
-  const auto placements = snap.payload().getPlacements();
-  std::uint32_t lo = 0, hi = placements.size();
-  while (lo < hi) {
-    std::uint32_t mid = lo + (hi - lo) / 2;
-    if (compare_bytes(snap.str(placements[mid].getId()), id) < 0)
-      lo = mid + 1;
-    else
-      hi = mid;
+// The sizes a slot takes: the placement's, narrowed by the request's when it names any.
+struct SlotSizes {
+  AdSize sizes[32];
+  std::size_t count = 0;
+
+  SlotSizes(Placement::Reader placement, const PlacementRequest& request) {
+    for (auto s : placement.getSizes()) {
+      const AdSize size{s.getWidth(), s.getHeight()};
+      const bool wanted = request.sizes.empty() ||
+                          std::find(request.sizes.begin(), request.sizes.end(), size) != request.sizes.end();
+      if (wanted && count < 32) sizes[count++] = size;
+    }
   }
-  if (lo < placements.size() && compare_bytes(snap.str(placements[lo].getId()), id) == 0) return lo;
-  return -1;
-}
+  bool fits(Ad::Reader ad) const {
+    const AdSize size{ad.getWidth(), ad.getHeight()};
+    return std::find(sizes, sizes + count, size) != sizes + count;
+  }
+};
 
 // Competitive exclusion: a label taken by another campaign in this answer blocks `campaign`.
 // Its own labels never block the campaign itself.
@@ -237,26 +242,12 @@ void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::in
     pd.chosen.clear();
     pd.eligible.clear();
     pd.losses.clear();
-    pd.placement = find_placement(snap, preq.id);
+    pd.placement = find_by_id(snap, placements, preq.id);
     if (pd.placement < 0) continue;
     const auto placement = placements[static_cast<std::uint32_t>(pd.placement)];
 
-    // Sizes this slot takes: the placement's, narrowed by the request's when it names any.
-    AdSize allowed[32];
-    std::size_t n_allowed = 0;
-    for (auto s : placement.getSizes()) {
-      AdSize size{s.getWidth(), s.getHeight()};
-      bool wanted =
-          preq.sizes.empty() || std::find(preq.sizes.begin(), preq.sizes.end(), size) != preq.sizes.end();
-      if (wanted && n_allowed < 32) allowed[n_allowed++] = size;
-    }
-    auto fits = [&](std::uint32_t ad) {
-      const auto a = ads[ad];
-      AdSize size{a.getWidth(), a.getHeight()};
-      for (std::size_t i = 0; i < n_allowed; ++i)
-        if (allowed[i] == size) return true;
-      return false;
-    };
+    const SlotSizes slot(placement, preq);
+    auto fits = [&](std::uint32_t ad) { return slot.fits(ads[ad]); };
     auto unused_fitting_ad = [&](std::uint32_t c) {
       const auto camp = campaigns[c];
       for (std::uint32_t a = camp.getAdsStart(); a < camp.getAdsStart() + camp.getAdsCount(); ++a)
@@ -408,20 +399,11 @@ void Decider::explain(const Snapshot& snap, const DecideRequest& request, std::s
   const auto payload = snap.payload();
   const auto campaigns = payload.getCampaigns();
   const auto ads = payload.getAds();
-  const auto creatives = payload.getCreatives();
   PlacementDecision& pd = out.placements[pi];
   const PlacementRequest& preq = request.placements[pi];
   const auto placement = payload.getPlacements()[static_cast<std::uint32_t>(pd.placement)];
-  auto fits = [&](std::uint32_t ad) {
-    const auto cr = creatives[ads[ad].getCreative()];
-    for (auto s : placement.getSizes()) {
-      AdSize size{s.getWidth(), s.getHeight()};
-      if (size.width != cr.getWidth() || size.height != cr.getHeight()) continue;
-      if (preq.sizes.empty() || std::find(preq.sizes.begin(), preq.sizes.end(), size) != preq.sizes.end())
-        return true;
-    }
-    return false;
-  };
+  const SlotSizes slot(placement, preq);
+  auto fits = [&](std::uint32_t ad) { return slot.fits(ads[ad]); };
   matcher_.match_campaigns(snap, targeting_, matched_);
   std::uint8_t worst_chosen = 0;
   for (const Choice& ch : pd.chosen)

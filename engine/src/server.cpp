@@ -109,16 +109,9 @@ std::uint64_t wall_ms() {
 // each owns a short run of ads, so this is a binary search and a tiny scan.
 std::int64_t find_ad(const Snapshot& snap, std::string_view campaign, std::string_view ad) {
   const auto campaigns = snap.payload().getCampaigns();
-  std::uint32_t lo = 0, hi = campaigns.size();
-  while (lo < hi) {
-    std::uint32_t mid = lo + (hi - lo) / 2;
-    if (compare_bytes(snap.str(campaigns[mid].getId()), campaign) < 0)
-      lo = mid + 1;
-    else
-      hi = mid;
-  }
-  if (lo >= campaigns.size() || compare_bytes(snap.str(campaigns[lo].getId()), campaign) != 0) return -1;
-  const auto c = campaigns[lo];
+  const std::int64_t found = find_by_id(snap, campaigns, campaign);
+  if (found < 0) return -1;
+  const auto c = campaigns[static_cast<std::uint32_t>(found)];
   const auto ads = snap.payload().getAds();
   for (std::uint32_t a = c.getAdsStart(); a < c.getAdsStart() + c.getAdsCount(); ++a)
     if (compare_bytes(snap.str(ads[a].getId()), ad) == 0) return a;
@@ -253,16 +246,12 @@ void Shard::run() {
   epoll_event events[256];
   std::int64_t last_tick = mono_ns();
   while (!engine_.stopping()) {
-    // Publish the snapshot generation this shard now uses; the admin thread frees an old
-    // snapshot only once every shard has published a generation past its retirement.
-    std::uint64_t generation = 0;
-    const Snapshot* snap = engine_.acquire(&generation);
-    stats_.seen_generation.store(generation, std::memory_order_release);
     int n = epoll_wait(epoll_fd_, events, 256, 100);
     batch_ns_ = mono_ns();
-    // Re-acquire after the wait: a swap during the wait must not be missed by this batch.
-    snap = engine_.acquire(&generation);
-    stats_.seen_generation.store(generation, std::memory_order_release);
+    // Publish the generation this batch starts from: every request in it takes the current
+    // snapshot, never an older one, and between batches the shard holds none. The admin
+    // thread frees a retired snapshot once every shard has published a generation past it.
+    stats_.seen_generation.store(engine_.generation(), std::memory_order_release);
     for (int i = 0; i < n; ++i) {
       int fd = events[i].data.fd;
       if (fd == listen_fd_) {
@@ -278,7 +267,6 @@ void Shard::run() {
       // (never before: an answer must not leave ahead of its event record).
       if (!c.closed && (events[i].events & EPOLLOUT) && c.out.size() > c.out_off) mark_dirty(c);
     }
-    (void)snap;
     // Spool, then answers. A connection held back by a full output buffer gets its waiting
     // requests processed once it drains, which queues more answers: repeat until none.
     while (!dirty_.empty()) {
@@ -496,8 +484,7 @@ void Shard::handle_decide(Conn& c, const http::Request& req, const Snapshot& sna
   if (post) {
     // Parse in place: the body lives in this connection's input buffer.
     char* body = c.in.data() + (req.body.data() - c.in.data());
-    json::Document doc;
-    ok = api::parse_json(body, req.body.size(), doc, request_, &error);
+    ok = api::parse_json(body, req.body.size(), doc_, request_, &error);
   } else {
     ok = api::parse_query(req.query, scratch_, request_, &error);
   }
@@ -533,12 +520,11 @@ void Shard::handle_decide(Conn& c, const http::Request& req, const Snapshot& sna
     }
   }
   spool_->end();
-  std::string body;
-  body.reserve(1024);
+  body_.clear();  // reused: no allocation per answer once warm
   api::TrackingLinks links{&engine_.signer(),
                            static_cast<std::uint32_t>(now) + engine_.options().token_ttl_s};
-  api::render(snap, request_, decision_, body, engine_.signer().usable() ? &links : nullptr);
-  append_response(c.out, 200, "application/json", body, close);
+  api::render(snap, request_, decision_, body_, engine_.signer().usable() ? &links : nullptr);
+  append_response(c.out, 200, "application/json", body_, close);
 }
 
 void Shard::handle_tracking(Conn& c, const http::Request& req, const Snapshot* snap, bool click, bool close) {
@@ -558,13 +544,7 @@ void Shard::handle_tracking(Conn& c, const http::Request& req, const Snapshot* s
       stats_.impressions_duplicate.add();
     } else {
       stats_.impressions.add();
-      spool_->begin(EventType::kImpression, wall_ms());
-      spool_->put_string(token.campaign);
-      spool_->put_string(token.ad);
-      spool_->put_string(token.placement);
-      spool_->put_u32(static_cast<std::uint32_t>(token.request_hash));
-      spool_->put_u32(static_cast<std::uint32_t>(token.request_hash >> 32));
-      spool_->end();
+      spool_tracking(EventType::kImpression, token);
     }
     append_response(c.out, 204, "text/plain", "", close);
     return;
@@ -576,13 +556,7 @@ void Shard::handle_tracking(Conn& c, const http::Request& req, const Snapshot* s
       snap->payload().getCreatives()[snap->payload().getAds()[static_cast<std::uint32_t>(ad)].getCreative()];
   kj::StringPtr landing = snap->str(creative.getLandingUrl());
   stats_.clicks.add();
-  spool_->begin(EventType::kClick, wall_ms());
-  spool_->put_string(token.campaign);
-  spool_->put_string(token.ad);
-  spool_->put_string(token.placement);
-  spool_->put_u32(static_cast<std::uint32_t>(token.request_hash));
-  spool_->put_u32(static_cast<std::uint32_t>(token.request_hash >> 32));
-  spool_->end();
+  spool_tracking(EventType::kClick, token);
   char head[160];
   int n = std::snprintf(head, sizeof head, "HTTP/1.1 302 Found\r\nContent-Length: 0\r\n%sLocation: ",
                         close ? "Connection: close\r\n" : "");
@@ -591,6 +565,17 @@ void Shard::handle_tracking(Conn& c, const http::Request& req, const Snapshot* s
   for (char ch : std::string_view(landing.cStr(), landing.size()))
     if (ch != '\r' && ch != '\n') c.out.push_back(ch);
   c.out += "\r\n\r\n";
+}
+
+// Impression and click records share one layout (engine/SPOOL.md).
+void Shard::spool_tracking(EventType type, const TrackingToken& token) {
+  spool_->begin(type, wall_ms());
+  spool_->put_string(token.campaign);
+  spool_->put_string(token.ad);
+  spool_->put_string(token.placement);
+  spool_->put_u32(static_cast<std::uint32_t>(token.request_hash));
+  spool_->put_u32(static_cast<std::uint32_t>(token.request_hash >> 32));
+  spool_->end();
 }
 
 void Shard::flush_spool(std::int64_t now_s) {
@@ -689,10 +674,6 @@ Engine::~Engine() {
 
 std::int64_t Engine::now_seconds() const {
   return static_cast<std::int64_t>(std::time(nullptr));
-}
-
-std::string Engine::snapshot_hash() const {
-  return hash_;
 }
 
 bool Engine::load(std::string* error) {

@@ -13,6 +13,7 @@
 
 #include "decide.hpp"
 #include "http.hpp"
+#include "json.hpp"
 #include "snapshot.hpp"
 #include "spool.hpp"
 #include "token.hpp"
@@ -157,6 +158,7 @@ class Shard {
   void handle_decide(Conn& c, const http::Request& req, const Snapshot& snap, bool close);
   void handle_tracking(Conn& c, const http::Request& req, const Snapshot* snap, bool click, bool close);
   void flush_spool(std::int64_t now_s);
+  void spool_tracking(EventType type, const TrackingToken& token);
 
   Engine& engine_;
   std::uint32_t index_;
@@ -173,6 +175,8 @@ class Shard {
   DecideRequest request_;
   std::string scratch_;
   std::string token_scratch_;
+  json::Document doc_;         // request JSON, reused
+  std::string body_;           // answer JSON, reused
   std::int64_t batch_ns_ = 0;  // monotonic time of the current event batch
   std::vector<int> dirty_;
   std::vector<int> sending_;  // the dirty list being flushed (process() may refill dirty_)     // connections
@@ -200,13 +204,13 @@ class Engine {
   bool draining() const { return draining_.load(std::memory_order_relaxed); }
   bool stopping() const { return stopping_.load(std::memory_order_relaxed); }
   // The current snapshot and the generation it belongs to (see Shard::run for the protocol).
+  std::uint64_t generation() const { return generation_.load(std::memory_order_acquire); }
   const Snapshot* acquire(std::uint64_t* generation) const {
     *generation = generation_.load(std::memory_order_acquire);
     return current_.load(std::memory_order_acquire);
   }
   std::string status_json();
   std::string metrics_text();
-  std::string snapshot_hash() const;
   std::int64_t now_seconds() const;
   const TokenSigner& signer() const { return signer_; }
   DedupTable& dedup() { return dedup_; }

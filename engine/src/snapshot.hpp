@@ -124,4 +124,20 @@ class Snapshot {
   std::vector<std::vector<TierView>> tiers_;
 };
 
+// Position of the element whose `id` string equals `id` in a list sorted by id bytes
+// (placements, campaigns), or -1.
+template <typename List>
+std::int64_t find_by_id(const Snapshot& snap, List list, std::string_view id) {
+  std::uint32_t lo = 0, hi = list.size();
+  while (lo < hi) {
+    const std::uint32_t mid = lo + (hi - lo) / 2;
+    if (compare_bytes(snap.str(list[mid].getId()), id) < 0)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  if (lo < list.size() && compare_bytes(snap.str(list[lo].getId()), id) == 0) return lo;
+  return -1;
+}
+
 }  // namespace adpop

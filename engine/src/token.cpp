@@ -86,10 +86,6 @@ TokenError TokenSigner::open(std::string_view text, std::string& scratch, std::s
   return TokenError::kNone;
 }
 
-std::uint32_t id_hash(std::string_view id) {
-  return static_cast<std::uint32_t>(request_hash(id) >> 32);
-}
-
 namespace {
 constexpr std::size_t kCapEntryBytes = 1 + 4 + 4 + 4 + 2;
 void put(std::string& b, std::uint64_t v, int bytes) {

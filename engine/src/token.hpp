@@ -66,7 +66,6 @@ struct CapEntry {
 };
 inline constexpr std::size_t kMaxCapEntries = 48;
 
-std::uint32_t id_hash(std::string_view id);
 // Empty `out` and false when the token is absent, forged, malformed or another user's.
 bool decode_caps(const TokenSigner& signer, std::string_view text, std::uint64_t user, std::string& scratch,
                  std::vector<CapEntry>& out);

@@ -59,7 +59,8 @@ TEST(Token, EveryCharacterChangeIsRefused) {
 }
 
 TEST(CapToken, RoundTripAndUserBinding) {
-  std::vector<CapEntry> in = {{0, id_hash("camp-1"), 3600, 100, 2}, {1, id_hash("adv-1"), 86400, 50, 7}};
+  std::vector<CapEntry> in = {{0, crc32_ieee("camp-1", 6), 3600, 100, 2},
+                              {1, crc32_ieee("adv-1", 5), 86400, 50, 7}};
   std::string text;
   encode_caps(kSigner, request_hash("alice"), in, text);
   std::string scratch;
