@@ -32,9 +32,6 @@ from appliance.snapshot.model import (
 log = logging.getLogger(__name__)
 
 SCHEMA_PATH = Path(__file__).with_name("snapshot.capnp")
-# Nesting the schema needs: Payload > TargetingIndex > buckets > SizeBucket > lists >
-# PostingList > entries.
-SCHEMA_NESTING = 7
 PASS_THROUGH_ALL = 1_000_000  # ppm: no forecast-based throttling until the origin sets one
 
 

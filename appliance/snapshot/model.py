@@ -49,7 +49,6 @@ ATTRIBUTES: tuple[str, ...] = (
     "country", "region", "device", "os", "domain", "placement", "keyword", "segment", "hour",
 )
 _ATTRIBUTE_ORDER = {name: i for i, name in enumerate(ATTRIBUTES)}
-MULTI_VALUED = frozenset({"keyword", "segment"})
 DEVICE_TYPES = frozenset({"desktop", "mobile", "tablet", "ctv", "other"})
 HOURS_PER_WEEK = 168
 MAX_PRIORITY = 16
