@@ -17,6 +17,7 @@ from appliance.snapshot.compiler import (
     compile_payload,
     open_payload,
     schema_id,
+    string_table,
 )
 from appliance.snapshot.model import CampaignSet, parse_documents
 
@@ -52,7 +53,7 @@ def test_payload_holds_the_campaigns(sample_set: CampaignSet) -> None:
     payload, stats = compile_payload(sample_set, 2, 1_800_000_000)
     assert stats.campaigns == 4
     with open_payload(payload) as p:
-        strings = list(p.strings)
+        strings = string_table(p)
         assert strings[0] == ""
         assert p.version == 2
         assert p.schemaId == int(schema_id(), 16)
@@ -133,7 +134,8 @@ def test_cpp_reader_decodes_our_payload(sample_set: CampaignSet, tmp_path: Path)
                             capture_output=True, check=True)
     text = result.stdout.decode()
     assert "version = 9" in text
-    assert '"contoso-savings"' in text
+    assert "contoso-savings" in text  # inside stringBlob
+    assert "stringOffsets = [0, 0, " in text  # string 0 is the empty string
     assert "maxConjunctionSize = 3" in text
 
 
@@ -161,7 +163,7 @@ def test_partitions_place_each_campaign_once_per_country_split() -> None:
     campaign_set = parse_documents([("t", doc)])
     payload, _ = compile_payload(campaign_set, 1, 0)
     with open_payload(payload) as p:
-        strings = list(p.strings)
+        strings = string_table(p)
         countries = list(p.index.attributes[0].values)
         listing: dict[tuple[str, str], set[str]] = {}
         for pl in p.placements:

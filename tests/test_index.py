@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from appliance.snapshot import synth
-from appliance.snapshot.compiler import compile_payload, open_payload
+from appliance.snapshot.compiler import compile_payload, open_payload, string_table
 from appliance.snapshot.index import TargetingIndex
 from appliance.snapshot.model import (
     ATTRIBUTES,
@@ -23,7 +23,7 @@ def index_of(campaign_set: CampaignSet) -> tuple[TargetingIndex, list[str]]:
     payload, _ = compile_payload(campaign_set, 1, 0)
     with open_payload(payload) as p:
         index = TargetingIndex.from_payload(p)
-        strings = list(p.strings)
+        strings = string_table(p)
         ids = [strings[c.id] for c in p.campaigns]
     return index, ids
 

@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import AdpopError
-from appliance.snapshot.compiler import CompileStats, compile_payload, open_payload, schema_id
+from appliance.snapshot.compiler import (
+    CompileStats,
+    compile_payload,
+    open_payload,
+    schema_id,
+    string_table,
+)
 from appliance.snapshot.manifest import (
     MANIFEST_NAME,
     PAYLOAD_NAME,
@@ -99,7 +105,7 @@ def describe(manifest: Manifest, payload: bytes, nesting_limit: int = 16) -> dic
         counts = {
             "advertisers": len(p.advertisers), "creatives": len(p.creatives),
             "campaigns": len(p.campaigns), "ads": len(p.ads), "placements": len(p.placements),
-            "strings": len(p.strings), "paused_skipped": p.stats.pausedSkipped,
+            "strings": len(p.stringOffsets) - 1, "paused_skipped": p.stats.pausedSkipped,
         }
         index_stats = {
             "conjunctions": len(index.conjunctions),
@@ -110,7 +116,7 @@ def describe(manifest: Manifest, payload: bytes, nesting_limit: int = 16) -> dic
             "zero_entries": len(index.zeroEntries),
             "attribute_values": {a.name: len(a.values) for a in index.attributes},
         }
-        strings = p.strings
+        strings = string_table(p)
         placement_names = {
             strings[pl.id]: len({c for part in pl.partitions for t in part.tiers
                                  for c in t.campaigns})

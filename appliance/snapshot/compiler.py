@@ -83,6 +83,22 @@ def hash_slots(encoded: Sequence[bytes]) -> list[int]:
     return slots
 
 
+def pack(encoded: Sequence[bytes]) -> tuple[bytes, list[int]]:
+    """Byte strings as one blob and offsets: item i is blob[offsets[i]:offsets[i + 1]]."""
+    return b"".join(encoded), [0, *itertools.accumulate(map(len, encoded))]
+
+
+def pack_strings(strings: Sequence[str]) -> tuple[bytes, list[int]]:
+    return pack([text.encode() for text in strings])
+
+
+def string_table(payload: Any) -> list[str]:
+    """The interned strings of a payload reader, by StringId."""
+    blob: bytes = payload.stringBlob
+    offsets = list(payload.stringOffsets)
+    return [blob[a:b].decode() for a, b in itertools.pairwise(offsets)]
+
+
 class _Steps:
     """Logs each compile step's name and duration (at debug level)."""
 
@@ -174,9 +190,7 @@ def _compile(campaign_set: CampaignSet, version: int, created_at: int
     step("k-index")
 
     # Strings last: everything above interned into the table.
-    out_str = msg.init("strings", len(intern.strings))
-    for i, text in enumerate(intern.strings):
-        out_str[i] = text
+    msg.stringBlob, msg.stringOffsets = pack_strings(intern.strings)
     step("strings")
 
     conjunctions, lists, entries, max_k = index_stats
@@ -390,11 +404,7 @@ def _write_index(msg: Any, conjunctions: _Conjunctions) -> tuple[int, int, int, 
         out_attrs[a].name = name
         out_attrs[a].values = ordered
         encoded = [v.encode() for v in ordered]
-        offsets = [0]
-        for e in encoded:
-            offsets.append(offsets[-1] + len(e))
-        out_attrs[a].blob = b"".join(encoded)
-        out_attrs[a].offsets = offsets
+        out_attrs[a].blob, out_attrs[a].offsets = pack(encoded)
         out_attrs[a].slots = hash_slots(encoded)
 
     postings: dict[tuple[int, int, int], list[int]] = {}

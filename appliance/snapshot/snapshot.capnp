@@ -11,12 +11,12 @@
 
 @0xa1387dd9f2dc5b7d;
 
-using StringId = UInt32;  # index into Payload.strings; 0 is the empty string
+using StringId = UInt32;  # index into Payload's string table; 0 is the empty string
 
 struct Payload {
   version @0 :UInt64;          # same as the manifest's version
   createdAt @1 :Int64;         # unix seconds
-  strings @2 :List(Text);      # interned strings; strings[0] = ""
+  retiredStrings @2 :List(Text);  # unwritten: the table is stringBlob + stringOffsets
   advertisers @3 :List(Advertiser);
   creatives @4 :List(Creative);
   campaigns @5 :List(Campaign);
@@ -31,6 +31,11 @@ struct Payload {
   # end at the flight check, and these keep it to two plain reads.
   campaignStarts @11 :List(Int64);
   campaignEnds @12 :List(Int64);
+  # The interned strings packed: string i is stringBlob[stringOffsets[i], stringOffsets[i + 1]),
+  # and string 0 is "". One pointer and two reads per string on the engine's answer path,
+  # where a List(Text) costs a pointer decode per element.
+  stringBlob @13 :Data;
+  stringOffsets @14 :List(UInt32);
 }
 
 struct Advertiser {

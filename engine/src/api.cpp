@@ -326,11 +326,11 @@ void render(const Snapshot& snap, const DecideRequest& request, const Decision& 
       const auto cr = creatives[ch.creative];
       if (j) out.push_back(',');
       out += "{\"ad\":";
-      append_json_string(out, snap.str(ad.getId()).cStr());
+      append_json_string(out, snap.str(ad.getId()));
       out += ",\"campaign\":";
-      append_json_string(out, snap.str(camp.getId()).cStr());
+      append_json_string(out, snap.str(camp.getId()));
       out += ",\"creative\":";
-      append_json_string(out, snap.str(cr.getId()).cStr());
+      append_json_string(out, snap.str(cr.getId()));
       out += ",\"size\":\"";
       append_number(out, cr.getWidth());
       out.push_back('x');
@@ -342,18 +342,18 @@ void render(const Snapshot& snap, const DecideRequest& request, const Decision& 
       out.push_back('"');
       if (cr.getBody() != 0) {
         out += ",\"body\":";
-        append_json_string(out, snap.str(cr.getBody()).cStr());
+        append_json_string(out, snap.str(cr.getBody()));
       }
       if (cr.getUrl() != 0) {
         out += ",\"url\":";
-        append_json_string(out, snap.str(cr.getUrl()).cStr());
+        append_json_string(out, snap.str(cr.getUrl()));
       }
       if (links) {
         TrackingToken token;
         token.expires = links->expires;
         token.request_hash = request_hash(request.id);
-        token.campaign = snap.str(camp.getId()).cStr();
-        token.ad = snap.str(ad.getId()).cStr();
+        token.campaign = snap.str(camp.getId());
+        token.ad = snap.str(ad.getId());
         token.placement = request.placements[i].id;
         // Tokens are base64url: safe in a URL and in JSON without escaping.
         token.kind = TokenKind::kImpression;
@@ -371,13 +371,13 @@ void render(const Snapshot& snap, const DecideRequest& request, const Decision& 
       out += ",\"explain\":{\"eligible\":[";
       for (std::size_t j = 0; j < pd.eligible.size(); ++j) {
         if (j) out.push_back(',');
-        append_json_string(out, snap.str(campaigns[pd.eligible[j]].getId()).cStr());
+        append_json_string(out, snap.str(campaigns[pd.eligible[j]].getId()));
       }
       out += "],\"lost\":[";
       for (std::size_t j = 0; j < pd.losses.size(); ++j) {
         if (j) out.push_back(',');
         out += "{\"campaign\":";
-        append_json_string(out, snap.str(campaigns[pd.losses[j].campaign].getId()).cStr());
+        append_json_string(out, snap.str(campaigns[pd.losses[j].campaign].getId()));
         out += ",\"reason\":\"";
         out += loss_name(pd.losses[j].reason);
         out += "\"}";

@@ -440,7 +440,7 @@ void Decider::explain(const Snapshot& snap, const DecideRequest& request, std::s
     else if (camp.getPassThroughPpm() < 1000000 || camp.getBudgetDailyMicros() > 0) {
       // Pacing rolls are not replayed here; a budgeted campaign that lost is reported as
       // paced when its local spend has reached its allowance, else as a lottery loss.
-      const std::uint64_t spent = this->spent(snap.str(camp.getId()).cStr());
+      const std::uint64_t spent = this->spent(snap.str(camp.getId()));
       if (camp.getBudgetDailyMicros() > 0 &&
           static_cast<double>(spent) >= static_cast<double>(camp.getBudgetDailyMicros()) *
                                             context.budget_share / std::max<std::uint32_t>(1, context.shards))

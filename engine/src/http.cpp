@@ -51,8 +51,11 @@ Result parse(std::string_view buffer, const Limits& limits, Request& out) {
   std::size_t body_start = 0;
   const std::size_t scan =
       buffer.size() < limits.max_header_bytes + 4 ? buffer.size() : limits.max_header_bytes + 4;
+  // Line ends found with memchr: heads are a few short lines, and it skips a line at a time.
   for (std::size_t i = 0; i < scan; ++i) {
-    if (buffer[i] != '\n') continue;
+    const void* nl = std::memchr(buffer.data() + i, '\n', scan - i);
+    if (!nl) break;
+    i = static_cast<std::size_t>(static_cast<const char*>(nl) - buffer.data());
     if (i + 1 < buffer.size() && buffer[i + 1] == '\n') {
       head_end = i;
       body_start = i + 2;

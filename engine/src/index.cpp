@@ -32,19 +32,6 @@ std::int64_t find_list(capnp::List<PostingList>::Reader lists, std::uint32_t att
 
 }  // namespace
 
-std::int64_t find_text(capnp::List<capnp::Text>::Reader sorted, std::string_view value) {
-  std::uint32_t lo = 0, hi = sorted.size();
-  while (lo < hi) {
-    std::uint32_t mid = lo + (hi - lo) / 2;
-    if (compare_bytes(sorted[mid], value) < 0)
-      lo = mid + 1;
-    else
-      hi = mid;
-  }
-  if (lo < sorted.size() && compare_bytes(sorted[lo], value) == 0) return lo;
-  return -1;
-}
-
 void Matcher::refresh(Cursor& c) {
   std::uint64_t best = kEnd;
   for (std::uint32_t i = 0; i < c.n_subs; ++i) {
@@ -107,12 +94,10 @@ void Matcher::match_conjunctions(const Snapshot& snap, const TargetingRequest& r
                                  std::vector<std::uint32_t>& out) {
   out.clear();
   const auto index = snap.payload().getIndex();
-  const auto attributes = index.getAttributes();
   for (std::size_t a = 0; a < kAttributes; ++a) {
     ordinals_[a].clear();
-    const auto values = attributes[a].getValues();
     for (std::string_view v : request.values[a]) {
-      std::int64_t ord = find_text(values, v);
+      std::int64_t ord = snap.attribute(a).find(v);
       if (ord >= 0) ordinals_[a].push_back(static_cast<std::uint32_t>(ord));
     }
   }

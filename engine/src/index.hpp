@@ -56,7 +56,4 @@ class Matcher {
   std::vector<std::uint32_t> conj_scratch_;
 };
 
-// Binary search of a sorted Text list for `value`; returns its position or -1.
-std::int64_t find_text(capnp::List<capnp::Text>::Reader sorted, std::string_view value);
-
 }  // namespace adpop

@@ -11,6 +11,7 @@
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -34,6 +35,16 @@ std::int64_t mono_ns() {
   timespec ts{};
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return std::int64_t{ts.tv_sec} * 1000000000 + ts.tv_nsec;
+}
+
+// Shard threads are never cancelled, so they call recv and send through syscall(2): glibc's
+// recv and send are cancellation points that toggle the thread's cancel state on every call,
+// a measurable share of a request's user time.
+ssize_t recv_raw(int fd, void* buf, std::size_t len) {
+  return syscall(SYS_recvfrom, fd, buf, len, 0, nullptr, nullptr);
+}
+ssize_t send_raw(int fd, const void* buf, std::size_t len) {
+  return syscall(SYS_sendto, fd, buf, len, MSG_NOSIGNAL, nullptr, 0);
 }
 
 constexpr std::size_t kMaxOutput = 1 << 20;  // stop reading a connection that will not read
@@ -201,6 +212,12 @@ bool Shard::start(std::string* error) {
   // no accept queue is shared between threads.
   setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
   setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
+  // A fixed receive buffer (inherited by accepted sockets) that holds the largest request we
+  // accept: ad requests are small, so the kernel's per-read buffer autotuning is work for
+  // nothing, and a flood of connections cannot grow their buffers.
+  const int rcvbuf =
+      static_cast<int>(std::max<std::size_t>(64 * 1024, o.http.max_header_bytes + o.http.max_body_bytes));
+  setsockopt(listen_fd_, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
   addr.sin_port = htons(o.listen_port);
@@ -247,7 +264,10 @@ void Shard::run() {
   std::int64_t last_tick = mono_ns();
   while (!engine_.stopping()) {
     int n = epoll_wait(epoll_fd_, events, 256, 100);
+    // One clock read per batch for wall time: decisions and records need seconds and
+    // milliseconds, and a batch takes well under a millisecond.
     batch_ns_ = mono_ns();
+    batch_wall_ms_ = static_cast<std::int64_t>(wall_ms());
     // Publish the generation this batch starts from: every request in it takes the current
     // snapshot, never an older one, and between batches the shard holds none. The admin
     // thread frees a retired snapshot once every shard has published a generation past it.
@@ -270,7 +290,7 @@ void Shard::run() {
     // Spool, then answers. A connection held back by a full output buffer gets its waiting
     // requests processed once it drains, which queues more answers: repeat until none.
     while (!dirty_.empty()) {
-      flush_spool(engine_.now_seconds());
+      flush_spool(batch_wall_ms_ / 1000);
       sending_.swap(dirty_);
       for (int fd : sending_) {
         Conn& c = *conns_[static_cast<std::size_t>(fd)];
@@ -352,7 +372,7 @@ void Shard::on_readable(Conn& c, bool hangup) {
       c.read_pending = true;
       break;
     }
-    ssize_t n = ::recv(c.fd, buf, sizeof buf, 0);
+    ssize_t n = recv_raw(c.fd, buf, sizeof buf);
     if (n > 0) {
       if (c.in.empty()) c.request_start_ns = batch_ns_;
       c.in.append(buf, static_cast<std::size_t>(n));
@@ -497,14 +517,14 @@ void Shard::handle_decide(Conn& c, const http::Request& req, const Snapshot& sna
     return;
   }
   if (request_.explain) return respond_error(c, 403, kErrExplainForbidden);
-  const std::int64_t now = engine_.now_seconds();
+  const std::int64_t now = batch_wall_ms_ / 1000;
   const DecideContext context{&engine_.signer(), engine_.options().budget_share, engine_.options().shards};
   decider_.decide(snap, request_, now, decision_, context);
   if (decision_.caps_rejected) stats_.caps_rejected.add();
   const auto campaigns = snap.payload().getCampaigns();
   const auto ads = snap.payload().getAds();
   // One decision record per answer, written before the answer is sent.
-  spool_->begin(EventType::kDecision, wall_ms());
+  spool_->begin(EventType::kDecision, static_cast<std::uint64_t>(batch_wall_ms_));
   spool_->put_string(request_.id);
   spool_->put_string(request_.user_key);
   spool_->put_u32(static_cast<std::uint32_t>(snap.version()));
@@ -515,8 +535,8 @@ void Shard::handle_decide(Conn& c, const http::Request& req, const Snapshot& sna
     spool_->put_string(request_.placements[i].id);
     spool_->put_u32(static_cast<std::uint32_t>(pd.chosen.size()));
     for (const auto& ch : pd.chosen) {
-      spool_->put_string(snap.str(campaigns[ch.campaign].getId()).cStr());
-      spool_->put_string(snap.str(ads[ch.ad].getId()).cStr());
+      spool_->put_string(snap.str(campaigns[ch.campaign].getId()));
+      spool_->put_string(snap.str(ads[ch.ad].getId()));
     }
   }
   spool_->end();
@@ -529,7 +549,7 @@ void Shard::handle_decide(Conn& c, const http::Request& req, const Snapshot& sna
 
 void Shard::handle_tracking(Conn& c, const http::Request& req, const Snapshot* snap, bool click, bool close) {
   TrackingToken token;
-  const auto now = static_cast<std::uint32_t>(engine_.now_seconds());
+  const auto now = static_cast<std::uint32_t>(batch_wall_ms_ / 1000);
   std::string_view text = query_param(req.query, "t");
   TokenError err = engine_.signer().usable() ? engine_.signer().verify(text, now, token_scratch_, token)
                                              : TokenError::kForged;
@@ -554,7 +574,7 @@ void Shard::handle_tracking(Conn& c, const http::Request& req, const Snapshot* s
   if (ad < 0) return respond_error(c, 404, kErrUnknownAd);
   const auto creative =
       snap->payload().getCreatives()[snap->payload().getAds()[static_cast<std::uint32_t>(ad)].getCreative()];
-  kj::StringPtr landing = snap->str(creative.getLandingUrl());
+  const std::string_view landing = snap->str(creative.getLandingUrl());
   stats_.clicks.add();
   spool_tracking(EventType::kClick, token);
   char head[160];
@@ -562,14 +582,14 @@ void Shard::handle_tracking(Conn& c, const http::Request& req, const Snapshot* s
                         close ? "Connection: close\r\n" : "");
   c.out.append(head, static_cast<std::size_t>(n));
   // The landing URL comes from a validated, signed snapshot; CR/LF cannot reach the header.
-  for (char ch : std::string_view(landing.cStr(), landing.size()))
+  for (char ch : landing)
     if (ch != '\r' && ch != '\n') c.out.push_back(ch);
   c.out += "\r\n\r\n";
 }
 
 // Impression and click records share one layout (engine/SPOOL.md).
 void Shard::spool_tracking(EventType type, const TrackingToken& token) {
-  spool_->begin(type, wall_ms());
+  spool_->begin(type, static_cast<std::uint64_t>(batch_wall_ms_));
   spool_->put_string(token.campaign);
   spool_->put_string(token.ad);
   spool_->put_string(token.placement);
@@ -589,7 +609,7 @@ void Shard::flush_spool(std::int64_t now_s) {
 
 void Shard::flush(Conn& c) {
   while (c.out_off < c.out.size()) {
-    ssize_t n = ::send(c.fd, c.out.data() + c.out_off, c.out.size() - c.out_off, MSG_NOSIGNAL);
+    ssize_t n = send_raw(c.fd, c.out.data() + c.out_off, c.out.size() - c.out_off);
     if (n > 0) {
       c.out_off += static_cast<std::size_t>(n);
       continue;

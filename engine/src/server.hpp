@@ -175,9 +175,10 @@ class Shard {
   DecideRequest request_;
   std::string scratch_;
   std::string token_scratch_;
-  json::Document doc_;         // request JSON, reused
-  std::string body_;           // answer JSON, reused
-  std::int64_t batch_ns_ = 0;  // monotonic time of the current event batch
+  json::Document doc_;              // request JSON, reused
+  std::string body_;                // answer JSON, reused
+  std::int64_t batch_ns_ = 0;       // monotonic time of the current event batch
+  std::int64_t batch_wall_ms_ = 0;  // wall-clock time of the current event batch
   std::vector<int> dirty_;
   std::vector<int> sending_;  // the dirty list being flushed (process() may refill dirty_)     // connections
                               // with answers to send after this batch's spool write

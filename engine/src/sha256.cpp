@@ -1,5 +1,8 @@
 #include "sha256.hpp"
 
+#include <cpuid.h>
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cstring>
 
@@ -21,12 +24,7 @@ inline std::uint32_t rotr(std::uint32_t x, int n) {
   return (x >> n) | (x << (32 - n));
 }
 
-}  // namespace
-
-Sha256::Sha256()
-    : h_{0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19} {}
-
-void Sha256::block(const std::uint8_t* p) {
+void compress_portable(std::uint32_t h_[8], const std::uint8_t* p) {
   std::uint32_t w[64];
   for (int i = 0; i < 16; ++i)
     w[i] = std::uint32_t{p[4 * i]} << 24 | std::uint32_t{p[4 * i + 1]} << 16 |
@@ -59,6 +57,72 @@ void Sha256::block(const std::uint8_t* p) {
   h_[7] += h;
 }
 
+// The same compression with the SHA extensions (x86 SHA-NI): about a fifth of the cycles.
+// Each round pair takes four schedule words; the schedule's 16 groups of four are built first.
+__attribute__((target("sha,sse4.1"))) void compress_sha_ni(std::uint32_t state[8], const std::uint8_t* p) {
+  const __m128i byte_swap = _mm_set_epi64x(0x0c0d0e0f08090a0bULL, 0x0405060700010203ULL);
+  __m128i w[16];
+  for (int g = 0; g < 4; ++g)
+    w[g] = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * g)), byte_swap);
+  for (int g = 4; g < 16; ++g) {
+    const __m128i x =
+        _mm_add_epi32(_mm_sha256msg1_epu32(w[g - 4], w[g - 3]), _mm_alignr_epi8(w[g - 1], w[g - 2], 4));
+    w[g] = _mm_sha256msg2_epu32(x, w[g - 1]);
+  }
+  // The instructions keep the state as ABEF and CDGH.
+  __m128i tmp = _mm_shuffle_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(state)), 0xB1);  // CDAB
+  __m128i cdgh =
+      _mm_shuffle_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(state + 4)), 0x1B);  // EFGH
+  __m128i abef = _mm_alignr_epi8(tmp, cdgh, 8);
+  cdgh = _mm_blend_epi16(cdgh, tmp, 0xF0);
+  const __m128i abef_in = abef, cdgh_in = cdgh;
+  for (int g = 0; g < 16; ++g) {
+    __m128i wk = _mm_add_epi32(w[g], _mm_loadu_si128(reinterpret_cast<const __m128i*>(kK + 4 * g)));
+    cdgh = _mm_sha256rnds2_epu32(cdgh, abef, wk);
+    wk = _mm_shuffle_epi32(wk, 0x0E);
+    abef = _mm_sha256rnds2_epu32(abef, cdgh, wk);
+  }
+  abef = _mm_add_epi32(abef, abef_in);
+  cdgh = _mm_add_epi32(cdgh, cdgh_in);
+  tmp = _mm_shuffle_epi32(abef, 0x1B);                                                     // FEBA
+  cdgh = _mm_shuffle_epi32(cdgh, 0xB1);                                                    // DCHG
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(state), _mm_blend_epi16(tmp, cdgh, 0xF0));   // DCBA
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(state + 4), _mm_alignr_epi8(cdgh, tmp, 8));  // HGFE
+}
+
+using Compress = void (*)(std::uint32_t[8], const std::uint8_t*);
+
+// CPUID directly: clang's __builtin_cpu_supports does not know "sha".
+Compress pick_compress() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & bit_SSE4_1) || !(c & bit_SSSE3)) return compress_portable;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(b & bit_SHA)) return compress_portable;
+  return compress_sha_ni;
+}
+
+// Picked on first use, not at static initialisation: other files' statics may hash first.
+Compress compress() {
+  static const Compress chosen = pick_compress();
+  return chosen;
+}
+
+}  // namespace
+
+bool sha256_accelerated() {
+  return compress() == compress_sha_ni;
+}
+
+void sha256_compress_for_test(std::uint32_t state[8], const std::uint8_t block[64], bool accelerated) {
+  (accelerated ? compress_sha_ni : compress_portable)(state, block);
+}
+
+Sha256::Sha256()
+    : h_{0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19} {}
+
+void Sha256::block(const std::uint8_t* p) {
+  compress()(h_, p);
+}
+
 void Sha256::update(const void* data, std::size_t n) {
   const auto* p = static_cast<const std::uint8_t*>(data);
   total_ += n;
@@ -82,13 +146,17 @@ void Sha256::update(const void* data, std::size_t n) {
 
 void Sha256::finish(std::uint8_t out[32]) {
   const std::uint64_t bits = total_ * 8;
-  const std::uint8_t pad = 0x80;
-  update(&pad, 1);
-  const std::uint8_t zero = 0;
-  while (buffered_ != 56) update(&zero, 1);
-  std::uint8_t len[8];
-  for (int i = 0; i < 8; ++i) len[i] = static_cast<std::uint8_t>(bits >> (56 - 8 * i));
-  update(len, 8);
+  // 0x80, zeros to 56 bytes mod 64, then the bit length big-endian.
+  buf_[buffered_++] = 0x80;
+  if (buffered_ > 56) {
+    std::memset(buf_ + buffered_, 0, 64 - buffered_);
+    block(buf_);
+    buffered_ = 0;
+  }
+  std::memset(buf_ + buffered_, 0, 56 - buffered_);
+  for (int i = 0; i < 8; ++i) buf_[56 + i] = static_cast<std::uint8_t>(bits >> (56 - 8 * i));
+  block(buf_);
+  buffered_ = 0;
   for (int i = 0; i < 8; ++i) {
     out[4 * i] = static_cast<std::uint8_t>(h_[i] >> 24);
     out[4 * i + 1] = static_cast<std::uint8_t>(h_[i] >> 16);

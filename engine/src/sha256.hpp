@@ -23,6 +23,11 @@ class Sha256 {
   std::uint64_t total_ = 0;
 };
 
+// Whether this CPU's SHA extensions do the hashing (else a portable loop).
+bool sha256_accelerated();
+// One compression of `block` into `state` by the named path (tests compare the two).
+void sha256_compress_for_test(std::uint32_t state[8], const std::uint8_t block[64], bool accelerated);
+
 class HmacSha256 {
  public:
   explicit HmacSha256(std::string_view key);

@@ -155,16 +155,22 @@ bool Snapshot::validate_unchecked(std::string* error) {
                   static_cast<unsigned long long>(compiled_schema_id()));
     return fail(error, buf);
   }
-  strings_ = root_.getStrings();
-  const std::uint32_t n_strings = strings_.size();
+  const auto blob = root_.getStringBlob();
+  const auto offsets = root_.getStringOffsets();
+  if (offsets.size() < 2) return fail(error, "string table is empty");
+  const std::uint32_t n_strings = offsets.size() - 1;
+  // Offsets must rise and stay inside the blob, and string 0 must be "".
+  for (std::uint32_t i = 0; i < n_strings; ++i)
+    if (offsets[i] > offsets[i + 1]) return fail(error, "string offsets out of order");
+  if (offsets[n_strings] > blob.size()) return fail(error, "string offsets past the string blob");
+  if (offsets[0] != 0 || offsets[1] != 0) return fail(error, "string 0 is not empty");
+  strings_ = StringTable{reinterpret_cast<const char*>(blob.begin()), raw<std::uint32_t>(offsets), n_strings};
   const auto advertisers = root_.getAdvertisers();
   const auto creatives = root_.getCreatives();
   const auto campaigns = root_.getCampaigns();
   const auto ads = root_.getAds();
   const auto placements = root_.getPlacements();
   const auto index = root_.getIndex();
-  if (n_strings == 0) return fail(error, "string table is empty");
-  for (auto s : strings_) (void)s.size();
   auto bad_string = [&](std::uint32_t id) { return id >= n_strings; };
   for (auto a : advertisers)
     if (bad_string(a.getId()) || bad_string(a.getName()))

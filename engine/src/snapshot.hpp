@@ -35,9 +35,8 @@ enum Attribute : std::uint8_t {
 };
 
 // Byte order of a payload string against a request value (the compiler sorts by bytes).
-inline int compare_bytes(kj::StringPtr a, std::string_view b) {
-  const std::string_view av(a.begin(), a.size());
-  return av < b ? -1 : (b < av ? 1 : 0);
+inline int compare_bytes(std::string_view a, std::string_view b) {
+  return a < b ? -1 : (b < a ? 1 : 0);
 }
 
 // The schema id this engine was compiled against (the file id of snapshot.capnp).
@@ -56,6 +55,16 @@ struct TierView {
   const std::uint32_t* members = nullptr;
   const std::uint64_t* cumulative = nullptr;
   std::uint32_t size = 0;
+};
+
+// The payload's packed string table: string i is blob[offsets[i], offsets[i + 1]).
+struct StringTable {
+  const char* blob = nullptr;
+  const std::uint32_t* offsets = nullptr;
+  std::uint32_t count = 0;
+  std::string_view operator[](std::uint32_t i) const {
+    return std::string_view(blob + offsets[i], offsets[i + 1] - offsets[i]);
+  }
 };
 
 struct AttributeView {
@@ -87,7 +96,7 @@ class Snapshot {
   std::size_t bytes() const { return size_; }
   bool on_hugepages() const { return hugepages_; }
   // The string at an interned index (validated in range at open).
-  kj::StringPtr str(std::uint32_t id) const { return strings_[id]; }
+  std::string_view str(std::uint32_t id) const { return strings_[id]; }
 
   capnp::List<Campaign>::Reader campaigns() const { return campaigns_; }
   const AttributeView& attribute(std::size_t a) const { return attributes_[a]; }
@@ -114,7 +123,7 @@ class Snapshot {
   bool hugepages_ = false;
   std::unique_ptr<capnp::FlatArrayMessageReader> reader_;
   Payload::Reader root_;
-  capnp::List<capnp::Text>::Reader strings_;
+  StringTable strings_;
   capnp::List<Campaign>::Reader campaigns_;
   AttributeView attributes_[kAttributes];
   U32Span program_, conjunction_program_, campaign_conjunctions_;

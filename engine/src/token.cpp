@@ -11,24 +11,28 @@ namespace {
 constexpr std::size_t kMacBytes = 12;
 constexpr char kAlphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
+// Appends the unpadded base64url text of `data`: sized once, then written in place.
 void base64url(const unsigned char* data, std::size_t n, std::string& out) {
+  const std::size_t at = out.size();
+  out.resize(at + (n / 3) * 4 + (n % 3 ? n % 3 + 1 : 0));
+  char* o = out.data() + at;
   std::size_t i = 0;
   for (; i + 3 <= n; i += 3) {
     std::uint32_t v = std::uint32_t{data[i]} << 16 | std::uint32_t{data[i + 1]} << 8 | data[i + 2];
-    out.push_back(kAlphabet[v >> 18]);
-    out.push_back(kAlphabet[(v >> 12) & 63]);
-    out.push_back(kAlphabet[(v >> 6) & 63]);
-    out.push_back(kAlphabet[v & 63]);
+    *o++ = kAlphabet[v >> 18];
+    *o++ = kAlphabet[(v >> 12) & 63];
+    *o++ = kAlphabet[(v >> 6) & 63];
+    *o++ = kAlphabet[v & 63];
   }
   if (n - i == 1) {
     std::uint32_t v = std::uint32_t{data[i]} << 16;
-    out.push_back(kAlphabet[v >> 18]);
-    out.push_back(kAlphabet[(v >> 12) & 63]);
+    *o++ = kAlphabet[v >> 18];
+    *o++ = kAlphabet[(v >> 12) & 63];
   } else if (n - i == 2) {
     std::uint32_t v = std::uint32_t{data[i]} << 16 | std::uint32_t{data[i + 1]} << 8;
-    out.push_back(kAlphabet[v >> 18]);
-    out.push_back(kAlphabet[(v >> 12) & 63]);
-    out.push_back(kAlphabet[(v >> 6) & 63]);
+    *o++ = kAlphabet[v >> 18];
+    *o++ = kAlphabet[(v >> 12) & 63];
+    *o++ = kAlphabet[(v >> 6) & 63];
   }
 }
 
@@ -57,12 +61,6 @@ bool unbase64url(std::string_view text, std::string& out) {
     }
   }
   return true;
-}
-
-void put_id(std::string& body, std::string_view id) {
-  std::size_t n = id.size() > 255 ? 255 : id.size();
-  body.push_back(static_cast<char>(n));
-  body.append(id.data(), n);
 }
 
 }  // namespace
@@ -155,18 +153,20 @@ std::uint64_t request_hash(std::string_view request_id) {
 }
 
 void TokenSigner::sign(const TrackingToken& token, std::string& out) const {
-  std::string body;
-  body.reserve(64);
-  body.push_back(static_cast<char>(token.kind));
-  for (int i = 0; i < 4; ++i) body.push_back(static_cast<char>((token.expires >> (8 * i)) & 0xFF));
-  for (int i = 0; i < 8; ++i) body.push_back(static_cast<char>((token.request_hash >> (8 * i)) & 0xFF));
-  put_id(body, token.campaign);
-  put_id(body, token.ad);
-  put_id(body, token.placement);
-  unsigned char tag[kMacBytes];
-  mac(reinterpret_cast<const unsigned char*>(body.data()), body.size(), tag);
-  body.append(reinterpret_cast<const char*>(tag), kMacBytes);
-  base64url(reinterpret_cast<const unsigned char*>(body.data()), body.size(), out);
+  // Built on the stack: two tokens per ad are signed on the answer path.
+  unsigned char body[1 + 4 + 8 + 3 * 256 + kMacBytes];
+  std::size_t n = 0;
+  body[n++] = static_cast<unsigned char>(token.kind);
+  for (int i = 0; i < 4; ++i) body[n++] = static_cast<unsigned char>((token.expires >> (8 * i)) & 0xFF);
+  for (int i = 0; i < 8; ++i) body[n++] = static_cast<unsigned char>((token.request_hash >> (8 * i)) & 0xFF);
+  for (std::string_view id : {token.campaign, token.ad, token.placement}) {
+    const std::size_t len = id.size() > 255 ? 255 : id.size();
+    body[n++] = static_cast<unsigned char>(len);
+    if (len) std::memcpy(body + n, id.data(), len);  // an empty view may hold a null pointer
+    n += len;
+  }
+  mac(body, n, body + n);
+  base64url(body, n + kMacBytes, out);
 }
 
 TokenError TokenSigner::verify(std::string_view text, std::uint32_t now, std::string& scratch,

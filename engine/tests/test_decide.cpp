@@ -87,7 +87,8 @@ TEST(Ranking, LotteryFollowsWeights) {
     r.placements.push_back({"lottery", {}, 1});
     decider.decide(*snap, r, 0, d);
     ASSERT_EQ(d.placements[0].chosen.size(), 1u);
-    wins[snap->str(snap->payload().getCampaigns()[d.placements[0].chosen[0].campaign].getId()).cStr()]++;
+    wins[std::string(
+        snap->str(snap->payload().getCampaigns()[d.placements[0].chosen[0].campaign].getId()))]++;
   }
   // Weights 1 : 3 in the controls set.
   EXPECT_NEAR(wins["heavy"] / 4000.0, 0.75, 0.04);
@@ -113,7 +114,7 @@ TEST(Caps, TokenCapsAfterCount) {
     r.placements.push_back({"slot", {}, 1});
     decider.decide(*snap, r, 0, d, ctx);
     served.emplace_back(
-        snap->str(snap->payload().getCampaigns()[d.placements[0].chosen[0].campaign].getId()).cStr());
+        snap->str(snap->payload().getCampaigns()[d.placements[0].chosen[0].campaign].getId()));
     caps = d.caps;
   }
   EXPECT_EQ(served, (std::vector<std::string>{"capped", "capped", "budgeted"}));
@@ -135,8 +136,7 @@ TEST(Pacing, DailyBudgetStopsLocalSpend) {
     r.placements.push_back({"slot", {}, 2});
     decider.decide(*snap, r, 0, d, DecideContext{nullptr, 1.0, 1});
     for (auto& ch : d.placements[0].chosen)
-      if (std::string(snap->str(snap->payload().getCampaigns()[ch.campaign].getId()).cStr()) == "budgeted")
-        ++budgeted;
+      if (snap->str(snap->payload().getCampaigns()[ch.campaign].getId()) == "budgeted") ++budgeted;
   }
   EXPECT_EQ(budgeted, 2);  // eCPM 1000 = 1.00 per ad against a 2.00 day
   EXPECT_EQ(decider.spent("budgeted"), 2000000u);

@@ -3,6 +3,8 @@
 
 #include <cctype>
 #include <cstdio>
+#include <cstring>
+#include <utility>
 
 #include "spool.hpp"
 #include "token.hpp"
@@ -111,6 +113,52 @@ TEST(Sha256, LongInputAcrossBlocks) {
 TEST(Crc32c, KnownVector) {
   // The check value of CRC-32C.
   EXPECT_EQ(crc32c("123456789", 9), 0xE3069283u);
+}
+
+// Every padding length (55, 56 and 63 bytes cross the one-block boundary) against known digests
+// would need a table; instead the two compression paths must agree on random states and blocks,
+// and the known-answer tests above pin the path this CPU uses.
+TEST(Sha256, AcceleratedPathAgreesWithPortable) {
+  if (!sha256_accelerated())
+    GTEST_SKIP() << "this CPU has no SHA extensions; the portable path is the only one";
+  std::uint64_t x = 0x243F6A8885A308D3ULL;
+  auto next = [&] {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    return x;
+  };
+  for (int round = 0; round < 1000; ++round) {
+    std::uint32_t a[8], b[8];
+    std::uint8_t block[64];
+    for (auto& w : a) w = static_cast<std::uint32_t>(next());
+    std::memcpy(b, a, sizeof a);
+    for (auto& byte : block) byte = static_cast<std::uint8_t>(next());
+    sha256_compress_for_test(a, block, false);
+    sha256_compress_for_test(b, block, true);
+    ASSERT_EQ(0, std::memcmp(a, b, sizeof a)) << "round " << round;
+  }
+}
+
+TEST(Sha256, PaddingAtEveryLengthAroundABlock) {
+  // sha256 of "" and of 55, 56, 63, 64 and 65 'a's (coreutils sha256sum).
+  const std::pair<std::size_t, const char*> cases[] = {
+      {0, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"},
+      {55, "9f4390f8d30c2dd92ec9f095b65e2b9ae9b0a925a5258e241c9f1e910f734318"},
+      {56, "b35439a4ac6f0948b6d6f9e3c6af0f5f590ce20f1bde7090ef7970686ec6738a"},
+      {63, "7d3e74a05d7db15bce4ad9ec0658ea98e3f06eeecf16b4c6fff2da457ddc2f34"},
+      {64, "ffe054fe7ae0cb6dc65c3af9b61d5209f439851db43d0ba5997337df154668eb"},
+      {65, "635361c48bb9eab14198e76ea8ab7f1a41685d6ad62aa9146d301d4f17eb0ae0"}};
+  for (const auto& [n, want] : cases) {
+    Sha256 h;
+    const std::string a(n, 'a');
+    h.update(a.data(), a.size());
+    std::uint8_t out[32];
+    h.finish(out);
+    char hex[65];
+    for (int i = 0; i < 32; ++i) std::snprintf(hex + 2 * i, 3, "%02x", out[i]);
+    EXPECT_EQ(std::string(hex), want) << n << " bytes";
+  }
 }
 
 }  // namespace
