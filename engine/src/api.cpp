@@ -300,10 +300,9 @@ void append_json_string(std::string& out, std::string_view s) {
 
 void render(const Snapshot& snap, const DecideRequest& request, const Decision& decision, std::string& out,
             const TrackingLinks* links) {
-  const auto payload = snap.payload();
-  const auto campaigns = payload.getCampaigns();
-  const auto ads = payload.getAds();
-  const auto creatives = payload.getCreatives();
+  const auto campaigns = snap.campaigns();
+  const auto ads = snap.ads();
+  const auto creatives = snap.creatives();
   static const char* kKinds[] = {"image", "html", "video", "native"};
   out += "{\"id\":";
   append_json_string(out, request.id);

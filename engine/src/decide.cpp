@@ -89,11 +89,11 @@ std::uint64_t Decider::spent(std::string_view campaign_id) const {
 }
 
 bool Decider::capped(const Snapshot& snap, std::uint32_t campaign, std::int64_t t) const {
-  const auto camp = snap.payload().getCampaigns()[campaign];
+  const auto camp = snap.campaigns()[campaign];
   for (auto cap : camp.getCaps()) {
     const bool advertiser = cap.getScope() == CapScope::ADVERTISER;
     const std::uint32_t id =
-        advertiser ? snap.payload().getAdvertisers()[camp.getAdvertiser()].getIdHash() : camp.getIdHash();
+        advertiser ? snap.advertisers()[camp.getAdvertiser()].getIdHash() : camp.getIdHash();
     for (const CapEntry& e : caps_) {
       if (e.scope == (advertiser ? 1 : 0) && e.id == id && e.window == cap.getWindowSeconds() &&
           t < std::int64_t{e.start} + e.window && e.count >= cap.getCount())
@@ -104,11 +104,11 @@ bool Decider::capped(const Snapshot& snap, std::uint32_t campaign, std::int64_t 
 }
 
 void Decider::count_cap(const Snapshot& snap, std::uint32_t campaign, std::int64_t t) {
-  const auto camp = snap.payload().getCampaigns()[campaign];
+  const auto camp = snap.campaigns()[campaign];
   for (auto cap : camp.getCaps()) {
     const bool advertiser = cap.getScope() == CapScope::ADVERTISER;
     const std::uint32_t id =
-        advertiser ? snap.payload().getAdvertisers()[camp.getAdvertiser()].getIdHash() : camp.getIdHash();
+        advertiser ? snap.advertisers()[camp.getAdvertiser()].getIdHash() : camp.getIdHash();
     CapEntry* found = nullptr;
     for (CapEntry& e : caps_)
       if (e.scope == (advertiser ? 1 : 0) && e.id == id && e.window == cap.getWindowSeconds()) found = &e;
@@ -125,9 +125,8 @@ void Decider::count_cap(const Snapshot& snap, std::uint32_t campaign, std::int64
   }
 }
 
-bool Decider::paced_out(const Snapshot& snap, std::uint32_t campaign, std::int64_t t,
-                        const DecideContext& context, std::uint64_t roll) {
-  const auto camp = snap.payload().getCampaigns()[campaign];
+bool Decider::paced_out(Campaign::Reader camp, std::int64_t t, const DecideContext& context,
+                        std::uint64_t roll) {
   if (camp.getPassThroughPpm() < 1000000 && roll % 1000000 >= camp.getPassThroughPpm()) return true;
   const std::uint64_t daily = camp.getBudgetDailyMicros();
   if (daily == 0) return false;
@@ -200,10 +199,9 @@ bool Decider::targets(const Snapshot& snap, std::uint32_t campaign) const {
 
 void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::int64_t now, Decision& out,
                      const DecideContext& context) {
-  const auto payload = snap.payload();
   const auto campaigns = snap.campaigns();
-  const auto ads = payload.getAds();
-  const auto placements = payload.getPlacements();
+  const auto ads = snap.ads();
+  const auto placements = snap.placements();
   const std::int64_t t = request.time >= 0 ? request.time : now;
   out.time = t;
   out.hour_of_week = hour_of_week(t);
@@ -242,6 +240,7 @@ void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::in
     pd.chosen.clear();
     pd.eligible.clear();
     pd.losses.clear();
+    paced_.clear();
     pd.placement = find_by_id(snap, placements, preq.id);
     if (pd.placement < 0) continue;
     const auto placement = placements[static_cast<std::uint32_t>(pd.placement)];
@@ -272,9 +271,15 @@ void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::in
       if (!targets(snap, c)) return false;
       const auto camp = campaigns[c];
       if (!unused_fitting_ad(c)) return false;
-      if (labels_conflict(c, camp.getExclusionLabels(), exclusions_)) return false;
-      if (camp.getCaps().size() > 0 && capped(snap, c, t)) return false;
-      if (paced_out(snap, c, t, context, rng.next())) return false;
+      // Labels can only conflict once a chosen campaign took some, and caps only bind when
+      // the user's token counts something: both lists stay unread otherwise.
+      if (!exclusions_.empty() && labels_conflict(c, camp.getExclusionLabels(), exclusions_)) return false;
+      if (!caps_.empty() && capped(snap, c, t)) return false;
+      if (paced_out(camp, t, context, rng.next())) {
+        // The roll is not repeatable outside this walk: explain reads what it said here.
+        if (request.explain) paced_.push_back(c);
+        return false;
+      }
       return true;
     };
     auto choose = [&](std::uint32_t c) {
@@ -396,12 +401,11 @@ void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::in
 // for each that did not serve, why. The choice itself is the serving path's, unchanged.
 void Decider::explain(const Snapshot& snap, const DecideRequest& request, std::size_t pi, std::int64_t t,
                       const DecideContext& context, Decision& out) {
-  const auto payload = snap.payload();
-  const auto campaigns = payload.getCampaigns();
-  const auto ads = payload.getAds();
+  const auto campaigns = snap.campaigns();
+  const auto ads = snap.ads();
   PlacementDecision& pd = out.placements[pi];
   const PlacementRequest& preq = request.placements[pi];
-  const auto placement = payload.getPlacements()[static_cast<std::uint32_t>(pd.placement)];
+  const auto placement = snap.placements()[static_cast<std::uint32_t>(pd.placement)];
   const SlotSizes slot(placement, preq);
   auto fits = [&](std::uint32_t ad) { return slot.fits(ads[ad]); };
   matcher_.match_campaigns(snap, targeting_, matched_);
@@ -437,15 +441,8 @@ void Decider::explain(const Snapshot& snap, const DecideRequest& request, std::s
       reason = LossReason::kDuplicate;
     else if (!pd.chosen.empty() && camp.getPriority() > worst_chosen)
       reason = LossReason::kTier;
-    else if (camp.getPassThroughPpm() < 1000000 || camp.getBudgetDailyMicros() > 0) {
-      // Pacing rolls are not replayed here; a budgeted campaign that lost is reported as
-      // paced when its local spend has reached its allowance, else as a lottery loss.
-      const std::uint64_t spent = this->spent(snap.str(camp.getId()));
-      if (camp.getBudgetDailyMicros() > 0 &&
-          static_cast<double>(spent) >= static_cast<double>(camp.getBudgetDailyMicros()) *
-                                            context.budget_share / std::max<std::uint32_t>(1, context.shards))
-        reason = LossReason::kPacing;
-    }
+    else if (std::find(paced_.begin(), paced_.end(), c) != paced_.end())
+      reason = LossReason::kPacing;  // the serving walk drew it and pacing held it back
     pd.losses.push_back({c, reason});
   }
 }

@@ -120,8 +120,7 @@ class Decider {
  private:
   bool capped(const Snapshot& snap, std::uint32_t campaign, std::int64_t t) const;
   void count_cap(const Snapshot& snap, std::uint32_t campaign, std::int64_t t);
-  bool paced_out(const Snapshot& snap, std::uint32_t campaign, std::int64_t t, const DecideContext& context,
-                 std::uint64_t roll);
+  bool paced_out(Campaign::Reader camp, std::int64_t t, const DecideContext& context, std::uint64_t roll);
   void prepare_ordinals(const Snapshot& snap);
   bool targets(const Snapshot& snap, std::uint32_t campaign) const;
   void explain(const Snapshot& snap, const DecideRequest& request, std::size_t placement, std::int64_t t,
@@ -139,6 +138,7 @@ class Decider {
   std::array<std::vector<std::uint32_t>, kAttributes> ords_;  // request value ordinals, sorted
   std::vector<std::uint32_t> pool_;                           // a tier's servable campaigns (fallback path)
   std::vector<std::uint32_t> used_ads_;
+  std::vector<std::uint32_t> paced_;  // explain only: campaigns pacing held back in this placement
   std::vector<std::pair<std::uint32_t, std::uint32_t>> exclusions_;  // (label, campaign)
   char hour_text_[8] = {};
 };

@@ -119,11 +119,11 @@ std::uint64_t wall_ms() {
 // The ad named by (campaign id, ad id) in `snap`, or -1. Campaigns are sorted by id and
 // each owns a short run of ads, so this is a binary search and a tiny scan.
 std::int64_t find_ad(const Snapshot& snap, std::string_view campaign, std::string_view ad) {
-  const auto campaigns = snap.payload().getCampaigns();
+  const auto campaigns = snap.campaigns();
   const std::int64_t found = find_by_id(snap, campaigns, campaign);
   if (found < 0) return -1;
   const auto c = campaigns[static_cast<std::uint32_t>(found)];
-  const auto ads = snap.payload().getAds();
+  const auto ads = snap.ads();
   for (std::uint32_t a = c.getAdsStart(); a < c.getAdsStart() + c.getAdsCount(); ++a)
     if (compare_bytes(snap.str(ads[a].getId()), ad) == 0) return a;
   return -1;
@@ -521,8 +521,8 @@ void Shard::handle_decide(Conn& c, const http::Request& req, const Snapshot& sna
   const DecideContext context{&engine_.signer(), engine_.options().budget_share, engine_.options().shards};
   decider_.decide(snap, request_, now, decision_, context);
   if (decision_.caps_rejected) stats_.caps_rejected.add();
-  const auto campaigns = snap.payload().getCampaigns();
-  const auto ads = snap.payload().getAds();
+  const auto campaigns = snap.campaigns();
+  const auto ads = snap.ads();
   // One decision record per answer, written before the answer is sent.
   spool_->begin(EventType::kDecision, static_cast<std::uint64_t>(batch_wall_ms_));
   spool_->put_string(request_.id);
@@ -572,8 +572,7 @@ void Shard::handle_tracking(Conn& c, const http::Request& req, const Snapshot* s
   if (!snap) return respond_error(c, 503, kErrNoSnapshot);
   std::int64_t ad = find_ad(*snap, token.campaign, token.ad);
   if (ad < 0) return respond_error(c, 404, kErrUnknownAd);
-  const auto creative =
-      snap->payload().getCreatives()[snap->payload().getAds()[static_cast<std::uint32_t>(ad)].getCreative()];
+  const auto creative = snap->creatives()[snap->ads()[static_cast<std::uint32_t>(ad)].getCreative()];
   const std::string_view landing = snap->str(creative.getLandingUrl());
   stats_.clicks.add();
   spool_tracking(EventType::kClick, token);
@@ -948,10 +947,10 @@ std::string Engine::status_json() {
                 "\"connections\":%llu,\"latency_us\":{\"p50\":%.2f,\"p99\":%.2f,\"p999\":%.2f},",
                 static_cast<unsigned long long>(snap ? snap->version() : 0), hash_.c_str(),
                 snap ? snap->bytes() : 0, snap && snap->on_hugepages() ? "true" : "false",
-                snap ? snap->payload().getCampaigns().size() : 0u, shards_.size(),
-                draining() ? "true" : "false", static_cast<double>(now - started_ns_) / 1e9,
-                static_cast<unsigned long long>(requests), rps, static_cast<unsigned long long>(no_fill),
-                static_cast<unsigned long long>(connections), quantile(0.5), quantile(0.99), quantile(0.999));
+                snap ? snap->campaigns().size() : 0u, shards_.size(), draining() ? "true" : "false",
+                static_cast<double>(now - started_ns_) / 1e9, static_cast<unsigned long long>(requests), rps,
+                static_cast<unsigned long long>(no_fill), static_cast<unsigned long long>(connections),
+                quantile(0.5), quantile(0.99), quantile(0.999));
   s += buf;
   std::snprintf(buf, sizeof buf,
                 "\"events\":{\"impressions\":%llu,\"impressions_duplicate\":%llu,\"clicks\":%llu,"

@@ -297,6 +297,10 @@ bool Snapshot::validate_unchecked(std::string* error) {
   const std::uint32_t partitions = index.getAttributes()[kCountry].getValues().size() + 1;
   partitions_ = partitions;
   campaigns_ = campaigns;
+  ads_ = ads;
+  creatives_ = creatives;
+  advertisers_ = advertisers;
+  placements_ = placements;
   tiers_.assign(std::size_t{placements.size()} * partitions, {});
   std::size_t slot = 0;
   for (auto p : placements) {

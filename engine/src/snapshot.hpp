@@ -98,7 +98,12 @@ class Snapshot {
   // The string at an interned index (validated in range at open).
   std::string_view str(std::uint32_t id) const { return strings_[id]; }
 
+  // The tables, taken once at open: a list reader costs a library call to make.
   capnp::List<Campaign>::Reader campaigns() const { return campaigns_; }
+  capnp::List<Ad>::Reader ads() const { return ads_; }
+  capnp::List<Creative>::Reader creatives() const { return creatives_; }
+  capnp::List<Advertiser>::Reader advertisers() const { return advertisers_; }
+  capnp::List<Placement>::Reader placements() const { return placements_; }
   const AttributeView& attribute(std::size_t a) const { return attributes_[a]; }
   U32Span program() const { return program_; }
   U32Span conjunction_program() const { return conjunction_program_; }
@@ -125,6 +130,10 @@ class Snapshot {
   Payload::Reader root_;
   StringTable strings_;
   capnp::List<Campaign>::Reader campaigns_;
+  capnp::List<Ad>::Reader ads_;
+  capnp::List<Creative>::Reader creatives_;
+  capnp::List<Advertiser>::Reader advertisers_;
+  capnp::List<Placement>::Reader placements_;
   AttributeView attributes_[kAttributes];
   U32Span program_, conjunction_program_, campaign_conjunctions_;
   const std::int64_t* campaign_starts_ = nullptr;

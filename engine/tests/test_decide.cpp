@@ -140,6 +140,21 @@ TEST(Pacing, DailyBudgetStopsLocalSpend) {
   }
   EXPECT_EQ(budgeted, 2);  // eCPM 1000 = 1.00 per ad against a 2.00 day
   EXPECT_EQ(decider.spent("budgeted"), 2000000u);
+
+  // Explain names the reason the serving walk saw: pacing held the spent campaign back.
+  DecideRequest r;
+  r.id = "p";
+  r.time = 1770000000;
+  r.explain = true;
+  r.placements.push_back({"slot", {}, 2});
+  decider.decide(*snap, r, 0, d, DecideContext{nullptr, 1.0, 1});
+  bool reported = false;
+  for (const Loss& loss : d.placements[0].losses)
+    if (snap->str(snap->campaigns()[loss.campaign].getId()) == "budgeted") {
+      EXPECT_STREQ(loss_name(loss.reason), "pacing");
+      reported = true;
+    }
+  EXPECT_TRUE(reported);
 }
 
 TEST(Time, HourOfWeek) {
