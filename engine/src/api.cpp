@@ -355,12 +355,11 @@ void render(const Snapshot& snap, const DecideRequest& request, const Decision& 
         token.ad = snap.str(ad.getId());
         token.placement = request.placements[i].id;
         // Tokens are base64url: safe in a URL and in JSON without escaping.
-        token.kind = TokenKind::kImpression;
+        const TrackingPair pair(*links->signer, token);
         out += ",\"imp\":\"/v1/e/imp?t=";
-        links->signer->sign(token, out);
-        token.kind = TokenKind::kClick;
+        pair.append(TokenKind::kImpression, out);
         out += "\",\"click\":\"/v1/e/click?t=";
-        links->signer->sign(token, out);
+        pair.append(TokenKind::kClick, out);
         out.push_back('"');
       }
       out.push_back('}');

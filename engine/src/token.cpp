@@ -152,36 +152,59 @@ std::uint64_t request_hash(std::string_view request_id) {
   return h;
 }
 
-void TokenSigner::sign(const TrackingToken& token, std::string& out) const {
-  // Built on the stack: two tokens per ad are signed on the answer path.
-  unsigned char body[1 + 4 + 8 + 3 * 256 + kMacBytes];
+namespace {
+// Stands in for the kind byte under the tracking MAC; caps tokens begin with kCaps (3), so
+// no tracking MAC input is ever a caps MAC input.
+constexpr unsigned char kTrackingDomain = 0x10;
+constexpr std::size_t kTagBytes = 12;
+std::size_t tag_offset(TokenKind kind) {
+  return kind == TokenKind::kClick ? kTagBytes : 0;
+}
+}  // namespace
+
+TrackingPair::TrackingPair(const TokenSigner& signer, const TrackingToken& token) {
   std::size_t n = 0;
-  body[n++] = static_cast<unsigned char>(token.kind);
-  for (int i = 0; i < 4; ++i) body[n++] = static_cast<unsigned char>((token.expires >> (8 * i)) & 0xFF);
-  for (int i = 0; i < 8; ++i) body[n++] = static_cast<unsigned char>((token.request_hash >> (8 * i)) & 0xFF);
+  body_[n++] = kTrackingDomain;
+  for (int i = 0; i < 4; ++i) body_[n++] = static_cast<unsigned char>((token.expires >> (8 * i)) & 0xFF);
+  for (int i = 0; i < 8; ++i) body_[n++] = static_cast<unsigned char>((token.request_hash >> (8 * i)) & 0xFF);
   for (std::string_view id : {token.campaign, token.ad, token.placement}) {
     const std::size_t len = id.size() > 255 ? 255 : id.size();
-    body[n++] = static_cast<unsigned char>(len);
-    if (len) std::memcpy(body + n, id.data(), len);  // an empty view may hold a null pointer
+    body_[n++] = static_cast<unsigned char>(len);
+    if (len) std::memcpy(body_ + n, id.data(), len);  // an empty view may hold a null pointer
     n += len;
   }
-  mac(body, n, body + n);
-  base64url(body, n + kMacBytes, out);
+  size_ = n;
+  signer.hmac_.mac(body_, size_, mac_);
+}
+
+void TrackingPair::append(TokenKind kind, std::string& out) const {
+  unsigned char token[sizeof body_ + kTagBytes];
+  std::memcpy(token, body_, size_);
+  token[0] = static_cast<unsigned char>(kind);
+  std::memcpy(token + size_, mac_ + tag_offset(kind), kTagBytes);
+  base64url(token, size_ + kTagBytes, out);
+}
+
+void TokenSigner::sign(const TrackingToken& token, std::string& out) const {
+  TrackingPair(*this, token).append(token.kind, out);
 }
 
 TokenError TokenSigner::verify(std::string_view text, std::uint32_t now, std::string& scratch,
                                TrackingToken& out) const {
   if (text.empty() || text.size() > 1200 || !unbase64url(text, scratch)) return TokenError::kMalformed;
-  if (scratch.size() < 1 + 4 + 8 + 3 + kMacBytes) return TokenError::kMalformed;
-  const std::size_t body_len = scratch.size() - kMacBytes;
-  const auto* data = reinterpret_cast<const unsigned char*>(scratch.data());
-  unsigned char tag[kMacBytes];
-  mac(data, body_len, tag);
-  // Constant time: a forger learns nothing from how long a wrong tag takes to refuse.
-  if (CRYPTO_memcmp(tag, data + body_len, kMacBytes) != 0) return TokenError::kForged;
-  std::size_t p = 0;
-  out.kind = static_cast<TokenKind>(data[p++]);
+  if (scratch.size() < 1 + 4 + 8 + 3 + kTagBytes) return TokenError::kMalformed;
+  const std::size_t body_len = scratch.size() - kTagBytes;
+  auto* data = reinterpret_cast<unsigned char*>(scratch.data());
+  out.kind = static_cast<TokenKind>(data[0]);
   if (out.kind != TokenKind::kImpression && out.kind != TokenKind::kClick) return TokenError::kMalformed;
+  // The MAC covers the body under the tracking domain byte; the kind picks the tag's slice.
+  std::uint8_t full[32];
+  data[0] = kTrackingDomain;
+  hmac_.mac(data, body_len, full);
+  data[0] = static_cast<unsigned char>(out.kind);
+  // Constant time: a forger learns nothing from how long a wrong tag takes to refuse.
+  if (CRYPTO_memcmp(full + tag_offset(out.kind), data + body_len, kTagBytes) != 0) return TokenError::kForged;
+  std::size_t p = 1;
   out.expires = 0;
   for (int i = 0; i < 4; ++i) out.expires |= std::uint32_t{data[p++]} << (8 * i);
   out.request_hash = 0;

@@ -2,7 +2,11 @@
 //
 // Layout before base64url (no padding):
 //   u8 kind | u32 expires (unix s, LE) | u64 request hash (LE) |
-//   u8 len + campaign id | u8 len + ad id | u8 len + placement id | 12-byte HMAC-SHA256 prefix
+//   u8 len + campaign id | u8 len + ad id | u8 len + placement id | 12-byte tag
+// The tag is a slice of HMAC-SHA256 over the same bytes with the kind byte replaced by a
+// tracking domain byte: bytes 0-11 for an impression, 12-23 for a click. So one MAC signs both
+// of an ad's URLs, and as HMAC's output is a PRF one slice says nothing about the other: an
+// impression URL that leaks cannot be turned into a click.
 // Ids rather than table positions, so a token outlives a snapshot swap: the ad is found by
 // binary search (campaigns and their ads are sorted by id in every payload).
 #pragma once
@@ -35,7 +39,7 @@ class TokenSigner {
   explicit TokenSigner(std::string key) : key_(std::move(key)), hmac_(key_) {}
   bool usable() const { return key_.size() >= 16; }
 
-  // Appends the base64url token to `out`.
+  // Appends the base64url token to `out` (TrackingPair signs both kinds with one MAC).
   void sign(const TrackingToken& token, std::string& out) const;
   // Decodes `text` into `scratch` and fills `out` (views into scratch). Checks the MAC
   // before anything else is trusted, then expiry against `now`.
@@ -47,9 +51,23 @@ class TokenSigner {
   TokenError open(std::string_view text, std::string& scratch, std::string_view* body) const;
 
  private:
+  friend class TrackingPair;
   void mac(const unsigned char* data, std::size_t n, unsigned char* out) const;
   std::string key_;
   HmacSha256 hmac_;
+};
+
+// The impression and click tokens of one ad, from one MAC.
+class TrackingPair {
+ public:
+  TrackingPair(const TokenSigner& signer, const TrackingToken& token);
+  // Appends the base64url token of `kind` (impression or click) to `out`.
+  void append(TokenKind kind, std::string& out) const;
+
+ private:
+  unsigned char body_[1 + 4 + 8 + 3 * 256];
+  std::size_t size_ = 0;
+  std::uint8_t mac_[32];
 };
 
 std::uint64_t request_hash(std::string_view request_id);

@@ -36,6 +36,37 @@ TEST(Token, RoundTrip) {
   EXPECT_EQ(kSigner.verify(text, 2001, scratch, out), TokenError::kExpired);
 }
 
+TEST(Token, OnePairTwoTagsAndNoKindFlip) {
+  TrackingToken t;
+  t.expires = 5000;
+  t.request_hash = 42;
+  t.campaign = "camp-1";
+  t.ad = "ad-1";
+  t.placement = "slot";
+  const TrackingPair pair(kSigner, t);
+  std::string imp, click;
+  pair.append(TokenKind::kImpression, imp);
+  pair.append(TokenKind::kClick, click);
+  std::string scratch;
+  TrackingToken out;
+  ASSERT_EQ(kSigner.verify(imp, 1000, scratch, out), TokenError::kNone);
+  EXPECT_EQ(out.kind, TokenKind::kImpression);
+  ASSERT_EQ(kSigner.verify(click, 1000, scratch, out), TokenError::kNone);
+  EXPECT_EQ(out.kind, TokenKind::kClick);
+  EXPECT_NE(imp, click);
+  // Rewriting an impression token's kind byte to "click" keeps the impression's tag: refused.
+  std::string flipped = imp;
+  // The first base64 character holds the kind byte's top 6 bits, the second its low 2.
+  flipped[0] = click[0];
+  flipped[1] = click[1];
+  EXPECT_EQ(kSigner.verify(flipped, 1000, scratch, out), TokenError::kForged);
+  // sign() gives the same token as the pair.
+  std::string single;
+  t.kind = TokenKind::kClick;
+  kSigner.sign(t, single);
+  EXPECT_EQ(single, click);
+}
+
 TEST(Token, EveryCharacterChangeIsRefused) {
   TrackingToken t;
   t.expires = 5000;
