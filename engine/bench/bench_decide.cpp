@@ -1,6 +1,8 @@
 // Decision microbenchmark: ns per decision on a compiled payload (ADPOP_BENCH_PAYLOAD).
 // Requests look like the HTTP benchmark's: one placement, country, device, os, a few
-// segments and keywords, a time inside the synthetic flights.
+// segments and keywords. BM_Decide is live traffic: every request at one time, as a PoP sees
+// them within a second. BM_DecideReplay gives each request its own time across 200 days of
+// flights, as a replay of old decisions would.
 #include <benchmark/benchmark.h>
 
 #include <cstdlib>
@@ -48,7 +50,7 @@ Fixture& fixture() {
       r.keywords.push_back(fx.storage.back());
       fx.storage.push_back("site" + std::to_string(rng() % 2000) + ".example");
       r.domain = fx.storage.back();
-      r.time = 1767225600 + static_cast<std::int64_t>(rng() % (200 * 86400));
+      r.time = 1767225600 + static_cast<std::int64_t>(rng() % (200 * 86400));  // replay times
       r.placements.push_back({placements[rng() % 4], {}, 1});
       fx.requests.push_back(std::move(r));
     }
@@ -57,21 +59,32 @@ Fixture& fixture() {
   return f;
 }
 
-void BM_Decide(benchmark::State& state) {
+void run_decisions(benchmark::State& state, bool replay) {
   Fixture& f = fixture();
   adpop::Decider decider;
   adpop::Decision decision;
+  std::vector<adpop::DecideRequest> requests = f.requests;
+  if (!replay)
+    for (auto& r : requests) r.time = 1770000000;
   std::size_t i = 0, filled = 0;
   for (auto _ : state) {
-    decider.decide(*f.snap, f.requests[i], 0, decision);
+    decider.decide(*f.snap, requests[i], 0, decision);
     filled += decision.placements[0].chosen.size();
     benchmark::DoNotOptimize(decision.placements.data());
-    if (++i == f.requests.size()) i = 0;
+    if (++i == requests.size()) i = 0;
   }
   state.counters["filled"] =
       benchmark::Counter(static_cast<double>(filled) / static_cast<double>(state.iterations()));
 }
+
+void BM_Decide(benchmark::State& state) {
+  run_decisions(state, false);
+}
+void BM_DecideReplay(benchmark::State& state) {
+  run_decisions(state, true);
+}
 BENCHMARK(BM_Decide)->MinTime(2.0);
+BENCHMARK(BM_DecideReplay)->MinTime(2.0);
 
 void BM_Match(benchmark::State& state) {
   Fixture& f = fixture();

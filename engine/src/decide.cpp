@@ -6,6 +6,7 @@
 #include <charconv>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 
 namespace adpop {
 
@@ -170,6 +171,38 @@ void Decider::prepare_ordinals(const Snapshot& snap) {
   }
 }
 
+const LiveTier& Decider::live(const Snapshot& snap, const TierView& tier, std::int64_t t) {
+  if (live_serial_ != snap.serial()) {
+    live_.clear();  // another snapshot: its tiers are other memory
+    live_serial_ = snap.serial();
+  }
+  LiveTier& lt = live_[&tier];
+  if (t >= lt.from && t < lt.until) return lt;
+  // Rebuilt when time crosses a flight start or end in this tier (or a replay asks for another
+  // time): one pass that also finds the window the result holds for.
+  lt.members.clear();
+  lt.cumulative.clear();
+  lt.from = std::numeric_limits<std::int64_t>::min();
+  lt.until = std::numeric_limits<std::int64_t>::max();
+  std::uint64_t total = 0;
+  for (std::uint32_t m = 0; m < tier.size; ++m) {
+    const std::uint32_t c = tier.members[m];
+    const std::int64_t start = snap.campaign_start(c), end = snap.campaign_end(c);
+    if (t < start) {
+      lt.until = std::min(lt.until, start);
+    } else if (t >= end) {
+      lt.from = std::max(lt.from, end);
+    } else {
+      lt.from = std::max(lt.from, start);
+      lt.until = std::min(lt.until, end);
+      total += tier.cumulative[m] - (m ? tier.cumulative[m - 1] : 0);
+      lt.members.push_back(c);
+      lt.cumulative.push_back(total);
+    }
+  }
+  return lt;
+}
+
 bool Decider::targets(const Snapshot& snap, std::uint32_t campaign) const {
   const auto camp = snap.campaigns()[campaign];
   const U32Span program = snap.program();
@@ -332,14 +365,15 @@ void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::in
       const unsigned pa = ia < any.size() ? any[ia].priority : 256u;
       const unsigned po = io < own.size() ? own[io].priority : 256u;
       const unsigned priority = std::min(pa, po);
-      const TierView* lists[2] = {pa == priority ? &any[ia++] : nullptr,
-                                  po == priority ? &own[io++] : nullptr};
+      // Draws go to the campaigns in flight now: most of a tier is not, at any one time.
+      const LiveTier* lists[2] = {pa == priority ? &live(snap, any[ia++], t) : nullptr,
+                                  po == priority ? &live(snap, own[io++], t) : nullptr};
       std::uint64_t totals[2] = {0, 0};
       std::uint32_t size = 0;
       for (int l = 0; l < 2; ++l)
-        if (lists[l] && lists[l]->size) {
-          totals[l] = lists[l]->cumulative[lists[l]->size - 1];
-          size += lists[l]->size;
+        if (lists[l] && !lists[l]->members.empty()) {
+          totals[l] = lists[l]->cumulative.back();
+          size += static_cast<std::uint32_t>(lists[l]->members.size());
         }
       const std::uint64_t total = totals[0] + totals[1];
       if (size == 0) continue;
@@ -351,21 +385,13 @@ void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::in
         if (!exhaustive && total > 0) {
           for (int d = 0; d < draws && pick < 0; ++d) {
             std::uint64_t r = rng.below(total);
-            const TierView* tier = lists[0];
+            const LiveTier* tier = lists[0];
             if (r >= totals[0]) {
               r -= totals[0];
               tier = lists[1];
             }
-            std::uint32_t lo = 0, hi = tier->size - 1;
-            while (lo < hi) {
-              std::uint32_t mid = lo + (hi - lo) / 2;
-              if (tier->cumulative[mid] <= r)
-                lo = mid + 1;
-              else
-                hi = mid;
-            }
-            const std::uint32_t c = tier->members[lo];
-            if (t < snap.campaign_start(c) || t >= snap.campaign_end(c)) continue;  // the usual miss
+            const auto at = std::upper_bound(tier->cumulative.begin(), tier->cumulative.end(), r);
+            const std::uint32_t c = tier->members[static_cast<std::size_t>(at - tier->cumulative.begin())];
             if (can_serve(c)) pick = c;
           }
           if (pick < 0) exhaustive = true;
@@ -373,11 +399,10 @@ void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::in
         if (pick < 0) {
           pool_.clear();
           std::uint64_t pool_weight = 0;
-          for (const TierView* tier : lists) {
+          for (const LiveTier* tier : lists) {
             if (!tier) continue;
-            for (std::uint32_t m = 0; m < tier->size; ++m)
-              if (const std::uint32_t c = tier->members[m];
-                  t >= snap.campaign_start(c) && t < snap.campaign_end(c) && can_serve(c)) {
+            for (const std::uint32_t c : tier->members)
+              if (can_serve(c)) {
                 pool_.push_back(c);
                 pool_weight += campaigns[c].getWeight();
               }

@@ -110,6 +110,15 @@ struct DecideContext {
 // Hour of week in UTC, Monday 00:00 = 0 (1970-01-01 was a Thursday).
 std::uint32_t hour_of_week(std::int64_t unix_seconds);
 
+// A tier narrowed to the campaigns in flight at one time, with their cumulative weights. It
+// holds for every time in [from, until): flights change it only at their starts and ends.
+struct LiveTier {
+  std::int64_t from = 0;
+  std::int64_t until = 0;  // from == until: never built
+  std::vector<std::uint32_t> members;
+  std::vector<std::uint64_t> cumulative;
+};
+
 class Decider {
  public:
   void decide(const Snapshot& snap, const DecideRequest& request, std::int64_t now, Decision& out,
@@ -122,6 +131,7 @@ class Decider {
   void count_cap(const Snapshot& snap, std::uint32_t campaign, std::int64_t t);
   bool paced_out(Campaign::Reader camp, std::int64_t t, const DecideContext& context, std::uint64_t roll);
   void prepare_ordinals(const Snapshot& snap);
+  const LiveTier& live(const Snapshot& snap, const TierView& tier, std::int64_t t);
   bool targets(const Snapshot& snap, std::uint32_t campaign) const;
   void explain(const Snapshot& snap, const DecideRequest& request, std::size_t placement, std::int64_t t,
                const DecideContext& context, Decision& out);
@@ -137,6 +147,9 @@ class Decider {
   std::vector<std::uint32_t> matched_;
   std::array<std::vector<std::uint32_t>, kAttributes> ords_;  // request value ordinals, sorted
   std::vector<std::uint32_t> pool_;                           // a tier's servable campaigns (fallback path)
+  // In-flight views of the tiers this shard has drawn from, for the snapshot `live_serial_`.
+  std::unordered_map<const TierView*, LiveTier> live_;
+  std::uint64_t live_serial_ = 0;
   std::vector<std::uint32_t> used_ads_;
   std::vector<std::uint32_t> paced_;  // explain only: campaigns pacing held back in this placement
   std::vector<std::pair<std::uint32_t, std::uint32_t>> exclusions_;  // (label, campaign)

@@ -10,6 +10,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstring>
 #include <limits>
 
@@ -45,6 +46,11 @@ bool fail(std::string* error, const std::string& message) {
 }
 
 }  // namespace
+
+Snapshot::Snapshot() {
+  static std::atomic<std::uint64_t> opened{0};
+  serial_ = opened.fetch_add(1, std::memory_order_relaxed) + 1;
+}
 
 Snapshot::~Snapshot() {
   reader_.reset();

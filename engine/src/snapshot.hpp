@@ -111,13 +111,16 @@ class Snapshot {
   std::int64_t campaign_start(std::uint32_t c) const { return campaign_starts_[c]; }
   std::int64_t campaign_end(std::uint32_t c) const { return campaign_ends_[c]; }
   std::uint32_t partitions() const { return partitions_; }
+  // Unique per opened snapshot in this process (caches keyed on a snapshot use it: an
+  // address can be reused once a snapshot is freed).
+  std::uint64_t serial() const { return serial_; }
   // Tiers of a placement for a country partition, best first.
   const std::vector<TierView>& tiers(std::uint32_t placement, std::uint32_t partition) const {
     return tiers_[placement * partitions_ + partition];
   }
 
  private:
-  Snapshot() = default;
+  Snapshot();
   bool attach(kj::ArrayPtr<const capnp::word> words, std::string* error);
   bool validate(std::string* error);
   bool validate_unchecked(std::string* error);
@@ -140,6 +143,7 @@ class Snapshot {
   const std::int64_t* campaign_ends_ = nullptr;
   std::uint32_t partitions_ = 0;
   std::vector<std::vector<TierView>> tiers_;
+  std::uint64_t serial_ = 0;
 };
 
 // Position of the element whose `id` string equals `id` in a list sorted by id bytes
