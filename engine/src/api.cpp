@@ -298,12 +298,54 @@ void append_json_string(std::string& out, std::string_view s) {
   out.push_back('"');
 }
 
+namespace {
+// The fixed fields of a chosen ad, from "{" up to (not including) the tracking URLs.
+void append_ad_fields(const Snapshot& snap, const Choice& ch, std::string& out) {
+  static const char* kKinds[] = {"image", "html", "video", "native"};
+  const auto ad = snap.ads()[ch.ad];
+  const auto camp = snap.campaigns()[ch.campaign];
+  const auto cr = snap.creatives()[ch.creative];
+  out += "{\"ad\":";
+  append_json_string(out, snap.str(ad.getId()));
+  out += ",\"campaign\":";
+  append_json_string(out, snap.str(camp.getId()));
+  out += ",\"creative\":";
+  append_json_string(out, snap.str(cr.getId()));
+  out += ",\"size\":\"";
+  append_number(out, cr.getWidth());
+  out.push_back('x');
+  append_number(out, cr.getHeight());
+  out += "\",\"priority\":";
+  append_number(out, camp.getPriority());
+  out += ",\"type\":\"";
+  out += kKinds[static_cast<unsigned>(cr.getKind()) & 3];
+  out.push_back('"');
+  if (cr.getBody() != 0) {
+    out += ",\"body\":";
+    append_json_string(out, snap.str(cr.getBody()));
+  }
+  if (cr.getUrl() != 0) {
+    out += ",\"url\":";
+    append_json_string(out, snap.str(cr.getUrl()));
+  }
+}
+}  // namespace
+
+std::string_view AdFragments::get(const Snapshot& snap, const Choice& choice) {
+  if (serial_ != snap.serial() || by_ad_.size() >= kMaxAds) {
+    by_ad_.clear();
+    serial_ = snap.serial();
+  }
+  auto [it, added] = by_ad_.try_emplace(choice.ad);
+  if (added) append_ad_fields(snap, choice, it->second);
+  return it->second;
+}
+
 void render(const Snapshot& snap, const DecideRequest& request, const Decision& decision, std::string& out,
-            const TrackingLinks* links) {
+            const TrackingLinks* links, AdFragments* fragments) {
   const auto campaigns = snap.campaigns();
   const auto ads = snap.ads();
-  const auto creatives = snap.creatives();
-  static const char* kKinds[] = {"image", "html", "video", "native"};
+  const std::uint64_t request_key = request_hash(request.id);
   out += "{\"id\":";
   append_json_string(out, request.id);
   out += ",\"version\":";
@@ -320,39 +362,17 @@ void render(const Snapshot& snap, const DecideRequest& request, const Decision& 
     out += ",\"ads\":[";
     for (std::size_t j = 0; j < pd.chosen.size(); ++j) {
       const Choice& ch = pd.chosen[j];
-      const auto ad = ads[ch.ad];
-      const auto camp = campaigns[ch.campaign];
-      const auto cr = creatives[ch.creative];
       if (j) out.push_back(',');
-      out += "{\"ad\":";
-      append_json_string(out, snap.str(ad.getId()));
-      out += ",\"campaign\":";
-      append_json_string(out, snap.str(camp.getId()));
-      out += ",\"creative\":";
-      append_json_string(out, snap.str(cr.getId()));
-      out += ",\"size\":\"";
-      append_number(out, cr.getWidth());
-      out.push_back('x');
-      append_number(out, cr.getHeight());
-      out += "\",\"priority\":";
-      append_number(out, camp.getPriority());
-      out += ",\"type\":\"";
-      out += kKinds[static_cast<unsigned>(cr.getKind()) & 3];
-      out.push_back('"');
-      if (cr.getBody() != 0) {
-        out += ",\"body\":";
-        append_json_string(out, snap.str(cr.getBody()));
-      }
-      if (cr.getUrl() != 0) {
-        out += ",\"url\":";
-        append_json_string(out, snap.str(cr.getUrl()));
-      }
+      if (fragments)
+        out += fragments->get(snap, ch);
+      else
+        append_ad_fields(snap, ch, out);
       if (links) {
         TrackingToken token;
         token.expires = links->expires;
-        token.request_hash = request_hash(request.id);
-        token.campaign = snap.str(camp.getId());
-        token.ad = snap.str(ad.getId());
+        token.request_hash = request_key;
+        token.campaign = snap.str(campaigns[ch.campaign].getId());
+        token.ad = snap.str(ads[ch.ad].getId());
         token.placement = request.placements[i].id;
         // Tokens are base64url: safe in a URL and in JSON without escaping.
         const TrackingPair pair(*links->signer, token);

@@ -12,6 +12,7 @@
 
 #include <string>
 #include <string_view>
+#include <unordered_map>
 
 #include "decide.hpp"
 #include "json.hpp"
@@ -32,10 +33,23 @@ struct TrackingLinks {
   std::uint32_t expires = 0;
 };
 
+// A shard's cache of each ad's fixed JSON fields (ids, size, priority, type, body or URL):
+// the same in every answer from one snapshot, so each is rendered once. Bounded: past
+// kMaxAds entries it starts over.
+class AdFragments {
+ public:
+  static constexpr std::size_t kMaxAds = 1 << 16;
+  std::string_view get(const Snapshot& snap, const Choice& choice);
+
+ private:
+  std::uint64_t serial_ = 0;
+  std::unordered_map<std::uint32_t, std::string> by_ad_;
+};
+
 // Appends the JSON answer for `decision` to `out`; with `links`, each ad carries signed
-// "imp" and "click" URLs.
+// "imp" and "click" URLs. `fragments` (optional) caches the fixed part of each ad.
 void render(const Snapshot& snap, const DecideRequest& request, const Decision& decision, std::string& out,
-            const TrackingLinks* links = nullptr);
+            const TrackingLinks* links = nullptr, AdFragments* fragments = nullptr);
 
 void append_json_string(std::string& out, std::string_view s);
 

@@ -11,6 +11,7 @@
 #include <thread>
 #include <vector>
 
+#include "api.hpp"
 #include "decide.hpp"
 #include "http.hpp"
 #include "json.hpp"
@@ -177,6 +178,7 @@ class Shard {
   std::string token_scratch_;
   json::Document doc_;              // request JSON, reused
   std::string body_;                // answer JSON, reused
+  api::AdFragments fragments_;      // each ad's fixed JSON, per snapshot
   std::int64_t batch_ns_ = 0;       // monotonic time of the current event batch
   std::int64_t batch_wall_ms_ = 0;  // wall-clock time of the current event batch
   std::vector<int> dirty_;
