@@ -7,6 +7,7 @@
 #include <random>
 #include <set>
 
+#include "api.hpp"
 #include "decide.hpp"
 
 namespace adpop {
@@ -155,6 +156,43 @@ TEST(Pacing, DailyBudgetStopsLocalSpend) {
       reported = true;
     }
   EXPECT_TRUE(reported);
+}
+
+TEST(Render, CachedAdFieldsMatchAndFollowTheSnapshot) {
+  // The same answers with and without the per-shard cache, across two snapshots in turn:
+  // the second snapshot's answers never carry the first one's fields.
+  auto controls = open_env("ADPOP_CONTROLS_PAYLOAD");
+  auto synthetic = open_env("ADPOP_TEST_PAYLOAD");
+  ASSERT_TRUE(controls && synthetic);
+  api::AdFragments cache;
+  int filled = 0;
+  for (int round = 0; round < 2; ++round) {
+    for (const Snapshot* snap : {controls.get(), synthetic.get()}) {
+      for (int i = 0; i < 50; ++i) {
+        Decider decider;
+        Decision d;
+        DecideRequest r;
+        const std::string id = "r-" + std::to_string(i);
+        r.id = id;
+        r.time = 1770000000;
+        r.placements.push_back({snap == controls.get() ? "lottery" : "home-top", {}, 3});
+        decider.decide(*snap, r, 0, d);
+        std::string plain, cached;
+        api::render(*snap, r, d, plain);
+        api::render(*snap, r, d, cached, nullptr, &cache);
+        EXPECT_EQ(plain, cached);
+        filled += static_cast<int>(d.placements[0].chosen.size());
+      }
+    }
+  }
+  EXPECT_GT(filled, 0);
+  // Ad 0 of each snapshot through one cache: each answer names its own snapshot's ad.
+  for (const Snapshot* snap : {controls.get(), synthetic.get(), controls.get()}) {
+    const auto ad = snap->ads()[0];
+    const std::string_view fields = cache.get(*snap, Choice{0, ad.getCampaign(), ad.getCreative()});
+    EXPECT_NE(fields.find("\"" + std::string(snap->str(ad.getId())) + "\""), std::string_view::npos)
+        << fields;
+  }
 }
 
 TEST(Time, HourOfWeek) {
