@@ -163,6 +163,7 @@ bool parse_json(char* body, std::size_t size, json::Document& doc, DecideRequest
   return true;
 }
 
+// Views into `query` (the request buffer) and `scratch`: both must outlive the request.
 bool parse_query(std::string_view query, std::string& scratch, DecideRequest& out, const char** error) {
   out.clear();
   // Decoded text never grows, so one buffer of the query's size holds every value; views
@@ -171,7 +172,8 @@ bool parse_query(std::string_view query, std::string& scratch, DecideRequest& ou
   char* w = scratch.data();
   std::vector<AdSize> sizes;
   std::uint32_t count = 1;
-  std::vector<std::string_view> placement_ids;
+  std::string_view placement_ids[kMaxPlacements];  // on the stack: no allocation per request
+  std::size_t placements = 0;
   while (!query.empty()) {
     std::size_t amp = query.find('&');
     std::string_view pair = query.substr(0, amp);
@@ -180,21 +182,24 @@ bool parse_query(std::string_view query, std::string& scratch, DecideRequest& ou
     std::size_t eq = pair.find('=');
     std::string_view key = pair.substr(0, eq);
     std::string_view raw = eq == std::string_view::npos ? std::string_view{} : pair.substr(eq + 1);
-    long n = http::url_decode(raw, w);
-    if (n < 0) {
-      *error = "bad %-escape in the query";
-      return false;
+    std::string_view value = raw;  // most values need no decoding: a view into the request
+    if (raw.find_first_of("%+") != std::string_view::npos) {
+      long n = http::url_decode(raw, w);
+      if (n < 0) {
+        *error = "bad %-escape in the query";
+        return false;
+      }
+      value = std::string_view(w, static_cast<std::size_t>(n));
+      w += n;
     }
-    std::string_view value(w, static_cast<std::size_t>(n));
-    w += n;
     if (key == "id")
       out.id = value;
     else if (key == "placement") {
-      if (placement_ids.size() >= kMaxPlacements) {
+      if (placements >= kMaxPlacements) {
         *error = "at most 20 placements";
         return false;
       }
-      placement_ids.push_back(value);
+      placement_ids[placements++] = value;
     } else if (key == "sizes") {
       std::vector<std::string_view> items;
       split_list(value, &items);
@@ -243,11 +248,12 @@ bool parse_query(std::string_view query, std::string& scratch, DecideRequest& ou
     *error = "id: required";
     return false;
   }
-  if (placement_ids.empty()) {
+  if (placements == 0) {
     *error = "placement: at least one is required";
     return false;
   }
-  for (auto id : placement_ids) out.placements.push_back(PlacementRequest{id, sizes, count});
+  for (std::size_t i = 0; i < placements; ++i)
+    out.placements.push_back(PlacementRequest{placement_ids[i], sizes, count});
   return true;
 }
 

@@ -92,8 +92,10 @@ Result parse(std::string_view buffer, const Limits& limits, Request& out) {
   out.target = line.substr(sp1 + 1, sp2 - sp1 - 1);
   std::string_view version = line.substr(sp2 + 1);
   if (out.target.empty() || out.target.front() != '/') return error(400, "bad_request_line");
-  for (char c : out.target)
-    if (static_cast<unsigned char>(c) <= 0x20 || c == 0x7f) return error(400, "bad_request_line");
+  // No early exit, so the compiler checks the target many bytes at a time.
+  bool control = false;
+  for (char c : out.target) control |= static_cast<unsigned char>(c) <= 0x20 || c == 0x7f;
+  if (control) return error(400, "bad_request_line");
   if (version == "HTTP/1.1")
     out.keep_alive = true;
   else if (version == "HTTP/1.0")
