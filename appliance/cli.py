@@ -172,9 +172,8 @@ def _store(args: argparse.Namespace) -> tuple[Any, Any]:
     from appliance.snapshot.store import SnapshotStore
 
     appliance = cfg.load(cfg.Scope.APPLIANCE, Path(args.config) if args.config else None)
-    store = SnapshotStore(Path(appliance.paths.state_dir),
-                          keep=appliance.snapshot.keep_versions)
-    return appliance, store
+    state = getattr(args, "state", None) or appliance.paths.state_dir
+    return appliance, SnapshotStore(Path(state), keep=appliance.snapshot.keep_versions)
 
 
 def cmd_snapshot_install(args: argparse.Namespace) -> int:
@@ -199,9 +198,144 @@ def cmd_snapshot_list(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no snapshots stored under {store.root}")
         return 0
-    print(f"{'version':>8}  {'active':6}  path   (high-water {store.high_water()})")
+    print(f"{'version':>8}  {'state':8}  path   (high-water {store.high_water()})")
     for row in rows:
-        print(f"{row.version:>8}  {'*' if row.active else '':6}  {row.path}")
+        print(f"{row.version:>8}  {'active' if row.active else 'retained':8}  {row.path}")
+    return 0
+
+
+# --- origin --------------------------------------------------------------------------------
+
+def _origin(args: argparse.Namespace) -> tuple[Any, Any]:
+    from appliance.origin.db import OriginDB
+
+    origin = cfg.load(cfg.Scope.ORIGIN, Path(args.config) if args.config else None)
+    state = Path(args.state) if args.state else Path(origin.origin.state_dir)
+    return origin, OriginDB(state)
+
+
+def cmd_origin_serve(args: argparse.Namespace) -> int:
+    from appliance.origin import rollout, server
+
+    origin, db = _origin(args)
+    server.serve(db, rollout.plan_from_config(origin), args.listen or origin.origin.listen,
+                 origin.origin.push_token, origin.origin.push_parallelism)
+    return 0
+
+
+def cmd_origin_import(args: argparse.Namespace) -> int:
+    _, db = _origin(args)
+    campaign_set = db.import_dir(Path(args.folder))
+    print(f"imported {args.folder}: the store now holds {len(campaign_set.campaigns)} campaigns")
+    return 0
+
+
+def cmd_origin_list(args: argparse.Namespace) -> int:
+    _, db = _origin(args)
+    rows = db.campaigns()
+    if not rows:
+        print("no campaigns; import some with `adpop origin campaigns import DIR`")
+        return 0
+    print(f"{'campaign':24} {'advertiser':16} {'state':7} document")
+    for row in rows:
+        print(f"{row.id:24} {row.advertiser:16} {'paused' if row.paused else 'live':7} "
+              f"{row.document}")
+    return 0
+
+
+def cmd_origin_pause(args: argparse.Namespace) -> int:
+    _, db = _origin(args)
+    db.set_paused(args.id, args.action == "pause")
+    print(f"{args.id} {'paused' if args.action == 'pause' else 'resumed'}; "
+          f"`adpop origin publish` sends the change to the fleet")
+    return 0
+
+
+def cmd_origin_publish(args: argparse.Namespace) -> int:
+    from appliance.origin.publish import publish
+
+    origin, db = _origin(args)
+    started = time.monotonic()
+    done = publish(db, origin, allow_jump=args.allow_jump)
+    print(f"published v{done.version}: {done.campaigns} campaigns, {done.length} bytes, sha256 "
+          f"{done.sha256[:16]}…, rollout stage {done.stage} "
+          f"({time.monotonic() - started:.2f}s)")
+    return 0
+
+
+def cmd_origin_rollout(args: argparse.Namespace) -> int:
+    _, db = _origin(args)
+    pops = db.pops()
+    print(f"{'version':>7}  {'campaigns':>9}  {'stage':8} {'on':>5}  halted")
+    for v in db.versions():
+        on = sum(1 for p in pops if p.version >= v.version)
+        print(f"{v.version:>7}  {v.campaigns:>9}  {v.stage:8} {on:>2}/{len(pops):<2}  "
+              f"{v.halted or '-'}")
+    return 0
+
+
+def cmd_origin_fleet(args: argparse.Namespace) -> int:
+    from appliance.origin.server import fleet
+
+    _, db = _origin(args)
+    info = fleet(db)
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return 0
+    now = time.time()
+    print(f"{'pop':16} {'version':>7}  {'state':9} {'activated':20} {'seen':>6}  {'fails':>5}  "
+          "last error")
+    for p in info["pops"]:
+        print(f"{p['id']:16} {p['version']:>7}  {p['state'] or '-':9} "
+              f"{_utc(int(p['activated'])) if p['activated'] else '-':20} "
+              f"{now - p['last_seen']:>5.0f}s  {p['failures']:>5}  {p['last_error'] or '-'}")
+    return 0
+
+
+# --- PoP -----------------------------------------------------------------------------------
+
+def cmd_pop_sync(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from appliance.sync.agent import SyncAgent
+
+    appliance, store = _store(args)
+    agent = SyncAgent(appliance, store)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        if args.once:
+            from aiohttp import ClientSession
+
+            async with ClientSession() as session:
+                agent.session = session
+                await agent.register("")
+                await agent.attempt()
+            return
+        await agent.run(stop)
+
+    asyncio.run(run())
+    state = agent.state
+    print(f"v{state.version or '-'} {state.state}" + (f"; {state.error}" if state.error else ""))
+    return 0 if not state.error else 1
+
+
+def cmd_pop_rollback(args: argparse.Namespace) -> int:
+    _, store = _store(args)
+    current = store.current_version()
+    older = [v for v in store.versions() if current is None or v < current]
+    target = args.to if args.to is not None else (older[-1] if older else None)
+    if target is None or target not in store.versions():
+        raise AdpopError(f"no retained version {target if target is not None else 'below'} "
+                         f"{'' if target is not None else current}".strip(),
+                         hint="`adpop pop snapshots` lists the retained versions")
+    store.activate(target)
+    print(f"active: v{target} (was v{current}); the high-water mark stays, so sync will not "
+          "take an older version back")
     return 0
 
 
@@ -264,6 +398,56 @@ def build_parser() -> argparse.ArgumentParser:
     p = snap.add_parser("list", help="list stored snapshot versions")
     p.add_argument("--config", help="appliance configuration file")
     p.set_defaults(func=cmd_snapshot_list)
+
+    origin = commands.add_parser("origin", help="the central origin").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+
+    def origin_parser(name: str, help_text: str, func: Handler,
+                      sub: Any = origin) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", help="origin configuration file")
+        p.add_argument("--state", help="state folder (overrides origin.state_dir)")
+        p.set_defaults(func=func)
+        return p
+
+    p = origin_parser("serve", "run the origin's HTTP API, rollouts and push notices",
+                      cmd_origin_serve)
+    p.add_argument("--listen", help="HOST:PORT (overrides origin.listen)")
+    camps = origin.add_parser("campaigns", help="the campaign store").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    p = origin_parser("import", "validate a folder of campaign files and store it",
+                      cmd_origin_import, camps)
+    p.add_argument("folder")
+    origin_parser("list", "list stored campaigns", cmd_origin_list, camps)
+    for verb in ("pause", "resume"):
+        p = origin_parser(verb, f"{verb} a campaign (takes effect at the next publish)",
+                          cmd_origin_pause, camps)
+        p.add_argument("id")
+    p = origin_parser("publish", "compile and sign the next version and start its rollout",
+                      cmd_origin_publish)
+    p.add_argument("--allow-jump", action="store_true",
+                   help="vouch for a big change in campaign count or size")
+    roll = origin.add_parser("rollout", help="rollouts").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    origin_parser("status", "where each version's rollout stands", cmd_origin_rollout, roll)
+    p = origin_parser("fleet", "registered PoPs and what they serve", cmd_origin_fleet)
+    p.add_argument("--json", action="store_true")
+
+    pop = commands.add_parser("pop", help="this PoP's snapshots").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+
+    def pop_parser(name: str, help_text: str, func: Handler) -> argparse.ArgumentParser:
+        p = pop.add_parser(name, help=help_text)
+        p.add_argument("--config", help="appliance configuration file")
+        p.add_argument("--state", help="state folder (overrides paths.state_dir)")
+        p.set_defaults(func=func)
+        return p
+
+    p = pop_parser("sync", "run the PoP side of sync (push listener and poll)", cmd_pop_sync)
+    p.add_argument("--once", action="store_true", help="one sync, then exit (1 on a refusal)")
+    pop_parser("snapshots", "retained snapshot versions", cmd_snapshot_list)
+    p = pop_parser("rollback", "activate a retained older version", cmd_pop_rollback)
+    p.add_argument("--to", type=int, help="version (default: the one below the active)")
     return parser
 
 

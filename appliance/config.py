@@ -49,9 +49,11 @@ class Kind(str, Enum):
     """Value kinds a setting can have; each has one parser and one formatter below."""
 
     STR = "string"
+    OPT_STR = "string (\"\" for none)"
     INT = "integer"
     BOOL = "boolean"
     PATH = "path"
+    OPT_PATH = "path (\"\" for none)"
     STRLIST = "list of strings"
     DURATION = "duration"
     SIZE = "size"
@@ -117,6 +119,30 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(A, "snapshot", "keep_versions", Kind.INT, 5,
             "Snapshot versions kept on disk, the active one included (room to roll back).",
             _at_least(2)),
+    Setting(A, "snapshot", "max_jump_percent", Kind.INT, 50,
+            "Hold a snapshot whose campaign count or payload size moves more than this percentage "
+            "from the active one, unless its manifest allows the jump (0: no hold).",
+            _at_least(0)),
+    Setting(A, "pop", "id", Kind.STR, "pop-1",
+            "This PoP's name at the origin (fleet table, rollout stages, reports).", _identifier),
+    Setting(A, "sync", "origin_url", Kind.STR, "http://127.0.0.1:8700",
+            "Base URL of the origin this PoP registers with, polls and fetches snapshots from."),
+    Setting(A, "sync", "poll_interval", Kind.DURATION, 30,
+            "Anti-entropy poll: a missed push notice is caught up within this long.",
+            _at_least(1)),
+    Setting(A, "sync", "push_listen", Kind.OPT_STR, "127.0.0.1:8701",
+            "HOST:PORT where push notices from the origin arrive (\"\" for polling only)."),
+    Setting(A, "sync", "push_token", Kind.OPT_STR, "",
+            "Bearer token a push notice must carry (\"\": notices are not authenticated; they "
+            "only trigger a fetch, whose manifest is verified anyway)."),
+    Setting(A, "sync", "fetch_timeout", Kind.DURATION, 120,
+            "Deadline for fetching one snapshot (manifest and payload); a slower origin is "
+            "dropped and tried again at the next notice or poll.", _at_least(1)),
+    Setting(A, "sync", "health_window", Kind.DURATION, 10,
+            "After activation, how long the engine must stay healthy before success is "
+            "reported; a failure inside it reverts to the previous version.", _at_least(0)),
+    Setting(A, "engine", "admin_socket", Kind.OPT_PATH, "",
+            "The engine's admin socket, told to load each activated snapshot (\"\": no engine)."),
     # --- origin (the central publisher) ---
     Setting(ORG, "snapshot", "signing_keys", Kind.STRLIST, ["/etc/adpop-origin/keys/signing.key"],
             "Ed25519 private keys that sign every published manifest (one signature each)."),
@@ -125,6 +151,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(ORG, "snapshot", "ttl", Kind.DURATION, 7 * 86400,
             "How long a published snapshot stays valid; PoPs refuse it after that.",
             _at_least(60)),
+    Setting(ORG, "origin", "listen", Kind.STR, "127.0.0.1:8700",
+            "HOST:PORT the origin's HTTP API listens on."),
+    Setting(ORG, "origin", "state_dir", Kind.PATH, "/var/lib/adpop-origin",
+            "Where the origin keeps its campaign database (origin.sqlite) and published payloads."),
+    Setting(ORG, "origin", "push_token", Kind.OPT_STR, "",
+            "Bearer token sent with push notices (the PoPs' sync.push_token)."),
+    Setting(ORG, "origin", "push_parallelism", Kind.INT, 16,
+            "Push notices in flight at once.", _at_least(1)),
+    Setting(ORG, "rollout", "canaries", Kind.STRLIST, [],
+            "PoP ids that get each new version first; a failure among them halts the rollout."),
+    Setting(ORG, "rollout", "percent", Kind.INT, 25,
+            "Share of the remaining PoPs in the second stage, before all of them.", _at_least(1)),
+    Setting(ORG, "rollout", "stage_timeout", Kind.DURATION, 120,
+            "How long a stage waits for its PoPs to report success before the rollout halts.",
+            _at_least(1)),
 )
 
 _UNITS_DURATION = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -176,6 +217,10 @@ def _parse_value(kind: Kind, value: Any) -> Any:
         if not isinstance(value, str) or not value:
             raise ValueProblem(f"write a non-empty quoted {kind.value}")
         return value
+    if kind in (Kind.OPT_STR, Kind.OPT_PATH):
+        if not isinstance(value, str):
+            raise ValueProblem('write a quoted string, or "" for none')
+        return value
     if kind is Kind.INT:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueProblem("write a whole number without quotes")
@@ -196,7 +241,7 @@ def _parse_value(kind: Kind, value: Any) -> Any:
 
 
 def _format_value(kind: Kind, value: Any) -> str:
-    if kind in (Kind.STR, Kind.PATH):
+    if kind in (Kind.STR, Kind.PATH, Kind.OPT_STR, Kind.OPT_PATH):
         return _toml_string(value)
     if kind is Kind.INT:
         return str(value)

@@ -44,7 +44,7 @@ class Bundle:
 
 def build(campaign_set: CampaignSet, version: int, keys: Sequence[SigningKey], *,
           ttl: int, target_group: str, previous_sha256: str = "",
-          now: int | None = None) -> Bundle:
+          now: int | None = None, allow_jump: bool = False) -> Bundle:
     """Compile and sign: the whole of turning campaigns into a publishable snapshot."""
     if version < 1:
         raise BundleError(f"version {version} is not positive", hint="versions start at 1")
@@ -55,7 +55,7 @@ def build(campaign_set: CampaignSet, version: int, keys: Sequence[SigningKey], *
     manifest = Manifest(
         schema_id=schema_id(), version=version, created=created, expires=created + ttl,
         payload_sha256=hashlib.sha256(payload).hexdigest(), payload_length=len(payload),
-        previous_sha256=previous_sha256, target_group=target_group,
+        previous_sha256=previous_sha256, target_group=target_group, allow_jump=allow_jump,
     )
     return Bundle(manifest, sign(manifest, keys), payload, stats)
 

@@ -51,6 +51,12 @@ class Reason(str, Enum):
     EXPIRED = "expired"
     LENGTH_MISMATCH = "length-mismatch"
     HASH_MISMATCH = "hash-mismatch"
+    ROLLBACK = "rollback"
+    SLOW_RETRIEVAL = "slow-retrieval"
+    CORRUPT_PAYLOAD = "corrupt-payload"
+    OUT_OF_BOUNDS = "out-of-bounds"
+    JUMP_HELD = "jump-held"
+    UNREACHABLE = "origin-unreachable"
 
 
 class VerifyError(AdpopError):
@@ -73,6 +79,12 @@ _HINTS = {
     Reason.EXPIRED: "publish a fresh snapshot (or check this machine's clock)",
     Reason.LENGTH_MISMATCH: "the payload was truncated or altered; fetch it again",
     Reason.HASH_MISMATCH: "the payload was altered; fetch it again",
+    Reason.ROLLBACK: "publish a version above this PoP's high-water mark",
+    Reason.SLOW_RETRIEVAL: "check the origin's load and network; the next poll retries",
+    Reason.CORRUPT_PAYLOAD: "rebuild the snapshot with `adpop origin publish`",
+    Reason.OUT_OF_BOUNDS: "fix the campaigns and publish again",
+    Reason.JUMP_HELD: "if the change is intended, publish with --allow-jump",
+    Reason.UNREACHABLE: "check sync.origin_url and that the origin is running",
 }
 
 
@@ -159,9 +171,12 @@ class Manifest:
     payload_length: int
     previous_sha256: str  # "" for the first snapshot
     target_group: str
+    # The publisher vouches for a big change in campaign count or size (PoPs hold it otherwise).
+    allow_jump: bool = False
 
     def signed(self) -> dict[str, Any]:
-        return {
+        extra: dict[str, Any] = {"allow_jump": True} if self.allow_jump else {}
+        return {**extra,
             "format": FORMAT,
             "schema_id": self.schema_id,
             "version": self.version,
@@ -182,6 +197,9 @@ class Manifest:
             "payload_sha256": payload["sha256"], "payload_length": payload["length"],
             "previous_sha256": signed["previous_sha256"], "target_group": signed["target_group"],
         }
+        allow_jump = signed.get("allow_jump", False)
+        if not isinstance(allow_jump, bool):
+            raise TypeError("allow_jump must be true or false")
         ints = ("version", "created", "expires", "payload_length")
         for name, value in fields.items():
             want = int if name in ints else str
@@ -191,7 +209,7 @@ class Manifest:
             raise ValueError(f"format is not {FORMAT}")
         if signed["version"] < 1 or payload["length"] < 0:
             raise ValueError("version and length must be positive")
-        return cls(**fields)
+        return cls(**fields, allow_jump=allow_jump)
 
 
 def sign(manifest: Manifest, keys: Sequence[SigningKey]) -> bytes:

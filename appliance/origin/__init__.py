@@ -1,0 +1,1 @@
+"""The central origin: campaign store, publishing, rollouts and the fleet API."""

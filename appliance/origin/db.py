@@ -1,0 +1,274 @@
+"""The origin's state in SQLite: authoring documents, paused campaigns, published versions,
+the fleet of registered PoPs and where each rollout stands.
+
+Campaigns are kept as the documents they were authored in (one row per file), so a publish
+validates and compiles exactly what an operator imported; pausing is an overlay by campaign
+id. Published payloads are files named by their SHA-256 under `payloads/` (immutable), and
+their manifests live in the `versions` table.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import AdpopError
+from appliance.snapshot.model import CampaignSet, parse_documents, read_documents
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS documents (name TEXT PRIMARY KEY, body TEXT NOT NULL,
+                                      imported INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS paused (campaign TEXT PRIMARY KEY, since INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS versions (
+    version INTEGER PRIMARY KEY, sha256 TEXT NOT NULL, length INTEGER NOT NULL,
+    campaigns INTEGER NOT NULL, created INTEGER NOT NULL, manifest BLOB NOT NULL,
+    stage TEXT NOT NULL, stage_started REAL NOT NULL, halted TEXT NOT NULL DEFAULT '');
+CREATE TABLE IF NOT EXISTS pops (
+    id TEXT PRIMARY KEY, push_url TEXT NOT NULL, target_group TEXT NOT NULL,
+    registered REAL NOT NULL, last_seen REAL NOT NULL, version INTEGER NOT NULL DEFAULT 0,
+    sha256 TEXT NOT NULL DEFAULT '', activated REAL NOT NULL DEFAULT 0,
+    failures INTEGER NOT NULL DEFAULT 0, last_error TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL DEFAULT '', failed_version INTEGER NOT NULL DEFAULT 0);
+"""
+
+# Rollout stages of a version, in order; "halted" and "done" end it.
+STAGES = ("canary", "percent", "all", "done")
+
+
+def _relative(name: str, folder: Path) -> str:
+    try:
+        return str(Path(name).resolve().relative_to(folder.resolve()))
+    except ValueError:
+        return name
+
+
+def _iso(value: Any) -> str:
+    # TOML dates and times are stored as ISO 8601 text, which the model parses back the same.
+    if isinstance(value, (dt.date, dt.time)):
+        return value.isoformat()
+    raise TypeError(f"cannot store a {type(value).__name__} in a campaign document")
+
+
+class OriginError(AdpopError):
+    """The origin's store refused an operation."""
+
+
+@dataclass(frozen=True)
+class CampaignRow:
+    id: str
+    advertiser: str
+    name: str
+    document: str
+    paused: bool
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    version: int
+    sha256: str
+    length: int
+    campaigns: int
+    created: int
+    stage: str
+    stage_started: float
+    halted: str
+
+
+@dataclass(frozen=True)
+class PopRow:
+    id: str
+    push_url: str
+    target_group: str
+    registered: float
+    last_seen: float
+    version: int
+    sha256: str
+    activated: float
+    failures: int
+    last_error: str
+    state: str
+    failed_version: int
+
+
+class OriginDB:
+    """One SQLite file; every write is one transaction."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.payload_dir = state_dir / "payloads"
+        try:
+            self.payload_dir.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(state_dir / "origin.sqlite", isolation_level=None,
+                                       check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise OriginError(f"cannot open the origin database under {state_dir}: {exc}",
+                              hint="set origin.state_dir (or --state) to a writable folder"
+                              ) from exc
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # --- campaigns ---------------------------------------------------------------------
+
+    def import_dir(self, folder: Path) -> CampaignSet:
+        """Validate the folder's documents together with the stored ones, then store them.
+
+        A document with the name of a stored one replaces it. Nothing is stored unless the
+        whole resulting set validates.
+        """
+        # Keyed by the path inside the folder: importing the folder again replaces its files.
+        incoming = [(_relative(name, folder), doc) for name, doc in read_documents(folder)]
+        stored = {name: doc for name, doc in self._documents()}
+        stored.update(dict(incoming))
+        campaign_set = parse_documents(sorted(stored.items()))  # raises CampaignError
+        now = int(time.time())
+        with self._tx() as db:
+            db.executemany("INSERT OR REPLACE INTO documents VALUES (?, ?, ?)",
+                           [(name, json.dumps(doc, sort_keys=True, default=_iso), now)
+                            for name, doc in incoming])
+        return campaign_set
+
+    def _documents(self) -> list[tuple[str, dict[str, Any]]]:
+        rows = self._db.execute("SELECT name, body FROM documents ORDER BY name").fetchall()
+        return [(name, json.loads(body)) for name, body in rows]
+
+    def campaign_set(self) -> CampaignSet:
+        """The stored campaigns with the pause overlay applied."""
+        campaign_set = parse_documents(self._documents())
+        paused = self.paused_ids()
+        if not paused:
+            return campaign_set
+        return replace(campaign_set, campaigns=tuple(
+            replace(c, paused=True) if c.id in paused else c for c in campaign_set.campaigns))
+
+    def campaigns(self) -> list[CampaignRow]:
+        paused = self.paused_ids()
+        rows = []
+        for name, doc in self._documents():
+            for raw in doc.get("campaigns", []):
+                if isinstance(raw, Mapping):
+                    cid = str(raw.get("id", ""))
+                    rows.append(CampaignRow(cid, str(raw.get("advertiser", "")),
+                                            str(raw.get("name", cid)), name,
+                                            cid in paused or bool(raw.get("paused", False))))
+        return sorted(rows, key=lambda r: r.id)
+
+    def paused_ids(self) -> set[str]:
+        return {row[0] for row in self._db.execute("SELECT campaign FROM paused")}
+
+    def set_paused(self, campaign_id: str, paused: bool) -> None:
+        known = {row.id for row in self.campaigns()}
+        if campaign_id not in known:
+            raise OriginError(f"no campaign {campaign_id!r} in the origin's store",
+                              hint="`adpop origin campaigns list` shows the ids")
+        with self._tx() as db:
+            if paused:
+                db.execute("INSERT OR IGNORE INTO paused VALUES (?, ?)",
+                           (campaign_id, int(time.time())))
+            else:
+                db.execute("DELETE FROM paused WHERE campaign = ?", (campaign_id,))
+
+    # --- versions ----------------------------------------------------------------------
+
+    def next_version(self) -> int:
+        row = self._db.execute("SELECT MAX(version) FROM versions").fetchone()
+        return int(row[0] or 0) + 1
+
+    def latest_sha256(self) -> str:
+        row = self._db.execute(
+            "SELECT sha256 FROM versions ORDER BY version DESC LIMIT 1").fetchone()
+        return str(row[0]) if row else ""
+
+    def add_version(self, version: int, manifest: bytes, payload: bytes, sha256: str,
+                    campaigns: int, created: int, first_stage: str) -> Path:
+        """Store a published version; its payload file first, so a manifest never lacks it."""
+        path = self.payload_dir / f"{sha256}.capnp"
+        if not path.exists():
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(payload)
+            tmp.replace(path)
+        with self._tx() as db:
+            # Checked inside the transaction: two publishers cannot both take a version.
+            row = db.execute("SELECT MAX(version) FROM versions").fetchone()
+            if version <= int(row[0] or 0):
+                raise OriginError(f"version {version} is not above the last published one",
+                                  hint="publish again: the next version is taken afresh")
+            db.execute("INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, '')",
+                       (version, sha256, len(payload), campaigns, created, manifest,
+                        first_stage, time.time()))
+        return path
+
+    def versions(self) -> list[VersionRow]:
+        rows = self._db.execute(
+            "SELECT version, sha256, length, campaigns, created, stage, stage_started, halted "
+            "FROM versions ORDER BY version").fetchall()
+        return [VersionRow(*row) for row in rows]
+
+    def manifest(self, version: int) -> bytes | None:
+        row = self._db.execute("SELECT manifest FROM versions WHERE version = ?",
+                               (version,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def set_stage(self, version: int, stage: str, halted: str = "") -> None:
+        with self._tx() as db:
+            db.execute("UPDATE versions SET stage = ?, stage_started = ?, halted = ? "
+                       "WHERE version = ?", (stage, time.time(), halted, version))
+
+    def payload_path(self, sha256: str) -> Path | None:
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            return None
+        path = self.payload_dir / f"{sha256}.capnp"
+        return path if path.is_file() else None
+
+    # --- fleet -------------------------------------------------------------------------
+
+    def register(self, pop_id: str, push_url: str, target_group: str) -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.execute("INSERT INTO pops (id, push_url, target_group, registered, last_seen) "
+                       "VALUES (?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                       "push_url = excluded.push_url, target_group = excluded.target_group, "
+                       "last_seen = excluded.last_seen", (pop_id, push_url, target_group, now, now))
+
+    def report(self, pop_id: str, fields: Mapping[str, Any]) -> None:
+        """A PoP's status report: what it serves, and its last failure if any."""
+        with self._tx() as db:
+            found = db.execute("SELECT failures FROM pops WHERE id = ?", (pop_id,)).fetchone()
+            if found is None:
+                raise OriginError(f"PoP {pop_id!r} is not registered",
+                                  hint="the PoP registers itself when its sync starts")
+            failures = int(found[0]) + (1 if fields.get("error") else 0)
+            db.execute("UPDATE pops SET last_seen = ?, version = ?, sha256 = ?, activated = ?, "
+                       "failures = ?, last_error = ?, state = ?, "
+                       "failed_version = MAX(failed_version, ?) WHERE id = ?",
+                       (time.time(), int(fields.get("version", 0)), str(fields.get("sha256", "")),
+                        float(fields.get("activated", 0)), failures,
+                        str(fields.get("error", "")), str(fields.get("state", "")),
+                        int(fields.get("failed_version", 0)), pop_id))
+
+    def pops(self, ids: Sequence[str] | None = None) -> list[PopRow]:
+        rows = self._db.execute(
+            "SELECT id, push_url, target_group, registered, last_seen, version, sha256, "
+            "activated, failures, last_error, state, failed_version FROM pops ORDER BY id"
+        ).fetchall()
+        out = [PopRow(*row) for row in rows]
+        return [p for p in out if p.id in ids] if ids is not None else out

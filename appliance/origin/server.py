@@ -1,0 +1,174 @@
+"""`adpop origin serve`: the origin's HTTP API, its rollout loop and its push notices.
+
+API (JSON unless said otherwise):
+- GET  /v1/manifest?pop=ID       the manifest of the newest version this PoP may take (204: none)
+- GET  /v1/payload/SHA256         the payload bytes: immutable, ETag, Range
+- POST /v1/pops/ID/register       {"push_url", "target_group"}
+- POST /v1/pops/ID/status         {"version", "sha256", "activated", "state", "error",
+                                   "failed_version"}
+- GET  /v1/fleet                  every PoP and every version's rollout stage
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from dataclasses import asdict
+from typing import Any
+
+from aiohttp import ClientError, ClientSession, ClientTimeout, web
+
+from appliance.errors import AdpopError
+from appliance.origin import rollout
+from appliance.origin.db import OriginDB
+
+log = logging.getLogger("adpop.origin")
+
+PUSH_ATTEMPTS = 4
+LOOP_SECONDS = 0.05
+
+
+def fleet(db: OriginDB) -> dict[str, Any]:
+    return {"pops": [asdict(p) for p in db.pops()],
+            "versions": [asdict(v) for v in db.versions()]}
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+class Origin:
+    def __init__(self, db: OriginDB, plan: rollout.Plan, push_token: str,
+                 push_parallelism: int) -> None:
+        self.db = db
+        self.plan = plan
+        self.push_token = push_token
+        self.push_slots = asyncio.Semaphore(push_parallelism)
+        self.notified: dict[str, int] = {}  # PoP id -> newest version a notice went out for
+        self.pushes: set[asyncio.Task[None]] = set()  # held so they are not collected mid-flight
+        self.session: ClientSession | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024)
+        app.add_routes([
+            web.get("/v1/manifest", self.get_manifest),
+            web.get("/v1/payload/{sha256}", self.get_payload),
+            web.post("/v1/pops/{pop}/register", self.post_register),
+            web.post("/v1/pops/{pop}/status", self.post_status),
+            web.get("/v1/fleet", self.get_fleet),
+        ])
+        app.on_startup.append(self._start)
+        app.on_cleanup.append(self._stop)
+        return app
+
+    async def _start(self, app: web.Application) -> None:
+        self.session = ClientSession(timeout=ClientTimeout(total=5))
+        app["loop_task"] = asyncio.create_task(self._rollout_loop())
+
+    async def _stop(self, app: web.Application) -> None:
+        app["loop_task"].cancel()
+        if self.session:
+            await self.session.close()
+
+    async def get_manifest(self, request: web.Request) -> web.StreamResponse:
+        pop = request.query.get("pop", "")
+        version = rollout.assigned_version(pop, self.db.versions(), self.db.pops(), self.plan)
+        body = self.db.manifest(version) if version else None
+        if body is None:
+            return web.Response(status=204)
+        return web.Response(body=body, content_type="application/json",
+                            headers={"X-Adpop-Version": str(version)})
+
+    async def get_payload(self, request: web.Request) -> web.StreamResponse:
+        path = self.db.payload_path(request.match_info["sha256"])
+        if path is None:
+            return _error(404, "no-such-payload", "no payload with that SHA-256")
+        # Named by its hash, so it never changes: caches may keep it for good.
+        return web.FileResponse(path, headers={"Cache-Control": "public, max-age=31536000, "
+                                                                "immutable"})
+
+    async def _json(self, request: web.Request) -> dict[str, Any]:
+        try:
+            doc = await request.json()
+        except ValueError as exc:
+            raise web.HTTPBadRequest(text=json.dumps(
+                {"error": {"code": "bad-json", "message": str(exc)}}),
+                content_type="application/json") from exc
+        if not isinstance(doc, dict):
+            raise web.HTTPBadRequest(text=json.dumps(
+                {"error": {"code": "bad-json", "message": "expected an object"}}),
+                content_type="application/json")
+        return doc
+
+    async def post_register(self, request: web.Request) -> web.Response:
+        doc = await self._json(request)
+        pop = request.match_info["pop"]
+        self.db.register(pop, str(doc.get("push_url", "")), str(doc.get("target_group", "")))
+        log.info("PoP %s registered (push %s)", pop, doc.get("push_url") or "-")
+        return web.json_response({"ok": True})
+
+    async def post_status(self, request: web.Request) -> web.Response:
+        doc = await self._json(request)
+        try:
+            self.db.report(request.match_info["pop"], doc)
+        except AdpopError as exc:
+            return _error(404, "unknown-pop", exc.line())
+        return web.json_response({"ok": True})
+
+    async def get_fleet(self, request: web.Request) -> web.Response:
+        return web.json_response(fleet(self.db))
+
+    # --- rollouts and push notices -----------------------------------------------------
+
+    async def _rollout_loop(self) -> None:
+        while True:
+            try:
+                for version, stage in rollout.advance(self.db, self.plan):
+                    log.info("version %d: stage %s", version, stage)
+                self._notify_due()
+            except AdpopError as exc:
+                log.error("rollout loop: %s", exc.line())
+            await asyncio.sleep(LOOP_SECONDS)
+
+    def _notify_due(self) -> None:
+        versions, pops = self.db.versions(), self.db.pops()
+        for pop in pops:
+            want = rollout.assigned_version(pop.id, versions, pops, self.plan)
+            if want > max(pop.version, self.notified.get(pop.id, 0)) and pop.push_url:
+                self.notified[pop.id] = want
+                task = asyncio.create_task(self._push(pop.id, pop.push_url, want))
+                self.pushes.add(task)
+                task.add_done_callback(self.pushes.discard)
+
+    async def _push(self, pop: str, url: str, version: int) -> None:
+        headers = {"Authorization": f"Bearer {self.push_token}"} if self.push_token else {}
+        for attempt in range(PUSH_ATTEMPTS):
+            try:
+                async with self.push_slots:
+                    assert self.session is not None
+                    async with self.session.post(f"{url}/v1/notify", json={"version": version},
+                                                 headers=headers) as resp:
+                        if resp.status < 300:
+                            return
+                        detail = f"HTTP {resp.status}"
+            except (ClientError, asyncio.TimeoutError) as exc:
+                detail = str(exc) or type(exc).__name__
+            # Exponential backoff with full jitter, so a fleet that was down does not come
+            # back to a thundering herd of retries.
+            await asyncio.sleep(random.uniform(0, 0.2 * 2 ** attempt))
+        log.warning("push to %s for v%d failed %d times (%s); its poll will catch up",
+                    pop, version, PUSH_ATTEMPTS, detail)
+
+
+def serve(db: OriginDB, plan: rollout.Plan, listen: str, push_token: str,
+          push_parallelism: int) -> None:
+    host, _, port = listen.rpartition(":")
+    origin = Origin(db, plan, push_token, push_parallelism)
+    log.info("origin listening on %s, %d versions published", listen, len(db.versions()))
+    started = time.monotonic()
+    web.run_app(origin.app(), host=host, port=int(port), print=None,
+                handle_signals=True)
+    log.info("origin stopped after %.0f s", time.monotonic() - started)

@@ -1,0 +1,1 @@
+"""The PoP side of snapshot distribution: fetch, check, activate, report."""

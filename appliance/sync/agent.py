@@ -1,0 +1,274 @@
+"""The PoP side of sync: take a snapshot from the origin like a secure updater, activate it,
+watch it through a health window, report.
+
+Every check refuses with a VerifyError naming its Reason; `current` stays as it was, the
+refusal is counted, logged once and reported to the origin. The checks, cheapest first:
+manifest size cap -> signatures (threshold, keys pinned in config, each key once) -> schema and
+target group -> expiry with clock-skew slack -> payload size cap -> version above the
+high-water mark -> payload length and hash (before any parsing) -> Cap'n Proto traversal and
+nesting limits -> semantic bounds -> a hold on a big jump in campaigns or size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import ClientError, ClientSession, ClientTimeout, web
+
+from appliance.snapshot import bundle
+from appliance.snapshot.compiler import PayloadError, open_payload
+from appliance.snapshot.manifest import (
+    Manifest,
+    Policy,
+    Reason,
+    VerifyError,
+    verify_manifest,
+    verify_payload_bytes,
+)
+from appliance.snapshot.store import SnapshotStore
+from appliance.sync.fetch import fetch_manifest, fetch_payload
+
+log = logging.getLogger("adpop.sync")
+
+# Semantic bounds a payload must keep whatever its signature says (a generated file can be
+# signed and still wrong).
+MAX_CAMPAIGNS = 10_000_000
+
+
+@dataclass
+class SyncState:
+    """What the PoP reports, and the refusal counters by reason."""
+
+    version: int = 0
+    sha256: str = ""
+    activated: float = 0.0
+    state: str = "starting"
+    error: str = ""
+    failed_version: int = 0
+    refused: collections.Counter[str] = field(default_factory=collections.Counter)
+    last_logged: str = ""
+
+    def report(self) -> dict[str, Any]:
+        return {"version": self.version, "sha256": self.sha256, "activated": self.activated,
+                "state": self.state, "error": self.error, "failed_version": self.failed_version,
+                "refused": dict(self.refused)}
+
+
+class SyncAgent:
+    def __init__(self, appliance: Any, store: SnapshotStore, *,
+                 health: Callable[[], Awaitable[str]] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.cfg = appliance
+        self.store = store
+        self.policy: Policy = bundle.policy_from_config(appliance)
+        self.clock = clock
+        self.health = health
+        self.state = SyncState()
+        self.wake = asyncio.Event()
+        self.session: ClientSession | None = None
+        current = store.current_version()
+        if current is not None:
+            self.state.version = current
+            self.state.state = "active"
+            self.state.sha256 = self._sha256_of(current)
+
+    def _sha256_of(self, version: int) -> str:
+        manifest_bytes, _ = self.store.read(version)
+        return Manifest.from_signed(json.loads(manifest_bytes)["signed"]).payload_sha256
+
+    @property
+    def origin(self) -> str:
+        return str(self.cfg.sync.origin_url).rstrip("/")
+
+    # --- one sync ----------------------------------------------------------------------
+
+    async def sync_once(self) -> int | None:
+        """Fetch, check and activate the origin's snapshot for this PoP; the version
+        activated, or None when there was nothing new. Raises VerifyError on a refusal."""
+        assert self.session is not None
+        deadline = time.monotonic() + self.cfg.sync.fetch_timeout
+        url = f"{self.origin}/v1/manifest?pop={self.cfg.pop.id}"
+        manifest_bytes = await fetch_manifest(self.session, url, self.policy.max_manifest_bytes,
+                                              deadline)
+        if manifest_bytes is None:
+            return None
+        manifest = verify_manifest(manifest_bytes, self.policy, now=self.clock())
+        current = self.store.current_version()
+        if current is not None and manifest.version == current:
+            return None
+        if manifest.version <= self.store.high_water():
+            raise VerifyError(Reason.ROLLBACK, f"version {manifest.version} is not above the "
+                              f"high-water mark {self.store.high_water()}")
+        partial = self.store.root / f".partial-{manifest.payload_sha256}"
+        try:
+            payload = await fetch_payload(
+                self.session, f"{self.origin}/v1/payload/{manifest.payload_sha256}",
+                manifest.payload_length, partial, deadline)
+            verify_payload_bytes(manifest, payload)
+        except VerifyError as exc:
+            # A slow or unreachable origin keeps the bytes for resume; wrong bytes go.
+            if exc.reason not in (Reason.SLOW_RETRIEVAL, Reason.UNREACHABLE):
+                partial.unlink(missing_ok=True)
+            raise
+        partial.unlink(missing_ok=True)
+        self._check_payload(manifest, payload, current)
+        self.store.install(manifest.version, manifest_bytes, payload)
+        return manifest.version
+
+    def _check_payload(self, manifest: Manifest, payload: bytes, current: int | None) -> None:
+        if len(payload) < 16 or int.from_bytes(payload[0:4], "little") != 0:
+            raise VerifyError(Reason.CORRUPT_PAYLOAD, "the payload is not one Cap'n Proto segment")
+        try:
+            with open_payload(payload, self.cfg.snapshot.nesting_limit) as p:
+                # Structure first: every pointer walked under the traversal and nesting limits.
+                # The compiler writes one segment with no gaps, so the words the pointers reach
+                # are the whole segment but the root pointer; a broken pointer reads as an
+                # empty default and reaches less.
+                reached = p.total_size.word_count + 1
+                segment = int.from_bytes(payload[4:8], "little")
+                if reached != segment:
+                    raise VerifyError(Reason.CORRUPT_PAYLOAD, f"the payload's pointers reach "
+                                      f"{reached} of its {segment} words")
+                if p.version != manifest.version:
+                    raise VerifyError(Reason.OUT_OF_BOUNDS, f"payload says version {p.version}, "
+                                      f"manifest {manifest.version}")
+                campaigns = len(p.campaigns)
+                if campaigns != p.stats.campaigns or campaigns > MAX_CAMPAIGNS:
+                    raise VerifyError(Reason.OUT_OF_BOUNDS,
+                                      f"{campaigns} campaigns (stats say {p.stats.campaigns}, "
+                                      f"limit {MAX_CAMPAIGNS})")
+        except PayloadError as exc:
+            raise VerifyError(Reason.CORRUPT_PAYLOAD, exc.message) from exc
+        limit = self.cfg.snapshot.max_jump_percent
+        if current is None or limit == 0 or manifest.allow_jump:
+            return
+        _, old = self.store.read(current)
+        with open_payload(old, self.cfg.snapshot.nesting_limit) as p:
+            old_campaigns = len(p.campaigns)
+        for what, before, after in (("campaign count", old_campaigns, campaigns),
+                                    ("payload size", len(old), len(payload))):
+            if before and abs(after - before) * 100 > limit * before:
+                raise VerifyError(Reason.JUMP_HELD, f"{what} moves from {before} to {after}, "
+                                  f"more than {limit}%, and the manifest does not allow it")
+
+    # --- activation, health window, reporting ------------------------------------------
+
+    async def attempt(self) -> None:
+        """One sync with its health window and report; never raises on a refusal."""
+        previous = self.store.current_version()
+        try:
+            version = await self.sync_once()
+        except VerifyError as exc:
+            self._refused(exc)
+            await self.report()
+            return
+        if version is None:
+            await self.report()
+            return
+        self.state.state = "checking"
+        problem = await self._health_window()
+        if problem:
+            self.state.failed_version = version
+            self.state.error = f"v{version} failed its health window: {problem}"
+            log.error("%s; reverting to v%s", self.state.error, previous)
+            if previous is not None:
+                self.store.activate(previous)
+            self.state.state = "active" if previous is not None else "empty"
+        else:
+            self.state.version = version
+            self.state.sha256 = self._sha256_of(version)
+            self.state.activated = time.time()
+            self.state.state = "active"
+            self.state.error = ""
+            log.info("v%d active", version)
+        await self.report()
+
+    async def _health_window(self) -> str:
+        end = time.monotonic() + self.cfg.sync.health_window
+        while True:
+            if self.health is not None:
+                problem = str(await self.health())
+                if problem:
+                    return problem
+            if time.monotonic() >= end:
+                return ""
+            await asyncio.sleep(min(0.2, max(0.0, end - time.monotonic())))
+
+    def _refused(self, exc: VerifyError) -> None:
+        self.state.refused[exc.reason.value] += 1
+        self.state.error = exc.line()
+        # Logged once per distinct refusal: a poll loop must not repeat it every interval.
+        if self.state.last_logged != exc.line():
+            log.warning("snapshot refused, keeping v%s: %s", self.store.current_version(),
+                        exc.line())
+            self.state.last_logged = exc.line()
+
+    async def report(self) -> None:
+        assert self.session is not None
+        try:
+            async with self.session.post(f"{self.origin}/v1/pops/{self.cfg.pop.id}/status",
+                                         json=self.state.report()) as resp:
+                await resp.read()
+        except (ClientError, TimeoutError) as exc:
+            log.debug("report to the origin failed: %s", exc)
+
+    async def register(self, push_url: str) -> bool:
+        assert self.session is not None
+        try:
+            async with self.session.post(
+                    f"{self.origin}/v1/pops/{self.cfg.pop.id}/register",
+                    json={"push_url": push_url, "target_group": self.cfg.pop.target_group}
+            ) as resp:
+                return resp.status < 300
+        except (ClientError, TimeoutError):
+            return False
+
+    # --- the loop: push notices and the anti-entropy poll -------------------------------
+
+    async def notify(self, request: web.Request) -> web.Response:
+        token = self.cfg.sync.push_token
+        if token and request.headers.get("Authorization") != f"Bearer {token}":
+            return web.json_response({"error": {"code": "unauthorized",
+                                                "message": "push token missing or wrong"}},
+                                     status=401)
+        self.wake.set()
+        return web.json_response({"ok": True}, status=202)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.session = ClientSession(timeout=ClientTimeout(total=None, sock_connect=5))
+        runner: web.AppRunner | None = None
+        push_url = ""
+        try:
+            if self.cfg.sync.push_listen:
+                app = web.Application(client_max_size=4096)
+                app.add_routes([web.post("/v1/notify", self.notify)])
+                runner = web.AppRunner(app, access_log=None)
+                await runner.setup()
+                host, _, port = self.cfg.sync.push_listen.rpartition(":")
+                await web.TCPSite(runner, host, int(port)).start()
+                push_url = f"http://{self.cfg.sync.push_listen}"
+            registered = False
+            while not stop.is_set():
+                if not registered:
+                    registered = await self.register(push_url)
+                if registered:
+                    await self.attempt()
+                self.wake.clear()
+                waiters = [asyncio.ensure_future(self.wake.wait()),
+                           asyncio.ensure_future(stop.wait())]
+                await asyncio.wait(waiters, timeout=self.cfg.sync.poll_interval
+                                   if registered else 1.0,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                for w in waiters:
+                    w.cancel()
+        finally:
+            if runner is not None:
+                await runner.cleanup()
+            await self.session.close()

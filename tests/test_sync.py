@@ -1,0 +1,327 @@
+"""The PoP's snapshot checks against an adversarial origin, one test per attack.
+
+A fake origin (a real aiohttp server on loopback whose answers each test sets) and a fake
+clock, in the style of python-tuf's repository simulator. Every attack must end in its typed
+refusal, counted once, with `current` unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import ClientSession, web
+
+from appliance import config as cfg
+from appliance.snapshot import bundle, synth
+from appliance.snapshot.manifest import (
+    Reason,
+    SigningKey,
+    canonical,
+    generate_key,
+    load_signing_key,
+    sign,
+)
+from appliance.snapshot.model import CampaignSet, parse_documents
+from appliance.snapshot.store import SnapshotStore
+from appliance.sync.agent import SyncAgent
+
+NOW = 1_780_000_000  # the fake clock: every manifest is built relative to it
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclasses.dataclass
+class FakeOrigin:
+    """Serves whatever the test sets: manifest bytes, and a payload handler."""
+
+    manifest: bytes | None = None
+    payload: bytes = b""
+    payload_handler: Callable[[web.Request], Any] | None = None
+    port: int = 0
+
+    async def get_manifest(self, request: web.Request) -> web.Response:
+        if self.manifest is None:
+            return web.Response(status=204)
+        return web.Response(body=self.manifest, content_type="application/json")
+
+    async def get_payload(self, request: web.Request) -> web.StreamResponse:
+        if self.payload_handler is not None:
+            result: web.StreamResponse = await self.payload_handler(request)
+            return result
+        return web.Response(body=self.payload)
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[FakeOrigin]:
+        app = web.Application()
+        app.add_routes([web.get("/v1/manifest", self.get_manifest),
+                        web.get("/v1/payload/{sha}", self.get_payload),
+                        web.post("/v1/pops/{pop}/status", self.status),
+                        web.post("/v1/pops/{pop}/register", self.status)])
+        runner = web.AppRunner(app)
+        await runner.setup()
+        self.port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", self.port).start()
+        try:
+            yield self
+        finally:
+            await runner.cleanup()
+
+
+@dataclasses.dataclass
+class World:
+    tmp: Path
+    key: SigningKey
+    origin: FakeOrigin
+    store: SnapshotStore
+    agent: SyncAgent
+
+    def publish(self, version: int, campaigns: CampaignSet, *, keys: list[SigningKey] | None
+                = None, group: str = "default", created: int = NOW,
+                allow_jump: bool = False) -> bundle.Bundle:
+        built = bundle.build(campaigns, version, keys or [self.key], ttl=86400,
+                             target_group=group, now=created, allow_jump=allow_jump)
+        self.origin.manifest = built.manifest_bytes
+        self.origin.payload = built.payload
+        self.origin.payload_handler = None
+        return built
+
+
+def campaigns(n: int, seed: int = 3) -> CampaignSet:
+    return parse_documents(synth.generate(n, seed=seed))
+
+
+@pytest.fixture(scope="module")
+def small() -> CampaignSet:
+    return campaigns(20)
+
+
+@pytest.fixture
+def world_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    key_path, _ = generate_key(tmp_path / "keys")
+
+    @asynccontextmanager
+    async def make(**settings: Any) -> AsyncIterator[World]:
+        origin = FakeOrigin()
+        async with origin.running():
+            toml = [
+                "[snapshot]", f'trust = ["{tmp_path / "keys"}"]',
+                f"signature_threshold = {settings.get('threshold', 1)}",
+                "[paths]", f'state_dir = "{tmp_path / "state"}"',
+                "[sync]", f'origin_url = "http://127.0.0.1:{origin.port}"',
+                f"fetch_timeout = {settings.get('fetch_timeout', 5)}", "health_window = 0",
+            ]
+            path = tmp_path / "appliance.toml"
+            path.write_text("\n".join(toml) + "\n")
+            appliance = cfg.load(cfg.Scope.APPLIANCE, path)
+            store = SnapshotStore(tmp_path / "state")
+            agent = SyncAgent(appliance, store, clock=lambda: NOW)
+            async with ClientSession() as session:
+                agent.session = session
+                yield World(tmp_path, load_signing_key(key_path), origin, store, agent)
+
+    yield make
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def refused(world: World, reason: Reason, current: int | None) -> None:
+    """One sync attempt must refuse with `reason`, count it once, and keep `current`."""
+    await world.agent.attempt()
+    assert world.agent.state.refused == {reason.value: 1}, world.agent.state.error
+    assert world.store.current_version() == current
+
+
+def test_a_good_snapshot_is_activated(world_factory: Any, small: CampaignSet) -> None:
+    async def scenario() -> None:
+        async with world_factory() as w:
+            w.publish(1, small)
+            await w.agent.attempt()
+            assert w.store.current_version() == 1 and not w.agent.state.refused
+            assert w.agent.state.state == "active"
+    run(scenario())
+
+
+def test_rollback_to_an_older_version(world_factory: Any, small: CampaignSet) -> None:
+    async def scenario() -> None:
+        async with world_factory() as w:
+            w.publish(5, small)
+            await w.agent.attempt()
+            w.publish(4, small)  # validly signed, but older than what the PoP has seen
+            await refused(w, Reason.ROLLBACK, 5)
+    run(scenario())
+
+
+def test_freeze_with_an_expired_manifest(world_factory: Any, small: CampaignSet) -> None:
+    async def scenario() -> None:
+        async with world_factory() as w:
+            w.publish(1, small, created=NOW - 86400 - 301)  # expired past the 300 s slack
+            await refused(w, Reason.EXPIRED, None)
+    run(scenario())
+
+
+def test_mix_and_match_manifest_and_payload(world_factory: Any, small: CampaignSet) -> None:
+    async def scenario() -> None:
+        async with world_factory() as w:
+            other = w.publish(3, campaigns(20, seed=9)).payload
+            built = w.publish(2, small)
+            w.origin.payload = other  # another snapshot's payload under this manifest
+            assert len(other) != len(built.payload)  # same length: the test below
+            await refused(w, Reason.LENGTH_MISMATCH, None)
+    run(scenario())
+
+
+def test_mix_and_match_same_length(world_factory: Any, small: CampaignSet) -> None:
+    async def scenario() -> None:
+        async with world_factory() as w:
+            built = w.publish(2, small)
+            altered = bytearray(built.payload)
+            altered[-1] ^= 0xFF  # same length, other bytes
+            w.origin.payload = bytes(altered)
+            await refused(w, Reason.HASH_MISMATCH, None)
+    run(scenario())
+
+
+def test_endless_data(world_factory: Any, small: CampaignSet) -> None:
+    async def endless(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        for _ in range(1000):  # bounded for the test; the PoP must stop long before
+            await resp.write(b"\0" * 65536)
+        return resp
+
+    async def scenario() -> None:
+        async with world_factory() as w:
+            w.publish(1, small)
+            w.origin.payload_handler = endless
+            await refused(w, Reason.LENGTH_MISMATCH, None)
+            assert "the rest was not read" in w.agent.state.error
+    run(scenario())
+
+
+def test_endless_manifest(world_factory: Any, small: CampaignSet) -> None:
+    async def scenario() -> None:
+        async with world_factory() as w:
+            w.publish(1, small)
+            w.origin.manifest = b" " * (w.agent.policy.max_manifest_bytes + 1)
+            await refused(w, Reason.TOO_LARGE, None)
+    run(scenario())
+
+
+def test_slow_retrieval(world_factory: Any, small: CampaignSet) -> None:
+    async def slow(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        for _ in range(100):  # one byte each 50 ms: 5 s at most, well past the deadline
+            await resp.write(b"\0")
+            await asyncio.sleep(0.05)
+        return resp
+
+    async def scenario() -> None:
+        async with world_factory(fetch_timeout=1) as w:
+            w.publish(1, small)
+            w.origin.payload_handler = slow
+            await refused(w, Reason.SLOW_RETRIEVAL, None)
+    run(scenario())
+
+
+def test_wrong_target_group(world_factory: Any, small: CampaignSet) -> None:
+    async def scenario() -> None:
+        async with world_factory() as w:
+            w.publish(1, small, group="other-group")
+            await refused(w, Reason.WRONG_GROUP, None)
+    run(scenario())
+
+
+def test_bad_signature(world_factory: Any, small: CampaignSet) -> None:
+    async def scenario() -> None:
+        async with world_factory() as w:
+            built = w.publish(1, small)
+            doc = json.loads(built.manifest_bytes)
+            doc["signed"]["expires"] += 86400 * 365  # altered after signing
+            w.origin.manifest = canonical(doc)
+            await refused(w, Reason.BAD_SIGNATURE, None)
+    run(scenario())
+
+
+def test_unknown_key(world_factory: Any, small: CampaignSet, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with world_factory() as w:
+            stranger, _ = generate_key(tmp_path / "stranger")
+            w.publish(1, small, keys=[load_signing_key(stranger)])
+            await refused(w, Reason.UNKNOWN_KEY, None)
+    run(scenario())
+
+
+def test_threshold_not_met_and_a_key_counts_once(world_factory: Any,
+                                                 small: CampaignSet) -> None:
+    async def scenario() -> None:
+        async with world_factory(threshold=2) as w:
+            built = w.publish(1, small, keys=[w.key])
+            doc = json.loads(built.manifest_bytes)
+            doc["signatures"] = doc["signatures"] * 2  # the same key twice is still one
+            w.origin.manifest = canonical(doc)
+            await refused(w, Reason.THRESHOLD_NOT_MET, None)
+    run(scenario())
+
+
+def test_truncated_payload(world_factory: Any, small: CampaignSet) -> None:
+    async def scenario() -> None:
+        async with world_factory() as w:
+            built = w.publish(1, small)
+            w.origin.payload = built.payload[:-100]
+            await refused(w, Reason.LENGTH_MISMATCH, None)
+    run(scenario())
+
+
+def test_corrupt_capnp_pointers_signed_anyway(world_factory: Any, small: CampaignSet) -> None:
+    async def scenario() -> None:
+        async with world_factory() as w:
+            built = w.publish(1, small)
+            payload = bytearray(built.payload)
+            # The root pointer (word 1) gives where the root's pointer section starts; point
+            # its first pointers far outside the message.
+            root = int.from_bytes(payload[8:16], "little")
+            data_words = (root >> 32) & 0xFFFF
+            start = 16 + ((root & 0xFFFFFFFF) >> 2) * 8 + data_words * 8
+            for offset in range(start, start + 4 * 8, 8):
+                payload[offset:offset + 8] = ((0x0FFFFFFF << 2) | 1).to_bytes(8, "little")
+            manifest = dataclasses.replace(
+                built.manifest, payload_sha256=hashlib.sha256(payload).hexdigest())
+            w.origin.manifest = sign(manifest, [w.key])  # a bad file that passes its signature
+            w.origin.payload = bytes(payload)
+            await refused(w, Reason.CORRUPT_PAYLOAD, None)
+    run(scenario())
+
+
+def test_campaign_count_jump_is_held_unless_allowed(world_factory: Any,
+                                                    small: CampaignSet) -> None:
+    async def scenario() -> None:
+        async with world_factory() as w:
+            w.publish(1, small)
+            await w.agent.attempt()
+            big = campaigns(100)
+            w.publish(2, big)
+            await refused(w, Reason.JUMP_HELD, 1)
+            w.publish(3, big, allow_jump=True)
+            await w.agent.attempt()
+            assert w.store.current_version() == 3
+    run(scenario())
