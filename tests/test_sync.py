@@ -325,3 +325,57 @@ def test_campaign_count_jump_is_held_unless_allowed(world_factory: Any,
             await w.agent.attempt()
             assert w.store.current_version() == 3
     run(scenario())
+
+
+def test_a_failed_health_window_reverts_and_reports(world_factory: Any,
+                                                    small: CampaignSet) -> None:
+    verdicts = iter(["", "engine serves v1, not v2"])
+
+    async def health() -> str:
+        return next(verdicts, "")
+
+    async def scenario() -> None:
+        async with world_factory() as w:
+            w.agent.health = health
+            w.publish(1, small)
+            await w.agent.attempt()
+            w.publish(2, campaigns(22))
+            await w.agent.attempt()
+            assert w.store.current_version() == 1
+            assert w.agent.state.failed_version == 2
+            assert "health window" in w.agent.state.error
+            assert w.store.high_water() == 2  # a failed version is never taken again
+    run(scenario())
+
+
+def test_resume_after_an_interrupted_download(world_factory: Any, small: CampaignSet) -> None:
+    served: list[str] = []
+
+    async def cut_then_resume(request: web.Request) -> web.StreamResponse:
+        served.append(request.headers.get("Range", ""))
+        data = world.origin.payload
+        if len(served) == 1:  # the first try breaks off half-way
+            resp = web.StreamResponse(headers={"Content-Length": str(len(data))})
+            await resp.prepare(request)
+            await resp.write(data[:len(data) // 2])
+            if request.transport is not None:
+                request.transport.close()
+            return resp
+        start = int(served[-1].removeprefix("bytes=").rstrip("-"))
+        return web.Response(status=206, body=data[start:],
+                            headers={"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"})
+
+    world: World
+
+    async def scenario() -> None:
+        nonlocal world
+        async with world_factory() as w:
+            world = w
+            w.publish(1, small)
+            w.origin.payload_handler = cut_then_resume
+            await w.agent.attempt()
+            assert w.store.current_version() is None  # the cut fetch is refused, kept
+            await w.agent.attempt()
+            assert w.store.current_version() == 1, w.agent.state.error
+            assert served[0] == "" and served[1] == f"bytes={len(w.origin.payload) // 2}-"
+    run(scenario())

@@ -169,6 +169,11 @@ class SnapshotStore:
         os.replace(tmp, self.current_link)
         _fsync_dir(self.root)
 
+    def deactivate(self) -> None:
+        """No active snapshot (the first one failed and there is none to go back to)."""
+        self.current_link.unlink(missing_ok=True)
+        _fsync_dir(self.root)
+
     def install(self, version: int, manifest: bytes, payload: bytes) -> Path:
         """add + activate + prune: the whole of taking a new verified snapshot into service."""
         path = self.add(version, manifest, payload)

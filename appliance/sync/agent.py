@@ -33,6 +33,7 @@ from appliance.snapshot.manifest import (
     verify_payload_bytes,
 )
 from appliance.snapshot.store import SnapshotStore
+from appliance.sync.engine import EngineAdmin, EngineHealth
 from appliance.sync.fetch import fetch_manifest, fetch_payload
 
 log = logging.getLogger("adpop.sync")
@@ -70,6 +71,9 @@ class SyncAgent:
         self.policy: Policy = bundle.policy_from_config(appliance)
         self.clock = clock
         self.health = health
+        # With an engine, activation tells it to load and the window watches it.
+        socket_path = appliance.engine.admin_socket
+        self.engine = EngineHealth(EngineAdmin(socket_path)) if socket_path else None
         self.state = SyncState()
         self.wake = asyncio.Event()
         self.session: ClientSession | None = None
@@ -173,13 +177,19 @@ class SyncAgent:
             await self.report()
             return
         self.state.state = "checking"
-        problem = await self._health_window()
+        problem = await self._health_window(version)
         if problem:
             self.state.failed_version = version
             self.state.error = f"v{version} failed its health window: {problem}"
             log.error("%s; reverting to v%s", self.state.error, previous)
-            if previous is not None:
+            if previous is None:
+                self.store.deactivate()
+            else:
                 self.store.activate(previous)
+                if self.engine is not None and self.engine.watching:
+                    reload_problem = await self.engine.admin.load()
+                    if reload_problem:
+                        log.error("engine did not take v%s back: %s", previous, reload_problem)
             self.state.state = "active" if previous is not None else "empty"
         else:
             self.state.version = version
@@ -190,13 +200,18 @@ class SyncAgent:
             log.info("v%d active", version)
         await self.report()
 
-    async def _health_window(self) -> str:
+    async def _health_window(self, version: int) -> str:
+        if self.engine is not None:
+            problem = await self.engine.start(version)
+            if problem:
+                return problem
         end = time.monotonic() + self.cfg.sync.health_window
         while True:
-            if self.health is not None:
-                problem = str(await self.health())
-                if problem:
-                    return problem
+            for check in (self.engine.check if self.engine else None, self.health):
+                if check is not None:
+                    problem = str(await check())
+                    if problem:
+                        return problem
             if time.monotonic() >= end:
                 return ""
             await asyncio.sleep(min(0.2, max(0.0, end - time.monotonic())))

@@ -1,0 +1,114 @@
+"""The engine as sync sees it: told to load each activated snapshot through its admin socket,
+then watched through the health window. No engine running (no socket yet, as before the
+supervisor first starts it) is not a failure: there is nothing to tell or watch.
+
+Healthy means: the admin socket answers, the engine serves the new version, and its error
+rate over the window is not above its rate before the load (with a little slack, and only
+once enough requests came to tell).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import ClientError, ClientSession, ClientTimeout, UnixConnector
+
+log = logging.getLogger("adpop.sync")
+
+STATUS_TIMEOUT = 2.0
+LOAD_TIMEOUT = 10.0  # a load maps and validates the payload: seconds for the largest ones
+
+# The window's error rate may exceed the earlier one by this much before it counts as worse.
+RATE_SLACK = 0.01
+MIN_REQUESTS = 100  # fewer requests in the window say nothing about its error rate
+
+
+@dataclass(frozen=True)
+class Sample:
+    version: int
+    requests: int
+    errors: int
+
+
+class EngineAdmin:
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+
+    def running(self) -> bool:
+        return os.path.exists(self.socket_path)
+
+    async def _call(self, method: str, path: str) -> tuple[int, dict[str, Any]]:
+        timeout = ClientTimeout(total=LOAD_TIMEOUT if path == "/load" else STATUS_TIMEOUT)
+        async with ClientSession(connector=UnixConnector(path=self.socket_path),
+                                 timeout=timeout) as session, \
+                session.request(method, f"http://engine{path}") as resp:
+            body: dict[str, Any] = await resp.json(content_type=None)
+            return resp.status, body
+
+    async def sample(self) -> Sample:
+        _, status = await self._call("GET", "/status")
+        errors = status.get("errors", {})
+        return Sample(int(status.get("version", 0)), int(status.get("requests", 0)),
+                      sum(int(v) for v in errors.values()) if isinstance(errors, dict) else 0)
+
+    async def load(self) -> str:
+        """Tell the engine to load `current`; "" when it did, else why not."""
+        try:
+            code, body = await self._call("POST", "/load")
+        except (ClientError, OSError, asyncio.TimeoutError) as exc:
+            return f"engine admin socket {self.socket_path}: {exc or type(exc).__name__}"
+        if code != 200:
+            return f"engine refused the load: {body.get('error', body)}"
+        return ""
+
+
+class EngineHealth:
+    """The health check the sync agent runs through a window: load first, then watch."""
+
+    def __init__(self, admin: EngineAdmin) -> None:
+        self.admin = admin
+        self.before: Sample | None = None
+        self.first: Sample | None = None
+        self.expect_version = 0
+        self.watching = False
+
+    async def start(self, version: int) -> str:
+        self.expect_version = version
+        self.watching = self.admin.running()
+        if not self.watching:
+            log.info("no engine on %s: v%d is active for when it starts", self.admin.socket_path,
+                     version)
+            return ""
+        try:
+            self.before = await self.admin.sample()
+        except (ClientError, OSError, asyncio.TimeoutError) as exc:
+            return f"engine not answering on its admin socket: {exc or type(exc).__name__}"
+        problem = await self.admin.load()
+        if problem:
+            return problem
+        self.first = await self.admin.sample()
+        return ""
+
+    async def check(self) -> str:
+        if not self.watching:
+            return ""
+        try:
+            now = await self.admin.sample()
+        except (ClientError, OSError, asyncio.TimeoutError) as exc:
+            return f"engine stopped answering: {exc or type(exc).__name__}"
+        if now.version != self.expect_version:
+            return f"engine serves v{now.version}, not v{self.expect_version}"
+        if self.before is None or self.first is None:
+            return ""
+        requests = now.requests - self.first.requests
+        if requests < MIN_REQUESTS:
+            return ""
+        rate = (now.errors - self.first.errors) / requests
+        baseline = self.before.errors / self.before.requests if self.before.requests else 0.0
+        if rate > baseline + RATE_SLACK:
+            return f"error rate {rate:.1%} against {baseline:.1%} before the load"
+        return ""
