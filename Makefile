@@ -74,8 +74,9 @@ test: setup
 	$(BIN)/pytest -q
 
 bench: setup
-	$(BIN)/python bench/bench_snapshot.py
-	$(BIN)/python bench/bench_engine.py
+	$(BIN)/python -m bench.bench_snapshot
+	$(BIN)/python -m bench.bench_engine
+	$(BIN)/python -m bench.bench_sync
 
 lint: setup
 	$(BIN)/ruff check .

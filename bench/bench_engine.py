@@ -29,19 +29,12 @@ from appliance.snapshot import bundle, synth
 from appliance.snapshot.manifest import generate_key, load_signing_key
 from appliance.snapshot.model import parse_documents
 from appliance.snapshot.store import SnapshotStore
+from bench.common import free_port, wait_http
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "engine" / "build"
 DECIDE_PATH = ("/v1/decide?id=bench&placement=home-top&country=US&device=desktop&os=windows"
                "&segments=seg-1,seg-2&keywords=kw7&time=1770000000")
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -51,19 +44,6 @@ def cpu_seconds(pids: list[int]) -> float:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / ticks
-
-
-def wait_http(url: str, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as resp:
-                resp.read()
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 REQUESTS_SCRIPT = Path(__file__).resolve().parent / "decide_requests.lua"

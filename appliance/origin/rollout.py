@@ -74,7 +74,8 @@ def assigned_version(pop_id: str, versions: Sequence[VersionRow], pops: Sequence
     for v in reversed(versions):
         if v.stage == "halted":
             continue
-        if v.stage == "done" or pop_id in members(v.stage, pops, plan):
+        # Released versions go to anyone, a PoP that registers later included.
+        if v.stage in ("all", "done") or pop_id in members(v.stage, pops, plan):
             return v.version
     return 0
 

@@ -127,10 +127,11 @@ class SnapshotStore:
 
     # -- writing --------------------------------------------------------------------------
 
-    def add(self, version: int, manifest: bytes, payload: bytes) -> Path:
+    def add(self, version: int, manifest: bytes, payload: bytes | Path) -> Path:
         """Store a verified snapshot under its version; refuse versions not above high water.
 
-        Storing does not activate: call `activate` once the caller is ready to serve it.
+        `payload` may be a file on the same filesystem (a finished download): it is moved in
+        rather than written again. Storing does not activate: call `activate` for that.
         """
         if version <= self.high_water():
             raise StaleVersionError(
@@ -142,7 +143,12 @@ class SnapshotStore:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir()
-            _write_file(tmp / PAYLOAD_NAME, payload)
+            if isinstance(payload, Path):
+                with payload.open("rb") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(payload, tmp / PAYLOAD_NAME)
+            else:
+                _write_file(tmp / PAYLOAD_NAME, payload)
             _write_file(tmp / MANIFEST_NAME, manifest)
             _fsync_dir(tmp)
             if final.exists():
@@ -174,7 +180,7 @@ class SnapshotStore:
         self.current_link.unlink(missing_ok=True)
         _fsync_dir(self.root)
 
-    def install(self, version: int, manifest: bytes, payload: bytes) -> Path:
+    def install(self, version: int, manifest: bytes, payload: bytes | Path) -> Path:
         """add + activate + prune: the whole of taking a new verified snapshot into service."""
         path = self.add(version, manifest, payload)
         self.activate(version)

@@ -121,9 +121,13 @@ class SyncAgent:
             if exc.reason not in (Reason.SLOW_RETRIEVAL, Reason.UNREACHABLE):
                 partial.unlink(missing_ok=True)
             raise
-        partial.unlink(missing_ok=True)
-        self._check_payload(manifest, payload, current)
-        self.store.install(manifest.version, manifest_bytes, payload)
+        try:
+            self._check_payload(manifest, payload, current)
+        except VerifyError:
+            partial.unlink(missing_ok=True)
+            raise
+        # The checked download itself moves into the store: no second write of the payload.
+        self.store.install(manifest.version, manifest_bytes, partial)
         return manifest.version
 
     def _check_payload(self, manifest: Manifest, payload: bytes, current: int | None) -> None:

@@ -8,15 +8,12 @@ resumed with a Range request from the bytes already on disk.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from pathlib import Path
 
 from aiohttp import ClientError, ClientSession
 
 from appliance.snapshot.manifest import Reason, VerifyError
-
-CHUNK = 1 << 20
 
 
 def _left(deadline: float) -> float:
@@ -66,7 +63,7 @@ async def fetch_payload(session: ClientSession, url: str, length: int, partial: 
                 mode = "ab" if resp.status == 206 else "wb"
                 got = have if resp.status == 206 else 0
                 with partial.open(mode) as out:
-                    async for chunk in resp.content.iter_chunked(CHUNK):
+                    async for chunk in resp.content.iter_any():
                         got += len(chunk)
                         if got > length:
                             raise VerifyError(Reason.LENGTH_MISMATCH,
@@ -83,7 +80,3 @@ async def fetch_payload(session: ClientSession, url: str, length: int, partial: 
     except ClientError as exc:
         raise VerifyError(Reason.UNREACHABLE, f"GET {url}: {exc}") from exc
     return partial.read_bytes()
-
-
-def sha256_of(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

@@ -1,0 +1,71 @@
+"""Rollout stages as pure decisions over rows, and the origin's store of versions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from appliance.origin import rollout
+from appliance.origin.db import OriginDB, OriginError, PopRow, VersionRow
+
+PLAN = rollout.Plan(canaries=("c1",), percent=50, stage_timeout=60)
+
+
+def pop(pid: str, version: int = 0, state: str = "active", failed: int = 0) -> PopRow:
+    return PopRow(pid, "", "default", 0, 0, version, "", 0, 0, "boom" if failed else "", state,
+                  failed)
+
+
+def ver(version: int, stage: str, started: float = 1000.0) -> VersionRow:
+    return VersionRow(version, "", 0, 0, 0, stage, started, "")
+
+
+FLEET = [pop("c1"), pop("p1"), pop("p2"), pop("p3"), pop("p4")]
+
+
+def test_members_by_stage() -> None:
+    assert rollout.members("canary", FLEET, PLAN) == ["c1"]
+    assert rollout.members("percent", FLEET, PLAN) == ["c1", "p1", "p2"]
+    assert rollout.members("all", FLEET, PLAN) == ["c1", "p1", "p2", "p3", "p4"]
+    assert rollout.first_stage(FLEET, PLAN) == "canary"
+    assert rollout.first_stage([pop("p1")], PLAN) == "percent"  # no canary registered
+
+
+def test_a_stage_moves_on_when_its_pops_report_the_version_active() -> None:
+    v = ver(7, "canary")
+    assert rollout.step(v, FLEET, PLAN, 1001) is None
+    moved = [pop("c1", 7), *FLEET[1:]]
+    assert rollout.step(v, moved, PLAN, 1001) == ("percent", "")
+    checking = [pop("c1", 7, state="checking"), *FLEET[1:]]
+    assert rollout.step(v, checking, PLAN, 1001) is None
+
+
+def test_a_failed_canary_or_a_silent_stage_halts() -> None:
+    v = ver(7, "canary")
+    failed = [pop("c1", 6, failed=7), *FLEET[1:]]
+    stage, why = rollout.step(v, failed, PLAN, 1001) or ("", "")
+    assert stage == "halted" and "c1" in why and "boom" in why
+    stage, why = rollout.step(v, FLEET, PLAN, 1000 + 61) or ("", "")
+    assert stage == "halted" and "timed out" in why
+    # The last stage is released, not gated: a PoP that is away does not halt it.
+    assert rollout.step(ver(7, "all"), FLEET, PLAN, 10_000) is None
+
+
+def test_assigned_version_skips_halted_and_respects_stages() -> None:
+    versions = [ver(1, "done"), ver(2, "halted"), ver(3, "canary")]
+    assert rollout.assigned_version("c1", versions, FLEET, PLAN) == 3
+    assert rollout.assigned_version("p1", versions, FLEET, PLAN) == 1
+    assert rollout.assigned_version("newcomer", [ver(4, "all")], FLEET, PLAN) == 4
+
+
+def test_versions_only_go_up_and_payloads_are_named_by_hash(tmp_path: Path) -> None:
+    db = OriginDB(tmp_path)
+    db.add_version(1, b"{}", b"payload-1", "a" * 64, 1, 0, "percent")
+    assert db.next_version() == 2
+    with pytest.raises(OriginError, match="not above"):
+        db.add_version(1, b"{}", b"again", "b" * 64, 1, 0, "percent")
+    assert db.payload_path("a" * 64) is not None
+    assert db.payload_path("../../etc/passwd") is None
+    with pytest.raises(OriginError, match="no campaign"):
+        db.set_paused("nope", True)
