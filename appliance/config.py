@@ -123,6 +123,12 @@ SETTINGS: tuple[Setting, ...] = (
             "Hold a snapshot whose campaign count or payload size moves more than this percentage "
             "from the active one, unless its manifest allows the jump (0: no hold).",
             _at_least(0)),
+    Setting(A, "snapshot", "max_ecpm_micros", Kind.INT, 10_000 * 1_000_000,
+            "Refuse a snapshot with a campaign bidding above this eCPM (micros of the currency "
+            "unit): a generated file can be signed and still wrong.", _at_least(1)),
+    Setting(A, "snapshot", "max_budget_daily_micros", Kind.INT, 10_000_000 * 1_000_000,
+            "Refuse a snapshot with a campaign whose daily budget is above this (micros).",
+            _at_least(1)),
     Setting(A, "pop", "id", Kind.STR, "pop-1",
             "This PoP's name at the origin (fleet table, rollout stages, reports).", _identifier),
     Setting(A, "sync", "origin_url", Kind.STR, "http://127.0.0.1:8700",

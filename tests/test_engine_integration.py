@@ -449,3 +449,24 @@ def test_pipelined_flood_from_a_slow_reader_is_answered_whole(engine: RunningEng
             received -= tail.count(b"HTTP/1.1 200 OK")
         received += tail.count(b"HTTP/1.1 200 OK")
     assert received == count
+
+
+def test_prices_above_the_payloads_own_stats_are_refused(tmp_path: Path,
+                                                         engine_set: CampaignSet,
+                                                         signing_key: SigningKey) -> None:
+    """PoPs bound prices and budgets by the stats; the engine holds the campaigns to them."""
+    from appliance.snapshot.compiler import compile_payload, schema
+
+    payload, _ = compile_payload(engine_set, 4, 1_770_000_000)
+    with schema().Payload.from_bytes(payload) as reader:
+        builder = reader.as_builder(num_first_segment_words=len(payload) // 8 + 16)
+    builder.stats.maxEcpmMicros = 0  # stats that understate the campaigns' prices
+    lying = builder.to_bytes()
+    assert int.from_bytes(lying[:4], "little") == 0  # one segment, so only the stats differ
+    with running_engine(tmp_path, engine_set, signing_key) as eng:
+        eng.store.add(4, b"{}", lying)
+        eng.store.activate(4)
+        code, body = eng.admin_call("POST", "/load")
+        assert code == 409, body
+        assert "above the payload's stats" in body["message"]
+        assert eng.status()["version"] == 1

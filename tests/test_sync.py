@@ -379,3 +379,18 @@ def test_resume_after_an_interrupted_download(world_factory: Any, small: Campaig
             assert w.store.current_version() == 1, w.agent.state.error
             assert served[0] == "" and served[1] == f"bytes={len(w.origin.payload) // 2}-"
     run(scenario())
+
+
+def test_a_signed_snapshot_with_an_absurd_price_is_refused(world_factory: Any,
+                                                          small: CampaignSet) -> None:
+    async def scenario() -> None:
+        async with world_factory() as w:
+            w.publish(1, small)
+            await w.agent.attempt()
+            wild = dataclasses.replace(small, campaigns=(
+                dataclasses.replace(small.campaigns[0], ecpm_micros=10**15),
+                *small.campaigns[1:]))
+            w.publish(2, wild)  # properly signed: the origin generated a bad file
+            await refused(w, Reason.OUT_OF_BOUNDS, 1)
+            assert "eCPM" in w.agent.state.error
+    run(scenario())

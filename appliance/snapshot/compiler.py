@@ -201,6 +201,8 @@ def _compile(campaign_set: CampaignSet, version: int, created_at: int
     st.postingLists = lists
     st.postingEntries = entries
     st.maxConjunctionSize = max_k
+    st.maxEcpmMicros = max((c.ecpm_micros for c in active), default=0)
+    st.maxBudgetDailyMicros = max((c.budget_daily_micros for c in active), default=0)
     stats = CompileStats(len(active), paused, ad_count, conjunctions, lists, entries, max_k,
                          len(intern.strings))
     data: bytes = msg.to_bytes()

@@ -207,4 +207,8 @@ struct Stats {
   postingLists @3 :UInt32;
   postingEntries @4 :UInt64;
   maxConjunctionSize @5 :UInt8;
+  # Price and budget bounds over the compiled campaigns: PoPs check them against their limits
+  # before activating, and the engine refuses a payload whose campaigns disagree with them.
+  maxEcpmMicros @6 :UInt64;
+  maxBudgetDailyMicros @7 :UInt64;
 }

@@ -152,6 +152,16 @@ class SyncAgent:
                     raise VerifyError(Reason.OUT_OF_BOUNDS,
                                       f"{campaigns} campaigns (stats say {p.stats.campaigns}, "
                                       f"limit {MAX_CAMPAIGNS})")
+                # The engine refuses a payload whose campaigns exceed these stats.
+                snap = self.cfg.snapshot
+                for what, value, limit in (
+                        ("eCPM", p.stats.maxEcpmMicros, snap.max_ecpm_micros),
+                        ("daily budget", p.stats.maxBudgetDailyMicros,
+                         snap.max_budget_daily_micros)):
+                    if value > limit:
+                        raise VerifyError(Reason.OUT_OF_BOUNDS,
+                                          f"a campaign's {what} is {value / 1e6:g}, above the "
+                                          f"limit {limit / 1e6:g} (snapshot.max_*_micros)")
         except PayloadError as exc:
             raise VerifyError(Reason.CORRUPT_PAYLOAD, exc.message) from exc
         limit = self.cfg.snapshot.max_jump_percent

@@ -196,6 +196,10 @@ bool Snapshot::validate_unchecked(std::string* error) {
       if (bad_string(label)) return fail(error, "exclusion label out of range");
     for (auto cap : c.getCaps())
       if (cap.getCount() == 0 || cap.getWindowSeconds() == 0) return fail(error, "empty frequency cap");
+    // The PoP checks prices and budgets against its limits by these stats; hold them to it.
+    if (c.getEcpmMicros() > root_.getStats().getMaxEcpmMicros() ||
+        c.getBudgetDailyMicros() > root_.getStats().getMaxBudgetDailyMicros())
+      return fail(error, "a campaign's eCPM or daily budget is above the payload's stats");
   }
   for (auto ad : ads) {
     if (ad.getCampaign() >= campaigns.size() || ad.getCreative() >= creatives.size() ||
