@@ -69,3 +69,39 @@ def test_versions_only_go_up_and_payloads_are_named_by_hash(tmp_path: Path) -> N
     assert db.payload_path("../../etc/passwd") is None
     with pytest.raises(OriginError, match="no campaign"):
         db.set_paused("nope", True)
+
+
+def test_payloads_are_immutable_with_etag_and_range(tmp_path: Path) -> None:
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from appliance.origin.server import Origin
+
+    db = OriginDB(tmp_path)
+    payload = bytes(range(256)) * 64
+    sha = "c" * 64
+    db.add_version(1, b'{"m": 1}', payload, sha, 1, 0, "done")
+
+    async def scenario() -> None:
+        origin = Origin(db, PLAN, push_token="", push_parallelism=2)
+        async with TestClient(TestServer(origin.app())) as client:
+            whole = await client.get(f"/v1/payload/{sha}")
+            assert whole.status == 200 and await whole.read() == payload
+            assert "immutable" in whole.headers["Cache-Control"]
+            etag = whole.headers["ETag"]
+            again = await client.get(f"/v1/payload/{sha}", headers={"If-None-Match": etag})
+            assert again.status == 304
+            part = await client.get(f"/v1/payload/{sha}", headers={"Range": "bytes=100-199"})
+            assert part.status == 206 and await part.read() == payload[100:200]
+            missing = await client.get(f"/v1/payload/{'d' * 64}")
+            assert missing.status == 404
+            assert (await missing.json())["error"]["code"] == "no-such-payload"
+            manifest = await client.get("/v1/manifest?pop=anyone")
+            assert manifest.status == 200 and await manifest.read() == b'{"m": 1}'
+            bad = await client.post("/v1/pops/p1/register", data=b"not json")
+            assert bad.status == 400
+            unknown = await client.post("/v1/pops/ghost/status", json={"version": 1})
+            assert unknown.status == 404
+
+    asyncio.run(scenario())
