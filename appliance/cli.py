@@ -74,12 +74,13 @@ def cmd_snapshot_synth(args: argparse.Namespace) -> int:
 
 def cmd_snapshot_build(args: argparse.Namespace) -> int:
     from appliance.snapshot import bundle
-    from appliance.snapshot.manifest import load_signing_key
+    from appliance.snapshot.manifest import load_signing_keys
     from appliance.snapshot.model import load_campaigns
 
     origin = cfg.load(cfg.Scope.ORIGIN, Path(args.config) if args.config else None)
-    key_files = args.key or origin.snapshot.signing_keys
-    keys = [load_signing_key(Path(k)) for k in key_files]
+    keys = load_signing_keys([Path(k) for k in args.key] if args.key else
+                             [cfg.under(origin.origin.state_dir, k)
+                              for k in origin.snapshot.signing_keys])
     ttl = cfg.parse_duration(args.ttl) if args.ttl else origin.snapshot.ttl
     started = time.monotonic()
     campaigns = load_campaigns(Path(args.campaigns))
@@ -171,9 +172,11 @@ def _utc(ts: int) -> str:
 def _store(args: argparse.Namespace) -> tuple[Any, Any]:
     from appliance.snapshot.store import SnapshotStore
 
-    appliance = cfg.load(cfg.Scope.APPLIANCE, Path(args.config) if args.config else None)
-    state = getattr(args, "state", None) or appliance.paths.state_dir
-    return appliance, SnapshotStore(Path(state), keep=appliance.snapshot.keep_versions)
+    appliance = cfg.with_state(
+        cfg.load(cfg.Scope.APPLIANCE, Path(args.config) if args.config else None),
+        getattr(args, "state", None))
+    return appliance, SnapshotStore(Path(appliance.paths.state_dir),
+                                    keep=appliance.snapshot.keep_versions)
 
 
 def cmd_snapshot_install(args: argparse.Namespace) -> int:
@@ -209,9 +212,9 @@ def cmd_snapshot_list(args: argparse.Namespace) -> int:
 def _origin(args: argparse.Namespace) -> tuple[Any, Any]:
     from appliance.origin.db import OriginDB
 
-    origin = cfg.load(cfg.Scope.ORIGIN, Path(args.config) if args.config else None)
-    state = Path(args.state) if args.state else Path(origin.origin.state_dir)
-    return origin, OriginDB(state)
+    origin = cfg.with_state(
+        cfg.load(cfg.Scope.ORIGIN, Path(args.config) if args.config else None), args.state)
+    return origin, OriginDB(Path(origin.origin.state_dir))
 
 
 def cmd_origin_serve(args: argparse.Namespace) -> int:
@@ -292,7 +295,37 @@ def cmd_origin_fleet(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_origin_keys_init(args: argparse.Namespace) -> int:
+    from appliance.snapshot.manifest import generate_key
+
+    origin, _ = _origin(args)
+    folder = cfg.under(origin.origin.state_dir, origin.snapshot.signing_keys[0])
+    existing = sorted(folder.glob("*.key")) if folder.is_dir() else []
+    if existing or folder.suffix == ".key":
+        print(f"signing key already there: {existing[0] if existing else folder}")
+        return 0
+    key, pub = generate_key(folder)
+    print(f"signing key {key} (mode 0600)\npublic key  {pub}  <- give this to every PoP: "
+          "`adpop pop trust FILE`")
+    return 0
+
+
 # --- PoP -----------------------------------------------------------------------------------
+
+
+def cmd_pop_trust(args: argparse.Namespace) -> int:
+    import shutil
+
+    from appliance.snapshot.manifest import load_trust
+
+    appliance, _ = _store(args)
+    source = Path(args.file)
+    (kid,) = load_trust([source])  # refuses anything but one Ed25519 public key
+    folder = cfg.under(appliance.paths.state_dir, appliance.snapshot.trust[0])
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, folder / f"{kid}.pub")
+    print(f"trusting key {kid}: {folder / f'{kid}.pub'}")
+    return 0
 
 def cmd_pop_sync(args: argparse.Namespace) -> int:
     import asyncio
@@ -432,6 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
     origin_parser("status", "where each version's rollout stands", cmd_origin_rollout, roll)
     p = origin_parser("fleet", "registered PoPs and what they serve", cmd_origin_fleet)
     p.add_argument("--json", action="store_true")
+    keys_ = origin.add_parser("keys", help="the origin's signing keys").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    origin_parser("init", "create a signing key where the configuration says, if none",
+                  cmd_origin_keys_init, keys_)
 
     pop = commands.add_parser("pop", help="this PoP's snapshots").add_subparsers(
         dest="action", required=True, metavar="ACTION")
@@ -446,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = pop_parser("sync", "run the PoP side of sync (push listener and poll)", cmd_pop_sync)
     p.add_argument("--once", action="store_true", help="one sync, then exit (1 on a refusal)")
     pop_parser("snapshots", "retained snapshot versions", cmd_snapshot_list)
+    p = pop_parser("trust", "trust a public key (an origin's .pub)", cmd_pop_trust)
+    p.add_argument("file")
     p = pop_parser("rollback", "activate a retained older version", cmd_pop_rollback)
     p.add_argument("--to", type=int, help="version (default: the one below the active)")
     return parser

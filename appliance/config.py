@@ -15,7 +15,7 @@ import difflib
 import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -100,8 +100,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(A, "paths", "state_dir", Kind.PATH, "/var/lib/adpop",
             "Where the PoP keeps its state: snapshots/<version>/, the current link, "
             "the high-water mark."),
-    Setting(A, "snapshot", "trust", Kind.STRLIST, ["/etc/adpop/trust"],
-            "Ed25519 public keys (.pub files, or folders of them) whose signatures are trusted."),
+    Setting(A, "snapshot", "trust", Kind.STRLIST, ["trust"],
+            "Ed25519 public keys (.pub files, or folders of them) whose signatures are trusted; "
+            "relative paths are under paths.state_dir."),
     Setting(A, "snapshot", "signature_threshold", Kind.INT, 1,
             "Distinct trusted keys that must sign a manifest before it is believed.",
             _at_least(1)),
@@ -150,8 +151,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(A, "engine", "admin_socket", Kind.OPT_PATH, "",
             "The engine's admin socket, told to load each activated snapshot (\"\": no engine)."),
     # --- origin (the central publisher) ---
-    Setting(ORG, "snapshot", "signing_keys", Kind.STRLIST, ["/etc/adpop-origin/keys/signing.key"],
-            "Ed25519 private keys that sign every published manifest (one signature each)."),
+    Setting(ORG, "snapshot", "signing_keys", Kind.STRLIST, ["keys"],
+            "Ed25519 private keys (.key files, or folders of them) that sign every published "
+            "manifest, one signature each; relative paths are under origin.state_dir."),
     Setting(ORG, "snapshot", "target_group", Kind.STR, "default",
             "Target group written into manifests built with this configuration.", _identifier),
     Setting(ORG, "snapshot", "ttl", Kind.DURATION, 7 * 86400,
@@ -395,6 +397,20 @@ def check_files(paths: Sequence[Path], scope: Scope) -> list[Problem]:
     for path in paths:
         _read_file(path, scope, layered)
     return layered.problems
+
+
+def under(base: str | Path, path: str | Path) -> Path:
+    """`path` as given when absolute, else inside `base` (the state directory)."""
+    return Path(base) / path
+
+
+def with_state(config: Any, state: str | Path | None) -> Any:
+    """`config` with its state directory moved to `state` (the --state flag), if given."""
+    if not state:
+        return config
+    if hasattr(config, "paths"):
+        return replace(config, paths=replace(config.paths, state_dir=str(state)))
+    return replace(config, origin=replace(config.origin, state_dir=str(state)))
 
 
 def load(scope: Scope, path: Path | None = None) -> Any:

@@ -190,3 +190,41 @@ def test_publish_converge_catch_up_and_a_failed_canary_halts(fleet: Fleet) -> No
         engine.send_signal(signal.SIGCONT)
         engine.kill()
         engine.wait()
+
+
+def test_shipped_configs_work_together_on_loopback_with_no_edits(tmp_path: Path) -> None:
+    """config/origin.toml and config/appliance.toml as shipped; --state moves all state."""
+    origin_conf, pop_conf = str(REPO / "config" / "origin.toml"), str(REPO / "config" /
+                                                                      "appliance.toml")
+    o_state, p_state = tmp_path / "origin", tmp_path / "pop"
+    origin = ["--config", origin_conf, "--state", str(o_state)]
+    pop = ["--config", pop_conf, "--state", str(p_state)]
+    adpop("origin", "keys", "init", *origin)
+    adpop("origin", "campaigns", "import", str(REPO / "config" / "campaigns"), *origin)
+    (pub,) = (o_state / "keys").glob("*.pub")
+    adpop("pop", "trust", str(pub), *pop)
+    procs = [subprocess.Popen([*ADPOP, "origin", "serve", *origin], cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+             subprocess.Popen([*ADPOP, "pop", "sync", *pop], cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # the PoP has registered with the origin on the default ports
+            try:
+                with urllib.request.urlopen("http://127.0.0.1:8700/v1/fleet", timeout=2) as r:
+                    if json.loads(r.read())["pops"]:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the PoP did not register"
+            time.sleep(0.1)
+        adpop("origin", "publish", *origin)
+        while not (p_state / "current").exists():
+            assert time.monotonic() < deadline + 30, "v1 not activated"
+            time.sleep(0.1)
+        assert (p_state / "current").resolve().name == "1"
+        assert not list(REPO.glob("var")) and (o_state / "origin.sqlite").is_file()
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=10)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from appliance import config as cfg
 from appliance.origin import rollout
 from appliance.origin.db import OriginDB
 from appliance.snapshot import bundle
-from appliance.snapshot.manifest import load_signing_key
+from appliance.snapshot.manifest import load_signing_keys
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,8 @@ class Published:
 
 def publish(db: OriginDB, origin: Any, allow_jump: bool = False) -> Published:
     """The next version from what the store holds now; raises CampaignError on bad campaigns."""
-    keys = [load_signing_key(Path(k)) for k in origin.snapshot.signing_keys]
+    keys = load_signing_keys(cfg.under(origin.origin.state_dir, k)
+                             for k in origin.snapshot.signing_keys)
     plan = rollout.plan_from_config(origin)
     version = db.next_version()
     built = bundle.build(db.campaign_set(), version, keys, ttl=origin.snapshot.ttl,

@@ -50,6 +50,7 @@ class Origin:
         self.notified: dict[str, int] = {}  # PoP id -> newest version a notice went out for
         self.pushes: set[asyncio.Task[None]] = set()  # held so they are not collected mid-flight
         self.session: ClientSession | None = None
+        self.loop_task: asyncio.Task[None] | None = None
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024)
@@ -66,10 +67,11 @@ class Origin:
 
     async def _start(self, app: web.Application) -> None:
         self.session = ClientSession(timeout=ClientTimeout(total=5))
-        app["loop_task"] = asyncio.create_task(self._rollout_loop())
+        self.loop_task = asyncio.create_task(self._rollout_loop())
 
     async def _stop(self, app: web.Application) -> None:
-        app["loop_task"].cancel()
+        if self.loop_task is not None:
+            self.loop_task.cancel()
         if self.session:
             await self.session.close()
 

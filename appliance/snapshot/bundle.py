@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from appliance import config as cfg
 from appliance.errors import AdpopError
 from appliance.snapshot.compiler import (
     CompileStats,
@@ -84,7 +85,8 @@ def policy(trust: Sequence[Path], *, threshold: int = 1, target_group: str | Non
 def policy_from_config(config: Any) -> Policy:
     """The verification policy an appliance configuration asks for."""
     snap = config.snapshot
-    return policy([Path(p) for p in snap.trust], threshold=snap.signature_threshold,
+    return policy([cfg.under(config.paths.state_dir, p) for p in snap.trust],
+                  threshold=snap.signature_threshold,
                   target_group=config.pop.target_group, clock_skew=snap.clock_skew,
                   max_manifest_bytes=snap.max_manifest_bytes,
                   max_payload_bytes=snap.max_payload_bytes)

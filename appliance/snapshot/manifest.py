@@ -136,6 +136,18 @@ def load_signing_key(path: Path) -> SigningKey:
     return SigningKey(key_id(key.public_key()), key)
 
 
+def load_signing_keys(paths: Iterable[Path]) -> list[SigningKey]:
+    """Signing keys from .key files and folders of them."""
+    keys = []
+    for path in paths:
+        files = sorted(path.glob("*.key")) if path.is_dir() else [path]
+        if path.is_dir() and not files:
+            raise KeyFileError(f"no .key files in signing key folder {path}",
+                               hint="create one with `adpop origin keys init`")
+        keys += [load_signing_key(f) for f in files]
+    return keys
+
+
 def load_trust(paths: Iterable[Path]) -> dict[str, Ed25519PublicKey]:
     """Trusted public keys by key id, from .pub files and folders of them."""
     trusted: dict[str, Ed25519PublicKey] = {}
@@ -143,7 +155,7 @@ def load_trust(paths: Iterable[Path]) -> dict[str, Ed25519PublicKey]:
         files = sorted(path.glob("*.pub")) if path.is_dir() else [path]
         if path.is_dir() and not files:
             raise KeyFileError(f"no .pub files in trust folder {path}",
-                            hint="copy the origin's public keys there")
+                               hint="add the origin's public key with `adpop pop trust FILE`")
         for file in files:
             try:
                 key = serialization.load_pem_public_key(file.read_bytes())
