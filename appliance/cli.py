@@ -358,7 +358,7 @@ def cmd_pop_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_pop_rollback(args: argparse.Namespace) -> int:
-    _, store = _store(args)
+    appliance, store = _store(args)
     current = store.current_version()
     older = [v for v in store.versions() if current is None or v < current]
     target = args.to if args.to is not None else (older[-1] if older else None)
@@ -367,8 +367,21 @@ def cmd_pop_rollback(args: argparse.Namespace) -> int:
                          f"{'' if target is not None else current}".strip(),
                          hint="`adpop pop snapshots` lists the retained versions")
     store.activate(target)
-    print(f"active: v{target} (was v{current}); the high-water mark stays, so sync will not "
-          "take an older version back")
+    engine_note = ""
+    if appliance.engine.admin_socket:
+        import asyncio
+
+        from appliance.sync.engine import EngineAdmin
+
+        admin = EngineAdmin(appliance.engine.admin_socket)
+        if admin.running():
+            problem = asyncio.run(admin.load())
+            if problem:
+                raise AdpopError(f"v{target} is active on disk but {problem}",
+                                 hint="check the engine, then `adpop pop rollback` again")
+            engine_note = "; the engine loaded it"
+    print(f"active: v{target} (was v{current}){engine_note}; the high-water mark stays, so "
+          "sync will not take an older version back")
     return 0
 
 

@@ -21,8 +21,9 @@ from typing import Any
 
 import pytest
 
-from appliance.snapshot.manifest import generate_key
-from tests.engine_harness import ENGINE, UnixHTTPConnection, free_port
+from appliance.snapshot.manifest import SigningKey, generate_key
+from appliance.snapshot.model import CampaignSet
+from tests.engine_harness import ENGINE, UnixHTTPConnection, free_port, install, running_engine
 
 REPO = Path(__file__).resolve().parent.parent
 ADPOP = [sys.executable, "-m", "appliance.cli"]
@@ -228,3 +229,24 @@ def test_shipped_configs_work_together_on_loopback_with_no_edits(tmp_path: Path)
         for proc in procs:
             proc.terminate()
             proc.wait(timeout=10)
+
+
+def test_pop_rollback_activates_a_retained_version_and_the_engine_loads_it(
+        tmp_path: Path, sample_set: CampaignSet, signing_key: SigningKey) -> None:
+    with running_engine(tmp_path, sample_set, signing_key, shards=1) as eng:
+        install(eng.store, sample_set, 2, signing_key)
+        eng.admin_call("POST", "/load")
+        assert eng.status()["version"] == 2
+        conf = tmp_path / "appliance.toml"
+        conf.write_text(f'[paths]\nstate_dir = "{eng.store.root}"\n'
+                        f'[engine]\nadmin_socket = "{eng.admin}"\n')
+        out = adpop("pop", "rollback", "--config", str(conf))
+        assert "active: v1 (was v2); the engine loaded it" in out
+        assert eng.status()["version"] == 1
+        assert eng.store.high_water() == 2  # sync will not take v1 back as new
+        listing = adpop("pop", "snapshots", "--config", str(conf))
+        assert "retained" in listing and "active" in listing
+        bad = subprocess.run([*ADPOP, "pop", "rollback", "--to", "9", "--config", str(conf)],
+                             capture_output=True, text=True, cwd=REPO, check=False)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+        assert "no retained version 9" in bad.stderr
