@@ -288,7 +288,16 @@ class SyncAgent:
                 if not registered:
                     registered = await self.register(push_url)
                 if registered:
-                    await self.attempt()
+                    # A stop request does not wait out a fetch or a health window: the
+                    # attempt is cancelled at its next await, where the store is never
+                    # mid-write. A version activated by then stays active, unreported.
+                    attempt = asyncio.ensure_future(self.attempt())
+                    stopping = asyncio.ensure_future(stop.wait())
+                    await asyncio.wait([attempt, stopping], return_when=asyncio.FIRST_COMPLETED)
+                    stopping.cancel()
+                    if not attempt.done():
+                        attempt.cancel()
+                        break
                 self.wake.clear()
                 waiters = [asyncio.ensure_future(self.wake.wait()),
                            asyncio.ensure_future(stop.wait())]
