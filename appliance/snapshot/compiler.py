@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import mmap
 import time
 import zlib
 from collections.abc import Iterator, Sequence
@@ -475,7 +476,7 @@ def _write_index(msg: Any, conjunctions: _Conjunctions) -> tuple[int, int, int, 
 
 
 @contextmanager
-def open_payload(data: bytes, nesting_limit: int = 16) -> Iterator[Any]:
+def open_payload(data: bytes | mmap.mmap, nesting_limit: int = 16) -> Iterator[Any]:
     """A reader over payload bytes, with traversal and nesting limits.
 
     The traversal limit is a multiple of the payload's size in words: enough to read every

@@ -15,6 +15,7 @@ import base64
 import binascii
 import hashlib
 import json
+import mmap
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -328,10 +329,12 @@ def verify_payload(manifest: Manifest, path: Path) -> bytes:
         raise VerifyError(Reason.LENGTH_MISMATCH,
                           f"payload is {size} bytes, manifest says {manifest.payload_length}")
     data = path.read_bytes()
-    return verify_payload_bytes(manifest, data)
+    verify_payload_bytes(manifest, data)
+    return data
 
 
-def verify_payload_bytes(manifest: Manifest, data: bytes) -> bytes:
+def verify_payload_bytes(manifest: Manifest, data: bytes | mmap.mmap) -> None:
+    """Length, then SHA-256, of payload bytes (or a map of them)."""
     if len(data) != manifest.payload_length:
         raise VerifyError(Reason.LENGTH_MISMATCH,
                           f"payload is {len(data)} bytes, manifest says {manifest.payload_length}")
@@ -340,7 +343,6 @@ def verify_payload_bytes(manifest: Manifest, data: bytes) -> bytes:
         raise VerifyError(Reason.HASH_MISMATCH,
                           f"payload sha256 {digest[:16]}…, manifest says "
                           f"{manifest.payload_sha256[:16]}…")
-    return data
 
 
 def verify_dir(folder: Path, policy: Policy, now: float | None = None

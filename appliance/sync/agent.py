@@ -15,6 +15,7 @@ import asyncio
 import collections
 import json
 import logging
+import mmap
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from aiohttp import ClientError, ClientSession, ClientTimeout, web
 from appliance.snapshot import bundle
 from appliance.snapshot.compiler import PayloadError, open_payload
 from appliance.snapshot.manifest import (
+    PAYLOAD_NAME,
     Manifest,
     Policy,
     Reason,
@@ -112,25 +114,25 @@ class SyncAgent:
                               f"high-water mark {self.store.high_water()}")
         partial = self.store.root / f".partial-{manifest.payload_sha256}"
         try:
-            payload = await fetch_payload(
+            await fetch_payload(
                 self.session, f"{self.origin}/v1/payload/{manifest.payload_sha256}",
                 manifest.payload_length, partial, deadline)
-            verify_payload_bytes(manifest, payload)
+            # Checked through a read-only map of the download: no copy of it in memory.
+            with partial.open("rb") as fh, \
+                    mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as payload:
+                verify_payload_bytes(manifest, payload)
+                self._check_payload(manifest, payload, current)
         except VerifyError as exc:
             # A slow or unreachable origin keeps the bytes for resume; wrong bytes go.
             if exc.reason not in (Reason.SLOW_RETRIEVAL, Reason.UNREACHABLE):
                 partial.unlink(missing_ok=True)
             raise
-        try:
-            self._check_payload(manifest, payload, current)
-        except VerifyError:
-            partial.unlink(missing_ok=True)
-            raise
         # The checked download itself moves into the store: no second write of the payload.
         self.store.install(manifest.version, manifest_bytes, partial)
         return manifest.version
 
-    def _check_payload(self, manifest: Manifest, payload: bytes, current: int | None) -> None:
+    def _check_payload(self, manifest: Manifest, payload: bytes | mmap.mmap,
+                       current: int | None) -> None:
         if len(payload) < 16 or int.from_bytes(payload[0:4], "little") != 0:
             raise VerifyError(Reason.CORRUPT_PAYLOAD, "the payload is not one Cap'n Proto segment")
         try:
@@ -167,11 +169,13 @@ class SyncAgent:
         limit = self.cfg.snapshot.max_jump_percent
         if current is None or limit == 0 or manifest.allow_jump:
             return
-        _, old = self.store.read(current)
-        with open_payload(old, self.cfg.snapshot.nesting_limit) as p:
-            old_campaigns = len(p.campaigns)
+        # The active payload was checked when it came; a map of it gives its counts cheaply.
+        with (self.store.path_of(current) / PAYLOAD_NAME).open("rb") as fh, \
+                mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as old, \
+                open_payload(old, self.cfg.snapshot.nesting_limit) as p:
+            old_campaigns, old_size = len(p.campaigns), len(old)
         for what, before, after in (("campaign count", old_campaigns, campaigns),
-                                    ("payload size", len(old), len(payload))):
+                                    ("payload size", old_size, len(payload))):
             if before and abs(after - before) * 100 > limit * before:
                 raise VerifyError(Reason.JUMP_HELD, f"{what} moves from {before} to {after}, "
                                   f"more than {limit}%, and the manifest does not allow it")

@@ -47,8 +47,8 @@ async def fetch_manifest(session: ClientSession, url: str, cap: int, deadline: f
 
 
 async def fetch_payload(session: ClientSession, url: str, length: int, partial: Path,
-                        deadline: float) -> bytes:
-    """Exactly `length` bytes into `partial` (resumed if present), then returned."""
+                        deadline: float) -> None:
+    """Exactly `length` bytes into `partial`, resumed from what it already holds."""
     have = partial.stat().st_size if partial.exists() else 0
     if have > length:
         partial.unlink()
@@ -79,4 +79,3 @@ async def fetch_payload(session: ClientSession, url: str, length: int, partial: 
                           f"{length} bytes kept for resume)") from exc
     except ClientError as exc:
         raise VerifyError(Reason.UNREACHABLE, f"GET {url}: {exc}") from exc
-    return partial.read_bytes()
