@@ -187,6 +187,11 @@ def test_publish_converge_catch_up_and_a_failed_canary_halts(fleet: Fleet) -> No
         assert (fleet.tmp / "pop-a" / "current").resolve().name == "5"  # reverted by itself
         time.sleep(2.5)  # a poll interval: the others must not move
         assert versions(fleet.fleet()) == {"pop-a": 5, "pop-b": 5, "pop-c": 5}
+        table = adpop("origin", "fleet", "--config", str(fleet.origin_conf))
+        assert all(name in table for name in ("pop-a", "pop-b", "pop-c"))
+        assert "v6 failed its health window" in table
+        status = adpop("origin", "rollout", "status", "--config", str(fleet.origin_conf))
+        assert "halted" in status.splitlines()[-1] and " 6 " in status.splitlines()[-1]
     finally:
         engine.send_signal(signal.SIGCONT)
         engine.kill()
