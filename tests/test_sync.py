@@ -394,3 +394,26 @@ def test_a_signed_snapshot_with_an_absurd_price_is_refused(world_factory: Any,
             await refused(w, Reason.OUT_OF_BOUNDS, 1)
             assert "eCPM" in w.agent.state.error
     run(scenario())
+
+
+def test_a_push_carries_the_manifest_and_only_its_signature_is_trusted(
+        world_factory: Any, small: CampaignSet) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    async def scenario() -> None:
+        async with world_factory() as w:
+            built = w.publish(1, small)
+            w.origin.manifest = None  # the origin's manifest endpoint has nothing: 204
+            app = web.Application()
+            app.add_routes([web.post("/v1/notify", w.agent.notify)])
+            async with TestClient(TestServer(app)) as client:
+                doc = json.loads(built.manifest_bytes)
+                doc["signed"]["version"] = 9  # a forged notice
+                forged = await client.post("/v1/notify", data=canonical(doc))
+                assert forged.status == 202
+                await refused(w, Reason.BAD_SIGNATURE, None)
+                good = await client.post("/v1/notify", data=built.manifest_bytes)
+                assert good.status == 202
+                await w.agent.attempt()
+                assert w.store.current_version() == 1  # taken from the notice alone
+    run(scenario())

@@ -6,6 +6,7 @@ API (JSON unless said otherwise):
 - POST /v1/pops/ID/register       {"push_url", "target_group"}
 - POST /v1/pops/ID/status         {"version", "sha256", "activated", "state", "error",
                                    "failed_version"}
+Push notices: POST {push_url}/v1/notify with the manifest of the version the PoP may take.
 - GET  /v1/fleet                  every PoP and every version's rollout stage
 """
 
@@ -147,11 +148,15 @@ class Origin:
 
     async def _push(self, pop: str, url: str, version: int) -> None:
         headers = {"Authorization": f"Bearer {self.push_token}"} if self.push_token else {}
+        headers["Content-Type"] = "application/json"
+        manifest = self.db.manifest(version) or b""
         for attempt in range(PUSH_ATTEMPTS):
             try:
                 async with self.push_slots:
                     assert self.session is not None
-                    async with self.session.post(f"{url}/v1/notify", json={"version": version},
+                    # The notice carries the manifest itself: the PoP verifies its signature
+                    # and needs no round trip for it; the channel is never what it trusts.
+                    async with self.session.post(f"{url}/v1/notify", data=manifest,
                                                  headers=headers) as resp:
                         if resp.status < 300:
                             return

@@ -78,6 +78,7 @@ class SyncAgent:
         self.engine = EngineHealth(EngineAdmin(socket_path)) if socket_path else None
         self.state = SyncState()
         self.wake = asyncio.Event()
+        self.pushed: bytes | None = None  # a manifest a push notice carried, not yet taken
         self.session: ClientSession | None = None
         current = store.current_version()
         if current is not None:
@@ -100,9 +101,14 @@ class SyncAgent:
         activated, or None when there was nothing new. Raises VerifyError on a refusal."""
         assert self.session is not None
         deadline = time.monotonic() + self.cfg.sync.fetch_timeout
-        url = f"{self.origin}/v1/manifest?pop={self.cfg.pop.id}"
-        manifest_bytes = await fetch_manifest(self.session, url, self.policy.max_manifest_bytes,
-                                              deadline)
+        manifest_bytes, self.pushed = self.pushed, None
+        if manifest_bytes is not None and len(manifest_bytes) > self.policy.max_manifest_bytes:
+            raise VerifyError(Reason.TOO_LARGE, f"pushed manifest passed "
+                              f"{self.policy.max_manifest_bytes} bytes")
+        if manifest_bytes is None:
+            url = f"{self.origin}/v1/manifest?pop={self.cfg.pop.id}"
+            manifest_bytes = await fetch_manifest(self.session, url,
+                                                  self.policy.max_manifest_bytes, deadline)
         if manifest_bytes is None:
             return None
         manifest = verify_manifest(manifest_bytes, self.policy, now=self.clock())
@@ -271,6 +277,9 @@ class SyncAgent:
             return web.json_response({"error": {"code": "unauthorized",
                                                 "message": "push token missing or wrong"}},
                                      status=401)
+        # Read only up to the manifest cap; the manifest is verified like a fetched one.
+        body = await request.content.read(self.policy.max_manifest_bytes + 1)
+        self.pushed = body or None
         self.wake.set()
         return web.json_response({"ok": True}, status=202)
 
