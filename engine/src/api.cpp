@@ -183,7 +183,10 @@ bool parse_query(std::string_view query, std::string& scratch, DecideRequest& ou
     std::string_view key = pair.substr(0, eq);
     std::string_view raw = eq == std::string_view::npos ? std::string_view{} : pair.substr(eq + 1);
     std::string_view value = raw;  // most values need no decoding: a view into the request
-    if (raw.find_first_of("%+") != std::string_view::npos) {
+    // A plain scan: find_first_of calls memchr once per character of `raw`.
+    bool escaped = false;
+    for (char ch : raw) escaped |= ch == '%' || ch == '+';
+    if (escaped) {
       long n = http::url_decode(raw, w);
       if (n < 0) {
         *error = "bad %-escape in the query";

@@ -144,6 +144,19 @@ TEST(Sha256, LongInputAcrossBlocks) {
 TEST(Crc32c, KnownVector) {
   // The check value of CRC-32C.
   EXPECT_EQ(crc32c("123456789", 9), 0xE3069283u);
+  // Split anywhere, the running CRC is the same (records are checksummed in parts).
+  const std::string text = "The quick brown fox jumps over the lazy dog";
+  for (std::size_t cut = 0; cut <= text.size(); ++cut)
+    EXPECT_EQ(crc32c(text.data() + cut, text.size() - cut, crc32c(text.data(), cut)),
+              crc32c(text.data(), text.size()))
+        << cut;
+}
+
+TEST(Crc32Ieee, MatchesZlib) {
+  // zlib.crc32 values: the compiler hashes attribute values with it, the engine looks them up.
+  EXPECT_EQ(crc32_ieee("123456789", 9), 0xCBF43926u);
+  EXPECT_EQ(crc32_ieee("The quick brown fox jumps over the lazy dog", 43), 0x414FA339u);
+  EXPECT_EQ(crc32_ieee("", 0), 0u);
 }
 
 // Every padding length (55, 56 and 63 bytes cross the one-block boundary) against known digests
