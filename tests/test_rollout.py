@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ PLAN = rollout.Plan(canaries=("c1",), percent=50, stage_timeout=60)
 
 def pop(pid: str, version: int = 0, state: str = "active", failed: int = 0) -> PopRow:
     return PopRow(pid, "", "default", 0, 0, version, "", 0, 0, "boom" if failed else "", state,
-                  failed)
+                  failed, "{}")
 
 
 def ver(version: int, stage: str, started: float = 1000.0) -> VersionRow:
@@ -69,6 +70,18 @@ def test_versions_only_go_up_and_payloads_are_named_by_hash(tmp_path: Path) -> N
     assert db.payload_path("../../etc/passwd") is None
     with pytest.raises(OriginError, match="no campaign"):
         db.set_paused("nope", True)
+
+
+def test_reports_count_a_repeated_refusal_once(tmp_path: Path) -> None:
+    db = OriginDB(tmp_path)
+    db.register("p1", "", "default")
+    for _ in range(3):  # the same refusal at three polls
+        db.report("p1", {"version": 1, "error": "rollback: v4", "refused": {"rollback": 1}})
+    db.report("p1", {"version": 1, "error": "expired: v5", "refused": {"rollback": 3,
+                                                                      "expired": 1}})
+    (row,) = db.pops()
+    assert row.failures == 2 and row.last_error == "expired: v5"
+    assert json.loads(row.refused) == {"rollback": 3, "expired": 1}
 
 
 def test_payloads_are_immutable_with_etag_and_range(tmp_path: Path) -> None:

@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS pops (
     registered REAL NOT NULL, last_seen REAL NOT NULL, version INTEGER NOT NULL DEFAULT 0,
     sha256 TEXT NOT NULL DEFAULT '', activated REAL NOT NULL DEFAULT 0,
     failures INTEGER NOT NULL DEFAULT 0, last_error TEXT NOT NULL DEFAULT '',
-    state TEXT NOT NULL DEFAULT '', failed_version INTEGER NOT NULL DEFAULT 0);
+    state TEXT NOT NULL DEFAULT '', failed_version INTEGER NOT NULL DEFAULT 0,
+    refused TEXT NOT NULL DEFAULT '{}');
 """
 
 # Rollout stages of a version, in order; "halted" and "done" end it.
@@ -95,6 +96,7 @@ class PopRow:
     last_error: str
     state: str
     failed_version: int
+    refused: str  # JSON: the PoP's refusal counters by reason, as it last reported them
 
 
 class OriginDB:
@@ -252,23 +254,29 @@ class OriginDB:
     def report(self, pop_id: str, fields: Mapping[str, Any]) -> None:
         """A PoP's status report: what it serves, and its last failure if any."""
         with self._tx() as db:
-            found = db.execute("SELECT failures FROM pops WHERE id = ?", (pop_id,)).fetchone()
+            found = db.execute("SELECT failures, last_error FROM pops WHERE id = ?",
+                               (pop_id,)).fetchone()
             if found is None:
                 raise OriginError(f"PoP {pop_id!r} is not registered",
                                   hint="the PoP registers itself when its sync starts")
-            failures = int(found[0]) + (1 if fields.get("error") else 0)
+            error = str(fields.get("error", ""))
+            # A failure counts once: a PoP repeats the same refusal at every poll.
+            failures = int(found[0]) + (1 if error and error != found[1] else 0)
+            refused = fields.get("refused", {})
             db.execute("UPDATE pops SET last_seen = ?, version = ?, sha256 = ?, activated = ?, "
                        "failures = ?, last_error = ?, state = ?, "
-                       "failed_version = MAX(failed_version, ?) WHERE id = ?",
+                       "failed_version = MAX(failed_version, ?), refused = ? WHERE id = ?",
                        (time.time(), int(fields.get("version", 0)), str(fields.get("sha256", "")),
-                        float(fields.get("activated", 0)), failures,
-                        str(fields.get("error", "")), str(fields.get("state", "")),
-                        int(fields.get("failed_version", 0)), pop_id))
+                        float(fields.get("activated", 0)), failures, error,
+                        str(fields.get("state", "")), int(fields.get("failed_version", 0)),
+                        json.dumps(refused if isinstance(refused, dict) else {},
+                                   sort_keys=True), pop_id))
 
     def pops(self, ids: Sequence[str] | None = None) -> list[PopRow]:
         rows = self._db.execute(
             "SELECT id, push_url, target_group, registered, last_seen, version, sha256, "
-            "activated, failures, last_error, state, failed_version FROM pops ORDER BY id"
+            "activated, failures, last_error, state, failed_version, refused FROM pops "
+            "ORDER BY id"
         ).fetchall()
         out = [PopRow(*row) for row in rows]
         return [p for p in out if p.id in ids] if ids is not None else out
