@@ -377,7 +377,10 @@ def test_resume_after_an_interrupted_download(world_factory: Any, small: Campaig
             assert w.store.current_version() is None  # the cut fetch is refused, kept
             await w.agent.attempt()
             assert w.store.current_version() == 1, w.agent.state.error
-            assert served[0] == "" and served[1] == f"bytes={len(w.origin.payload) // 2}-"
+            # The second request asked only for what the first did not deliver (how much of
+            # the half arrived before the cut depends on the client's buffering).
+            assert served[0] == "" and served[1].startswith("bytes=")
+            assert 0 < int(served[1][6:-1]) <= len(w.origin.payload) // 2
     run(scenario())
 
 
