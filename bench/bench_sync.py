@@ -84,9 +84,10 @@ async def notice_to_active(work: Path, port: int, previous: bundle.Bundle, round
         async with ClientSession() as session:
             agent.session = session
             started = time.monotonic()
-            version = await agent.sync_once()
+            taken = await agent.sync_once()
             times.append(time.monotonic() - started)
-            assert version == previous.manifest.version + 1, agent.state.error
+            assert taken is not None and taken.version == previous.manifest.version + 1, \
+                agent.state.error
         shutil.rmtree(state)
     return times
 

@@ -26,6 +26,7 @@ from aiohttp import ClientError, ClientSession, ClientTimeout, web
 from appliance.snapshot import bundle
 from appliance.snapshot.compiler import PayloadError, open_payload
 from appliance.snapshot.manifest import (
+    MANIFEST_NAME,
     PAYLOAD_NAME,
     Manifest,
     Policy,
@@ -87,7 +88,8 @@ class SyncAgent:
             self.state.sha256 = self._sha256_of(current)
 
     def _sha256_of(self, version: int) -> str:
-        manifest_bytes, _ = self.store.read(version)
+        # The manifest alone: the payload beside it may be hundreds of megabytes.
+        manifest_bytes = (self.store.path_of(version) / MANIFEST_NAME).read_bytes()
         return Manifest.from_signed(json.loads(manifest_bytes)["signed"]).payload_sha256
 
     @property
@@ -96,9 +98,10 @@ class SyncAgent:
 
     # --- one sync ----------------------------------------------------------------------
 
-    async def sync_once(self) -> int | None:
-        """Fetch, check and activate the origin's snapshot for this PoP; the version
-        activated, or None when there was nothing new. Raises VerifyError on a refusal."""
+    async def sync_once(self) -> Manifest | None:
+        """Fetch, check and activate the origin's snapshot for this PoP; the manifest of the
+        version activated, or None when there was nothing new. Raises VerifyError on a
+        refusal."""
         assert self.session is not None
         deadline = time.monotonic() + self.cfg.sync.fetch_timeout
         manifest_bytes, self.pushed = self.pushed, None
@@ -135,7 +138,7 @@ class SyncAgent:
             raise
         # The checked download itself moves into the store: no second write of the payload.
         self.store.install(manifest.version, manifest_bytes, partial)
-        return manifest.version
+        return manifest
 
     def _check_payload(self, manifest: Manifest, payload: bytes | mmap.mmap,
                        current: int | None) -> None:
@@ -192,14 +195,15 @@ class SyncAgent:
         """One sync with its health window and report; never raises on a refusal."""
         previous = self.store.current_version()
         try:
-            version = await self.sync_once()
+            manifest = await self.sync_once()
         except VerifyError as exc:
             self._refused(exc)
             await self.report()
             return
-        if version is None:
+        if manifest is None:
             await self.report()
             return
+        version = manifest.version
         self.state.state = "checking"
         problem = await self._health_window(version)
         if problem:
@@ -217,7 +221,7 @@ class SyncAgent:
             self.state.state = "active" if previous is not None else "empty"
         else:
             self.state.version = version
-            self.state.sha256 = self._sha256_of(version)
+            self.state.sha256 = manifest.payload_sha256
             self.state.activated = time.time()
             self.state.state = "active"
             self.state.error = ""
