@@ -420,7 +420,7 @@ void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::in
       }
     }
 
-    if (request.explain) explain(snap, request, pi, t, context, out);
+    if (request.explain) explain(snap, request, pi, t, out);
   }
   if (context.signer && context.signer->usable() && (caps_changed || !request.caps.empty()))
     encode_caps(*context.signer, user, caps_, out.caps);
@@ -429,7 +429,7 @@ void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::in
 // The exhaustive view for `explain`: every campaign the k-index says targeting admits, and
 // for each that did not serve, why. The choice itself is the serving path's, unchanged.
 void Decider::explain(const Snapshot& snap, const DecideRequest& request, std::size_t pi, std::int64_t t,
-                      const DecideContext& context, Decision& out) {
+                      Decision& out) {
   const auto campaigns = snap.campaigns();
   const auto ads = snap.ads();
   PlacementDecision& pd = out.placements[pi];

@@ -134,7 +134,7 @@ class Decider {
   const LiveTier& live(const Snapshot& snap, const TierView& tier, std::int64_t t);
   bool targets(const Snapshot& snap, std::uint32_t campaign) const;
   void explain(const Snapshot& snap, const DecideRequest& request, std::size_t placement, std::int64_t t,
-               const DecideContext& context, Decision& out);
+               Decision& out);
 
   std::vector<CapEntry> caps_;
   std::string caps_scratch_;

@@ -156,9 +156,8 @@ namespace {
 // Stands in for the kind byte under the tracking MAC; caps tokens begin with kCaps (3), so
 // no tracking MAC input is ever a caps MAC input.
 constexpr unsigned char kTrackingDomain = 0x10;
-constexpr std::size_t kTagBytes = 12;
 std::size_t tag_offset(TokenKind kind) {
-  return kind == TokenKind::kClick ? kTagBytes : 0;
+  return kind == TokenKind::kClick ? kMacBytes : 0;
 }
 }  // namespace
 
@@ -178,11 +177,11 @@ TrackingPair::TrackingPair(const TokenSigner& signer, const TrackingToken& token
 }
 
 void TrackingPair::append(TokenKind kind, std::string& out) const {
-  unsigned char token[sizeof body_ + kTagBytes];
+  unsigned char token[sizeof body_ + kMacBytes];
   std::memcpy(token, body_, size_);
   token[0] = static_cast<unsigned char>(kind);
-  std::memcpy(token + size_, mac_ + tag_offset(kind), kTagBytes);
-  base64url(token, size_ + kTagBytes, out);
+  std::memcpy(token + size_, mac_ + tag_offset(kind), kMacBytes);
+  base64url(token, size_ + kMacBytes, out);
 }
 
 void TokenSigner::sign(const TrackingToken& token, std::string& out) const {
@@ -192,8 +191,8 @@ void TokenSigner::sign(const TrackingToken& token, std::string& out) const {
 TokenError TokenSigner::verify(std::string_view text, std::uint32_t now, std::string& scratch,
                                TrackingToken& out) const {
   if (text.empty() || text.size() > 1200 || !unbase64url(text, scratch)) return TokenError::kMalformed;
-  if (scratch.size() < 1 + 4 + 8 + 3 + kTagBytes) return TokenError::kMalformed;
-  const std::size_t body_len = scratch.size() - kTagBytes;
+  if (scratch.size() < 1 + 4 + 8 + 3 + kMacBytes) return TokenError::kMalformed;
+  const std::size_t body_len = scratch.size() - kMacBytes;
   auto* data = reinterpret_cast<unsigned char*>(scratch.data());
   out.kind = static_cast<TokenKind>(data[0]);
   if (out.kind != TokenKind::kImpression && out.kind != TokenKind::kClick) return TokenError::kMalformed;
@@ -203,7 +202,7 @@ TokenError TokenSigner::verify(std::string_view text, std::uint32_t now, std::st
   hmac_.mac(data, body_len, full);
   data[0] = static_cast<unsigned char>(out.kind);
   // Constant time: a forger learns nothing from how long a wrong tag takes to refuse.
-  if (CRYPTO_memcmp(full + tag_offset(out.kind), data + body_len, kTagBytes) != 0) return TokenError::kForged;
+  if (CRYPTO_memcmp(full + tag_offset(out.kind), data + body_len, kMacBytes) != 0) return TokenError::kForged;
   std::size_t p = 1;
   out.expires = 0;
   for (int i = 0; i < 4; ++i) out.expires |= std::uint32_t{data[p++]} << (8 * i);
