@@ -80,12 +80,12 @@ def assigned_version(pop_id: str, versions: Sequence[VersionRow], pops: Sequence
     return 0
 
 
-def advance(db: OriginDB, plan: Plan, now: float | None = None) -> list[tuple[int, str]]:
-    """Apply every due stage change; returns (version, new stage) for each."""
+def advance(db: OriginDB, plan: Plan, versions: Sequence[VersionRow],
+            pops: Sequence[PopRow], now: float | None = None) -> list[tuple[int, str]]:
+    """Apply every due stage change to `db`; returns (version, new stage) for each."""
     clock = time.time() if now is None else now
-    pops = db.pops()
     changes = []
-    for version in db.versions():
+    for version in versions:
         change = step(version, pops, plan, clock)
         if change is not None:
             db.set_stage(version.version, *change)

@@ -17,6 +17,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -24,7 +25,7 @@ from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
 from appliance.errors import AdpopError
 from appliance.origin import rollout
-from appliance.origin.db import OriginDB
+from appliance.origin.db import OriginDB, PopRow, VersionRow
 
 log = logging.getLogger("adpop.origin")
 
@@ -129,15 +130,17 @@ class Origin:
     async def _rollout_loop(self) -> None:
         while True:
             try:
-                for version, stage in rollout.advance(self.db, self.plan):
+                # One read of the tables per tick, again only when a stage moved.
+                versions, pops = self.db.versions(), self.db.pops()
+                changes = rollout.advance(self.db, self.plan, versions, pops)
+                for version, stage in changes:
                     log.info("version %d: stage %s", version, stage)
-                self._notify_due()
+                self._notify_due(self.db.versions() if changes else versions, pops)
             except AdpopError as exc:
                 log.error("rollout loop: %s", exc.line())
             await asyncio.sleep(LOOP_SECONDS)
 
-    def _notify_due(self) -> None:
-        versions, pops = self.db.versions(), self.db.pops()
+    def _notify_due(self, versions: Sequence[VersionRow], pops: Sequence[PopRow]) -> None:
         for pop in pops:
             want = rollout.assigned_version(pop.id, versions, pops, self.plan)
             if want > max(pop.version, self.notified.get(pop.id, 0)) and pop.push_url:
