@@ -6,10 +6,15 @@ Prints, from one run:
 - server CPU microseconds per request for both (utime + stime of the server processes);
 - p50 and p99 latency at a fixed open-loop rate of half the engine's maximum (goal p99 < 1 ms);
 - the decision microbenchmark in ns per decision (goal <= 2000 ns).
-Both servers get one worker (engine --shards 1, nginx worker_processes 1) and wrk one thread,
-so each side has the same share of this machine. The two are measured in alternating rounds
-and each side's median round is reported: on a shared 2-core machine one round alone can be
-off by 10% either way, and alternating spreads the noise over both sides.
+Both servers get one worker (engine --shards 1, nginx worker_processes 1) pinned to CPU 0 and
+wrk one thread pinned to CPU 1, so each side has the same share of this machine and the
+scheduler moves nothing between rounds. The two are measured in alternating rounds and each
+side's median round is reported.
+The engine polls for 200 us after its last event before it sleeps (--idle-poll-us), as a shard
+on its own core does in the appliance. Its CPU figure leaves out the time it spent polling with
+nothing to do (adpop_idle_poll_seconds_total); the figure with that time is printed beside it.
+A second engine, writing every decision to its event spool on disk, is measured in the same
+rounds and printed on its own line.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from appliance.snapshot import bundle, synth
@@ -50,9 +56,18 @@ REQUESTS_SCRIPT = Path(__file__).resolve().parent / "decide_requests.lua"
 DECIDED = 'adpop_requests_total{route="decide_get"}'
 
 
+SERVER_CPU, CLIENT_CPU = 0, 1
+IDLE_POLL_US = 200
+
+
+def on_client_cpu(argv: list[str]) -> list[str]:
+    """The load generator on its own CPU (when the machine has a second one)."""
+    return ["taskset", "-c", str(CLIENT_CPU), *argv] if (os.cpu_count() or 1) > 1 else argv
+
+
 def wrk(url: str, seconds: int, connections: int) -> float:
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s",
-                          str(REQUESTS_SCRIPT), url],
+    out = subprocess.run(on_client_cpu(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s",
+                          str(REQUESTS_SCRIPT), url]),
                          capture_output=True, text=True, check=True).stdout
     match = re.search(r"Requests/sec:\s+([\d.]+)", out)
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -63,14 +78,17 @@ def wrk(url: str, seconds: int, connections: int) -> float:
     return float(match.group(1))
 
 
-def measure(url: str, pids: list[int], seconds: int, connections: int) -> tuple[float, float]:
-    """(requests per second, server CPU microseconds per request)."""
-    before = cpu_seconds(pids)
+def measure(url: str, pids: list[int], seconds: int, connections: int,
+            idle: Callable[[], float] = lambda: 0.0) -> tuple[float, float, float]:
+    """(requests per second, server CPU us per request without idle polling, and with it)."""
+    before, idle_before = cpu_seconds(pids), idle()
     started = time.monotonic()
     rps = wrk(url, seconds, connections)
     elapsed = time.monotonic() - started
     used = cpu_seconds(pids) - before
-    return rps, used / (rps * elapsed) * 1e6
+    polled = idle() - idle_before
+    requests = rps * elapsed
+    return rps, (used - polled) / requests * 1e6, used / requests * 1e6
 
 
 def metric(base_url: str, name: str) -> float:
@@ -82,8 +100,8 @@ def metric(base_url: str, name: str) -> float:
     raise RuntimeError(f"/metrics has no {name}")
 
 
-def median_round(results: list[tuple[float, float]]) -> tuple[float, float]:
-    """The round with the median requests per second, with its CPU figure."""
+def median_round(results: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+    """The round with the median requests per second, with its CPU figures."""
     ordered = sorted(results)
     return ordered[len(ordered) // 2]
 
@@ -92,6 +110,7 @@ def nginx_conf(prefix: Path, port: int) -> Path:
     conf = prefix / "nginx.conf"
     conf.write_text(f"""
 worker_processes 1;
+worker_cpu_affinity {1 << SERVER_CPU:b};
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log;
 events {{ worker_connections 4096; }}
@@ -138,64 +157,86 @@ def main() -> None:
                                capture_output=True, text=True, check=True)
         results = {b["name"].split("/")[0]: b for b in json.loads(micro.stdout)["benchmarks"]}
 
-        engine_port, nginx_port = free_port(), free_port()
+        engine_port, spooled_port, nginx_port = free_port(), free_port(), free_port()
         (work / "nginx").mkdir()
         # With a token key, as in production: every ad carries signed impression and click URLs.
         token_key = work / "token.key"
         token_key.write_bytes(os.urandom(32))
-        engine = subprocess.Popen([str(BUILD / "adpop-engine"), "--listen",
-                                   f"127.0.0.1:{engine_port}", "--snapshot",
-                                   str(store.current_link), "--shards", "1",
-                                   "--token-key", str(token_key)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        spool = work / "spool"
+        spool.mkdir()
+
+        def start_engine(port: int, *extra: str) -> subprocess.Popen[bytes]:
+            return subprocess.Popen([str(BUILD / "adpop-engine"), "--listen", f"127.0.0.1:{port}",
+                                     "--snapshot", str(store.current_link), "--shards", "1",
+                                     "--cpus", str(SERVER_CPU), "--idle-poll-us",
+                                     str(IDLE_POLL_US), "--token-key", str(token_key), *extra],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        engine = start_engine(engine_port)
+        # The same engine writing every decision to its event spool on this disk, as the
+        # appliance runs it: measured beside the others in every round.
+        spooled = start_engine(spooled_port, "--spool", str(spool))
         nginx = subprocess.Popen(["nginx", "-p", str(work / "nginx"), "-c",
                                   str(nginx_conf(work / "nginx", nginx_port)), "-g",
                                   "daemon off;"], stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL)
         try:
-            engine_url = f"http://127.0.0.1:{engine_port}{DECIDE_PATH}"
+            engine_base = f"http://127.0.0.1:{engine_port}"
+            spooled_base = f"http://127.0.0.1:{spooled_port}"
             nginx_url = f"http://127.0.0.1:{nginx_port}{DECIDE_PATH}"
-            wait_http(engine_url)
-            wait_http(nginx_url)
+            for url in (engine_base + DECIDE_PATH, spooled_base + DECIDE_PATH, nginx_url):
+                wait_http(url)
             nginx_pids = [nginx.pid] + [int(p) for p in subprocess.run(
                 ["pgrep", "-P", str(nginx.pid)], capture_output=True, text=True,
                 check=False).stdout.split()]
-            with urllib.request.urlopen(engine_url) as resp:
+            with urllib.request.urlopen(engine_base + DECIDE_PATH) as resp:
                 filled = json.loads(resp.read())["placements"][0]["ads"]
-            engine_base = f"http://127.0.0.1:{engine_port}"
             decided_before = metric(engine_base, DECIDED)
             no_fill_before = metric(engine_base, "adpop_no_fill_total")
-            rounds: list[tuple[tuple[float, float], tuple[float, float]]] = [
-                (measure(nginx_url, nginx_pids, args.seconds, args.connections),
-                 measure(engine_url, [engine.pid], args.seconds, args.connections))
-                for _ in range(args.rounds)]
+
+            def engine_round(base: str,
+                             proc: subprocess.Popen[bytes]) -> tuple[float, float, float]:
+                return measure(base + DECIDE_PATH, [proc.pid], args.seconds, args.connections,
+                               lambda: metric(base, "adpop_idle_poll_seconds_total"))
+
+            rounds = [(measure(nginx_url, nginx_pids, args.seconds, args.connections),
+                       engine_round(engine_base, engine), engine_round(spooled_base, spooled))
+                      for _ in range(args.rounds)]
             decided = metric(engine_base, DECIDED) - decided_before
             fill = 1 - (metric(engine_base, "adpop_no_fill_total") - no_fill_before) / decided
-            n_rps, n_cpu = median_round([n for n, _ in rounds])
-            e_rps, e_cpu = median_round([e for _, e in rounds])
+            spooled_records = sum(f.stat().st_size for f in spool.iterdir())
+            n_rps, n_cpu, _ = median_round([r[0] for r in rounds])
+            e_rps, e_cpu, e_cpu_polling = median_round([r[1] for r in rounds])
+            s_rps, s_cpu, s_cpu_polling = median_round([r[2] for r in rounds])
             half = max(1.0, e_rps / 2)
-            fixed = json.loads(subprocess.run(
+            fixed = json.loads(subprocess.run(on_client_cpu(
                 [str(BUILD / "adpop-loadgen"), "127.0.0.1", str(engine_port), DECIDE_PATH,
-                 f"{half:.0f}", str(args.seconds), "16"],
+                 f"{half:.0f}", str(args.seconds), "16"]),
                 capture_output=True, text=True, check=True).stdout)
         finally:
-            for proc in (engine, nginx):
+            for proc in (engine, spooled, nginx):
                 proc.terminate()
                 proc.wait(timeout=10)
 
     decide_ns = results["BM_Decide"]["real_time"]
     replay_ns = results["BM_DecideReplay"]["real_time"]
     match_ns = results["BM_Match"]["real_time"]
-    print(f"wrk: 1 thread, {args.connections} connections, {args.rounds} alternating rounds of "
-          f"{args.seconds} s; one worker per server; {REQUESTS_SCRIPT.name}: 256 different "
+    print(f"wrk: 1 thread on CPU {CLIENT_CPU}, {args.connections} connections, {args.rounds} "
+          f"alternating rounds of {args.seconds} s; one worker per server on CPU {SERVER_CPU}; "
+          f"engine --idle-poll-us {IDLE_POLL_US}; {REQUESTS_SCRIPT.name}: 256 different "
           f"requests in turn, {fill:.0%} filled, ads with signed tracking URLs: "
           f"{'imp' in filled[0] and 'click' in filled[0]}")
-    print("rounds (requests/s, nginx / engine): " + ", ".join(
-        f"{n[0]:.0f} / {e[0]:.0f}" for n, e in rounds))
+    print("rounds (requests/s, nginx / engine / engine with spool): " + ", ".join(
+        f"{n[0]:.0f} / {e[0]:.0f} / {sp[0]:.0f}" for n, e, sp in rounds))
     print(f"{'':24} {'requests/s':>12} {'CPU us/request':>15}")
     print(f"{'nginx fixed 200':24} {n_rps:>12.0f} {n_cpu:>15.2f}")
-    print(f"{'engine GET /v1/decide':24} {e_rps:>12.0f} {e_cpu:>15.2f}")
-    print(f"ratio engine/nginx: {e_rps / n_rps:.3f}   (goal >= 1.0)")
+    print(f"{'engine GET /v1/decide':24} {e_rps:>12.0f} {e_cpu:>15.2f}   "
+          f"({e_cpu_polling:.2f} with idle polling)")
+    print(f"{'engine with event spool':24} {s_rps:>12.0f} {s_cpu:>15.2f}   "
+          f"({s_cpu_polling:.2f} with idle polling; {spooled_records / 1e6:.0f} MB of records "
+          f"written to disk)")
+    print(f"ratio engine/nginx: {e_rps / n_rps:.3f}   (goal >= 1.0); "
+          f"with the event spool: {s_rps / n_rps:.3f}")
     print(f"open loop at {half:.0f} req/s (half the engine's maximum), {args.seconds} s: "
           f"p50 {fixed['p50_us']:.0f} us, p99 {fixed['p99_us']:.0f} us, "
           f"p99.9 {fixed['p999_us']:.0f} us, {fixed['errors']} errors   (goal p99 < 1000 us)")

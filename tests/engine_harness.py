@@ -23,11 +23,19 @@ REPO = Path(__file__).resolve().parent.parent
 ENGINE = REPO / "engine" / "build" / "adpop-engine"
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A loopback port free now and never handed out before in this process: a port is only
+    bound later, by the server it is for, so two calls in a row may otherwise both get it."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):

@@ -410,6 +410,7 @@ def test_drain_and_undrain(tmp_path: Path, engine_set: CampaignSet,
 @pytest.mark.parametrize("args", [
     ["--shards", "zero", "--snapshot", "/x"], ["--bogus", "1"], [], ["--listen", "nope"],
     ["--snapshot", "/x", "--cpus", "0,1", "--shards", "3"],
+    ["--snapshot", "/x", "--idle-poll-us", "-1"],
 ])
 def test_bad_flags_exit_2_with_one_line(args: list[str]) -> None:
     result = subprocess.run([str(ENGINE), *args], capture_output=True, text=True, check=False,
@@ -417,6 +418,26 @@ def test_bad_flags_exit_2_with_one_line(args: list[str]) -> None:
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
     assert result.stderr.startswith("adpop-engine: ")
+
+
+def test_idle_polling_serves_and_stops_when_idle(tmp_path: Path, engine_set: CampaignSet,
+                                                signing_key: SigningKey) -> None:
+    def polled(eng: RunningEngine) -> float:
+        for line in eng.get("/metrics")[1].decode().splitlines():
+            if line.startswith("adpop_idle_poll_seconds_total "):
+                return float(line.split()[1])
+        raise AssertionError("no adpop_idle_poll_seconds_total in /metrics")
+
+    with running_engine(tmp_path, engine_set, signing_key, ["--idle-poll-us", "2000"],
+                        shards=1) as eng:
+        for i in range(50):
+            code, body = eng.post("/v1/decide", {"id": f"p{i}", "placements": [{"id": "home-top"}]})
+            assert code == 200 and body["id"] == f"p{i}"
+        after_traffic = polled(eng)
+        assert after_traffic > 0  # the shard polled between requests instead of sleeping
+        time.sleep(0.5)
+        # Idle, it sleeps again: only the 2 ms after the last /metrics request are polled.
+        assert polled(eng) - after_traffic < 0.1
 
 
 def test_missing_snapshot_is_one_line(tmp_path: Path) -> None:

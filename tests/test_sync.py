@@ -11,7 +11,6 @@ import asyncio
 import dataclasses
 import hashlib
 import json
-import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -33,15 +32,9 @@ from appliance.snapshot.manifest import (
 from appliance.snapshot.model import CampaignSet, parse_documents
 from appliance.snapshot.store import SnapshotStore
 from appliance.sync.agent import SyncAgent
+from tests.engine_harness import free_port
 
 NOW = 1_780_000_000  # the fake clock: every manifest is built relative to it
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclasses.dataclass

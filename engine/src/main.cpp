@@ -28,6 +28,9 @@ SO_REUSEPORT listener and epoll loop.
   --snapshot DIR           snapshot folder (required); SIGHUP or POST /load re-reads it
   --shards N               serving threads (default 1)
   --cpus LIST              CPUs to pin shards to, e.g. 2,3 or 2-5 (default: unpinned)
+  --idle-poll-us N         after its last event a shard polls this long before it sleeps:
+                           a client's packet then finds it awake, with no wakeup to pay
+                           on either side; costs that CPU while idle (default 0: sleep)
   --hugepages              back the snapshot with huge pages when the host has them
   --max-connections N      open client connections, whole process (default 10000)
   --idle-timeout MS        close keep-alive connections idle this long (default 30000)
@@ -112,6 +115,8 @@ int main(int argc, char** argv) {
       o.cpus = cpu_list(value);
     } else if (flag == "--max-connections") {
       o.max_connections = static_cast<std::uint32_t>(number(flag, value, 1, 10000000));
+    } else if (flag == "--idle-poll-us") {
+      o.idle_poll_us = static_cast<std::uint32_t>(number(flag, value, 0, 1000000));
     } else if (flag == "--idle-timeout") {
       o.idle_timeout_ms = static_cast<std::uint32_t>(number(flag, value, 10, 86400000));
     } else if (flag == "--request-timeout") {

@@ -262,12 +262,21 @@ void Shard::run() {
   pthread_setname_np(pthread_self(), name);
   epoll_event events[256];
   std::int64_t last_tick = mono_ns();
+  std::int64_t last_event = 0;
+  const std::int64_t idle_poll_ns = std::int64_t{engine_.options().idle_poll_us} * 1000;
   while (!engine_.stopping()) {
-    int n = epoll_wait(epoll_fd_, events, 256, 100);
+    // Sleeping costs both sides: the client's next packet must wake this thread (an IPI and
+    // a context switch). Right after work, poll instead, for at most idle_poll_ns.
+    const bool poll = idle_poll_ns > 0 && batch_ns_ - last_event < idle_poll_ns;
+    int n = epoll_wait(epoll_fd_, events, 256, poll ? 0 : 100);
     // One clock read per batch for wall time: decisions and records need seconds and
     // milliseconds, and a batch takes well under a millisecond.
+    const std::int64_t previous_ns = batch_ns_;
     batch_ns_ = mono_ns();
+    // An empty poll is CPU spent waiting: counted, so the work's own cost can be told apart.
+    if (poll && n == 0) stats_.idle_poll_ns.add(static_cast<std::uint64_t>(batch_ns_ - previous_ns));
     batch_wall_ms_ = static_cast<std::int64_t>(wall_ms());
+    if (n > 0) last_event = batch_ns_;
     // Publish the generation this batch starts from: every request in it takes the current
     // snapshot, never an older one, and between batches the shard holds none. The admin
     // thread frees a retired snapshot once every shard has published a generation past it.
@@ -908,6 +917,7 @@ Engine::Totals Engine::collect() const {
     t.write_errors += st.spool_write_errors.get();
     t.dropped += st.spool_dropped.get();
     t.closed += st.spool_segments_closed.get();
+    t.idle_poll_ns += st.idle_poll_ns.get();
   }
   for (auto r : t.routes) t.requests += r;
   return t;
@@ -1054,10 +1064,12 @@ std::string Engine::metrics_text() {
       "adpop_connections %llu\n"
       "# HELP adpop_connections_total Accepted client connections.\n# TYPE adpop_connections_total counter\n"
       "adpop_connections_total %llu\n"
-      "# HELP adpop_draining 1 while draining.\n# TYPE adpop_draining gauge\nadpop_draining %d\n",
+      "# HELP adpop_draining 1 while draining.\n# TYPE adpop_draining gauge\nadpop_draining %d\n"
+      "# HELP adpop_idle_poll_seconds_total Shard time spent polling with nothing to do.\n"
+      "# TYPE adpop_idle_poll_seconds_total counter\nadpop_idle_poll_seconds_total %.6f\n",
       static_cast<unsigned long long>(snap ? snap->version() : 0),
       static_cast<unsigned long long>(connections), static_cast<unsigned long long>(connections_total),
-      draining() ? 1 : 0);
+      draining() ? 1 : 0, static_cast<double>(totals.idle_poll_ns) / 1e9);
   s += buf;
   return s;
 }

@@ -31,6 +31,7 @@ struct EngineOptions {
   bool hugepages = false;
   std::uint32_t max_connections = 10000;     // whole process; split evenly across shards
   std::uint32_t idle_timeout_ms = 30000;     // keep-alive connection with nothing pending
+  std::uint32_t idle_poll_us = 0;            // shard polls this long after its last event before sleeping
   std::uint32_t request_timeout_ms = 10000;  // first byte to complete request (slowloris)
   http::Limits http;
   std::string spool_dir;  // empty: events are counted, not kept
@@ -129,6 +130,7 @@ struct alignas(64) ShardStats {
   Counter spool_segments_closed;
   Counter connections_open;  // gauge (owner writes absolute values)
   Counter connections_total;
+  Counter idle_poll_ns;  // time spent polling with nothing to do (--idle-poll-us)
   LatencyHistogram latency;
   std::atomic<std::uint64_t> seen_generation{0};
 };
@@ -226,7 +228,7 @@ class Engine {
     std::uint64_t hist[LatencyHistogram::kBuckets] = {};
     std::uint64_t requests = 0, no_fill = 0, connections = 0, connections_total = 0;
     std::uint64_t impressions = 0, duplicates = 0, clicks = 0, caps_rejected = 0;
-    std::uint64_t records = 0, write_errors = 0, dropped = 0, closed = 0;
+    std::uint64_t records = 0, write_errors = 0, dropped = 0, closed = 0, idle_poll_ns = 0;
   };
   Totals collect() const;
   void admin_loop();

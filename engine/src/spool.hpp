@@ -14,6 +14,8 @@ namespace adpop {
 enum class EventType : std::uint8_t { kDecision = 1, kImpression = 2, kClick = 3 };
 
 std::uint32_t crc32c(const void* data, std::size_t n, std::uint32_t crc = 0);
+// The same from tables alone: what crc32c falls back to on a CPU without SSE4.2.
+std::uint32_t crc32c_tables(const void* data, std::size_t n, std::uint32_t crc = 0);
 // CRC-32 as zlib computes it: the compiler's hash for packed value tables and id keys.
 std::uint32_t crc32_ieee(const void* data, std::size_t n);
 
