@@ -12,7 +12,7 @@ DEMO_DIR := .demo
 APT_PACKAGES := \
 	python3-venv python3-dev build-essential pkg-config \
 	cmake g++ capnproto libcapnp-dev libssl-dev libgtest-dev \
-	clang libclang-rt-14-dev \
+	clang libclang-rt-14-dev redis-server libsystemd-dev \
 	libbenchmark-dev nginx-light wrk clang-format
 
 FUZZ_SECONDS ?= 60
@@ -20,7 +20,7 @@ FUZZ_SECONDS ?= 60
 .PHONY: help setup engine demo test bench lint fuzz clean
 
 help:
-	@echo "make demo   - set up, then build the sample campaign snapshot and show its summary"
+	@echo "make demo   - set up, then run an origin and a whole PoP on 127.0.0.1 (Ctrl-C stops it)"
 	@echo "make test   - set up, then run the whole test suite (ruff and mypy included)"
 	@echo "make bench  - set up, then run the benchmarks in bench/"
 	@echo "make lint   - ruff and mypy only"

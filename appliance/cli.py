@@ -358,31 +358,79 @@ def cmd_pop_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_pop_rollback(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from appliance.sync.agent import roll_back
+    from appliance.sync.engine import EngineAdmin
+
     appliance, store = _store(args)
-    current = store.current_version()
-    older = [v for v in store.versions() if current is None or v < current]
-    target = args.to if args.to is not None else (older[-1] if older else None)
-    if target is None or target not in store.versions():
-        raise AdpopError(f"no retained version {target if target is not None else 'below'} "
-                         f"{'' if target is not None else current}".strip(),
-                         hint="`adpop pop snapshots` lists the retained versions")
-    store.activate(target)
-    engine_note = ""
-    if appliance.engine.admin_socket:
-        import asyncio
-
-        from appliance.sync.engine import EngineAdmin
-
-        admin = EngineAdmin(appliance.engine.admin_socket)
-        if admin.running():
-            problem = asyncio.run(admin.load())
-            if problem:
-                raise AdpopError(f"v{target} is active on disk but {problem}",
-                                 hint="check the engine, then `adpop pop rollback` again")
-            engine_note = "; the engine loaded it"
-    print(f"active: v{target} (was v{current}){engine_note}; the high-water mark stays, so "
-          "sync will not take an older version back")
+    socket_path = appliance.engine.admin_socket
+    admin = EngineAdmin(socket_path) if socket_path else None
+    print(asyncio.run(roll_back(store, admin, args.to)))
     return 0
+
+
+def _control_socket(args: argparse.Namespace) -> str:
+    if args.socket:
+        return str(args.socket)
+    appliance, _ = _store(args)
+    return str(cfg.under(appliance.paths.state_dir, appliance.supervisor.control_socket))
+
+
+def cmd_supervisor(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from appliance.supervisor.core import Supervisor
+    from appliance.supervisor.notify import setup_logging
+
+    appliance, store = _store(args)
+    context, recent = setup_logging(args.debug)
+    supervisor = Supervisor(appliance, store, context, recent)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await supervisor.run(stop)
+
+    asyncio.run(run())
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from appliance.supervisor.client import call
+
+    status = call(_control_socket(args), "GET", "/v1/status")
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    snap = status["snapshot"]
+    print(f"{status['pop']}: {'ready' if status['ready'] else 'NOT ready'} - {status['summary']}")
+    print(f"snapshot: v{snap['version'] or '-'} {snap['sha256'][:16]}")
+    for name, comp in status["components"].items():
+        print(f"  {name:8} {'ok' if comp['ok'] else 'FAIL':4} {comp.get('reason', '')}")
+    return 0 if status["ready"] else 1
+
+
+def _control_write(route: str, body: dict[str, Any] | None = None) -> Callable[..., int]:
+    def command(args: argparse.Namespace) -> int:
+        from appliance.supervisor.client import call
+
+        print(call(_control_socket(args), "POST", route, body)["message"])
+        return 0
+    return command
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    return _control_write("/v1/rollback", {"to": args.to} if args.to is not None else {})(args)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from appliance.up import up
+
+    return up(Path(args.state), Path(args.campaigns) if args.campaigns else None, args.port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -482,6 +530,34 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True, metavar="ACTION")
     origin_parser("init", "create a signing key where the configuration says, if none",
                   cmd_origin_keys_init, keys_)
+
+    p = commands.add_parser("supervisor", help="run the supervisor (systemd's ExecStart)")
+    p.add_argument("--config", help="appliance configuration file")
+    p.add_argument("--state", help="state directory (overrides paths.state_dir)")
+    p.set_defaults(func=cmd_supervisor)
+    for name, help_text, func in (
+            ("status", "the PoP's status from its supervisor", cmd_status),
+            ("sync-now", "ask the supervisor to sync with the origin now",
+             _control_write("/v1/sync-now")),
+            ("rollback", "activate a retained older snapshot (default: the previous one)",
+             cmd_rollback),
+            ("drain", "stop taking new connections; requests in flight finish",
+             _control_write("/v1/drain")),
+            ("undrain", "take new connections again", _control_write("/v1/undrain"))):
+        p = commands.add_parser(name, help=help_text)
+        p.add_argument("--socket", help="the control socket (default: from the configuration)")
+        p.add_argument("--config", help="appliance configuration file")
+        p.add_argument("--state", help="state directory (overrides paths.state_dir)")
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="the whole status as JSON")
+        if name == "rollback":
+            p.add_argument("--to", type=int, help="the version to activate")
+        p.set_defaults(func=func)
+    p = commands.add_parser("up", help="run an origin and a whole PoP on this machine")
+    p.add_argument("--state", default=".adpop", help="state directory (default .adpop)")
+    p.add_argument("--campaigns", help="campaign folder (default: the sample campaigns)")
+    p.add_argument("--port", type=int, default=8080, help="the engine's port (default 8080)")
+    p.set_defaults(func=cmd_up)
 
     pop = commands.add_parser("pop", help="this PoP's snapshots").add_subparsers(
         dest="action", required=True, metavar="ACTION")

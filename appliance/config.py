@@ -77,6 +77,12 @@ class Setting:
         return f"{self.section}.{self.key}"
 
 
+def _one_of(*choices: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if value in choices else "write one of " + ", ".join(choices)
+    return check
+
+
 def _at_least(low: int) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         return None if value >= low else f"use a value of at least {low}"
@@ -150,6 +156,47 @@ SETTINGS: tuple[Setting, ...] = (
             "reported; a failure inside it reverts to the previous version.", _at_least(0)),
     Setting(A, "engine", "admin_socket", Kind.OPT_PATH, "",
             "The engine's admin socket, told to load each activated snapshot (\"\": no engine)."),
+    Setting(A, "engine", "binary", Kind.PATH, "/usr/lib/adpop/adpop-engine",
+            "The engine binary the supervisor runs in dev mode."),
+    Setting(A, "engine", "unit", Kind.STR, "adpop-engine.service",
+            "The engine's systemd unit, watched and restarted in appliance mode."),
+    Setting(A, "engine", "listen", Kind.STR, "127.0.0.1:8080",
+            "HOST:PORT the engine serves ad requests on."),
+    Setting(A, "engine", "shards", Kind.INT, 1, "Serving threads, one per CPU.", _at_least(1)),
+    Setting(A, "engine", "cpus", Kind.OPT_STR, "",
+            "CPUs to pin the shards to, e.g. \"2-5\" (\"\": unpinned)."),
+    Setting(A, "engine", "idle_poll_us", Kind.INT, 0,
+            "Microseconds a shard polls after its last event before it sleeps (0: sleep at "
+            "once); worth it when shards have their own cores.", _at_least(0)),
+    Setting(A, "engine", "token_key", Kind.PATH, "token.key",
+            "Secret signing tracking URLs (made at first start when missing); relative paths "
+            "are under paths.state_dir."),
+    Setting(A, "engine", "spool", Kind.PATH, "spool",
+            "Folder of the engine's event spool segments; relative paths are under "
+            "paths.state_dir."),
+    Setting(A, "cache", "address", Kind.STR, "127.0.0.1:6379",
+            "HOST:PORT of the local cache (Dragonfly or redis-server)."),
+    Setting(A, "cache", "memory", Kind.SIZE, 256 * 1024**2,
+            "Memory limit of the cache in dev mode (the unit sets it in the appliance).",
+            _at_least(1024**2)),
+    Setting(A, "cache", "binary", Kind.PATH, "redis-server",
+            "The cache server the supervisor runs in dev mode."),
+    Setting(A, "cache", "unit", Kind.STR, "dragonfly.service",
+            "The cache's systemd unit, watched and restarted in appliance mode."),
+    Setting(A, "supervisor", "mode", Kind.STR, "appliance",
+            "appliance: the parts run as their own systemd units; dev: the supervisor runs "
+            "them as its child processes.", _one_of("appliance", "dev")),
+    Setting(A, "supervisor", "control_socket", Kind.PATH, "/run/adpop/control.sock",
+            "Unix socket of the control API (mode 0660); relative paths are under "
+            "paths.state_dir."),
+    Setting(A, "supervisor", "operator_group", Kind.OPT_STR, "",
+            "Group that owns the control socket, so its members may use it (\"\": the "
+            "supervisor's own group)."),
+    Setting(A, "supervisor", "ready_timeout", Kind.DURATION, 120,
+            "Time to reach serving before the supervisor reports ready in a degraded state "
+            "that says what is missing.", _at_least(1)),
+    Setting(A, "supervisor", "health_interval", Kind.DURATION, 1,
+            "Between health rounds; each round pings the watchdog.", _at_least(1)),
     # --- origin (the central publisher) ---
     Setting(ORG, "snapshot", "signing_keys", Kind.STRLIST, ["keys"],
             "Ed25519 private keys (.key files, or folders of them) that sign every published "

@@ -1,24 +1,37 @@
-"""`make demo`'s script runs end to end: keys, build, verify, install, one engine decision."""
+"""`make demo`'s script brings up a serving PoP and stops clean on SIGTERM."""
 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import time
+import urllib.request
 from pathlib import Path
+
+from tests.engine_harness import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_demo_script_serves_a_decision() -> None:
-    result = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh")], cwd=REPO,
-                            capture_output=True, text=True, check=False, timeout=120)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    out = result.stdout
-    assert "ok: version" in out and "installed and activated version" in out
-    answer = out.split("engine answered GET", 1)[1].split("\n", 1)[1]
-    decision = json.loads(answer[: answer.index("\n}\n") + 2])
-    assert decision["placements"][0]["ads"], "the sample campaigns should fill the demo request"
-    # The demo stops the engine it started.
-    running = subprocess.run(["pgrep", "-af", "adpop-engine"], capture_output=True, text=True,
-                             check=False)
-    assert ".demo/state/current" not in running.stdout
+def test_demo_script_serves_a_decision(tmp_path: Path) -> None:
+    state, port = tmp_path / "demo", free_port()
+    process = subprocess.Popen(["bash", str(REPO / "scripts" / "demo.sh"), "--state", str(state),
+                                "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not (state / "up.json").exists():
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        info = json.loads((state / "up.json").read_text())
+        example = info["example"].split("'")[1]
+        with urllib.request.urlopen(example, timeout=10) as resp:
+            decision = json.loads(resp.read())
+        assert decision["placements"][0]["ads"], "the sample campaigns fill the example request"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=30)
+    assert process.returncode == 0
+    text = out.decode()
+    assert f"http://127.0.0.1:{port}" in text and "adpop status --socket" in text

@@ -23,6 +23,7 @@ from typing import Any
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
+from appliance.errors import AdpopError
 from appliance.snapshot import bundle
 from appliance.snapshot.compiler import PayloadError, open_payload
 from appliance.snapshot.manifest import (
@@ -327,3 +328,31 @@ class SyncAgent:
             if runner is not None:
                 await runner.cleanup()
             await self.session.close()
+
+
+class RollbackError(AdpopError):
+    """No retained version to roll back to, or the engine would not take it."""
+
+
+async def roll_back(store: SnapshotStore, admin: EngineAdmin | None, to: int | None) -> str:
+    """Activates retained version `to` (default: the one below the active one) and tells a
+    running engine to load it. The high-water mark stays, so sync never takes an older
+    version back by itself. Returns what was done; raises RollbackError."""
+    current = store.current_version()
+    older = [v for v in store.versions() if current is None or v < current]
+    target = to if to is not None else (older[-1] if older else None)
+    if target is None or target not in store.versions():
+        wanted = f"version {target}" if target is not None else f"version below v{current}"
+        raise RollbackError(f"no retained {wanted}",
+                            hint="`adpop pop snapshots` lists the retained versions")
+    store.activate(target)
+    engine_note = ""
+    if admin is not None and admin.running():
+        problem = await admin.load()
+        if problem:
+            raise RollbackError(f"v{target} is active on disk but {problem}",
+                                hint="check the engine, then roll back again")
+        engine_note = "; the engine loaded it"
+    log.warning("rolled back to v%s (was v%s)", target, current)
+    return (f"active: v{target} (was v{current}){engine_note}; the high-water mark stays, so "
+            "sync will not take an older version back")

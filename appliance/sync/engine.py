@@ -49,6 +49,13 @@ class EngineAdmin:
             body: dict[str, Any] = await resp.json(content_type=None)
             return resp.status, body
 
+    async def call(self, method: str, path: str) -> tuple[int, dict[str, Any]]:
+        """One admin request; raises ClientError, OSError or TimeoutError when it fails."""
+        return await self._call(method, path)
+
+    async def status(self) -> dict[str, Any]:
+        return (await self._call("GET", "/status"))[1]
+
     async def sample(self) -> Sample:
         _, status = await self._call("GET", "/status")
         errors = status.get("errors", {})

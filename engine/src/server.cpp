@@ -649,8 +649,10 @@ void Shard::tick(std::int64_t now) {
       if (!c.closed) close_conn(c);
     } else if (c.in.empty() && c.out.size() == c.out_off && now - c.last_active_ns > idle) {
       close_conn(c);
-    } else if (engine_.draining() && c.in.empty() && c.out.size() == c.out_off) {
-      // Draining: idle keep-alive connections are closed so clients move elsewhere.
+    } else if (engine_.draining() && c.in.empty() && c.out.size() == c.out_off &&
+               now - c.last_active_ns > 1'000'000'000) {
+      // Draining: idle keep-alive connections are closed so clients move elsewhere. A second
+      // of grace: a connection just opened (a balancer's health check) gets to send first.
       close_conn(c);
     }
   }

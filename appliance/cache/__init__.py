@@ -1,0 +1,91 @@
+"""The PoP's local cache: Dragonfly in the image, redis-server as the embedded default.
+
+Both speak the Redis protocol; the supervisor only needs its address. In dev mode it runs
+redis-server itself (`redis_argv`); in the appliance, systemd runs dragonfly.service (or
+adpop-redis.service when the image carries no Dragonfly package).
+
+Key layout (every key under the `adpop:` prefix, so a shared instance stays readable):
+
+- `adpop:seg:<user key>` -- a set of the user's segment names, written by the data pipeline,
+  read when a request carries a user key but no segments. Expires with the pipeline's TTL.
+- `adpop:freq:<user key>:<campaign id>:<window start>` -- an integer impression count for one
+  frequency-cap window; INCR on each impression, EXPIRE at the window's end, so a window's
+  counters vanish by themselves.
+- `adpop:freq:<user key>:a:<advertiser id>:<window start>` -- the same for advertiser-scoped
+  caps.
+
+Health: PING round trip, memory used against the limit, evicted keys and connected clients.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from appliance.errors import AdpopError
+
+PING_TIMEOUT = 1.0
+# Above this share of its memory limit the cache is healthy but says it is nearly full.
+MEMORY_WARN = 0.9
+
+
+class CacheError(AdpopError):
+    """The cache cannot be reached or answered wrongly."""
+
+
+@dataclass(frozen=True)
+class CacheHealth:
+    """One look at the cache: whether it answers, and how it is doing."""
+
+    ok: bool
+    reason: str
+    ping_ms: float = 0.0
+    used_memory: int = 0
+    max_memory: int = 0
+    evicted_keys: int = 0
+    connected_clients: int = 0
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """HOST:PORT of the cache; raises CacheError naming the fix."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise CacheError(f"cache address {address!r} is not HOST:PORT",
+                         hint='write e.g. cache.address = "127.0.0.1:6379"')
+    return host, int(port)
+
+
+def redis_argv(binary: str, address: str, memory: int, folder: Path) -> list[str]:
+    """redis-server as the embedded cache: bounded memory, LRU eviction, a snapshot file in
+    `folder` so a restart comes back warm, no protected-mode surprises on loopback."""
+    host, port = parse_address(address)
+    return [binary, "--bind", host, "--port", str(port), "--maxmemory", str(memory),
+            "--maxmemory-policy", "allkeys-lru", "--dir", str(folder), "--dbfilename",
+            "cache.rdb", "--save", "300 1", "--appendonly", "no", "--daemonize", "no",
+            "--protected-mode", "no", "--logfile", ""]
+
+
+async def probe(address: str) -> CacheHealth:
+    """PING and INFO, each bounded by PING_TIMEOUT; never raises."""
+    host, port = parse_address(address)
+    client = aioredis.Redis(host=host, port=port, socket_timeout=PING_TIMEOUT,
+                            socket_connect_timeout=PING_TIMEOUT)
+    try:
+        started = time.monotonic()
+        await client.ping()
+        ping_ms = (time.monotonic() - started) * 1000
+        info = await client.info()
+    except (RedisError, OSError) as exc:
+        return CacheHealth(False, f"cache at {address} not answering: {exc}")
+    finally:
+        await client.aclose()
+    used, limit = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+    reason = ""
+    if limit and used > MEMORY_WARN * limit:
+        reason = f"memory {used / limit:.0%} of its limit"
+    return CacheHealth(True, reason, ping_ms, used, limit, int(info.get("evicted_keys", 0)),
+                       int(info.get("connected_clients", 0)))

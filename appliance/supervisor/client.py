@@ -1,0 +1,53 @@
+"""A client of the control API: what `adpop status`, `sync-now`, `rollback`, `drain` and
+`undrain` are made of."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from typing import Any
+
+from appliance.errors import AdpopError
+
+TIMEOUT = 15.0
+
+
+class ControlError(AdpopError):
+    """The control API could not be reached or refused the request."""
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("supervisor", timeout=TIMEOUT)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(TIMEOUT)
+        sock.connect(self.path)
+        self.sock = sock
+
+
+def call(path: str, method: str, route: str, body: dict[str, Any] | None = None
+         ) -> dict[str, Any]:
+    """One request to the supervisor at `path`; raises ControlError with its message."""
+    conn = _UnixConnection(path)
+    try:
+        payload = json.dumps(body).encode() if body is not None else None
+        conn.request(method, route, body=payload,
+                     headers={"Content-Type": "application/json"} if payload else {})
+        resp = conn.getresponse()
+        answer: dict[str, Any] = json.loads(resp.read() or b"{}")
+    except (OSError, http.client.HTTPException) as exc:
+        raise ControlError(f"supervisor not reachable on {path}: {exc}",
+                           hint="is it running? `systemctl status adpop-supervisor`, or "
+                                "give --socket") from exc
+    except json.JSONDecodeError as exc:
+        raise ControlError(f"supervisor on {path} answered something other than JSON") from exc
+    finally:
+        conn.close()
+    if resp.status >= 400:
+        err = answer.get("error", {})
+        raise ControlError(f"{err.get('code', resp.status)}: {err.get('message', answer)}")
+    return answer

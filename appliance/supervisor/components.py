@@ -1,0 +1,229 @@
+"""The parts the supervisor keeps running, behind one interface.
+
+A Component has a runner (how it is started and stopped) and a probe (how healthy it is).
+In dev mode the runner is a child process of the supervisor; in appliance mode it is the
+part's own systemd unit, started and restarted through systemctl. Either way the supervisor
+restarts a part that stopped, with exponential backoff, and reports why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from appliance.errors import AdpopError
+
+log = logging.getLogger("adpop.supervisor")
+
+STOP_GRACE = 10.0  # seconds a part gets to exit after SIGTERM before SIGKILL
+BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
+STABLE_AFTER = 60.0  # healthy this long and the backoff starts over
+
+
+class ComponentError(AdpopError):
+    """A part could not be started or stopped."""
+
+
+@dataclass(frozen=True)
+class Health:
+    """One look at a part: ok, and when not (or when worth saying) why."""
+
+    ok: bool
+    reason: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Runner(Protocol):
+    """How a part is run: a child process (dev) or a systemd unit (appliance)."""
+
+    description: str
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    def running(self) -> bool: ...
+    def pid(self) -> int | None: ...
+
+
+def _die_with_parent() -> None:
+    # PR_SET_PDEATHSIG: a dev-mode child is killed when the supervisor dies, even by
+    # SIGKILL, so no engine or cache outlives it.
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+
+
+class ChildProcess:
+    """A part run as the supervisor's own child, its output appended to a log file."""
+
+    def __init__(self, argv: Sequence[str], log_path: Path) -> None:
+        self.argv = list(argv)
+        self.log_path = log_path
+        self.description = f"child process {Path(self.argv[0]).name}"
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as out:
+            try:
+                self.process = await asyncio.create_subprocess_exec(
+                    *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=out,
+                    stderr=asyncio.subprocess.STDOUT, preexec_fn=_die_with_parent)
+            except OSError as exc:
+                raise ComponentError(f"cannot start {self.argv[0]}: {exc.strerror}",
+                                     hint="check the binary path in the configuration") from exc
+
+    async def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is None or process.returncode is not None:
+            return
+        process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), STOP_GRACE)
+        except asyncio.TimeoutError:
+            process.kill()
+            await process.wait()
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    def pid(self) -> int | None:
+        return self.process.pid if self.running() and self.process else None
+
+    def exit_status(self) -> str:
+        if self.process is None or self.process.returncode is None:
+            return ""
+        code = self.process.returncode
+        return f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
+
+
+class SystemdUnit:
+    """A part run as its own systemd unit; the supervisor asks systemctl."""
+
+    def __init__(self, unit: str) -> None:
+        self.unit = unit
+        self.description = f"unit {unit}"
+        self._active = False
+        self._pid: int | None = None
+
+    async def _systemctl(self, *args: str) -> tuple[int, str]:
+        process = await asyncio.create_subprocess_exec(
+            "systemctl", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        out, _ = await process.communicate()
+        return process.returncode or 0, out.decode(errors="replace").strip()
+
+    async def start(self) -> None:
+        code, out = await self._systemctl("start", "--no-block", self.unit)
+        if code:
+            raise ComponentError(f"systemctl start {self.unit} failed: {out}",
+                                 hint=f"journalctl -u {self.unit}")
+
+    async def stop(self) -> None:
+        await self._systemctl("stop", self.unit)
+
+    async def refresh(self) -> None:
+        """Reads the unit's state; running() and pid() answer from it."""
+        _, out = await self._systemctl("show", self.unit, "-p", "ActiveState", "-p", "MainPID")
+        values = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+        self._active = values.get("ActiveState") in ("active", "activating", "reloading")
+        pid = int(values.get("MainPID", "0") or 0)
+        self._pid = pid or None
+
+    def running(self) -> bool:
+        return self._active
+
+    def pid(self) -> int | None:
+        return self._pid
+
+
+Probe = Callable[[], Awaitable[Health]]
+
+
+class Component:
+    """A part with its runner and probe: started, watched, restarted with backoff."""
+
+    def __init__(self, name: str, runner: Runner, probe: Probe,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = name
+        self.runner = runner
+        self.probe = probe
+        self.clock = clock
+        self.restarts = 0
+        self.backoff = BACKOFF_FIRST
+        self.next_start = 0.0
+        self.healthy_since: float | None = None
+        self.last = Health(False, "not started")
+
+    async def start(self) -> None:
+        log.info("starting %s (%s)", self.name, self.runner.description,
+                 extra={"component": self.name})
+        await self.runner.start()
+
+    async def stop(self) -> None:
+        await self.runner.stop()
+
+    async def restart(self) -> None:
+        await self.runner.stop()
+        await self.start()
+
+    async def health(self) -> Health:
+        """Probes the part; a part that stopped is restarted once its backoff has passed."""
+        if isinstance(self.runner, SystemdUnit):
+            await self.runner.refresh()
+        now = self.clock()
+        if not self.runner.running():
+            waiting = getattr(self.runner, "waiting", None)
+            if waiting is not None and waiting():
+                # Not a failure: the part has nothing to run on yet (no backoff, no count).
+                await self.runner.start()
+                if not self.runner.running():
+                    self.last = Health(False, f"{self.name} {waiting()}",
+                                       {"restarts": self.restarts})
+                    return self.last
+        if not self.runner.running():
+            why = self.runner.exit_status() if isinstance(self.runner, ChildProcess) else ""
+            reason = f"{self.name} is not running" + (f" ({why})" if why else "")
+            self.healthy_since = None
+            if now >= self.next_start:
+                if self.last.ok or self.restarts == 0:
+                    log.warning("%s; restarting it", reason, extra={"component": self.name})
+                try:
+                    await self.restart()
+                    self.restarts += 1
+                except ComponentError as exc:
+                    reason = exc.line()
+                self.next_start = now + self.backoff
+                self.backoff = min(BACKOFF_MAX, self.backoff * 2)
+            else:
+                reason += f"; next start in {self.next_start - now:.1f} s"
+            self.last = Health(False, reason, {"restarts": self.restarts})
+            return self.last
+        health = await self.probe()
+        details = {"restarts": self.restarts, "pid": self.runner.pid(), **health.details}
+        if health.ok:
+            self.healthy_since = self.healthy_since or now
+            if now - self.healthy_since >= STABLE_AFTER:
+                self.backoff = BACKOFF_FIRST
+        else:
+            self.healthy_since = None
+        if health.ok != self.last.ok or (not health.ok and health.reason != self.last.reason):
+            level = logging.INFO if health.ok else logging.WARNING
+            log.log(level, "%s %s%s", self.name, "healthy" if health.ok else "unhealthy",
+                    f": {health.reason}" if health.reason else "", extra={"component": self.name})
+        self.last = Health(health.ok, health.reason, details)
+        return self.last
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,169 @@
+"""The control API: HTTP + JSON over a Unix socket, the one door operators (and the console)
+use. Socket mode 0660; every write logs the caller's uid from SO_PEERCRED.
+
+Read:  GET  /v1/status /v1/snapshots /v1/cache /v1/events /v1/logs?lines=N&component=NAME
+Write: POST /v1/sync-now /v1/rollback {"to": N} /v1/drain /v1/undrain
+Errors: {"error": {"code": "...", "message": "..."}} with a 4xx or 5xx status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import ClientError, web
+
+from appliance.errors import AdpopError
+from appliance.snapshot.manifest import MANIFEST_NAME, Manifest
+
+if TYPE_CHECKING:
+    from appliance.supervisor.core import Supervisor
+
+log = logging.getLogger("adpop.supervisor")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+def peer_uid(request: web.Request) -> int | None:
+    """The connecting process's uid, from the kernel (SO_PEERCRED), not from the request."""
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is None:
+        return None
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _, uid, _ = struct.unpack("3i", creds)
+    return int(uid)
+
+
+class ControlServer:
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+        self.path = Path(supervisor.cfg.paths.state_dir) / supervisor.cfg.supervisor.control_socket
+        self.runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=64 * 1024, middlewares=[self._errors])
+        app.add_routes([
+            web.get("/v1/status", self.status), web.get("/v1/snapshots", self.snapshots),
+            web.get("/v1/cache", self.cache), web.get("/v1/events", self.events),
+            web.get("/v1/logs", self.logs),
+            web.post("/v1/sync-now", self.sync_now), web.post("/v1/rollback", self.rollback),
+            web.post("/v1/drain", self.drain), web.post("/v1/undrain", self.undrain)])
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.unlink(missing_ok=True)  # left by a supervisor that was killed
+        await web.UnixSite(self.runner, str(self.path)).start()
+        os.chmod(self.path, 0o660)
+        group = self.supervisor.cfg.supervisor.operator_group
+        if group:
+            try:
+                os.chown(self.path, -1, grp.getgrnam(group).gr_gid)
+            except KeyError:
+                log.error("operator group %r does not exist; the control socket keeps the "
+                          "supervisor's group", group)
+        log.info("control API on %s", self.path)
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+        self.path.unlink(missing_ok=True)
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status == 404:
+                return error(404, "not_found", f"no route {request.method} {request.path}; "
+                             "see `adpop status --help`")
+            return error(exc.status, "bad_request", exc.reason)
+        except AdpopError as exc:
+            return error(409, "refused", exc.line())
+        except (ClientError, OSError, asyncio.TimeoutError) as exc:
+            return error(503, "engine_unavailable", f"engine: {exc or type(exc).__name__}")
+
+    def _write(self, request: web.Request, action: str) -> None:
+        uid = peer_uid(request)
+        log.info("control: %s by uid %s", action, uid, extra={"operator_uid": uid})
+
+    # --- reads ------------------------------------------------------------------------
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.supervisor.status())
+
+    async def snapshots(self, request: web.Request) -> web.Response:
+        store = self.supervisor.store
+        active = store.current_version()
+        rows = []
+        for version in store.versions():
+            folder = store.path_of(version)
+            manifest = Manifest.from_signed(
+                json.loads((folder / MANIFEST_NAME).read_bytes())["signed"])
+            rows.append({"version": version, "sha256": manifest.payload_sha256,
+                         "bytes": manifest.payload_length, "created": manifest.created,
+                         "active": version == active})
+        return web.json_response({"active": active, "snapshots": rows})
+
+    async def cache(self, request: web.Request) -> web.Response:
+        c = self.supervisor.component("cache")
+        return web.json_response({"address": self.supervisor.cfg.cache.address, "ok": c.last.ok,
+                                  "reason": c.last.reason, **c.last.details})
+
+    async def events(self, request: web.Request) -> web.Response:
+        s = self.supervisor
+        spool = Path(s.cfg.paths.state_dir) / s.cfg.engine.spool
+        files = sorted(spool.glob("*.closed")) if spool.is_dir() else []
+        return web.json_response({
+            "engine": s.engine_status.get("events", {}), "spool": s.engine_status.get("spool", {}),
+            "closed_segments": len(files), "backlog_bytes": sum(f.stat().st_size for f in files)})
+
+    async def logs(self, request: web.Request) -> web.Response:
+        try:
+            count = int(request.query.get("lines", "200"))
+        except ValueError:
+            return error(400, "bad_request", "lines must be a whole number")
+        component = request.query.get("component")
+        lines = [line for line in self.supervisor.recent.lines
+                 if component is None or line["component"] == component]
+        return web.json_response({"lines": lines[-count:] if count > 0 else []})
+
+    # --- writes -----------------------------------------------------------------------
+
+    async def sync_now(self, request: web.Request) -> web.Response:
+        self._write(request, "sync now")
+        return web.json_response({"ok": True, "message": self.supervisor.sync_now()})
+
+    async def rollback(self, request: web.Request) -> web.Response:
+        body: dict[str, Any] = {}
+        if request.can_read_body:
+            try:
+                body = await request.json()
+            except json.JSONDecodeError:
+                return error(400, "bad_request", 'the body must be JSON, e.g. {"to": 3}')
+        to = body.get("to")
+        if to is not None and (isinstance(to, bool) or not isinstance(to, int)):
+            return error(400, "bad_request", '"to" must be a version number')
+        self._write(request, f"rollback to {to if to is not None else 'the previous version'}")
+        return web.json_response({"ok": True, "message": await self.supervisor.rollback(to)})
+
+    async def drain(self, request: web.Request) -> web.Response:
+        self._write(request, "drain")
+        return web.json_response({"ok": True,
+                                  "message": await self.supervisor.set_draining(True)})
+
+    async def undrain(self, request: web.Request) -> web.Response:
+        self._write(request, "undrain")
+        return web.json_response({"ok": True,
+                                  "message": await self.supervisor.set_draining(False)})

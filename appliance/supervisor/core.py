@@ -1,0 +1,249 @@
+"""The supervisor: brings the PoP to serving, keeps it there, and answers the control API.
+
+One health loop probes every part, restarts what stopped, refreshes STATUS= and, only from
+that loop, pings the systemd watchdog: a hung loop stops the pings and systemd restarts the
+supervisor. READY=1 goes out once the cache answers, the engine is healthy and serves the
+active verified snapshot -- or, after supervisor.ready_timeout, in a degraded state whose
+STATUS says what is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from aiohttp import ClientError
+
+from appliance import cache
+from appliance import config as cfg
+from appliance.snapshot.store import SnapshotStore
+from appliance.supervisor.components import ChildProcess, Component, Health, SystemdUnit
+from appliance.supervisor.notify import Context, RecentLines, notify, watchdog_interval
+from appliance.sync.agent import SyncAgent, roll_back
+from appliance.sync.engine import EngineAdmin
+
+log = logging.getLogger("adpop.supervisor")
+
+
+def state_path(appliance: Any, path: str) -> Path:
+    return cfg.under(appliance.paths.state_dir, path)
+
+
+def engine_socket(appliance: Any) -> Path:
+    """The engine's admin socket: as configured, else `engine.sock` in the state directory."""
+    return state_path(appliance, appliance.engine.admin_socket or "engine.sock")
+
+
+class Supervisor:
+    def __init__(self, appliance: Any, store: SnapshotStore, context: Context | None = None,
+                 recent: RecentLines | None = None,
+                 components: list[Component] | None = None) -> None:
+        # Sync tells the engine the supervisor runs, whatever the file left unset.
+        self.cfg = replace(appliance, engine=replace(appliance.engine,
+                                                     admin_socket=str(engine_socket(appliance))))
+        self.store = store
+        self.context = context or Context()
+        self.recent = recent or RecentLines()
+        self.admin = EngineAdmin(self.cfg.engine.admin_socket)
+        self.agent = SyncAgent(self.cfg, store)
+        self.components = components if components is not None else self._components()
+        self.started = time.monotonic()
+        self.ready = False
+        self.degraded = ""
+        self.draining = False
+        self.summary = "starting"
+        self.engine_status: dict[str, Any] = {}
+
+    # --- the parts --------------------------------------------------------------------
+
+    def _components(self) -> list[Component]:
+        dev = self.cfg.supervisor.mode == "dev"
+        address = self.cfg.cache.address
+        cache.parse_address(address)  # a bad address is a config error now, not a loop later
+        logs = state_path(self.cfg, "logs")
+        if dev:
+            state_path(self.cfg, "cache").mkdir(parents=True, exist_ok=True)
+        cache_runner = (ChildProcess(cache.redis_argv(self.cfg.cache.binary, address,
+                                                      self.cfg.cache.memory,
+                                                      state_path(self.cfg, "cache")),
+                                     logs / "cache.log")
+                        if dev else SystemdUnit(self.cfg.cache.unit))
+        engine_runner = (EngineProcess(self, logs / "engine.log") if dev
+                         else SystemdUnit(self.cfg.engine.unit))
+        return [Component("cache", cache_runner, self._cache_health),
+                Component("engine", engine_runner, self._engine_health)]
+
+    def component(self, name: str) -> Component:
+        return next(c for c in self.components if c.name == name)
+
+    async def _cache_health(self) -> Health:
+        probe = await cache.probe(self.cfg.cache.address)
+        return Health(probe.ok, probe.reason, {
+            "ping_ms": round(probe.ping_ms, 3), "used_memory": probe.used_memory,
+            "max_memory": probe.max_memory, "evicted_keys": probe.evicted_keys,
+            "connected_clients": probe.connected_clients})
+
+    async def _engine_health(self) -> Health:
+        try:
+            status = await self.admin.status()
+        except (ClientError, OSError, asyncio.TimeoutError) as exc:
+            return Health(False, f"engine admin socket not answering: {exc or type(exc).__name__}")
+        self.engine_status = status
+        active = self.store.current_version()
+        version = int(status.get("version", 0))
+        details = {"version": version, "requests": status.get("requests", 0),
+                   "requests_per_second": status.get("requests_per_second", 0.0),
+                   "latency_us": status.get("latency_us", {}),
+                   "connections": status.get("connections", 0),
+                   "draining": status.get("draining", False)}
+        if active is not None and version != active:
+            return Health(False, f"engine serves v{version}, v{active} is active", details)
+        if self.draining and not status.get("draining"):
+            await self.admin.call("POST", "/drain")  # a restarted engine is drained again
+        return Health(True, "draining" if status.get("draining") else "", details)
+
+    # --- health loop, readiness, status -----------------------------------------------
+
+    def missing(self) -> list[str]:
+        """What stands between this PoP and serving, one phrase each."""
+        gaps = [f"{c.name}: {c.last.reason or 'unhealthy'}" for c in self.components
+                if not c.last.ok]
+        if self.store.current_version() is None:
+            gaps.append("no verified snapshot yet" + (f" ({self.agent.state.error})"
+                                                        if self.agent.state.error else ""))
+        return gaps
+
+    async def health_round(self) -> None:
+        for component in self.components:
+            await component.health()
+        self.context.snapshot_version = self.store.current_version() or 0
+        gaps = self.missing()
+        active = self.store.current_version()
+        version = f"v{active}" if active is not None else "no snapshot"
+        if not gaps:
+            self.degraded = ""
+            self.summary = f"serving {version}" + (" (draining)" if self.draining else "")
+            if not self.ready:
+                self.ready = True
+                log.info("ready: %s", self.summary)
+                notify("READY=1", f"STATUS={self.summary}")
+        else:
+            self.summary = f"degraded ({version}): " + "; ".join(gaps)
+            waited = time.monotonic() - self.started
+            if not self.ready and waited >= self.cfg.supervisor.ready_timeout:
+                self.ready = True
+                self.degraded = "; ".join(gaps)
+                log.warning("ready after %.0f s, degraded: %s", waited, self.degraded)
+                notify("READY=1", f"STATUS={self.summary}")
+            elif not self.ready:
+                self.summary = f"starting ({version}): " + "; ".join(gaps)
+        notify(f"STATUS={self.summary}")
+
+    async def health_loop(self, stop: asyncio.Event) -> None:
+        interval = float(self.cfg.supervisor.health_interval)
+        watchdog = watchdog_interval()
+        if watchdog is not None:
+            interval = min(interval, watchdog)
+        while not stop.is_set():
+            await self.health_round()
+            # From this loop only: if it hangs, systemd sees the pings stop.
+            notify("WATCHDOG=1")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+
+    def status(self) -> dict[str, Any]:
+        active = self.store.current_version()
+        sync = self.agent.state
+        return {
+            "ready": self.ready and not self.degraded and not self.missing(),
+            "summary": self.summary, "degraded": self.degraded or None,
+            "pop": self.cfg.pop.id, "mode": self.cfg.supervisor.mode,
+            "snapshot": {"version": active, "sha256": sync.sha256 if active else "",
+                         "activated": sync.activated},
+            "sync": sync.report(), "draining": self.draining,
+            "components": {c.name: {"ok": c.last.ok, "reason": c.last.reason, **c.last.details}
+                           for c in self.components},
+            "serving_url": f"http://{self.cfg.engine.listen}",
+            "uptime_s": round(time.monotonic() - self.started, 1),
+        }
+
+    # --- writes ---------------------------------------------------------------------
+
+    def sync_now(self) -> str:
+        self.agent.wake.set()
+        return "sync started; `adpop status` shows its outcome"
+
+    async def rollback(self, to: int | None) -> str:
+        message = await roll_back(self.store, self.admin, to)
+        self.agent.state.version = self.store.current_version() or 0
+        return message
+
+    async def set_draining(self, draining: bool) -> str:
+        self.draining = draining
+        code, body = await self.admin.call("POST", "/drain" if draining else "/undrain")
+        if code != 200:
+            raise OSError(f"engine refused: {body}")
+        return ("draining: new connections get 503, requests in flight finish" if draining
+                else "serving again")
+
+    # --- run ------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        from appliance.supervisor.control import ControlServer
+
+        for component in self.components:
+            await component.health()  # starts what is not running
+        control = ControlServer(self)
+        await control.start()
+        sync = asyncio.ensure_future(self.agent.run(stop))
+        try:
+            await self.health_loop(stop)
+        finally:
+            notify("STOPPING=1", "STATUS=stopping")
+            await sync
+            await control.stop()
+            for component in reversed(self.components):
+                await component.stop()
+
+
+class EngineProcess(ChildProcess):
+    """The engine as a dev-mode child: not started before a snapshot is active (it has
+    nothing to serve), started from that snapshot's `current` link once there is one."""
+
+    def __init__(self, supervisor: Supervisor, log_path: Path) -> None:
+        super().__init__([supervisor.cfg.engine.binary], log_path)
+        self.supervisor = supervisor
+        self.description = f"child process {Path(supervisor.cfg.engine.binary).name}"
+
+    def waiting(self) -> str:
+        if self.supervisor.store.current_version() is None:
+            return "waits for a first verified snapshot"
+        return ""
+
+    async def start(self) -> None:
+        s = self.supervisor
+        if self.waiting():
+            return
+        e = s.cfg.engine
+        key = state_path(s.cfg, e.token_key)
+        if not key.exists():
+            key.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(os.urandom(32))
+        spool = state_path(s.cfg, e.spool)
+        spool.mkdir(parents=True, exist_ok=True)
+        socket_path = Path(e.admin_socket)
+        socket_path.unlink(missing_ok=True)  # left by a killed engine
+        self.argv = [e.binary, "--listen", e.listen, "--admin", str(socket_path), "--snapshot",
+                     str(s.store.current_link), "--shards", str(e.shards), "--spool", str(spool),
+                     "--token-key", str(key), "--idle-poll-us", str(e.idle_poll_us)]
+        if e.cpus:
+            self.argv += ["--cpus", e.cpus]
+        await super().start()

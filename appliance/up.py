@@ -1,0 +1,226 @@
+"""`adpop up`: an origin and a whole PoP on this machine, under one state directory.
+
+It starts the origin with the sample campaigns and publishes version 1, then the supervisor in
+dev mode (which runs redis-server and the engine as its children), waits until the PoP serves,
+prints how to use it and writes the same to <state>/up.json. Ctrl-C or SIGTERM stops every
+process it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from appliance.errors import AdpopError
+from appliance.supervisor.client import ControlError, call
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_CAMPAIGNS = REPO / "config" / "campaigns"
+READY_WAIT = 120.0
+STOP_WAIT = 15.0
+
+
+class UpError(AdpopError):
+    """The local PoP could not be brought up."""
+
+
+def _engine_binary() -> str:
+    for candidate in (os.environ.get("ADPOP_ENGINE", ""), str(REPO / "engine/build/adpop-engine"),
+                      "/usr/lib/adpop/adpop-engine"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise UpError("no engine binary found", hint="`make setup` builds engine/build/adpop-engine")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _check_port(port: int) -> None:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise UpError(f"port {port} on 127.0.0.1 is taken ({exc.strerror})",
+                          hint="stop what uses it, or give `adpop up --port N`") from exc
+
+
+def _adpop(*args: str) -> list[str]:
+    return [sys.executable, "-m", "appliance.cli", *args]
+
+
+def _run(argv: list[str], what: str) -> None:
+    result = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=REPO)
+    if result.returncode:
+        raise UpError(f"{what} failed: {(result.stderr or result.stdout).strip()}")
+
+
+def _write_configs(state: Path, port: int) -> tuple[Path, Path, dict[str, Any]]:
+    origin_port, push_port, cache_port = _free_port(), _free_port(), _free_port()
+    while len({origin_port, push_port, cache_port, port}) < 4:
+        push_port, cache_port = _free_port(), _free_port()
+    token = os.urandom(12).hex()
+    origin_toml, pop_toml = state / "origin.toml", state / "appliance.toml"
+    origin_toml.write_text(f"""# written by `adpop up`
+[origin]
+listen = "127.0.0.1:{origin_port}"
+state_dir = "{state / 'origin'}"
+push_token = "{token}"
+
+[rollout]
+stage_timeout = "1m"
+""")
+    redis = shutil.which("redis-server") or "/usr/bin/redis-server"
+    pop_toml.write_text(f"""# written by `adpop up`
+[pop]
+id = "pop-local"
+
+[paths]
+state_dir = "{state / 'pop'}"
+
+[sync]
+origin_url = "http://127.0.0.1:{origin_port}"
+push_listen = "127.0.0.1:{push_port}"
+push_token = "{token}"
+poll_interval = "5s"
+health_window = "2s"
+
+[engine]
+binary = "{_engine_binary()}"
+listen = "127.0.0.1:{port}"
+admin_socket = "engine.sock"
+
+[cache]
+address = "127.0.0.1:{cache_port}"
+binary = "{redis}"
+
+[supervisor]
+mode = "dev"
+control_socket = "control.sock"
+ready_timeout = "1m"
+""")
+    ports = {"origin": origin_port, "push": push_port, "cache": cache_port, "engine": port}
+    return origin_toml, pop_toml, ports
+
+
+class _Stop(Exception):
+    """SIGINT or SIGTERM arrived."""
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    raise _Stop
+
+
+def up(state: Path, campaigns: Path | None, port: int) -> int:
+    """Runs until a signal; returns the exit status."""
+    state = state.resolve()
+    campaigns = (campaigns or SAMPLE_CAMPAIGNS).resolve()
+    if not campaigns.is_dir():
+        raise UpError(f"campaign folder {campaigns} does not exist",
+                      hint="give --campaigns DIR with .toml or .json campaign files")
+    _check_port(port)
+    (state / "logs").mkdir(parents=True, exist_ok=True)
+    origin_toml, pop_toml, ports = _write_configs(state, port)
+    started = time.monotonic()
+    _run(_adpop("origin", "keys", "init", "--config", str(origin_toml)), "origin keys init")
+    pub = next((state / "origin" / "keys").glob("*.pub"))
+    _run(_adpop("pop", "trust", str(pub), "--config", str(pop_toml)), "pop trust")
+    _run(_adpop("origin", "campaigns", "import", str(campaigns), "--config", str(origin_toml)),
+         "campaign import")
+    if not list((state / "origin" / "payloads").glob("*.capnp")):
+        _run(_adpop("origin", "publish", "--config", str(origin_toml)), "publish")
+
+    children: dict[str, subprocess.Popen[bytes]] = {}
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    control = str(state / "pop" / "control.sock")
+    try:
+        for name, argv in (("origin", _adpop("origin", "serve", "--config", str(origin_toml))),
+                           ("supervisor", _adpop("supervisor", "--config", str(pop_toml)))):
+            with open(state / "logs" / f"{name}.log", "ab") as out:
+                children[name] = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                                  stdin=subprocess.DEVNULL, cwd=REPO)
+        status = _wait_ready(children, control, state)
+        info = {
+            "serving_url": f"http://127.0.0.1:{port}",
+            "example": (f"curl -s 'http://127.0.0.1:{port}/v1/decide?id=r1"
+                        "&placement=article-inline&country=US&device=desktop'"),
+            "control_socket": control,
+            "status": f"adpop status --socket {control}",
+            "console": f"adpop console --socket {control}",
+            "origin_url": f"http://127.0.0.1:{ports['origin']}",
+            "ports": ports,
+            "pids": {"origin": children["origin"].pid, "supervisor": children["supervisor"].pid,
+                     **{name: comp.get("pid") for name, comp in status["components"].items()}},
+            "snapshot_version": status["snapshot"]["version"],
+        }
+        (state / "up.json").write_text(json.dumps(info, indent=2) + "\n")
+        print(f"adpop PoP serving v{info['snapshot_version']} at {info['serving_url']} "
+              f"(up in {time.monotonic() - started:.1f} s)\n"
+              f"  try:     {info['example']}\n"
+              f"  status:  {info['status']}\n"
+              f"  console: {info['console']}\n"
+              f"  origin:  {info['origin_url']}  (adpop origin ... --config {origin_toml})\n"
+              f"  logs:    {state / 'logs'}/   details: {state / 'up.json'}\n"
+              "Ctrl-C stops everything.", flush=True)
+        while True:
+            for name, child in children.items():
+                if child.poll() is not None:
+                    raise UpError(f"the {name} exited with status {child.returncode}",
+                                  hint=f"see {state / 'logs' / (name + '.log')}")
+            time.sleep(0.5)
+    except _Stop:
+        print("stopping", flush=True)
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _stop_all(children)
+
+
+def _wait_ready(children: dict[str, subprocess.Popen[bytes]], control: str,
+                state: Path) -> dict[str, Any]:
+    deadline = time.monotonic() + READY_WAIT
+    last = "the supervisor has not answered yet"
+    while time.monotonic() < deadline:
+        for name, child in children.items():
+            if child.poll() is not None:
+                tail = (state / "logs" / f"{name}.log").read_text(errors="replace")[-600:]
+                raise UpError(f"the {name} exited with status {child.returncode} while "
+                              f"starting: ...{tail.strip()}")
+        try:
+            status = call(control, "GET", "/v1/status")
+        except ControlError:
+            time.sleep(0.2)
+            continue
+        if status["ready"]:
+            return status
+        last = status["summary"]
+        time.sleep(0.2)
+    raise UpError(f"the PoP is not serving after {READY_WAIT:.0f} s: {last}",
+                  hint=f"see the logs in {state / 'logs'}")
+
+
+def _stop_all(children: dict[str, subprocess.Popen[bytes]]) -> None:
+    # The supervisor first: it stops the engine and the cache it runs.
+    for name in ("supervisor", "origin"):
+        child = children.get(name)
+        if child is None or child.poll() is not None:
+            continue
+        child.terminate()
+        try:
+            child.wait(STOP_WAIT)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
