@@ -373,8 +373,10 @@ def cmd_pop_rollback(args: argparse.Namespace) -> int:
 def _control_socket(args: argparse.Namespace) -> str:
     if args.socket:
         return str(args.socket)
+    from appliance.supervisor.core import control_socket
+
     appliance, _ = _store(args)
-    return str(cfg.under(appliance.paths.state_dir, appliance.supervisor.control_socket))
+    return str(control_socket(appliance))
 
 
 def cmd_supervisor(args: argparse.Namespace) -> int:

@@ -41,11 +41,19 @@ def _engine_binary() -> str:
     raise UpError("no engine binary found", hint="`make setup` builds engine/build/adpop-engine")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+_handed_out: set[int] = set()
+
+
+def free_port() -> int:
+    """A loopback port free now and never handed out before in this process: a port is only
+    bound later, by the server it is for, so two calls in a row may otherwise both get it."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def _check_port(port: int) -> None:
@@ -68,9 +76,8 @@ def _run(argv: list[str], what: str) -> None:
 
 
 def _write_configs(state: Path, port: int) -> tuple[Path, Path, dict[str, Any]]:
-    origin_port, push_port, cache_port = _free_port(), _free_port(), _free_port()
-    while len({origin_port, push_port, cache_port, port}) < 4:
-        push_port, cache_port = _free_port(), _free_port()
+    _handed_out.add(port)  # the engine's, checked free by the caller
+    origin_port, push_port, cache_port = free_port(), free_port(), free_port()
     token = os.urandom(12).hex()
     origin_toml, pop_toml = state / "origin.toml", state / "appliance.toml"
     origin_toml.write_text(f"""# written by `adpop up`

@@ -35,7 +35,8 @@ from appliance.snapshot import bundle, synth
 from appliance.snapshot.manifest import generate_key, load_signing_key
 from appliance.snapshot.model import parse_documents
 from appliance.snapshot.store import SnapshotStore
-from bench.common import free_port, wait_http
+from appliance.up import free_port
+from bench.common import wait_http
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "engine" / "build"

@@ -2,16 +2,8 @@
 
 from __future__ import annotations
 
-import socket
 import time
 import urllib.request
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def wait_http(url: str, timeout: float = 15) -> None:

@@ -18,24 +18,12 @@ from appliance.snapshot import bundle
 from appliance.snapshot.manifest import SigningKey
 from appliance.snapshot.model import CampaignSet, parse_documents
 from appliance.snapshot.store import SnapshotStore
+from appliance.up import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 ENGINE = REPO / "engine" / "build" / "adpop-engine"
 
 
-_handed_out: set[int] = set()
-
-
-def free_port() -> int:
-    """A loopback port free now and never handed out before in this process: a port is only
-    bound later, by the server it is for, so two calls in a row may otherwise both get it."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port: int = s.getsockname()[1]
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):

@@ -9,7 +9,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.engine_harness import free_port
+from appliance.up import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 

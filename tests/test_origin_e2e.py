@@ -23,7 +23,8 @@ import pytest
 
 from appliance.snapshot.manifest import SigningKey, generate_key
 from appliance.snapshot.model import CampaignSet
-from tests.engine_harness import ENGINE, UnixHTTPConnection, free_port, install, running_engine
+from appliance.up import free_port
+from tests.engine_harness import ENGINE, UnixHTTPConnection, install, running_engine
 
 REPO = Path(__file__).resolve().parent.parent
 ADPOP = [sys.executable, "-m", "appliance.cli"]

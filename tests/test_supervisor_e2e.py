@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from appliance.supervisor.client import call
-from tests.engine_harness import free_port
+from appliance.up import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 

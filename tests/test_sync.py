@@ -32,7 +32,7 @@ from appliance.snapshot.manifest import (
 from appliance.snapshot.model import CampaignSet, parse_documents
 from appliance.snapshot.store import SnapshotStore
 from appliance.sync.agent import SyncAgent
-from tests.engine_harness import free_port
+from appliance.up import free_port
 
 NOW = 1_780_000_000  # the fake clock: every manifest is built relative to it
 

@@ -15,13 +15,14 @@ snapshot (the old one or the new one). Leftover temporaries are removed on open.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.errors import AdpopError
-from appliance.snapshot.manifest import MANIFEST_NAME, PAYLOAD_NAME
+from appliance.snapshot.manifest import MANIFEST_NAME, PAYLOAD_NAME, Manifest
 
 _TMP_PREFIX = ".tmp-"
 
@@ -115,6 +116,12 @@ class SnapshotStore:
         except ValueError as exc:
             raise StoreError(f"{self.high_water_path} is corrupt",
                              hint="restore it, or write the highest version you trust") from exc
+
+    def manifest(self, version: int) -> Manifest:
+        """A stored version's manifest, read alone: the payload beside it may be hundreds of
+        megabytes. Stored manifests were verified before they were stored."""
+        return Manifest.from_signed(
+            json.loads((self.path_of(version) / MANIFEST_NAME).read_bytes())["signed"])
 
     def read(self, version: int) -> tuple[bytes, bytes]:
         """(manifest bytes, payload bytes) of a stored version."""

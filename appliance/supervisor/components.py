@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
-import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -48,8 +47,14 @@ class Runner(Protocol):
 
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
+    async def refresh(self) -> None:
+        """Reads the part's state; running() and pid() answer from it."""
     def running(self) -> bool: ...
     def pid(self) -> int | None: ...
+    def stopped_why(self) -> str:
+        """How the part last ended, when known ("" otherwise)."""
+    def waiting(self) -> str:
+        """Why the part is not to run yet ("" when it may): not a failure, nothing to retry."""
 
 
 def _die_with_parent() -> None:
@@ -89,17 +94,23 @@ class ChildProcess:
             process.kill()
             await process.wait()
 
+    async def refresh(self) -> None:
+        pass  # the event loop reaps the child; returncode is always current
+
     def running(self) -> bool:
         return self.process is not None and self.process.returncode is None
 
     def pid(self) -> int | None:
         return self.process.pid if self.running() and self.process else None
 
-    def exit_status(self) -> str:
+    def stopped_why(self) -> str:
         if self.process is None or self.process.returncode is None:
             return ""
         code = self.process.returncode
         return f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
+
+    def waiting(self) -> str:
+        return ""
 
 
 class SystemdUnit:
@@ -127,7 +138,6 @@ class SystemdUnit:
         await self._systemctl("stop", self.unit)
 
     async def refresh(self) -> None:
-        """Reads the unit's state; running() and pid() answer from it."""
         _, out = await self._systemctl("show", self.unit, "-p", "ActiveState", "-p", "MainPID")
         values = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
         self._active = values.get("ActiveState") in ("active", "activating", "reloading")
@@ -139,6 +149,12 @@ class SystemdUnit:
 
     def pid(self) -> int | None:
         return self._pid
+
+    def stopped_why(self) -> str:
+        return ""  # journalctl -u has it
+
+    def waiting(self) -> str:
+        return ""  # the unit's own conditions decide
 
 
 Probe = Callable[[], Awaitable[Health]]
@@ -153,6 +169,7 @@ class Component:
         self.runner = runner
         self.probe = probe
         self.clock = clock
+        self.started = False
         self.restarts = 0
         self.backoff = BACKOFF_FIRST
         self.next_start = 0.0
@@ -173,32 +190,30 @@ class Component:
 
     async def health(self) -> Health:
         """Probes the part; a part that stopped is restarted once its backoff has passed."""
-        if isinstance(self.runner, SystemdUnit):
-            await self.runner.refresh()
+        await self.runner.refresh()
         now = self.clock()
+        waiting = self.runner.waiting()
+        if waiting and not self.runner.running():
+            # Not a failure: the part has nothing to run on yet (no backoff, no count).
+            self.last = Health(False, f"{self.name} {waiting}", {"restarts": self.restarts})
+            return self.last
         if not self.runner.running():
-            waiting = getattr(self.runner, "waiting", None)
-            if waiting is not None and waiting():
-                # Not a failure: the part has nothing to run on yet (no backoff, no count).
-                await self.runner.start()
-                if not self.runner.running():
-                    self.last = Health(False, f"{self.name} {waiting()}",
-                                       {"restarts": self.restarts})
-                    return self.last
-        if not self.runner.running():
-            why = self.runner.exit_status() if isinstance(self.runner, ChildProcess) else ""
+            why = self.runner.stopped_why()
             reason = f"{self.name} is not running" + (f" ({why})" if why else "")
             self.healthy_since = None
             if now >= self.next_start:
-                if self.last.ok or self.restarts == 0:
+                # The first start is not a restart: no warning, no count, no backoff.
+                if self.started and (self.last.ok or self.restarts == 0):
                     log.warning("%s; restarting it", reason, extra={"component": self.name})
                 try:
                     await self.restart()
-                    self.restarts += 1
                 except ComponentError as exc:
                     reason = exc.line()
-                self.next_start = now + self.backoff
-                self.backoff = min(BACKOFF_MAX, self.backoff * 2)
+                if self.started:
+                    self.restarts += 1
+                    self.next_start = now + self.backoff
+                    self.backoff = min(BACKOFF_MAX, self.backoff * 2)
+                self.started = True
             else:
                 reason += f"; next start in {self.next_start - now:.1f} s"
             self.last = Health(False, reason, {"restarts": self.restarts})
@@ -218,12 +233,3 @@ class Component:
         self.last = Health(health.ok, health.reason, details)
         return self.last
 
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

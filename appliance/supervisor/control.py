@@ -16,16 +16,12 @@ import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import ClientError, web
 
 from appliance.errors import AdpopError
-from appliance.snapshot.manifest import MANIFEST_NAME, Manifest
-
-if TYPE_CHECKING:
-    from appliance.supervisor.core import Supervisor
+from appliance.supervisor.core import Supervisor, control_socket, state_path
 
 log = logging.getLogger("adpop.supervisor")
 
@@ -49,7 +45,7 @@ def peer_uid(request: web.Request) -> int | None:
 class ControlServer:
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
-        self.path = Path(supervisor.cfg.paths.state_dir) / supervisor.cfg.supervisor.control_socket
+        self.path = control_socket(supervisor.cfg)
         self.runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -108,9 +104,7 @@ class ControlServer:
         active = store.current_version()
         rows = []
         for version in store.versions():
-            folder = store.path_of(version)
-            manifest = Manifest.from_signed(
-                json.loads((folder / MANIFEST_NAME).read_bytes())["signed"])
+            manifest = store.manifest(version)
             rows.append({"version": version, "sha256": manifest.payload_sha256,
                          "bytes": manifest.payload_length, "created": manifest.created,
                          "active": version == active})
@@ -123,7 +117,7 @@ class ControlServer:
 
     async def events(self, request: web.Request) -> web.Response:
         s = self.supervisor
-        spool = Path(s.cfg.paths.state_dir) / s.cfg.engine.spool
+        spool = state_path(s.cfg, s.cfg.engine.spool)
         files = sorted(spool.glob("*.closed")) if spool.is_dir() else []
         return web.json_response({
             "engine": s.engine_status.get("events", {}), "spool": s.engine_status.get("spool", {}),

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,10 @@ def engine_socket(appliance: Any) -> Path:
     return state_path(appliance, appliance.engine.admin_socket or "engine.sock")
 
 
+def control_socket(appliance: Any) -> Path:
+    return state_path(appliance, appliance.supervisor.control_socket)
+
+
 class Supervisor:
     def __init__(self, appliance: Any, store: SnapshotStore, context: Context | None = None,
                  recent: RecentLines | None = None,
@@ -54,8 +58,8 @@ class Supervisor:
         self.agent = SyncAgent(self.cfg, store)
         self.components = components if components is not None else self._components()
         self.started = time.monotonic()
-        self.ready = False
-        self.degraded = ""
+        self.ready_sent = False  # READY=1 goes out once, serving or degraded
+        self.gaps = ["not checked yet"]  # what the last health round found missing
         self.draining = False
         self.summary = "starting"
         self.engine_status: dict[str, Any] = {}
@@ -83,11 +87,8 @@ class Supervisor:
         return next(c for c in self.components if c.name == name)
 
     async def _cache_health(self) -> Health:
-        probe = await cache.probe(self.cfg.cache.address)
-        return Health(probe.ok, probe.reason, {
-            "ping_ms": round(probe.ping_ms, 3), "used_memory": probe.used_memory,
-            "max_memory": probe.max_memory, "evicted_keys": probe.evicted_keys,
-            "connected_clients": probe.connected_clients})
+        probe = asdict(await cache.probe(self.cfg.cache.address))
+        return Health(probe.pop("ok"), probe.pop("reason"), probe)
 
     async def _engine_health(self) -> Health:
         try:
@@ -122,28 +123,26 @@ class Supervisor:
     async def health_round(self) -> None:
         for component in self.components:
             await component.health()
-        self.context.snapshot_version = self.store.current_version() or 0
-        gaps = self.missing()
         active = self.store.current_version()
+        self.context.snapshot_version = active or 0
+        self.gaps = self.missing()
         version = f"v{active}" if active is not None else "no snapshot"
-        if not gaps:
-            self.degraded = ""
+        waited = time.monotonic() - self.started
+        timed_out = waited >= self.cfg.supervisor.ready_timeout
+        if not self.gaps:
             self.summary = f"serving {version}" + (" (draining)" if self.draining else "")
-            if not self.ready:
-                self.ready = True
-                log.info("ready: %s", self.summary)
-                notify("READY=1", f"STATUS={self.summary}")
         else:
-            self.summary = f"degraded ({version}): " + "; ".join(gaps)
-            waited = time.monotonic() - self.started
-            if not self.ready and waited >= self.cfg.supervisor.ready_timeout:
-                self.ready = True
-                self.degraded = "; ".join(gaps)
-                log.warning("ready after %.0f s, degraded: %s", waited, self.degraded)
-                notify("READY=1", f"STATUS={self.summary}")
-            elif not self.ready:
-                self.summary = f"starting ({version}): " + "; ".join(gaps)
-        notify(f"STATUS={self.summary}")
+            state = "degraded" if self.ready_sent or timed_out else "starting"
+            self.summary = f"{state} ({version}): " + "; ".join(self.gaps)
+        lines = [f"STATUS={self.summary}"]
+        if not self.ready_sent and (not self.gaps or timed_out):
+            self.ready_sent = True
+            lines.insert(0, "READY=1")
+            if self.gaps:
+                log.warning("ready after %.0f s, %s", waited, self.summary)
+            else:
+                log.info("ready: %s", self.summary)
+        notify(*lines)
 
     async def health_loop(self, stop: asyncio.Event) -> None:
         interval = float(self.cfg.supervisor.health_interval)
@@ -161,8 +160,8 @@ class Supervisor:
         active = self.store.current_version()
         sync = self.agent.state
         return {
-            "ready": self.ready and not self.degraded and not self.missing(),
-            "summary": self.summary, "degraded": self.degraded or None,
+            "ready": not self.gaps, "summary": self.summary,
+            "degraded": "; ".join(self.gaps) if self.ready_sent and self.gaps else None,
             "pop": self.cfg.pop.id, "mode": self.cfg.supervisor.mode,
             "snapshot": {"version": active, "sha256": sync.sha256 if active else "",
                          "activated": sync.activated},
@@ -181,7 +180,7 @@ class Supervisor:
 
     async def rollback(self, to: int | None) -> str:
         message = await roll_back(self.store, self.admin, to)
-        self.agent.state.version = self.store.current_version() or 0
+        self.agent.adopt_current()
         return message
 
     async def set_draining(self, draining: bool) -> str:
@@ -195,7 +194,7 @@ class Supervisor:
     # --- run ------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        from appliance.supervisor.control import ControlServer
+        from appliance.supervisor.control import ControlServer  # it imports this module
 
         for component in self.components:
             await component.health()  # starts what is not running
@@ -219,7 +218,6 @@ class EngineProcess(ChildProcess):
     def __init__(self, supervisor: Supervisor, log_path: Path) -> None:
         super().__init__([supervisor.cfg.engine.binary], log_path)
         self.supervisor = supervisor
-        self.description = f"child process {Path(supervisor.cfg.engine.binary).name}"
 
     def waiting(self) -> str:
         if self.supervisor.store.current_version() is None:

@@ -82,8 +82,9 @@ def setup_logging(debug: bool = False) -> tuple[Context, RecentLines]:
         out = journal.JournalHandler(SYSLOG_IDENTIFIER="adpop-supervisor")
     else:
         out = logging.StreamHandler(sys.stderr)
-        out.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(component)s: %(message)s"))
-        logging.Formatter.converter = time.gmtime
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(component)s: %(message)s")
+        formatter.converter = time.gmtime  # this formatter's times in UTC, no one else's
+        out.setFormatter(formatter)
     for handler in (out, recent):
         handler.addFilter(context)
         root.addHandler(handler)

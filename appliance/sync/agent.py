@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 import mmap
 import time
@@ -27,7 +26,6 @@ from appliance.errors import AdpopError
 from appliance.snapshot import bundle
 from appliance.snapshot.compiler import PayloadError, open_payload
 from appliance.snapshot.manifest import (
-    MANIFEST_NAME,
     PAYLOAD_NAME,
     Manifest,
     Policy,
@@ -82,16 +80,15 @@ class SyncAgent:
         self.wake = asyncio.Event()
         self.pushed: bytes | None = None  # a manifest a push notice carried, not yet taken
         self.session: ClientSession | None = None
-        current = store.current_version()
+        self.adopt_current()
+
+    def adopt_current(self) -> None:
+        """Reports what the store has active (at start, and after an operator's rollback)."""
+        current = self.store.current_version()
         if current is not None:
             self.state.version = current
             self.state.state = "active"
-            self.state.sha256 = self._sha256_of(current)
-
-    def _sha256_of(self, version: int) -> str:
-        # The manifest alone: the payload beside it may be hundreds of megabytes.
-        manifest_bytes = (self.store.path_of(version) / MANIFEST_NAME).read_bytes()
-        return Manifest.from_signed(json.loads(manifest_bytes)["signed"]).payload_sha256
+            self.state.sha256 = self.store.manifest(current).payload_sha256
 
     @property
     def origin(self) -> str:
