@@ -56,7 +56,7 @@ $(STAMPS)/apt: Makefile
 		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
 	done); \
 	if [ -n "$$missing" ]; then \
-		echo "apt: installing $$missing"; \
+		echo "apt: installing" $$missing; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 	@touch $@
