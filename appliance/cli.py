@@ -401,6 +401,68 @@ def cmd_supervisor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exec(argv: list[str]) -> int:
+    """Replaces this process with `argv`, so systemd's main PID is the server itself."""
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execv(argv[0], argv)
+    except OSError as exc:
+        raise AdpopError(f"cannot run {argv[0]}: {exc.strerror}",
+                         hint="check the binary path in the configuration") from exc
+    return 1  # execv does not return
+
+
+def cmd_engine_run(args: argparse.Namespace) -> int:
+    from appliance.supervisor.core import engine_command
+
+    appliance, store = _store(args)
+    if store.current_version() is None:
+        raise AdpopError(f"no active snapshot under {appliance.paths.state_dir}",
+                         hint="the supervisor starts the engine once the first one is verified")
+    return _exec(engine_command(appliance, store))
+
+
+def cmd_cache_run(args: argparse.Namespace) -> int:
+    import os
+    import shutil
+
+    from appliance import cache
+    from appliance.supervisor.core import state_path
+
+    appliance, _ = _store(args)
+    c = appliance.cache
+    # Under systemd the unit's StateDirectory; otherwise the cache folder of the state dir.
+    folder = Path(os.environ.get("STATE_DIRECTORY") or state_path(appliance, "cache"))
+    folder.mkdir(parents=True, exist_ok=True)
+    binary = args.binary or c.binary
+    binary = shutil.which(binary) or binary
+    if args.server == "dragonfly":
+        argv = cache.dragonfly_argv(binary, c.address, c.memory, folder,
+                                    len(os.sched_getaffinity(0)))
+    else:
+        argv = cache.redis_argv(binary, c.address, c.memory, folder)
+    return _exec(argv)
+
+
+def cmd_units_generate(args: argparse.Namespace) -> int:
+    from appliance import cpulist, units
+
+    try:
+        appliance = cfg.load(cfg.Scope.APPLIANCE, Path(args.config) if args.config else None)
+        written = units.write(Path(args.normal_dir), units.drop_ins(appliance, cpulist.online()))
+    except (AdpopError, OSError) as exc:
+        # A generator that fails must not stop the boot: the units keep their defaults.
+        message = exc.line() if isinstance(exc, AdpopError) else str(exc)
+        print(f"adpop-generator: no drop-ins written: {message}", file=sys.stderr)
+        return 0
+    for path in written:
+        log.debug("wrote %s", path)
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from appliance.supervisor.client import call
 
@@ -555,6 +617,31 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "rollback":
             p.add_argument("--to", type=int, help="the version to activate")
         p.set_defaults(func=func)
+    engine = commands.add_parser("engine", help="the serving engine").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    p = engine.add_parser("run", help="exec the engine as the configuration says "
+                          "(adpop-engine.service's ExecStart)")
+    p.add_argument("--config", help="appliance configuration file")
+    p.add_argument("--state", help="state directory (overrides paths.state_dir)")
+    p.set_defaults(func=cmd_engine_run)
+    cache_cmd = commands.add_parser("cache", help="the local cache").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    p = cache_cmd.add_parser("run", help="exec the cache server as the configuration says "
+                             "(the cache unit's ExecStart)")
+    p.add_argument("--server", choices=("redis", "dragonfly"), default="redis")
+    p.add_argument("--binary", help="the server binary (default: cache.binary)")
+    p.add_argument("--config", help="appliance configuration file")
+    p.add_argument("--state", help="state directory (overrides paths.state_dir)")
+    p.set_defaults(func=cmd_cache_run)
+    units_cmd = commands.add_parser("units", help="systemd integration").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    p = units_cmd.add_parser("generate", help="write the configuration's unit drop-ins "
+                             "(the systemd generator)")
+    p.add_argument("normal_dir", help="the generator's normal directory")
+    p.add_argument("early_dir", nargs="?", help="unused (systemd passes it)")
+    p.add_argument("late_dir", nargs="?", help="unused (systemd passes it)")
+    p.add_argument("--config", help="appliance configuration file")
+    p.set_defaults(func=cmd_units_generate)
     p = commands.add_parser("up", help="run an origin and a whole PoP on this machine")
     p.add_argument("--state", default=".adpop", help="state directory (default .adpop)")
     p.add_argument("--campaigns", help="campaign folder (default: the sample campaigns)")

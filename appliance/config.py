@@ -20,6 +20,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from appliance import cpulist
 from appliance.errors import AdpopError
 
 if sys.version_info >= (3, 11):
@@ -96,6 +97,14 @@ def _identifier(value: Any) -> str | None:
     return "use 1-63 characters of a-z, 0-9, '.', '_' or '-', starting with a letter or digit"
 
 
+def _cpu_list(value: Any) -> str | None:
+    try:
+        cpulist.parse(value)
+    except cpulist.CpuListError as exc:
+        return exc.line()
+    return None
+
+
 A, ORG = Scope.APPLIANCE, Scope.ORIGIN
 
 SETTINGS: tuple[Setting, ...] = (
@@ -164,32 +173,36 @@ SETTINGS: tuple[Setting, ...] = (
             "HOST:PORT the engine serves ad requests on."),
     Setting(A, "engine", "shards", Kind.INT, 1, "Serving threads, one per CPU.", _at_least(1)),
     Setting(A, "engine", "cpus", Kind.OPT_STR, "",
-            "CPUs to pin the shards to, e.g. \"2-5\" (\"\": unpinned)."),
+            "CPUs to pin the shards to, e.g. \"2-5\" (\"\": unpinned); in the appliance "
+            "also the engine unit's CPUAffinity, the cache getting the other CPUs.", _cpu_list),
     Setting(A, "engine", "idle_poll_us", Kind.INT, 0,
             "Microseconds a shard polls after its last event before it sleeps (0: sleep at "
             "once); worth it when shards have their own cores.", _at_least(0)),
-    Setting(A, "engine", "token_key", Kind.PATH, "token.key",
+    Setting(A, "engine", "token_key", Kind.PATH, "engine/token.key",
             "Secret signing tracking URLs (made at first start when missing); relative paths "
             "are under paths.state_dir."),
-    Setting(A, "engine", "spool", Kind.PATH, "spool",
+    Setting(A, "engine", "spool", Kind.PATH, "engine/spool",
             "Folder of the engine's event spool segments; relative paths are under "
             "paths.state_dir."),
     Setting(A, "cache", "address", Kind.STR, "127.0.0.1:6379",
             "HOST:PORT of the local cache (Dragonfly or redis-server)."),
     Setting(A, "cache", "memory", Kind.SIZE, 256 * 1024**2,
-            "Memory limit of the cache in dev mode (the unit sets it in the appliance).",
+            "Memory limit of the cache (its maxmemory; in the appliance the unit's MemoryMax is "
+            "a quarter above it).",
             _at_least(1024**2)),
     Setting(A, "cache", "binary", Kind.PATH, "redis-server",
             "The cache server the supervisor runs in dev mode."),
-    Setting(A, "cache", "unit", Kind.STR, "dragonfly.service",
-            "The cache's systemd unit, watched and restarted in appliance mode."),
+    Setting(A, "cache", "unit", Kind.OPT_STR, "",
+            "The cache's systemd unit, watched and restarted in appliance mode (\"\": "
+            "dragonfly.service when /usr/bin/dragonfly is installed, else adpop-redis.service, "
+            "as the units' own conditions choose)."),
     Setting(A, "supervisor", "mode", Kind.STR, "appliance",
             "appliance: the parts run as their own systemd units; dev: the supervisor runs "
             "them as its child processes.", _one_of("appliance", "dev")),
     Setting(A, "supervisor", "control_socket", Kind.PATH, "/run/adpop/control.sock",
             "Unix socket of the control API (mode 0660); relative paths are under "
             "paths.state_dir."),
-    Setting(A, "supervisor", "operator_group", Kind.OPT_STR, "",
+    Setting(A, "supervisor", "operator_group", Kind.OPT_STR, "adpop-ops",
             "Group that owns the control socket, so its members may use it (\"\": the "
             "supervisor's own group)."),
     Setting(A, "supervisor", "ready_timeout", Kind.DURATION, 120,

@@ -116,9 +116,26 @@ binary = "{redis}"
 [supervisor]
 mode = "dev"
 control_socket = "control.sock"
+operator_group = ""
 ready_timeout = "1m"
 """)
     ports = {"origin": origin_port, "push": push_port, "cache": cache_port, "engine": port}
+    return origin_toml, pop_toml, ports
+
+
+def prepare(state: Path, campaigns: Path, port: int) -> tuple[Path, Path, dict[str, Any]]:
+    """Writes both configurations under `state`, gives the origin a signing key that the PoP
+    trusts, imports `campaigns` and publishes version 1 (once). Returns the origin's and the
+    PoP's configuration files and the ports they use."""
+    (state / "logs").mkdir(parents=True, exist_ok=True)
+    origin_toml, pop_toml, ports = _write_configs(state, port)
+    _run(_adpop("origin", "keys", "init", "--config", str(origin_toml)), "origin keys init")
+    pub = next((state / "origin" / "keys").glob("*.pub"))
+    _run(_adpop("pop", "trust", str(pub), "--config", str(pop_toml)), "pop trust")
+    _run(_adpop("origin", "campaigns", "import", str(campaigns), "--config", str(origin_toml)),
+         "campaign import")
+    if not list((state / "origin" / "payloads").glob("*.capnp")):
+        _run(_adpop("origin", "publish", "--config", str(origin_toml)), "publish")
     return origin_toml, pop_toml, ports
 
 
@@ -138,16 +155,8 @@ def up(state: Path, campaigns: Path | None, port: int) -> int:
         raise UpError(f"campaign folder {campaigns} does not exist",
                       hint="give --campaigns DIR with .toml or .json campaign files")
     _check_port(port)
-    (state / "logs").mkdir(parents=True, exist_ok=True)
-    origin_toml, pop_toml, ports = _write_configs(state, port)
     started = time.monotonic()
-    _run(_adpop("origin", "keys", "init", "--config", str(origin_toml)), "origin keys init")
-    pub = next((state / "origin" / "keys").glob("*.pub"))
-    _run(_adpop("pop", "trust", str(pub), "--config", str(pop_toml)), "pop trust")
-    _run(_adpop("origin", "campaigns", "import", str(campaigns), "--config", str(origin_toml)),
-         "campaign import")
-    if not list((state / "origin" / "payloads").glob("*.capnp")):
-        _run(_adpop("origin", "publish", "--config", str(origin_toml)), "publish")
+    origin_toml, pop_toml, ports = prepare(state, campaigns, port)
 
     children: dict[str, subprocess.Popen[bytes]] = {}
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}

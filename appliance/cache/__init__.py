@@ -19,6 +19,7 @@ Health: PING round trip, memory used against the limit, evicted keys and connect
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,15 @@ def parse_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+DRAGONFLY = Path("/usr/bin/dragonfly")
+
+
+def appliance_unit(dragonfly: Path = DRAGONFLY) -> str:
+    """The cache unit the image runs: dragonfly.service when the image carries Dragonfly,
+    else adpop-redis.service (the same choice as the units' ConditionFileIsExecutable=)."""
+    return "dragonfly.service" if os.access(dragonfly, os.X_OK) else "adpop-redis.service"
+
+
 def redis_argv(binary: str, address: str, memory: int, folder: Path) -> list[str]:
     """redis-server as the embedded cache: bounded memory, LRU eviction, a snapshot file in
     `folder` so a restart comes back warm, no protected-mode surprises on loopback."""
@@ -67,6 +77,16 @@ def redis_argv(binary: str, address: str, memory: int, folder: Path) -> list[str
             "--maxmemory-policy", "allkeys-lru", "--dir", str(folder), "--dbfilename",
             "cache.rdb", "--save", "300 1", "--appendonly", "no", "--daemonize", "no",
             "--protected-mode", "no", "--logfile", ""]
+
+
+def dragonfly_argv(binary: str, address: str, memory: int, folder: Path,
+                   threads: int) -> list[str]:
+    """Dragonfly as the appliance's cache: the same bounds as redis_argv, evicting like a
+    cache, one proactor thread per CPU it is pinned to (the housekeeping CPUs)."""
+    host, port = parse_address(address)
+    return [binary, f"--bind={host}", f"--port={port}", f"--maxmemory={memory}",
+            "--cache_mode=true", f"--dir={folder}", "--dbfilename=cache",
+            "--snapshot_cron=*/5 * * * *", f"--proactor_threads={threads}", "--logtostderr"]
 
 
 async def probe(address: str) -> CacheHealth:

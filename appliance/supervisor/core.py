@@ -35,9 +35,36 @@ def state_path(appliance: Any, path: str) -> Path:
     return cfg.under(appliance.paths.state_dir, path)
 
 
+# Where adpop-engine.service (RuntimeDirectory=adpop-engine) puts its admin socket.
+APPLIANCE_ENGINE_SOCKET = "/run/adpop-engine/admin.sock"
+
+
 def engine_socket(appliance: Any) -> Path:
-    """The engine's admin socket: as configured, else `engine.sock` in the state directory."""
-    return state_path(appliance, appliance.engine.admin_socket or "engine.sock")
+    """The engine's admin socket: as configured, else the engine unit's runtime directory
+    (appliance) or `engine.sock` in the state directory (dev)."""
+    default = "engine.sock" if appliance.supervisor.mode == "dev" else APPLIANCE_ENGINE_SOCKET
+    return state_path(appliance, appliance.engine.admin_socket or default)
+
+
+def engine_command(appliance: Any, store: SnapshotStore) -> list[str]:
+    """The engine's command line from the configuration, for the dev-mode child and for
+    `adpop engine run` in adpop-engine.service alike. Makes the token key (32 random bytes,
+    mode 0600) and the spool folder when missing, and clears a socket a killed engine left."""
+    e = appliance.engine
+    key = state_path(appliance, e.token_key)
+    if not key.exists():
+        key.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(os.urandom(32))
+    spool = state_path(appliance, e.spool)
+    spool.mkdir(parents=True, exist_ok=True)
+    socket_path = engine_socket(appliance)
+    socket_path.unlink(missing_ok=True)
+    argv = [e.binary, "--listen", e.listen, "--admin", str(socket_path), "--snapshot",
+            str(store.current_link), "--shards", str(e.shards), "--spool", str(spool),
+            "--token-key", str(key), "--idle-poll-us", str(e.idle_poll_us)]
+    return argv + (["--cpus", e.cpus] if e.cpus else [])
 
 
 def control_socket(appliance: Any) -> Path:
@@ -77,9 +104,9 @@ class Supervisor:
                                                       self.cfg.cache.memory,
                                                       state_path(self.cfg, "cache")),
                                      logs / "cache.log")
-                        if dev else SystemdUnit(self.cfg.cache.unit))
+                        if dev else SystemdUnit(self.cfg.cache.unit or cache.appliance_unit()))
         engine_runner = (EngineProcess(self, logs / "engine.log") if dev
-                         else SystemdUnit(self.cfg.engine.unit))
+                         else EngineUnit(self.cfg.engine.unit, self.store))
         return [Component("cache", cache_runner, self._cache_health),
                 Component("engine", engine_runner, self._engine_health)]
 
@@ -116,8 +143,8 @@ class Supervisor:
         gaps = [f"{c.name}: {c.last.reason or 'unhealthy'}" for c in self.components
                 if not c.last.ok]
         if self.store.current_version() is None:
-            gaps.append("no verified snapshot yet" + (f" ({self.agent.state.error})"
-                                                        if self.agent.state.error else ""))
+            why = self.agent.state.error or self.agent.state.origin_problem
+            gaps.append("no verified snapshot yet" + (f" ({why})" if why else ""))
         return gaps
 
     async def health_round(self) -> None:
@@ -211,37 +238,34 @@ class Supervisor:
                 await component.stop()
 
 
+def _waits_for_snapshot(store: SnapshotStore) -> str:
+    # The engine has nothing to serve before a verified snapshot is active.
+    return "waits for a first verified snapshot" if store.current_version() is None else ""
+
+
 class EngineProcess(ChildProcess):
-    """The engine as a dev-mode child: not started before a snapshot is active (it has
-    nothing to serve), started from that snapshot's `current` link once there is one."""
+    """The engine as a dev-mode child, started from the `current` link once there is one."""
 
     def __init__(self, supervisor: Supervisor, log_path: Path) -> None:
         super().__init__([supervisor.cfg.engine.binary], log_path)
         self.supervisor = supervisor
 
     def waiting(self) -> str:
-        if self.supervisor.store.current_version() is None:
-            return "waits for a first verified snapshot"
-        return ""
+        return _waits_for_snapshot(self.supervisor.store)
 
     async def start(self) -> None:
-        s = self.supervisor
-        if self.waiting():
-            return
-        e = s.cfg.engine
-        key = state_path(s.cfg, e.token_key)
-        if not key.exists():
-            key.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                out.write(os.urandom(32))
-        spool = state_path(s.cfg, e.spool)
-        spool.mkdir(parents=True, exist_ok=True)
-        socket_path = Path(e.admin_socket)
-        socket_path.unlink(missing_ok=True)  # left by a killed engine
-        self.argv = [e.binary, "--listen", e.listen, "--admin", str(socket_path), "--snapshot",
-                     str(s.store.current_link), "--shards", str(e.shards), "--spool", str(spool),
-                     "--token-key", str(key), "--idle-poll-us", str(e.idle_poll_us)]
-        if e.cpus:
-            self.argv += ["--cpus", e.cpus]
-        await super().start()
+        if not self.waiting():
+            self.argv = engine_command(self.supervisor.cfg, self.supervisor.store)
+            await super().start()
+
+
+class EngineUnit(SystemdUnit):
+    """adpop-engine.service, started through systemd once a snapshot is active (the unit's
+    ConditionPathExists holds it back until then too)."""
+
+    def __init__(self, unit: str, store: SnapshotStore) -> None:
+        super().__init__(unit)
+        self.store = store
+
+    def waiting(self) -> str:
+        return _waits_for_snapshot(self.store)

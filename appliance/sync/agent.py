@@ -54,13 +54,15 @@ class SyncState:
     activated: float = 0.0
     state: str = "starting"
     error: str = ""
+    origin_problem: str = ""  # why the origin cannot be registered with ("" once it can)
     failed_version: int = 0
     refused: collections.Counter[str] = field(default_factory=collections.Counter)
     last_logged: str = ""
 
     def report(self) -> dict[str, Any]:
         return {"version": self.version, "sha256": self.sha256, "activated": self.activated,
-                "state": self.state, "error": self.error, "failed_version": self.failed_version,
+                "state": self.state, "error": self.error, "origin_problem": self.origin_problem,
+                "failed_version": self.failed_version,
                 "refused": dict(self.refused)}
 
 
@@ -267,8 +269,13 @@ class SyncAgent:
                     f"{self.origin}/v1/pops/{self.cfg.pop.id}/register",
                     json={"push_url": push_url, "target_group": self.cfg.pop.target_group}
             ) as resp:
-                return resp.status < 300
-        except (ClientError, TimeoutError):
+                ok = resp.status < 300
+                self.state.origin_problem = "" if ok else (
+                    f"origin {self.origin} refused registration: HTTP {resp.status}")
+                return ok
+        except (ClientError, TimeoutError) as exc:
+            self.state.origin_problem = (f"origin {self.origin} not reachable: "
+                                         f"{exc or type(exc).__name__}")
             return False
 
     # --- the loop: push notices and the anti-entropy poll -------------------------------
