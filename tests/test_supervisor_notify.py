@@ -268,3 +268,34 @@ def test_watchdog_stops_while_the_health_loop_is_blocked(
     assert while_stuck == 0, "no WATCHDOG=1 while the health loop is blocked"
     assert ticks_during >= 10, "the event loop itself kept running"
     assert after >= 4, "pings resume once the loop is free"
+
+
+JOURNAL_PROBE = """
+import logging, os, socket
+os.makedirs("/run/systemd/journal")
+sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+sink.bind("/run/systemd/journal/socket")
+sink.settimeout(10)
+os.environ["INVOCATION_ID"] = "0123456789abcdef0123456789abcdef"  # as systemd sets it
+from appliance.supervisor.notify import setup_logging
+context, recent = setup_logging()
+context.snapshot_version = 7
+logging.getLogger("adpop.supervisor.control").info(
+    "drain asked", extra={"component": "control", "operator_uid": 1234})
+print(sink.recv(65536).decode())
+"""
+
+
+def test_logs_reach_journald_with_structured_fields() -> None:
+    """Under systemd the records go to journald's native socket, which the test owns: a
+    tmpfs over /run/systemd in a private mount namespace, with the socket bound on it."""
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         f'mount -t tmpfs tmpfs /run/systemd && exec "{sys.executable}" -c "$0"',
+         JOURNAL_PROBE], cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    fields = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+    assert fields["MESSAGE"] == "drain asked"
+    assert fields["COMPONENT"] == "control" and fields["SNAPSHOT_VERSION"] == "7"
+    assert fields["OPERATOR_UID"] == "1234" and fields["PRIORITY"] == "6"
+    assert fields["SYSLOG_IDENTIFIER"] == "adpop-supervisor"
