@@ -65,6 +65,18 @@ def _check_port(port: int) -> None:
                           hint="stop what uses it, or give `adpop up --port N`") from exc
 
 
+def _command_name() -> str:
+    """How the user types `adpop`: the bare name when it is on PATH, else the venv's path
+    (`make demo` does not activate the venv)."""
+    if shutil.which("adpop"):
+        return "adpop"
+    entry = Path(sys.executable).parent / "adpop"
+    try:
+        return str(entry.relative_to(Path.cwd()))
+    except ValueError:
+        return str(entry)
+
+
 def _adpop(*args: str) -> list[str]:
     return [sys.executable, "-m", "appliance.cli", *args]
 
@@ -173,8 +185,8 @@ def up(state: Path, campaigns: Path | None, port: int) -> int:
             "example": (f"curl -s 'http://127.0.0.1:{port}/v1/decide?id=r1"
                         "&placement=article-inline&country=US&device=desktop'"),
             "control_socket": control,
-            "status": f"adpop status --socket {control}",
-            "console": f"adpop console --socket {control}",
+            "status": f"{_command_name()} status --socket {control}",
+            "console": f"{_command_name()} console --socket {control}",
             "origin_url": f"http://127.0.0.1:{ports['origin']}",
             "ports": ports,
             "pids": {"origin": children["origin"].pid, "supervisor": children["supervisor"].pid,

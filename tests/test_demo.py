@@ -29,6 +29,10 @@ def test_demo_script_serves_a_decision(tmp_path: Path) -> None:
         with urllib.request.urlopen(example, timeout=10) as resp:
             decision = json.loads(resp.read())
         assert decision["placements"][0]["ads"], "the sample campaigns fill the example request"
+        # The status command exactly as printed works from the checkout, venv not activated.
+        status = subprocess.run(info["status"], shell=True, cwd=REPO, capture_output=True,
+                                text=True, timeout=60, env={"PATH": "/usr/bin:/bin"}, check=False)
+        assert status.returncode == 0 and "ready - serving v1" in status.stdout, status.stderr
     finally:
         process.send_signal(signal.SIGTERM)
         out, _ = process.communicate(timeout=30)
