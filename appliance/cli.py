@@ -463,6 +463,107 @@ def cmd_units_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune_setup(args: argparse.Namespace) -> tuple[Any, Any]:
+    from appliance.tuning import plan
+
+    appliance = cfg.with_state(
+        cfg.load(cfg.Scope.APPLIANCE, Path(args.config) if args.config else None),
+        getattr(args, "state", None))
+    return appliance, plan.load_host(args.root)
+
+
+def _cell(value: str | None, width: int = 32) -> str:
+    """A value on one table line: "-" for none, a file's first line, long ones cut."""
+    if value is None:
+        return "-"
+    lines = value.splitlines() or [""]
+    text = lines[0] + (" ..." if len(lines) > 1 else "")
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _print_rows(table: list[dict[str, Any]], columns: Sequence[str]) -> None:
+    widths = {c: max([len(c), *(len(str(r[c])) for r in table)]) for c in columns}
+    print("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
+    for row in table:
+        print("  ".join(str(row[c]).ljust(widths[c]) for c in columns).rstrip())
+
+
+def cmd_tune_plan(args: argparse.Namespace) -> int:
+    from appliance.tuning import plan
+
+    appliance, host = _tune_setup(args)
+    want = plan.desired(appliance, host)
+    table = plan.rows(host, want.knobs, plan.kernel_owned(appliance, host))
+    if args.json:
+        print(json.dumps({"knobs": table, "shard_cpus": list(want.layout.shard_cpus),
+                          "housekeeping_cpus": sorted(want.layout.housekeeping)}, indent=2))
+        return 0
+    for row in table:
+        row["current"] = _cell(row["current"])
+        row["change"] = {"ok": "", "absent": "(absent)"}.get(row["status"],
+                                                             "→ " + _cell(row["desired"]))
+    _print_rows(table, ("name", "current", "change", "why"))
+    changes = sum(1 for r in table if r["status"] in ("drift", "short"))
+    print(f"{changes} of {len(table)} knobs to change")
+    return 0
+
+
+def cmd_tune_apply(args: argparse.Namespace) -> int:
+    from appliance.tuning import plan
+
+    appliance, host = _tune_setup(args)
+    outcomes = plan.apply(appliance, host, dry_run=args.dry_run)
+    for o in outcomes:
+        print(f"{o.name}: {o.path}: {o.result}")
+    if args.dry_run:
+        print(f"{len(outcomes)} writes; nothing written (dry run)")
+        return 0
+    table = plan.rows(host, plan.desired(appliance, host).knobs,
+                      plan.kernel_owned(appliance, host))
+    bad = [r for r in table if r["status"] in ("drift", "short")]
+    owned = sum(1 for o in outcomes if o.result == "kernel-owned")
+    print(f"{len(outcomes)} written, {owned} kernel-owned, {len(bad)} not as desired"
+          + "".join(f"\n  {r['name']}: {r['current']} (wanted {r['desired']})" for r in bad))
+    return 1 if any(o.result.startswith("failed") for o in outcomes) or bad else 0
+
+
+def cmd_tune_verify(args: argparse.Namespace) -> int:
+    from appliance.tuning import plan
+
+    appliance, host = _tune_setup(args)
+    table = plan.rows(host, plan.desired(appliance, host).knobs,
+                      plan.kernel_owned(appliance, host))
+    bad = [r for r in table if r["status"] in ("drift", "short")]
+    if args.json:
+        print(json.dumps({"ok": not bad, "knobs": table}, indent=2))
+    else:
+        _print_rows([{**r, "current": _cell(r["current"]), "desired": _cell(r["desired"])}
+                     for r in table], ("name", "status", "current", "desired"))
+        print("verified" if not bad else f"{len(bad)} knobs not as desired")
+    return 0 if not bad else 1
+
+
+def cmd_tune_rollback(args: argparse.Namespace) -> int:
+    from appliance.tuning import plan
+
+    appliance, host = _tune_setup(args)
+    outcomes = plan.rollback(appliance, host)
+    for o in outcomes:
+        print(f"{o.name}: {o.path}: {o.result}")
+    failed = [o for o in outcomes if o.result not in ("restored", "kernel-owned")]
+    print(f"{len(outcomes) - len(failed)} of {len(outcomes)} restored"
+          + ("" if not failed else "; the journal is kept for another try"))
+    return 1 if failed else 0
+
+
+def cmd_tune_cmdline(args: argparse.Namespace) -> int:
+    from appliance.tuning import plan
+
+    appliance, host = _tune_setup(args)
+    print(plan.cmdline(appliance, host))
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from appliance.supervisor.client import call
 
@@ -642,6 +743,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("late_dir", nargs="?", help="unused (systemd passes it)")
     p.add_argument("--config", help="appliance configuration file")
     p.set_defaults(func=cmd_units_generate)
+    tune = commands.add_parser("tune", help="host tuning").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    for name, help_text, func in (
+            ("plan", "each knob's current and desired value", cmd_tune_plan),
+            ("apply", "journal the originals, write what differs, verify", cmd_tune_apply),
+            ("verify", "exit 0 when every knob is as desired, else 1", cmd_tune_verify),
+            ("rollback", "write back the originals journaled at this boot's first apply",
+             cmd_tune_rollback),
+            ("cmdline", "the kernel command line the image should boot with",
+             cmd_tune_cmdline)):
+        p = tune.add_parser(name, help=help_text)
+        p.add_argument("--config", help="appliance configuration file")
+        p.add_argument("--state", help="state directory (overrides paths.state_dir)")
+        p.add_argument("--root", help="a fake sysfs/procfs tree standing for / (tests)")
+        if name in ("plan", "verify"):
+            p.add_argument("--json", action="store_true")
+        if name == "apply":
+            p.add_argument("--dry-run", action="store_true",
+                           help="print what would be written where, write nothing")
+        p.set_defaults(func=func)
     p = commands.add_parser("up", help="run an origin and a whole PoP on this machine")
     p.add_argument("--state", default=".adpop", help="state directory (default .adpop)")
     p.add_argument("--campaigns", help="campaign folder (default: the sample campaigns)")

@@ -210,6 +210,34 @@ SETTINGS: tuple[Setting, ...] = (
             "that says what is missing.", _at_least(1)),
     Setting(A, "supervisor", "health_interval", Kind.DURATION, 1,
             "Between health rounds; each round pings the watchdog.", _at_least(1)),
+    Setting(A, "tuning", "nics", Kind.STRLIST, [],
+            "Serving NICs whose IRQs, queues and steering are tuned; a bond stands for its "
+            "slaves ([]: every NIC backed by a device)."),
+    Setting(A, "tuning", "housekeeping_cpus", Kind.OPT_STR, "",
+            "CPUs for everything but the shards: other IRQs, the cache, the supervisor "
+            "(\"\": every online CPU not in engine.cpus).", _cpu_list),
+    Setting(A, "tuning", "hugepage_size", Kind.STR, "2M",
+            "Huge page size reserved for the shards.", _one_of("2M", "1G")),
+    Setting(A, "tuning", "hugepages_per_shard", Kind.SIZE, 256 * 1024**2,
+            "Huge page memory reserved per shard, on the shard's NUMA node (0: none).",
+            _at_least(0)),
+    Setting(A, "tuning", "sysctl", Kind.STRLIST, [],
+            "\"key=value\" sysctl settings on top of the latency profile (a later one wins)."),
+    Setting(A, "tuning", "busy_poll_us", Kind.INT, 0,
+            "net.core.busy_poll and busy_read in microseconds, when the engine busy-polls its "
+            "sockets (0: off).", _at_least(0)),
+    Setting(A, "tuning", "governor", Kind.STR, "performance",
+            "CPU frequency governor of the shard CPUs, where the host has cpufreq."),
+    Setting(A, "tuning", "thp", Kind.STR, "madvise",
+            "Transparent huge pages mode.", _one_of("always", "madvise", "never")),
+    Setting(A, "tuning", "drift_check", Kind.BOOL, True,
+            "The supervisor re-verifies the tuning (periodically and on device events) and "
+            "repairs drift through adpop-tune.service."),
+    Setting(A, "tuning", "drift_interval", Kind.DURATION, 60,
+            "Between periodic drift checks.", _at_least(1)),
+    Setting(A, "tuning", "repairs_per_hour", Kind.INT, 6,
+            "Most drift repairs in any hour; drift beyond it is counted and reported, not "
+            "fought.", _at_least(0)),
     # --- origin (the central publisher) ---
     Setting(ORG, "snapshot", "signing_keys", Kind.STRLIST, ["keys"],
             "Ed25519 private keys (.key files, or folders of them) that sign every published "

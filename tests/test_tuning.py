@@ -1,0 +1,216 @@
+"""Host tuning: plans over fake sysfs/procfs trees, apply/verify/rollback on them, and one run
+against this machine's real /sys and /proc that leaves it as it found it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance import config as cfg
+from appliance.tuning import faketree, plan
+from appliance.tuning.faketree import FakeNic
+from appliance.tuning.host import Host, HostError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Tree:
+    def __init__(self, root: Path, config: Path) -> None:
+        self.root, self.config = root, config
+
+    def adpop(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "appliance.cli", "tune", *args, "--root",
+                               str(self.root), "--config", str(self.config)], cwd=REPO,
+                              capture_output=True, text=True, timeout=120, check=False)
+
+    def plan(self) -> dict[str, dict[str, Any]]:
+        result = self.adpop("plan", "--json")
+        assert result.returncode == 0, result.stderr
+        return {k["name"]: k for k in json.loads(result.stdout)["knobs"]}
+
+    def values(self) -> dict[str, str | None]:
+        """Every knob's normalized current value."""
+        return {name: k["current"] for name, k in self.plan().items()}
+
+
+@pytest.fixture
+def make_tree(tmp_path: Path) -> Iterator[Any]:
+    roots: list[Path] = []
+
+    def make(config: str, **kwargs: Any) -> Tree:
+        root = tmp_path / f"tree{len(roots)}"
+        roots.append(root)
+        faketree.build(root, **kwargs)
+        path = tmp_path / f"tree{len(roots)}.toml"
+        path.write_text(config + f'\n[paths]\nstate_dir = "{tmp_path}/state{len(roots)}"\n')
+        return Tree(root, path)
+
+    yield make
+    for root in roots:
+        faketree.release(root)
+        shutil.rmtree(root)
+
+
+VIRTIO = dict(cpus=2, nodes=1, nics=[FakeNic("eth0", "virtio", 1)])
+MLX = dict(cpus=16, nodes=2, cpufreq=True, irqbalance=True,
+           nics=[FakeNic("ens1f0", "pci", 16, node=1, local_cpus="8-15",
+                         channels={"max_combined": 16, "combined": 16}, managed=(3,))])
+MLX_CONFIG = '[engine]\nshards = 8\ncpus = "2-3,10-15"\n[tuning]\nnics = ["ens1f0"]'
+
+
+def test_virtio_plan(make_tree: Any) -> None:
+    tree = make_tree('[engine]\nshards = 1\ncpus = "1"', **VIRTIO)
+    knobs = tree.plan()
+    assert knobs["irq 24 eth0"]["desired"] == "0"  # virtio0-config: housekeeping
+    assert knobs["irq 25 eth0"]["desired"] == "1"  # virtio0-input.0: shard 0's CPU
+    assert knobs["irq 26 eth0"]["desired"] == "1"  # virtio0-output.0
+    assert knobs["irq default affinity"]["desired"] == "0"
+    assert knobs["hugepages node0 2M"]["desired"] == "128"  # 256 MiB of 2 MB pages
+    assert knobs["eth0 rx-0 rps"]["desired"] == ""  # one queue for one shard: no RPS
+    assert knobs["thp enabled"]["current"] == "always"
+    assert not [n for n in knobs if n.startswith("cpu")], "no cpufreq: no CPU power knobs"
+    assert "eth0 queues" not in knobs  # no channels from this driver
+
+
+def test_mlx_plan_on_two_numa_nodes(make_tree: Any) -> None:
+    tree = make_tree(MLX_CONFIG, **MLX)
+    knobs = tree.plan()
+    # Hugepages per node from the shards on it: 2 on node 0, 6 on node 1.
+    assert knobs["hugepages node0 2M"]["desired"] == "256"
+    assert knobs["hugepages node1 2M"]["desired"] == "768"
+    # The NIC sits on node 1: its queues go to the shard CPUs there, 10-15, in turn.
+    for queue in range(16):
+        assert knobs[f"irq {25 + queue} ens1f0"]["desired"] == str(10 + queue % 6)
+    assert knobs["irq 24 ens1f0"]["desired"] == "0-1,4-9"  # mlx5_async: housekeeping
+    assert knobs["ens1f0 queues"]["desired"] == "8"  # one per shard
+    assert knobs["ens1f0 tx-3 xps"]["desired"] == "13"
+    assert knobs["cpu10 governor"]["desired"] == "performance"
+    assert knobs["cpu0 governor" if "cpu0 governor" in knobs else "cpu2 epp"]["current"] == \
+        "balance_power"
+    assert "cpu0 governor" not in knobs  # housekeeping CPUs keep their governor
+    ban = knobs["irqbalance ban"]["desired"]
+    assert "IRQBALANCE_BANNED_CPULIST=2-3,10-15" in ban and "--banirq=40" in ban
+
+
+def test_bond_with_fewer_queues_than_shards_uses_rps(make_tree: Any) -> None:
+    tree = make_tree('[engine]\nshards = 4\ncpus = "0-3"\n[tuning]\nnics = ["bond0"]\n'
+                     'housekeeping_cpus = "0"',
+                     cpus=4, nodes=1, nics=[FakeNic("eth0", "virtio", 2),
+                                            FakeNic("eth1", "pci", 2)],
+                     bonds={"bond0": ["eth0", "eth1"]})
+    knobs = tree.plan()
+    for nic in ("eth0", "eth1"):  # the bond stands for its slaves
+        assert knobs[f"{nic} rx-1 rps"]["desired"] == "0-3"
+        assert knobs[f"{nic} rx-1 rps_flow_cnt"]["desired"] == "16384"
+    assert knobs["sysctl net.core.rps_sock_flow_entries"]["desired"] == "32768"
+    assert knobs["irq default affinity"]["desired"] == "0"
+
+
+def test_apply_verify_rollback_on_a_tree(make_tree: Any) -> None:
+    tree = make_tree(MLX_CONFIG, **MLX)
+    before = tree.values()
+    dry = tree.adpop("apply", "--dry-run")
+    assert dry.returncode == 0 and "would write '00000400'" in dry.stdout  # CPU 10 as a mask
+    assert tree.values() == before, "a dry run writes nothing"
+
+    applied = tree.adpop("apply")
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    assert "irq 28 ens1f0: /proc/irq/28/smp_affinity_list: kernel-owned" in applied.stdout
+    verify = tree.adpop("verify", "--json")
+    assert verify.returncode == 0, verify.stdout
+    states = {k["name"]: k["status"] for k in json.loads(verify.stdout)["knobs"]}
+    assert states["irq 28 ens1f0"] == "kernel-owned"  # the managed IRQ: reported, not failed
+    assert states["irq 27 ens1f0"] == "ok" and states["hugepages node1 2M"] == "ok"
+
+    # Drift, then a second apply: the journal keeps the first originals.
+    swappiness = tree.root / "proc/sys/vm/swappiness"
+    swappiness.write_text("33\n")
+    assert tree.adpop("verify").returncode == 1
+    assert tree.adpop("apply").returncode == 0
+    assert tree.adpop("verify").returncode == 0
+
+    rolled = tree.adpop("rollback")
+    assert rolled.returncode == 0, rolled.stdout
+    assert tree.values() == before
+    assert swappiness.read_text() == "60\n"
+    again = tree.adpop("rollback")
+    assert again.returncode == 2 and "nothing to roll back" in again.stderr
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ('[tuning]\nnics = ["eth9"]', "NIC 'eth9' does not exist (this host has eth0, lo)"),
+    ('[engine]\ncpus = "5"', "engine.cpus names CPUs 5 that are not online (online: 0-1)"),
+    ('[tuning]\nsysctl = ["vm.swappiness"]', "tuning.sysctl entry 'vm.swappiness' is not"),
+    ('[tuning]\nnics = ["lo"]', "NIC 'lo' has no device"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(make_tree: Any, config: str,
+                                                  message: str) -> None:
+    tree = make_tree(config, **VIRTIO)
+    before = {p: p.read_bytes() for p in tree.root.rglob("*") if p.is_file()}
+    result = tree.adpop("apply")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert message in result.stderr
+    assert {p: p.read_bytes() for p in tree.root.rglob("*") if p.is_file()} == before
+
+
+def test_root_without_sys_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(HostError, match="does not exist"):
+        plan.load_host(str(tmp_path))
+
+
+def test_cmdline(make_tree: Any) -> None:
+    tree = make_tree(MLX_CONFIG, **MLX)
+    result = tree.adpop("cmdline")
+    assert result.stdout.split() == [
+        "default_hugepagesz=2M", "hugepagesz=2M", "hugepages=0:256,1:768",
+        "isolcpus=managed_irq,domain,2-3,10-15", "nohz_full=2-3,10-15", "rcu_nocbs=2-3,10-15",
+        "irqaffinity=0-1,4-9", "transparent_hugepage=madvise"]
+
+
+# --- this machine, for real ---------------------------------------------------------------
+
+
+def raw_values(knobs: list[Any]) -> dict[str, str | None]:
+    return {k.name: k.read() for k in knobs}
+
+
+def test_apply_and_rollback_on_this_host(tmp_path: Path) -> None:
+    """Reserves 2 MB pages on node 0 and pins the NIC's virtio queue IRQs on the real
+    /sys and /proc, verifies, rolls back and compares every value with the original."""
+    config = tmp_path / "appliance.toml"
+    config.write_text(f'[engine]\nshards = 1\ncpus = "1"\n[tuning]\n'
+                      f'hugepages_per_shard = "64MiB"\n[paths]\nstate_dir = "{tmp_path}"\n')
+    appliance = cfg.load(cfg.Scope.APPLIANCE, config)
+    host = Host()
+    want = plan.desired(appliance, host)
+    before = raw_values(want.knobs)
+    had_mount_point = Path("/dev/hugepages").exists()
+    queue_irqs = [k for k in want.knobs if k.group == "irq" and "→ shard CPU" in k.why]
+    assert queue_irqs, f"no queue IRQs found for {[n.name for n in want.nics]}"
+
+    def adpop(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "appliance.cli", "tune", *args,
+                               "--config", str(config)], cwd=REPO, capture_output=True,
+                              text=True, timeout=120, check=False)
+
+    try:
+        applied = adpop("apply")
+        assert applied.returncode == 0, applied.stdout + applied.stderr
+        verify = adpop("verify")
+        assert verify.returncode == 0, verify.stdout
+        node0 = Path("/sys/devices/system/node/node0/hugepages/hugepages-2048kB/nr_hugepages")
+        assert int(node0.read_text()) >= 32
+        for knob in queue_irqs:
+            assert knob.current() == "1", knob.name
+    finally:
+        rolled = adpop("rollback")
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    assert raw_values(want.knobs) == before
+    assert Path("/dev/hugepages").exists() == had_mount_point
