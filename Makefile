@@ -12,7 +12,7 @@ DEMO_DIR := .demo
 APT_PACKAGES := \
 	python3-venv python3-dev build-essential pkg-config \
 	cmake g++ capnproto libcapnp-dev libssl-dev libgtest-dev \
-	clang libclang-rt-14-dev redis-server libsystemd-dev \
+	clang libclang-rt-14-dev redis-server libsystemd-dev libudev1 iproute2 \
 	libbenchmark-dev nginx-light wrk clang-format
 
 FUZZ_SECONDS ?= 60
@@ -77,6 +77,7 @@ bench: setup
 	$(BIN)/python -m bench.bench_snapshot
 	$(BIN)/python -m bench.bench_engine
 	$(BIN)/python -m bench.bench_sync
+	$(BIN)/python -m bench.bench_tuning
 
 lint: setup
 	$(BIN)/ruff check .

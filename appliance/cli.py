@@ -576,6 +576,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"snapshot: v{snap['version'] or '-'} {snap['sha256'][:16]}")
     for name, comp in status["components"].items():
         print(f"  {name:8} {'ok' if comp['ok'] else 'FAIL':4} {comp.get('reason', '')}")
+    tuning = status.get("tuning", {})
+    if not tuning.get("enabled"):
+        print(f"  tuning   off  {tuning.get('reason', '')}")
+    else:
+        drifting = tuning["drifting"]
+        print(f"  tuning   {'ok' if not drifting else 'DRIFT':4} "
+              + (f"drifting: {', '.join(drifting)}; " if drifting else "")
+              + f"{tuning['repairs']} repairs, irqbalance {tuning['irqbalance']}"
+              + (f"; {tuning['error']}" if tuning["error"] else ""))
     return 0 if status["ready"] else 1
 
 

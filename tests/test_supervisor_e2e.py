@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from appliance.supervisor.client import call
+from appliance.supervisor.client import ControlError, call
 from appliance.up import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,6 +98,13 @@ def test_a_whole_pop_serves_updates_heals_drains_and_stops_clean(up: Up) -> None
     assert status["ready"] and status["snapshot"]["version"] == 1
     assert status["components"]["engine"]["ok"] and status["components"]["cache"]["ok"]
     assert up.decide()["placements"][0]["ads"], "the sample campaigns fill article-inline"
+
+    # Dev mode leaves the host's tuning alone, but shows what the plan would be.
+    tuning = call(up.control, "GET", "/v1/tuning")
+    assert tuning["status"]["enabled"] is False and tuning["knobs"]
+    assert {"name", "current", "desired", "status"} <= set(tuning["knobs"][0])
+    with pytest.raises(ControlError, match="tuning_off"):
+        call(up.control, "POST", "/v1/tuning/apply")
 
     # Version 2 at the origin reaches the PoP by itself.
     origin_toml = str(up.state / "origin.toml")

@@ -3,7 +3,9 @@ against this machine's real /sys and /proc that leaves it as it found it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -214,3 +216,86 @@ def test_apply_and_rollback_on_this_host(tmp_path: Path) -> None:
     assert rolled.returncode == 0, rolled.stdout + rolled.stderr
     assert raw_values(want.knobs) == before
     assert Path("/dev/hugepages").exists() == had_mount_point
+
+
+# --- drift ---------------------------------------------------------------------------------
+
+
+def watcher_on(tree: Tree, repair: Any = None) -> Any:
+    from appliance.tuning.drift import DriftWatcher
+
+    appliance = cfg.load(cfg.Scope.APPLIANCE, tree.config)
+    host = Host(tree.root)
+
+    async def apply_to_tree() -> str:
+        outcomes = await asyncio.to_thread(plan.apply, appliance, host)
+        return f"{len(outcomes)} written"
+
+    return DriftWatcher(appliance, repair or apply_to_tree, host=host)
+
+
+def test_drift_is_counted_and_repaired_at_a_bounded_rate(make_tree: Any) -> None:
+    tree = make_tree('[engine]\nshards = 1\ncpus = "1"\n[tuning]\nrepairs_per_hour = 1',
+                     **VIRTIO)
+    watcher = watcher_on(tree)
+
+    async def scenario() -> None:
+        assert "sysctl vm.swappiness" in await watcher.check("start")  # untuned tree
+        assert watcher.repaired == 1
+        assert await watcher.check("interval") == []  # the repair took
+        (tree.root / "proc/sys/vm/swappiness").write_text("60\n")  # someone undoes it
+        assert await watcher.check("interval") == ["sysctl vm.swappiness"]
+        assert watcher.skipped == 1, "one repair per hour: the second drift is not fought"
+
+    asyncio.run(scenario())
+    status = watcher.status()
+    assert status["drift"]["sysctl vm.swappiness"] == 2 and status["repairs"] == 1
+    assert status["drifting"] == ["sysctl vm.swappiness"]
+    assert tree.adpop("verify").returncode == 1
+
+
+def test_a_veth_pair_in_a_namespace_raises_the_drift_check(make_tree: Any) -> None:
+    """Kernel uevents (pyudev, no udevd) for a veth pair the test makes and deletes."""
+    tree = make_tree('[tuning]\nrepairs_per_hour = 0\ndrift_interval = "1h"', **VIRTIO)
+    repairs: list[str] = []
+
+    async def no_repair() -> str:
+        repairs.append("called")
+        return ""
+
+    watcher = watcher_on(tree, no_repair)
+    namespace, outer = f"adpop-drift-{os.getpid()}", f"adpd{os.getpid() % 100000}"
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+    async def until(what: str, predicate: Any) -> None:
+        for _ in range(200):
+            if predicate():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}; status {watcher.status()}")
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.ensure_future(watcher.run(stop))
+        try:
+            await until("the first check", lambda: watcher.checks == 1)
+            ip("netns", "add", namespace)
+            ip("link", "add", outer, "type", "veth", "peer", "name", "eth0", "netns", namespace)
+            await until("a check after the veth appeared", lambda: watcher.checks == 2)
+            assert watcher.last_reason == "device event" and watcher.udev_events >= 1
+            ip("link", "del", outer)
+            await until("a check after the veth went", lambda: watcher.checks == 3)
+            assert watcher.last_reason == "device event"
+        finally:
+            stop.set()
+            await task
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        subprocess.run(["ip", "link", "del", outer], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", namespace], capture_output=True, check=False)
+    assert not repairs, "repairs_per_hour = 0 never repairs"
+    assert watcher.skipped == 3  # the untuned tree drifted at every check

@@ -1,8 +1,9 @@
 """The control API: HTTP + JSON over a Unix socket, the one door operators (and the console)
 use. Socket mode 0660; every write logs the caller's uid from SO_PEERCRED.
 
-Read:  GET  /v1/status /v1/snapshots /v1/cache /v1/events /v1/logs?lines=N&component=NAME
-Write: POST /v1/sync-now /v1/rollback {"to": N} /v1/drain /v1/undrain
+Read:  GET  /v1/status /v1/snapshots /v1/tuning /v1/cache /v1/events
+           /v1/logs?lines=N&component=NAME
+Write: POST /v1/sync-now /v1/rollback {"to": N} /v1/drain /v1/undrain /v1/tuning/apply
 Errors: {"error": {"code": "...", "message": "..."}} with a 4xx or 5xx status.
 """
 
@@ -22,6 +23,8 @@ from aiohttp import ClientError, web
 
 from appliance.errors import AdpopError
 from appliance.supervisor.core import Supervisor, control_socket, state_path
+from appliance.tuning import plan
+from appliance.tuning.host import Host
 
 log = logging.getLogger("adpop.supervisor")
 
@@ -53,7 +56,8 @@ class ControlServer:
         app.add_routes([
             web.get("/v1/status", self.status), web.get("/v1/snapshots", self.snapshots),
             web.get("/v1/cache", self.cache), web.get("/v1/events", self.events),
-            web.get("/v1/logs", self.logs),
+            web.get("/v1/logs", self.logs), web.get("/v1/tuning", self.tuning),
+            web.post("/v1/tuning/apply", self.apply_tuning),
             web.post("/v1/sync-now", self.sync_now), web.post("/v1/rollback", self.rollback),
             web.post("/v1/drain", self.drain), web.post("/v1/undrain", self.undrain)])
         self.runner = web.AppRunner(app, access_log=None)
@@ -133,7 +137,31 @@ class ControlServer:
                  if component is None or line["component"] == component]
         return web.json_response({"lines": lines[-count:] if count > 0 else []})
 
+    async def tuning(self, request: web.Request) -> web.Response:
+        """The drift watcher's state and every knob's current and desired value."""
+        s = self.supervisor
+        body: dict[str, Any] = {"status": s.tuning_status()}
+        try:
+            host = s.tuning.host if s.tuning else Host()
+            want = await asyncio.to_thread(plan.desired, s.cfg, host)
+            owned = await asyncio.to_thread(plan.kernel_owned, s.cfg, host)
+            body["knobs"] = await asyncio.to_thread(plan.rows, host, want.knobs, owned)
+            body["shard_cpus"] = list(want.layout.shard_cpus)
+            body["housekeeping_cpus"] = sorted(want.layout.housekeeping)
+        except AdpopError as exc:
+            body["knobs"], body["error"] = [], exc.line()
+        return web.json_response(body)
+
     # --- writes -----------------------------------------------------------------------
+
+    async def apply_tuning(self, request: web.Request) -> web.Response:
+        s = self.supervisor
+        if s.tuning is None:
+            return error(409, "tuning_off", s.tuning_status()["reason"])
+        self._write(request, "apply tuning")
+        message = await s.tuning.repair()
+        drifted = await s.tuning.check("operator apply")
+        return web.json_response({"ok": not drifted, "message": message, "drifting": drifted})
 
     async def sync_now(self, request: web.Request) -> web.Response:
         self._write(request, "sync now")

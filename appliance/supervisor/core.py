@@ -27,6 +27,7 @@ from appliance.supervisor.components import ChildProcess, Component, Health, Sys
 from appliance.supervisor.notify import Context, RecentLines, notify, watchdog_interval
 from appliance.sync.agent import SyncAgent, roll_back
 from appliance.sync.engine import EngineAdmin
+from appliance.tuning.drift import DriftWatcher
 
 log = logging.getLogger("adpop.supervisor")
 
@@ -35,6 +36,7 @@ def state_path(appliance: Any, path: str) -> Path:
     return cfg.under(appliance.paths.state_dir, path)
 
 
+TUNE_UNIT = "adpop-tune.service"
 # Where adpop-engine.service (RuntimeDirectory=adpop-engine) puts its admin socket.
 APPLIANCE_ENGINE_SOCKET = "/run/adpop-engine/admin.sock"
 
@@ -74,7 +76,8 @@ def control_socket(appliance: Any) -> Path:
 class Supervisor:
     def __init__(self, appliance: Any, store: SnapshotStore, context: Context | None = None,
                  recent: RecentLines | None = None,
-                 components: list[Component] | None = None) -> None:
+                 components: list[Component] | None = None,
+                 tuning: DriftWatcher | None = None) -> None:
         # Sync tells the engine the supervisor runs, whatever the file left unset.
         self.cfg = replace(appliance, engine=replace(appliance.engine,
                                                      admin_socket=str(engine_socket(appliance))))
@@ -84,6 +87,9 @@ class Supervisor:
         self.admin = EngineAdmin(self.cfg.engine.admin_socket)
         self.agent = SyncAgent(self.cfg, store)
         self.components = components if components is not None else self._components()
+        # Drift is watched where adpop tunes the host: the appliance (dev hosts are left be).
+        watch = self.cfg.tuning.drift_check and self.cfg.supervisor.mode == "appliance"
+        self.tuning = tuning or (DriftWatcher(self.cfg, self.apply_tuning) if watch else None)
         self.started = time.monotonic()
         self.ready_sent = False  # READY=1 goes out once, serving or degraded
         self.gaps = ["not checked yet"]  # what the last health round found missing
@@ -195,11 +201,28 @@ class Supervisor:
             "sync": sync.report(), "draining": self.draining,
             "components": {c.name: {"ok": c.last.ok, "reason": c.last.reason, **c.last.details}
                            for c in self.components},
+            "tuning": self.tuning_status(),
             "serving_url": f"http://{self.cfg.engine.listen}",
             "uptime_s": round(time.monotonic() - self.started, 1),
         }
 
+    def tuning_status(self) -> dict[str, Any]:
+        if self.tuning is None:
+            return {"enabled": False, "reason": "the supervisor leaves this host's tuning alone "
+                    "(dev mode, or tuning.drift_check = false)"}
+        return self.tuning.status()
+
     # --- writes ---------------------------------------------------------------------
+
+    async def apply_tuning(self) -> str:
+        """Re-applies the tuning through adpop-tune.service, which holds the privileges."""
+        process = await asyncio.create_subprocess_exec(
+            "systemctl", "restart", TUNE_UNIT, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT)
+        out, _ = await process.communicate()
+        if process.returncode:
+            raise OSError(f"systemctl restart {TUNE_UNIT}: {out.decode().strip()}")
+        return f"{TUNE_UNIT} re-applied the tuning"
 
     def sync_now(self) -> str:
         self.agent.wake.set()
@@ -228,11 +251,14 @@ class Supervisor:
         control = ControlServer(self)
         await control.start()
         sync = asyncio.ensure_future(self.agent.run(stop))
+        tuning = asyncio.ensure_future(self.tuning.run(stop)) if self.tuning else None
         try:
             await self.health_loop(stop)
         finally:
             notify("STOPPING=1", "STATUS=stopping")
             await sync
+            if tuning is not None:
+                await tuning
             await control.stop()
             for component in reversed(self.components):
                 await component.stop()
