@@ -299,3 +299,14 @@ def test_a_veth_pair_in_a_namespace_raises_the_drift_check(make_tree: Any) -> No
         subprocess.run(["ip", "netns", "del", namespace], capture_output=True, check=False)
     assert not repairs, "repairs_per_hour = 0 never repairs"
     assert watcher.skipped == 3  # the untuned tree drifted at every check
+
+
+def test_one_gigabyte_pages_round_up_per_node(make_tree: Any) -> None:
+    tree = make_tree('[engine]\nshards = 3\ncpus = "0-2"\n[tuning]\nhugepage_size = "1G"\n'
+                     'hugepages_per_shard = "600MiB"', cpus=4, nodes=2,
+                     nics=[FakeNic("eth0", "virtio", 1)])
+    knobs = tree.plan()
+    assert knobs["hugepages node0 1G"]["desired"] == "2"  # 2 shards x 600 MiB
+    assert knobs["hugepages node1 1G"]["desired"] == "1"
+    assert knobs["hugetlbfs /dev/hugepages1G"]["desired"] == "mounted"
+    assert "hugepages=0:2,1:1" in tree.adpop("cmdline").stdout
