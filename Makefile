@@ -13,11 +13,11 @@ APT_PACKAGES := \
 	python3-venv python3-dev build-essential pkg-config \
 	cmake g++ capnproto libcapnp-dev libssl-dev libgtest-dev \
 	clang libclang-rt-14-dev redis-server libsystemd-dev libudev1 iproute2 \
-	libbenchmark-dev nginx-light wrk clang-format
+	libbenchmark-dev nginx-light wrk clang-format libbpf-dev
 
 FUZZ_SECONDS ?= 60
 
-.PHONY: help setup engine demo test bench lint fuzz clean
+.PHONY: help setup engine xdp demo test bench lint fuzz clean
 
 help:
 	@echo "make demo   - set up, then run an origin and a whole PoP on 127.0.0.1 (Ctrl-C stops it)"
@@ -27,7 +27,14 @@ help:
 	@echo "make fuzz   - run the libFuzzer targets for FUZZ_SECONDS each (default 60)"
 	@echo "make setup  - apt packages, the .venv, the adpop package (idempotent)"
 
-setup: $(STAMPS)/apt $(STAMPS)/venv engine
+setup: $(STAMPS)/apt $(STAMPS)/venv engine xdp
+
+# The XDP filter: one BPF object, against Debian's libbpf headers.
+XDP_OBJECT := appliance/xdp/build/filter.bpf.o
+xdp: $(XDP_OBJECT)
+$(XDP_OBJECT): appliance/xdp/filter.bpf.c appliance/xdp/filter.h $(STAMPS)/apt
+	@mkdir -p $(dir $@)
+	clang -O2 -g -Wall -Werror -target bpf -I/usr/include/$$(gcc -dumpmachine) -c $< -o $@
 
 # The engine, twice: optimised (engine/build) and with ASan + UBSan (engine/build-asan) for
 # the unit tests. cmake --build is incremental, so an up-to-date tree costs a second.
@@ -78,6 +85,7 @@ bench: setup
 	$(BIN)/python -m bench.bench_engine
 	$(BIN)/python -m bench.bench_sync
 	$(BIN)/python -m bench.bench_tuning
+	$(BIN)/python -m bench.bench_xdp
 
 lint: setup
 	$(BIN)/ruff check .

@@ -238,6 +238,30 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(A, "tuning", "repairs_per_hour", Kind.INT, 6,
             "Most drift repairs in any hour; drift beyond it is counted and reported, not "
             "fought.", _at_least(0)),
+    Setting(A, "xdp", "nics", Kind.STRLIST, [],
+            "NICs the filter is attached to ([]: the serving NICs of tuning.nics, or every NIC "
+            "backed by a device)."),
+    Setting(A, "xdp", "object", Kind.PATH, "/usr/lib/adpop/filter.bpf.o",
+            "The compiled filter program."),
+    Setting(A, "xdp", "pin_dir", Kind.PATH, "/sys/fs/bpf/adpop",
+            "bpffs folder where the filter's maps are pinned (kept across re-attaches)."),
+    Setting(A, "xdp", "rate_pps", Kind.INT, 0,
+            "Packets per second allowed from one source address (0: no rate limit).",
+            _at_least(0)),
+    Setting(A, "xdp", "burst", Kind.INT, 100,
+            "Packets one source may send at once above its rate.", _at_least(1)),
+    Setting(A, "xdp", "enforce_ports", Kind.BOOL, True,
+            "Drop TCP and UDP to destination ports not on the allowlists."),
+    Setting(A, "xdp", "allow_tcp_ports", Kind.STRLIST, ["22", "80", "443", "8080"],
+            "TCP destination ports (\"N\" or \"N-M\") that pass."),
+    Setting(A, "xdp", "allow_udp_ports", Kind.STRLIST, [],
+            "UDP destination ports (\"N\" or \"N-M\") that pass."),
+    Setting(A, "xdp", "reply_ports", Kind.OPT_STR, "32768-60999",
+            "Port range where replies to this host's own connections arrive (the kernel's "
+            "ip_local_port_range), open for TCP and UDP (\"\": none)."),
+    Setting(A, "xdp", "drop_fragments", Kind.BOOL, False, "Drop IPv4 and IPv6 fragments."),
+    Setting(A, "xdp", "blocklist", Kind.OPT_PATH, "",
+            "File of CIDRs (one per line, # comments) loaded at every attach."),
     # --- origin (the central publisher) ---
     Setting(ORG, "snapshot", "signing_keys", Kind.STRLIST, ["keys"],
             "Ed25519 private keys (.key files, or folders of them) that sign every published "
@@ -490,6 +514,11 @@ def check_files(paths: Sequence[Path], scope: Scope) -> list[Problem]:
 def under(base: str | Path, path: str | Path) -> Path:
     """`path` as given when absolute, else inside `base` (the state directory)."""
     return Path(base) / path
+
+
+def replace_value(config: Any, section: str, key: str, value: Any) -> Any:
+    """`config` with one setting replaced (a command-line override)."""
+    return replace(config, **{section: replace(getattr(config, section), **{key: value})})
 
 
 def with_state(config: Any, state: str | Path | None) -> Any:

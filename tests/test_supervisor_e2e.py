@@ -105,6 +105,10 @@ def test_a_whole_pop_serves_updates_heals_drains_and_stops_clean(up: Up) -> None
     assert {"name", "current", "desired", "status"} <= set(tuning["knobs"][0])
     with pytest.raises(ControlError, match="tuning_off"):
         call(up.control, "POST", "/v1/tuning/apply")
+    # XDP: nothing attached on a dev host; a bad CIDR is refused before anything is written.
+    assert call(up.control, "GET", "/v1/xdp")["loaded"] is False
+    with pytest.raises(ControlError, match=r"did you mean 198\.18\.0\.0/24"):
+        call(up.control, "POST", "/v1/xdp/block", {"cidrs": ["198.18.0.1/24"]})
 
     # Version 2 at the origin reaches the PoP by itself.
     origin_toml = str(up.state / "origin.toml")

@@ -1,9 +1,10 @@
 """The control API: HTTP + JSON over a Unix socket, the one door operators (and the console)
 use. Socket mode 0660; every write logs the caller's uid from SO_PEERCRED.
 
-Read:  GET  /v1/status /v1/snapshots /v1/tuning /v1/cache /v1/events
+Read:  GET  /v1/status /v1/snapshots /v1/tuning /v1/xdp /v1/cache /v1/events
            /v1/logs?lines=N&component=NAME
 Write: POST /v1/sync-now /v1/rollback {"to": N} /v1/drain /v1/undrain /v1/tuning/apply
+            /v1/xdp/block {"cidrs": [...]} /v1/xdp/unblock {"cidrs": [...]}
 Errors: {"error": {"code": "...", "message": "..."}} with a 4xx or 5xx status.
 """
 
@@ -25,6 +26,7 @@ from appliance.errors import AdpopError
 from appliance.supervisor.core import Supervisor, control_socket, state_path
 from appliance.tuning import plan
 from appliance.tuning.host import Host
+from appliance.xdp import Filter, parse_cidr
 
 log = logging.getLogger("adpop.supervisor")
 
@@ -57,7 +59,9 @@ class ControlServer:
             web.get("/v1/status", self.status), web.get("/v1/snapshots", self.snapshots),
             web.get("/v1/cache", self.cache), web.get("/v1/events", self.events),
             web.get("/v1/logs", self.logs), web.get("/v1/tuning", self.tuning),
-            web.post("/v1/tuning/apply", self.apply_tuning),
+            web.post("/v1/tuning/apply", self.apply_tuning), web.get("/v1/xdp", self.xdp),
+            web.post("/v1/xdp/block", self.xdp_block),
+            web.post("/v1/xdp/unblock", self.xdp_block),
             web.post("/v1/sync-now", self.sync_now), web.post("/v1/rollback", self.rollback),
             web.post("/v1/drain", self.drain), web.post("/v1/undrain", self.undrain)])
         self.runner = web.AppRunner(app, access_log=None)
@@ -152,7 +156,26 @@ class ControlServer:
             body["knobs"], body["error"] = [], exc.line()
         return web.json_response(body)
 
+    async def xdp(self, request: web.Request) -> web.Response:
+        return web.json_response(await asyncio.to_thread(Filter(self.supervisor.cfg).status))
+
     # --- writes -----------------------------------------------------------------------
+
+    async def xdp_block(self, request: web.Request) -> web.Response:
+        block = request.path.endswith("/block")
+        try:
+            body = await request.json()
+        except json.JSONDecodeError:
+            return error(400, "bad_request", 'the body must be JSON: {"cidrs": ["198.18.0.0/15"]}')
+        cidrs = body.get("cidrs") if isinstance(body, dict) else None
+        if not isinstance(cidrs, list) or not cidrs or not all(isinstance(c, str) for c in cidrs):
+            return error(400, "bad_request", '"cidrs" must be a list of CIDR strings')
+        nets = [parse_cidr(c) for c in cidrs]  # every one checked before any is written
+        self._write(request, f"{'block' if block else 'unblock'} {', '.join(cidrs)}")
+        flt = Filter(self.supervisor.cfg)
+        count = await asyncio.to_thread(flt.block if block else flt.unblock, nets)
+        verb = "blocked" if block else "unblocked"
+        return web.json_response({"ok": True, "message": f"{verb} {count} of {len(nets)} CIDRs"})
 
     async def apply_tuning(self, request: web.Request) -> web.Response:
         s = self.supervisor

@@ -22,12 +22,15 @@ from aiohttp import ClientError
 
 from appliance import cache
 from appliance import config as cfg
+from appliance.errors import AdpopError
 from appliance.snapshot.store import SnapshotStore
 from appliance.supervisor.components import ChildProcess, Component, Health, SystemdUnit
 from appliance.supervisor.notify import Context, RecentLines, notify, watchdog_interval
 from appliance.sync.agent import SyncAgent, roll_back
 from appliance.sync.engine import EngineAdmin
 from appliance.tuning.drift import DriftWatcher
+from appliance.tuning.host import Host
+from appliance.xdp import Filter
 
 log = logging.getLogger("adpop.supervisor")
 
@@ -37,6 +40,7 @@ def state_path(appliance: Any, path: str) -> Path:
 
 
 TUNE_UNIT = "adpop-tune.service"
+XDP_UNIT = "adpop-xdp.service"
 # Where adpop-engine.service (RuntimeDirectory=adpop-engine) puts its admin socket.
 APPLIANCE_ENGINE_SOCKET = "/run/adpop-engine/admin.sock"
 
@@ -113,8 +117,11 @@ class Supervisor:
                         if dev else SystemdUnit(self.cfg.cache.unit or cache.appliance_unit()))
         engine_runner = (EngineProcess(self, logs / "engine.log") if dev
                          else EngineUnit(self.cfg.engine.unit, self.store))
-        return [Component("cache", cache_runner, self._cache_health),
-                Component("engine", engine_runner, self._engine_health)]
+        parts = [Component("cache", cache_runner, self._cache_health),
+                 Component("engine", engine_runner, self._engine_health)]
+        if not dev:  # a dev host's NICs are left alone
+            parts.append(Component("xdp", SystemdUnit(XDP_UNIT), self._xdp_health))
+        return parts
 
     def component(self, name: str) -> Component:
         return next(c for c in self.components if c.name == name)
@@ -122,6 +129,22 @@ class Supervisor:
     async def _cache_health(self) -> Health:
         probe = asdict(await cache.probe(self.cfg.cache.address))
         return Health(probe.pop("ok"), probe.pop("reason"), probe)
+
+    async def _xdp_health(self) -> Health:
+        def look() -> Health:
+            flt = Filter(self.cfg)
+            nics = list(self.cfg.xdp.nics) or Host().serving_nics(list(self.cfg.tuning.nics))
+            modes = flt.attached_now(nics)
+            missing = [nic for nic, mode in modes.items() if not mode]
+            details = {"attached": modes, "pinned": flt.pinned()}
+            if missing:
+                return Health(False, f"not attached to {', '.join(missing)}", details)
+            return Health(True, "", details)
+
+        try:
+            return await asyncio.to_thread(look)
+        except AdpopError as exc:
+            return Health(False, exc.line())
 
     async def _engine_health(self) -> Health:
         try:
