@@ -360,3 +360,19 @@ def test_bad_input_is_one_line_and_attaches_nothing(tmp_path: Path, pin_dir: Pat
     refused("", "attach", "--nic", namespace.inner, "--nic", "nosuch0", "--netns",
             namespace.name, message="NIC 'nosuch0' does not exist in network namespace")
     assert not pin_dir.exists(), "nothing loaded either"
+
+
+def test_load_blocklist_file(tmp_path: Path, loaded: Loaded) -> None:
+    config = tmp_path / "appliance.toml"  # the loaded fixture's, same pin_dir
+    good = tmp_path / "good.txt"
+    good.write_text("# edge abusers\n" + "".join(f"10.{i // 256}.{i % 256}.0/24\n"
+                                                 for i in range(2000)) + "2001:db8:dead::/48\n")
+    result = adpop("xdp", "load-blocklist", str(good), "--config", str(config))
+    assert result.returncode == 0 and "loaded 2001 CIDRs" in result.stdout, result.stderr
+    assert loaded.filter.blocked() == {"ipv4": 2001, "ipv6": 2}
+    bad = tmp_path / "bad.txt"
+    bad.write_text("198.18.7.0/24\n198.18.8.0/33\n")
+    result = adpop("xdp", "load-blocklist", str(bad), "--config", str(config))
+    assert result.returncode == 2 and f"{bad}:2: '198.18.8.0/33' is not a valid CIDR" in \
+        result.stderr
+    assert loaded.filter.blocked() == {"ipv4": 2001, "ipv6": 2}, "nothing of a bad file loaded"
