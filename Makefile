@@ -86,6 +86,7 @@ bench: setup
 	$(BIN)/python -m bench.bench_sync
 	$(BIN)/python -m bench.bench_tuning
 	$(BIN)/python -m bench.bench_xdp
+	$(BIN)/python -m bench.bench_console
 
 lint: setup
 	$(BIN)/ruff check .

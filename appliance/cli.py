@@ -643,6 +643,24 @@ def cmd_xdp_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_console(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from tui.app import ConsoleApp
+    from tui.ssh import forward
+
+    with contextlib.ExitStack() as stack:
+        if args.ssh:
+            socket_path = stack.enter_context(forward(args.ssh, args.remote_socket))
+            title = f"{args.ssh}:{args.remote_socket}"
+        else:
+            socket_path = _control_socket(args)
+            title = socket_path
+        ConsoleApp(socket_path, read_only=args.read_only, refresh=args.refresh,
+                   title=title).run()
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from appliance.supervisor.client import call
 
@@ -876,6 +894,17 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "load-blocklist":
             p.add_argument("file")
         p.set_defaults(func=func)
+    p = commands.add_parser("console", help="the operator console (Textual)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--socket", help="the control socket (default: from the configuration)")
+    where.add_argument("--ssh", metavar="USER@HOST", help="a remote PoP, through ssh")
+    p.add_argument("--remote-socket", default="/run/adpop/control.sock",
+                   help="the control socket on the remote PoP")
+    p.add_argument("--read-only", action="store_true", help="hide every action that writes")
+    p.add_argument("--refresh", type=float, default=1.0, help="seconds between reads")
+    p.add_argument("--config", help="appliance configuration file")
+    p.add_argument("--state", help="state directory (overrides paths.state_dir)")
+    p.set_defaults(func=cmd_console)
     p = commands.add_parser("up", help="run an origin and a whole PoP on this machine")
     p.add_argument("--state", default=".adpop", help="state directory (default .adpop)")
     p.add_argument("--campaigns", help="campaign folder (default: the sample campaigns)")

@@ -1,8 +1,8 @@
 """The control API: HTTP + JSON over a Unix socket, the one door operators (and the console)
 use. Socket mode 0660; every write logs the caller's uid from SO_PEERCRED.
 
-Read:  GET  /v1/status /v1/snapshots /v1/tuning /v1/xdp /v1/cache /v1/events
-           /v1/logs?lines=N&component=NAME
+Read:  GET  /v1/status /v1/snapshots /v1/snapshots/diff?version=N /v1/tuning /v1/xdp
+           /v1/cache /v1/events /v1/logs?lines=N&component=NAME
 Write: POST /v1/sync-now /v1/rollback {"to": N} /v1/drain /v1/undrain /v1/tuning/apply
             /v1/xdp/block {"cidrs": [...]} /v1/xdp/unblock {"cidrs": [...]}
 Errors: {"error": {"code": "...", "message": "..."}} with a 4xx or 5xx status.
@@ -23,6 +23,7 @@ from typing import Any
 from aiohttp import ClientError, web
 
 from appliance.errors import AdpopError
+from appliance.snapshot import diff as snapshot_diff
 from appliance.supervisor.core import Supervisor, control_socket, state_path
 from appliance.tuning import plan
 from appliance.tuning.host import Host
@@ -52,11 +53,13 @@ class ControlServer:
         self.supervisor = supervisor
         self.path = control_socket(supervisor.cfg)
         self.runner: web.AppRunner | None = None
+        self.campaign_cache: dict[str, dict[str, Any]] = {}
 
     async def start(self) -> None:
         app = web.Application(client_max_size=64 * 1024, middlewares=[self._errors])
         app.add_routes([
             web.get("/v1/status", self.status), web.get("/v1/snapshots", self.snapshots),
+            web.get("/v1/snapshots/diff", self.snapshot_diff),
             web.get("/v1/cache", self.cache), web.get("/v1/events", self.events),
             web.get("/v1/logs", self.logs), web.get("/v1/tuning", self.tuning),
             web.post("/v1/tuning/apply", self.apply_tuning), web.get("/v1/xdp", self.xdp),
@@ -107,16 +110,49 @@ class ControlServer:
     async def status(self, request: web.Request) -> web.Response:
         return web.json_response(self.supervisor.status())
 
-    async def snapshots(self, request: web.Request) -> web.Response:
+    def _campaigns(self, version: int) -> dict[str, Any]:
+        """A version's campaigns, read once per payload hash (payloads never change)."""
+        store = self.supervisor.store
+        sha = store.manifest(version).payload_sha256
+        if sha not in self.campaign_cache:
+            _, payload = store.read(version)
+            self.campaign_cache[sha] = snapshot_diff.campaigns(payload)
+        return self.campaign_cache[sha]
+
+    def _snapshot_rows(self) -> dict[str, Any]:
         store = self.supervisor.store
         active = store.current_version()
+        sync = self.supervisor.agent.state
         rows = []
         for version in store.versions():
             manifest = store.manifest(version)
+            state = ("active" if version == active else
+                     "failed" if version == sync.failed_version else "retained")
             rows.append({"version": version, "sha256": manifest.payload_sha256,
                          "bytes": manifest.payload_length, "created": manifest.created,
-                         "active": version == active})
-        return web.json_response({"active": active, "snapshots": rows})
+                         "campaigns": len(self._campaigns(version)),
+                         "activated": sync.activated if version == active else None,
+                         "active": version == active, "state": state})
+        return {"active": active, "snapshots": rows}
+
+    async def snapshots(self, request: web.Request) -> web.Response:
+        return web.json_response(await asyncio.to_thread(self._snapshot_rows))
+
+    async def snapshot_diff(self, request: web.Request) -> web.Response:
+        """GET /v1/snapshots/diff?version=N: campaigns added, removed and changed in the
+        active version against N (what a rollback to N would undo)."""
+        store = self.supervisor.store
+        try:
+            version = int(request.query["version"])
+        except (KeyError, ValueError):
+            return error(400, "bad_request", "give ?version=N")
+        active = store.current_version()
+        if active is None or version not in store.versions():
+            return error(404, "not_found", f"no retained version {version} (or none active)")
+        old, new = await asyncio.to_thread(lambda: (self._campaigns(version),
+                                                    self._campaigns(active)))
+        return web.json_response({"from": version, "to": active,
+                                  **snapshot_diff.diff(old, new)})
 
     async def cache(self, request: web.Request) -> web.Response:
         c = self.supervisor.component("cache")

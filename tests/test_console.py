@@ -1,0 +1,232 @@
+"""The operator console, driven by Textual's pilot against a fake control API: each screen
+renders its data, each action sends the right request, dangerous ones need confirmation,
+read-only hides the writes, a lost supervisor is shown and found again."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from textual.pilot import Pilot
+from textual.widgets import DataTable, Static
+
+from tests.fake_control import NOW, FakeControl
+from tui.actions import ACTIONS
+from tui.app import ConfirmScreen, ConsoleApp, PromptScreen
+
+SIZE = (120, 40)
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> Iterator[FakeControl]:
+    backend = FakeControl(tmp_path / "control.sock")
+    backend.start()
+    yield backend
+    backend.close()
+
+
+def console(fake: FakeControl, **kwargs: Any) -> ConsoleApp:
+    return ConsoleApp(str(fake.path), clock=lambda: NOW, refresh=kwargs.pop("refresh", 60.0),
+                      **kwargs)
+
+
+async def until(pilot: Pilot[None], what: str, check: Callable[[], bool],
+                timeout: float = 10.0) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if check():
+            return
+        await pilot.pause(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def run(app: ConsoleApp, scenario: Callable[[Pilot[None]], Awaitable[None]]) -> None:
+    async def main() -> None:
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, "the first round", lambda: app.latest is not None)
+            await pilot.pause()
+            await scenario(pilot)
+    asyncio.run(main())
+
+
+def text(app: ConsoleApp, selector: str) -> str:
+    return str(app.query_one(selector, Static).render())
+
+
+def cells(app: ConsoleApp, table_id: str) -> list[list[str]]:
+    table = app.query_one(f"#{table_id}", DataTable)
+    return [[str(c) for c in table.get_row_at(i)] for i in range(table.row_count)]
+
+
+def test_each_screen_renders_its_data(fake: FakeControl) -> None:
+    app = console(fake)
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        assert "151,234 req/s" in text(app, "#tile-engine")
+        assert "ping 0.12 ms" in text(app, "#tile-cache")
+        assert "1 drifting" in text(app, "#tile-tuning")
+        assert "v12 active" in text(app, "#tile-sync")
+        facts = text(app, "#facts")
+        assert "v12" in facts and "active for 62 min" in facts and "blocked 12,345" in facts
+        assert "3 closed segments" in facts
+        await pilot.press("2")
+        assert cells(app, "snapshots-table")[0][:3] == ["v12", "12abababababababab"[:16],
+                                                       "100,012"]
+        await pilot.press("3")
+        assert ["sysctl vm.swappiness", "drift", "60", "10", "2"] in cells(app, "tuning-table")
+        await pilot.press("4")
+        assert ["blocked", "12,345", "740,700"] in cells(app, "xdp-counters")
+        assert cells(app, "xdp-top")[0] == ["198.18.7.7", "6,789"]
+        assert "100,000 IPv4" in text(app, "#xdp-summary")
+        await pilot.press("5")
+        assert any("repairing" in row[3] for row in cells(app, "logs-table"))
+
+    run(app, scenario)
+
+
+def test_filter_narrows_tables_and_cursor_stays(fake: FakeControl) -> None:
+    app = console(fake, refresh=0.25)
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        await pilot.press("5")
+        table = app.query_one("#logs-table", DataTable)
+        table.focus()
+        await pilot.press("down", "down")
+        seen = app.rounds
+        await until(pilot, "two more rounds", lambda: app.rounds >= seen + 2)
+        assert table.cursor_row == 2, "updates in place keep the cursor"
+        await pilot.press("slash")
+        await pilot.press(*"drift")
+        assert len(cells(app, "logs-table")) == 1
+        await pilot.press("escape")
+        await until(pilot, "the filter to clear", lambda: len(cells(app, "logs-table")) == 5)
+
+    run(app, scenario)
+
+
+def test_actions_send_their_requests(fake: FakeControl) -> None:
+    app = console(fake)
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        await pilot.press("s")
+        await until(pilot, "sync-now", lambda: ("/v1/sync-now", None) in fake.writes)
+        await pilot.press("u")
+        await until(pilot, "undrain", lambda: ("/v1/undrain", None) in fake.writes)
+        await pilot.press("k")
+        assert isinstance(app.screen, PromptScreen)
+        await pilot.press(*"198.18.7.0/24", "enter")
+        await until(pilot, "unblock", lambda: ("/v1/xdp/unblock",
+                                               {"cidrs": ["198.18.7.0/24"]}) in fake.writes)
+
+    run(app, scenario)
+
+
+def test_dangerous_actions_need_confirmation(fake: FakeControl) -> None:
+    app = console(fake)
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        # Drain: the PoP's name must be typed; a wrong name does nothing.
+        await pilot.press("d")
+        assert isinstance(app.screen, ConfirmScreen) and app.screen.typed == "pop-fra-1"
+        await pilot.press(*"pop-x", "enter")
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("escape")
+        await pilot.pause()
+        assert not fake.writes
+        await pilot.press("d", *"pop-fra-1", "enter")
+        await until(pilot, "drain", lambda: ("/v1/drain", None) in fake.writes)
+
+        # Rollback of the selected row: says what it undoes, the version typed in.
+        await pilot.press("2")
+        app.query_one("#snapshots-table", DataTable).focus()
+        await pilot.press("down")  # v11
+        await pilot.press("r")
+        await until(pilot, "the confirmation", lambda: isinstance(app.screen, ConfirmScreen))
+        assert isinstance(app.screen, ConfirmScreen)
+        assert "v12 added 1, removed 0 and changed 2" in app.screen.what
+        await pilot.press(*"11", "enter")
+        await until(pilot, "rollback", lambda: ("/v1/rollback", {"to": 11}) in fake.writes)
+
+        # Apply tuning: shows the drift, y confirms.
+        await pilot.press("a")
+        assert isinstance(app.screen, ConfirmScreen) and "sysctl vm.swappiness" in \
+            app.screen.what
+        await pilot.press("y")
+        await until(pilot, "apply", lambda: ("/v1/tuning/apply", None) in fake.writes)
+
+        # Block: the range asked, then confirmed; cancelled sends nothing.
+        await pilot.press("b", *"198.18.9.0/24", "enter")
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("escape")
+        await pilot.press("b", *"198.18.9.0/24", "enter", "y")
+        await until(pilot, "block", lambda: ("/v1/xdp/block",
+                                             {"cidrs": ["198.18.9.0/24"]}) in fake.writes)
+        assert sum(1 for route, _ in fake.writes if route == "/v1/xdp/block") == 1
+
+    run(app, scenario)
+
+
+def test_read_only_hides_every_write(fake: FakeControl) -> None:
+    app = console(fake, read_only=True)
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        for action in ACTIONS:
+            if action.writes:
+                await pilot.press(action.key)
+                await pilot.pause()
+                assert not isinstance(app.screen, ConfirmScreen | PromptScreen)
+        assert not fake.writes
+        visible = {a.name for a in app.visible_actions()}
+        assert "drain" not in visible and "rollback" not in visible and "pause" in visible
+        assert "read-only" in text(app, "#banner")
+
+    run(app, scenario)
+
+
+def test_pause_keeps_collecting_and_refresh_changes(fake: FakeControl) -> None:
+    app = console(fake, refresh=0.25)
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        await pilot.press("p")
+        assert "PAUSED" in text(app, "#banner")
+        seen = app.rounds
+        await until(pilot, "collection while paused", lambda: app.rounds >= seen + 2)
+        await pilot.press("p", "minus")
+        assert app.refresh_s == 0.5 and "PAUSED" not in text(app, "#banner")
+        await pilot.press("plus", "plus")
+        assert app.refresh_s == 0.25  # the floor
+
+    run(app, scenario)
+
+
+def test_disconnect_is_shown_and_recovered(fake: FakeControl) -> None:
+    app = console(fake, refresh=0.25)
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        fake.stop()
+        await until(pilot, "the disconnect", lambda: app.connected is False)
+        assert "DISCONNECTED" in text(app, "#banner")
+        assert "v12" in text(app, "#facts"), "the last data stays on screen"
+        fake.start()
+        await until(pilot, "the reconnect", lambda: app.connected is True)
+        assert "DISCONNECTED" not in text(app, "#banner")
+
+    run(app, scenario)
+
+
+def test_console_on_a_real_supervisor(up: Any) -> None:
+    """Against `adpop up`: the console shows the PoP's live snapshot version."""
+    app = ConsoleApp(up.control, refresh=0.5)
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        assert app.latest is not None and app.connected
+        version = up.status()["snapshot"]["version"]
+        assert f"snapshot v{version}" in text(app, "#facts")
+        assert "engine ok" in text(app, "#tile-engine")
+        await pilot.press("2")
+        assert cells(app, "snapshots-table")[0][0] == f"v{version}"
+        assert "left alone (dev mode)" in text(app, "#tile-tuning")
+
+    run(app, scenario)
