@@ -13,16 +13,19 @@ APT_PACKAGES := \
 	python3-venv python3-dev build-essential pkg-config \
 	cmake g++ capnproto libcapnp-dev libssl-dev libgtest-dev \
 	clang libclang-rt-14-dev redis-server libsystemd-dev libudev1 iproute2 \
-	libbenchmark-dev nginx-light wrk clang-format libbpf-dev
+	libbenchmark-dev nginx-light wrk clang-format libbpf-dev \
+	debootstrap e2fsprogs dosfstools mtools fdisk qemu-system-x86 ovmf systemd-container zstd
 
 FUZZ_SECONDS ?= 60
 
-.PHONY: help setup engine xdp demo test bench lint fuzz clean
+.PHONY: help setup engine xdp demo test test-vm image bench lint fuzz clean
 
 help:
 	@echo "make demo   - set up, then run an origin and a whole PoP on 127.0.0.1 (Ctrl-C stops it)"
 	@echo "make test   - set up, then run the whole test suite (ruff and mypy included)"
 	@echo "make bench  - set up, then run the benchmarks in bench/"
+	@echo "make image  - build the appliance disk image into images/out/"
+	@echo "make test-vm - boot the image under qemu (the boot tier of make test)"
 	@echo "make lint   - ruff and mypy only"
 	@echo "make fuzz   - run the libFuzzer targets for FUZZ_SECONDS each (default 60)"
 	@echo "make setup  - apt packages, the .venv, the adpop package (idempotent)"
@@ -80,6 +83,15 @@ demo: setup
 test: setup
 	$(BIN)/pytest -q
 
+# The appliance disk (images/out/adpop-VERSION.raw, its manifest and a zstd copy); reused
+# when no input changed. DRAGONFLY_DEB=path (with DRAGONFLY_SHA256) puts Dragonfly in.
+image: setup
+	$(BIN)/python -m images.build
+
+# The boot tier alone: the image under qemu with OVMF (make test runs it too).
+test-vm: setup
+	$(BIN)/pytest -q tests/test_image.py -k uefi
+
 bench: setup
 	$(BIN)/python -m bench.bench_snapshot
 	$(BIN)/python -m bench.bench_engine
@@ -87,6 +99,7 @@ bench: setup
 	$(BIN)/python -m bench.bench_tuning
 	$(BIN)/python -m bench.bench_xdp
 	$(BIN)/python -m bench.bench_console
+	$(BIN)/python -m bench.bench_image
 
 lint: setup
 	$(BIN)/ruff check .

@@ -432,7 +432,9 @@ def cmd_cache_run(args: argparse.Namespace) -> int:
     from appliance import cache
     from appliance.supervisor.core import state_path
 
-    appliance, _ = _store(args)
+    # No store: the cache's sandbox may not write the state directory.
+    appliance = cfg.with_state(
+        cfg.load(cfg.Scope.APPLIANCE, Path(args.config) if args.config else None), args.state)
     c = appliance.cache
     # Under systemd the unit's StateDirectory; otherwise the cache folder of the state dir.
     folder = Path(os.environ.get("STATE_DIRECTORY") or state_path(appliance, "cache"))
@@ -658,6 +660,30 @@ def cmd_console(args: argparse.Namespace) -> int:
             title = socket_path
         ConsoleApp(socket_path, read_only=args.read_only, refresh=args.refresh,
                    title=title).run()
+    return 0
+
+
+def cmd_flash(args: argparse.Namespace) -> int:
+    from appliance import flash
+
+    if not args.device:
+        disks = flash.candidates()
+        if args.json:
+            print(json.dumps([d.__dict__ for d in disks], indent=2))
+            return 0
+        print("no device given; candidate disks:" if disks else "no candidate disks found")
+        for d in disks:
+            print(f"  {d.path:12} {d.size / 1e9:8.1f} GB  {d.model or '-':24} "
+                  f"serial {d.serial or '-':16} {'removable' if d.removable else 'fixed':9} "
+                  + (f"mounted: {', '.join(d.mounted)}" if d.mounted else "not mounted"))
+        print(f"then: adpop flash {args.image} --device DEV [--config FILE]")
+        return 0
+    result = flash.flash(Path(args.image), args.device,
+                         Path(args.config) if args.config else None, yes=args.yes)
+    print(f"wrote {result['bytes']:,} bytes to {result['device']} in {result['seconds']} s, "
+          f"verified sha256 {result['sha256'][:16]}"
+          + (f"; site config {result['config']} with {len(result['keys'])} origin keys"
+             if result["config"] else ""))
     return 0
 
 
@@ -905,6 +931,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="appliance configuration file")
     p.add_argument("--state", help="state directory (overrides paths.state_dir)")
     p.set_defaults(func=cmd_console)
+    p = commands.add_parser("flash", help="write the appliance image to a disk")
+    p.add_argument("image", help="the .raw image (images/out/adpop-VERSION.raw)")
+    p.add_argument("--device", help="the whole disk to write (none: list the candidates)")
+    p.add_argument("--config", help="the site's configuration drop-in (PoP id, origin, keys)")
+    p.add_argument("--yes", action="store_true", help="do not ask to type the device name")
+    p.add_argument("--json", action="store_true", help="list candidates as JSON")
+    p.set_defaults(func=cmd_flash)
     p = commands.add_parser("up", help="run an origin and a whole PoP on this machine")
     p.add_argument("--state", default=".adpop", help="state directory (default .adpop)")
     p.add_argument("--campaigns", help="campaign folder (default: the sample campaigns)")

@@ -254,8 +254,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Drop TCP and UDP to destination ports not on the allowlists."),
     Setting(A, "xdp", "allow_tcp_ports", Kind.STRLIST, ["22", "80", "443", "8080"],
             "TCP destination ports (\"N\" or \"N-M\") that pass."),
-    Setting(A, "xdp", "allow_udp_ports", Kind.STRLIST, [],
-            "UDP destination ports (\"N\" or \"N-M\") that pass."),
+    Setting(A, "xdp", "allow_udp_ports", Kind.STRLIST, ["68"],
+            "UDP destination ports (\"N\" or \"N-M\") that pass (68: the DHCP client's "
+            "leases)."),
     Setting(A, "xdp", "reply_ports", Kind.OPT_STR, "32768-60999",
             "Port range where replies to this host's own connections arrive (the kernel's "
             "ip_local_port_range), open for TCP and UDP (\"\": none)."),

@@ -35,6 +35,11 @@ from appliance.xdp import Filter
 log = logging.getLogger("adpop.supervisor")
 
 
+def in_container() -> bool:
+    """True under systemd-nspawn, docker and the like (systemd as PID 1 notes it there)."""
+    return Path("/run/systemd/container").exists()
+
+
 def state_path(appliance: Any, path: str) -> Path:
     return cfg.under(appliance.paths.state_dir, path)
 
@@ -91,8 +96,10 @@ class Supervisor:
         self.admin = EngineAdmin(self.cfg.engine.admin_socket)
         self.agent = SyncAgent(self.cfg, store)
         self.components = components if components is not None else self._components()
-        # Drift is watched where adpop tunes the host: the appliance (dev hosts are left be).
-        watch = self.cfg.tuning.drift_check and self.cfg.supervisor.mode == "appliance"
+        # Drift is watched where adpop tunes the host: the appliance, on its own machine (dev
+        # hosts and containers are left be).
+        watch = (self.cfg.tuning.drift_check and self.cfg.supervisor.mode == "appliance"
+                 and not in_container())
         self.tuning = tuning or (DriftWatcher(self.cfg, self.apply_tuning) if watch else None)
         self.started = time.monotonic()
         self.ready_sent = False  # READY=1 goes out once, serving or degraded
@@ -119,7 +126,7 @@ class Supervisor:
                          else EngineUnit(self.cfg.engine.unit, self.store))
         parts = [Component("cache", cache_runner, self._cache_health),
                  Component("engine", engine_runner, self._engine_health)]
-        if not dev:  # a dev host's NICs are left alone
+        if not dev and not in_container():  # a dev host's NICs are left alone
             parts.append(Component("xdp", SystemdUnit(XDP_UNIT), self._xdp_health))
         return parts
 
@@ -232,7 +239,7 @@ class Supervisor:
     def tuning_status(self) -> dict[str, Any]:
         if self.tuning is None:
             return {"enabled": False, "reason": "the supervisor leaves this host's tuning alone "
-                    "(dev mode, or tuning.drift_check = false)"}
+                    "(dev mode, a container, or tuning.drift_check = false)"}
         return self.tuning.status()
 
     # --- writes ---------------------------------------------------------------------

@@ -72,17 +72,28 @@ class SyncAgent:
                  clock: Callable[[], float] = time.time) -> None:
         self.cfg = appliance
         self.store = store
-        self.policy: Policy = bundle.policy_from_config(appliance)
+        self.policy: Policy | None = None
         self.clock = clock
         self.health = health
         # With an engine, activation tells it to load and the window watches it.
         socket_path = appliance.engine.admin_socket
         self.engine = EngineHealth(EngineAdmin(socket_path)) if socket_path else None
         self.state = SyncState()
+        self.load_policy()
         self.wake = asyncio.Event()
         self.pushed: bytes | None = None  # a manifest a push notice carried, not yet taken
         self.session: ClientSession | None = None
         self.adopt_current()
+
+    def load_policy(self) -> Policy | None:
+        """The trust policy; None (and the reason in state.error) while no trusted key can be
+        read: a freshly flashed PoP without its identity still runs and says what it needs."""
+        try:
+            self.policy = bundle.policy_from_config(self.cfg)
+        except AdpopError as exc:
+            self.state.error = (f"no trusted origin key ({exc.message}); give the PoP its "
+                                "identity with `adpop flash --config` or `adpop pop trust`")
+        return self.policy
 
     def adopt_current(self) -> None:
         """Reports what the store has active (at start, and after an operator's rollback)."""
@@ -105,15 +116,16 @@ class SyncAgent:
         assert self.session is not None
         deadline = time.monotonic() + self.cfg.sync.fetch_timeout
         manifest_bytes, self.pushed = self.pushed, None
-        if manifest_bytes is not None and len(manifest_bytes) > self.policy.max_manifest_bytes:
-            raise VerifyError(Reason.TOO_LARGE, f"pushed manifest passed "
-                              f"{self.policy.max_manifest_bytes} bytes")
+        limit = self.cfg.snapshot.max_manifest_bytes
+        if manifest_bytes is not None and len(manifest_bytes) > limit:
+            raise VerifyError(Reason.TOO_LARGE, f"pushed manifest passed {limit} bytes")
         if manifest_bytes is None:
             url = f"{self.origin}/v1/manifest?pop={self.cfg.pop.id}"
             manifest_bytes = await fetch_manifest(self.session, url,
-                                                  self.policy.max_manifest_bytes, deadline)
+                                                  limit, deadline)
         if manifest_bytes is None:
             return None
+        assert self.policy is not None  # attempt() loads it first
         manifest = verify_manifest(manifest_bytes, self.policy, now=self.clock())
         current = self.store.current_version()
         if current is not None and manifest.version == current:
@@ -193,6 +205,8 @@ class SyncAgent:
 
     async def attempt(self) -> None:
         """One sync with its health window and report; never raises on a refusal."""
+        if self.policy is None and self.load_policy() is None:
+            return
         previous = self.store.current_version()
         try:
             manifest = await self.sync_once()
@@ -287,7 +301,7 @@ class SyncAgent:
                                                 "message": "push token missing or wrong"}},
                                      status=401)
         # Read only up to the manifest cap; the manifest is verified like a fetched one.
-        body = await request.content.read(self.policy.max_manifest_bytes + 1)
+        body = await request.content.read(self.cfg.snapshot.max_manifest_bytes + 1)
         self.pushed = body or None
         self.wake.set()
         return web.json_response({"ok": True}, status=202)

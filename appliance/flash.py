@@ -1,0 +1,251 @@
+"""`adpop flash IMAGE --device DEV [--config FILE] [--yes]`: the appliance image onto a disk.
+
+Without a device it lists the candidate disks (pyudev: model, serial, size, removable,
+mounted partitions). It refuses, in one line and before writing anything: a device that is
+not a whole-disk block device, the disk holding the running root, a disk with a mounted
+partition, a disk smaller than the image, and (without --yes) a device name the operator did
+not type back. It writes with a progress line, reads the written bytes back and compares
+SHA-256, puts the operator's configuration drop-in (and the origin keys it names) into the
+image's root file system with debugfs (no mount), and re-reads the partition table.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyudev
+
+from appliance import config as cfg
+from appliance.errors import AdpopError
+
+BLKGETSIZE64 = 0x80081272
+BLKRRPART = 0x125F
+CHUNK = 4 * 1024 * 1024
+DROP_IN = "/etc/adpop/appliance.d/50-site.toml"
+TRUST_DIR = "/var/lib/adpop/trust"
+
+
+class FlashError(AdpopError):
+    """The flash was refused or failed."""
+
+
+@dataclass(frozen=True)
+class Disk:
+    path: str
+    model: str
+    serial: str
+    size: int
+    removable: bool
+    mounted: tuple[str, ...]  # "partition on mountpoint"
+
+
+def _mounts() -> dict[tuple[int, int], str]:
+    """(major, minor) → mount point, from this process's mountinfo."""
+    found: dict[tuple[int, int], str] = {}
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        major, minor = fields[2].split(":")
+        found.setdefault((int(major), int(minor)), fields[4])
+    return found
+
+
+def _root_disk(context: pyudev.Context) -> str | None:
+    """The whole disk whose partition (or itself) holds the running root."""
+    root = os.stat("/").st_dev
+    try:
+        device = pyudev.Devices.from_device_number(context, "block", root)
+    except pyudev.DeviceNotFoundError:
+        return None
+    disk = device.find_parent("block", "disk") if device.device_type == "partition" else device
+    return str(disk.device_node) if disk is not None else None
+
+
+def describe(context: pyudev.Context, device: pyudev.Device) -> Disk:
+    mounts = _mounts()
+    mounted = []
+    for part in [device, *device.children]:
+        key = (os.major(part.device_number), os.minor(part.device_number))
+        if part.subsystem == "block" and key in mounts:
+            mounted.append(f"{part.device_node} on {mounts[key]}")
+    size = device.attributes.asint("size") * 512
+    removable = device.attributes.get("removable", b"0") == b"1"
+    props = device.properties
+    return Disk(str(device.device_node), str(props.get("ID_MODEL", "") or ""),
+                str(props.get("ID_SERIAL_SHORT", "") or ""), size, removable, tuple(mounted))
+
+
+def candidates() -> list[Disk]:
+    """Whole disks that could take the image (not loop, RAM or device-mapper devices)."""
+    context = pyudev.Context()
+    skip = ("loop", "ram", "zram", "dm-", "sr", "md")
+    return [describe(context, d) for d in context.list_devices(subsystem="block", DEVTYPE="disk")
+            if not str(d.sys_name).startswith(skip)]
+
+
+def check_target(device_path: str, image_bytes: int) -> Disk:
+    """The disk to write, or FlashError with the reason; nothing is written here."""
+    try:
+        mode = os.stat(device_path).st_mode
+    except OSError as exc:
+        raise FlashError(f"{device_path}: {exc.strerror}",
+                         hint="`adpop flash IMAGE` lists the disks") from exc
+    if not stat.S_ISBLK(mode):
+        raise FlashError(f"{device_path} is not a block device", hint="give a disk, e.g. /dev/sdb")
+    context = pyudev.Context()
+    device = pyudev.Devices.from_device_file(context, device_path)
+    if device.device_type != "disk":
+        parent = device.find_parent("block", "disk")
+        raise FlashError(f"{device_path} is a partition, not a whole disk",
+                         hint=f"give {parent.device_node if parent else 'the disk'}")
+    if _root_disk(context) == device.device_node:
+        raise FlashError(f"{device_path} holds the running system's root file system",
+                         hint="flash another disk")
+    disk = describe(context, device)
+    if disk.mounted:
+        raise FlashError(f"{device_path} has mounted partitions ({', '.join(disk.mounted)})",
+                         hint="unmount them first")
+    with open(device_path, "rb") as fh:
+        size = int.from_bytes(fcntl.ioctl(fh, BLKGETSIZE64, b"\0" * 8), "little")
+    if size < image_bytes:
+        raise FlashError(f"{device_path} holds {size:,} bytes, less than the image's "
+                         f"{image_bytes:,}", hint="use a larger disk")
+    return disk
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """The operator's drop-in, checked, with the origin keys it names."""
+
+    text: str
+    keys: dict[str, bytes]  # file name → .pub contents
+
+
+def site_config(path: Path) -> SiteConfig:
+    """Checks the drop-in as the appliance will read it; collects its trust keys (each .pub
+    file it names, or those in a folder it names) for the image's trust folder."""
+    try:
+        layered = cfg.load(cfg.Scope.APPLIANCE, path)
+    except cfg.ConfigError as exc:
+        raise FlashError(f"--config {path}: {exc.message}", hint=exc.hint) from exc
+    keys: dict[str, bytes] = {}
+    for entry in layered.snapshot.trust:
+        source = (path.parent / entry) if not Path(entry).is_absolute() else Path(entry)
+        if entry == "trust" and not source.exists():
+            continue  # the default, relative to the PoP's state directory
+        files = sorted(source.glob("*.pub")) if source.is_dir() else [source]
+        for key in files:
+            if not key.is_file():
+                raise FlashError(f"--config {path}: trusted key {key} does not exist",
+                                 hint="name the origin's .pub files in snapshot.trust")
+            keys[key.name] = key.read_bytes()
+    text = path.read_text()
+    if keys:  # on the appliance the keys sit in the default trust folder
+        text = "\n".join(line for line in text.splitlines()
+                         if not line.strip().startswith("trust")) + "\n"
+    return SiteConfig(text, keys)
+
+
+def _root_offset(device_path: str) -> int:
+    table = json.loads(subprocess.run(["sfdisk", "-J", device_path], capture_output=True,
+                                      text=True, check=True).stdout)["partitiontable"]
+    root = next(p for p in table["partitions"] if p.get("name") == "root")
+    return int(root["start"]) * int(table.get("sectorsize", 512))
+
+
+def _debugfs(target: str, command: str) -> None:
+    result = subprocess.run(["debugfs", "-w", "-R", command, target], capture_output=True,
+                            text=True, check=False)
+    if result.returncode or "error" in result.stderr.lower().replace("errors", ""):
+        raise FlashError(f"debugfs {command!r}: {result.stderr.strip()}")
+
+
+def write_site(device_path: str, site: SiteConfig) -> None:
+    target = f"{device_path}?offset={_root_offset(device_path)}"
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / "site.toml"
+        staged.write_text(site.text)
+        _debugfs(target, f"write {staged} {DROP_IN}")
+        for name, data in site.keys.items():
+            key = Path(tmp) / name
+            key.write_bytes(data)
+            _debugfs(target, f"write {key} {TRUST_DIR}/{name}")
+
+
+_last_progress = [0.0]
+
+
+def _progress(label: str, done: int, total: int, started: float) -> None:
+    now = time.monotonic()
+    if done < total and now - _last_progress[0] < 0.25:
+        return  # a few updates a second are enough for a person
+    _last_progress[0] = now
+    rate = done / max(time.monotonic() - started, 1e-6) / 2**20
+    print(f"\r{label}: {done * 100 // max(total, 1):3d}% {done / 2**20:,.0f}/"
+          f"{total / 2**20:,.0f} MiB {rate:,.0f} MiB/s", end="", file=sys.stderr, flush=True)
+
+
+def flash(image: Path, device_path: str, config: Path | None = None, yes: bool = False,
+          ask: Callable[[str], str] = input) -> dict[str, Any]:
+    if not image.is_file():
+        raise FlashError(f"image {image} does not exist", hint="`make image` builds one")
+    total = image.stat().st_size
+    site = site_config(config) if config else None
+    check_target(device_path, total)
+    if not yes:
+        name = Path(device_path).name
+        answer = ask(f"Everything on {device_path} will be erased. Type {name} to write: ")
+        if answer.strip() != name:
+            raise FlashError(f"not confirmed: typed {answer.strip()!r}, not {name!r}",
+                             hint="type the device name exactly, or pass --yes")
+    digest = hashlib.sha256()
+    started = time.monotonic()
+    with open(image, "rb") as src, open(device_path, "r+b", buffering=0) as dst:
+        done = 0
+        while block := src.read(CHUNK):
+            digest.update(block)
+            dst.write(block)
+            done += len(block)
+            _progress("writing", done, total, started)
+        os.fsync(dst.fileno())
+    print(file=sys.stderr)
+    # Read back what the device now holds, past the page cache.
+    subprocess.run(["blockdev", "--flushbufs", device_path], check=False)
+    check = hashlib.sha256()
+    with open(device_path, "rb") as fh:
+        left = total
+        while left:
+            block = fh.read(min(CHUNK, left))
+            if not block:
+                break
+            check.update(block)
+            left -= len(block)
+            _progress("verifying", total - left, total, started)
+    print(file=sys.stderr)
+    if check.hexdigest() != digest.hexdigest():
+        raise FlashError(f"{device_path} reads back differently from {image} "
+                         f"({check.hexdigest()[:16]} vs {digest.hexdigest()[:16]})",
+                         hint="the disk may be failing; try another")
+    if site is not None:
+        write_site(device_path, site)
+    with open(device_path, "rb") as fh:
+        try:
+            fcntl.ioctl(fh, BLKRRPART)
+        except OSError as exc:
+            print(f"note: the kernel did not re-read the partition table ({exc.strerror})",
+                  file=sys.stderr)
+    return {"device": device_path, "bytes": total, "sha256": digest.hexdigest(),
+            "config": str(config) if config else None,
+            "keys": sorted(site.keys) if site else [],
+            "seconds": round(time.monotonic() - started, 1)}
