@@ -9,6 +9,7 @@ import pytest
 from appliance.snapshot import bundle, synth
 from appliance.snapshot.manifest import SigningKey, generate_key, load_signing_key
 from appliance.snapshot.model import CampaignSet, load_campaigns, parse_documents
+from tests.fake_control import fake  # noqa: F401 - the console tests' fake supervisor
 from tests.up_harness import up  # noqa: F401 - the `up` fixture, for every test module
 
 REPO = Path(__file__).resolve().parent.parent

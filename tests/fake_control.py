@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 NOW = 1_790_000_000.0  # the fixed "now" of the snapshot tests
@@ -64,6 +66,15 @@ LOGS = [{"time": NOW - 60 + i, "level": level, "component": component, "message"
             ("info", "control", "control: sync now by uid 1000"),
             ("info", "sync", "v12 active")])]
 DIFF = {"from": 11, "to": 12, "added": ["camp-9"], "removed": [], "changed": ["camp-1", "camp-2"]}
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> Iterator[FakeControl]:
+    """A running fake supervisor on a socket in tmp_path."""
+    backend = FakeControl(tmp_path / "control.sock")
+    backend.start()
+    yield backend
+    backend.close()
 
 
 class FakeControl:

@@ -5,11 +5,9 @@ read-only hides the writes, a lost supervisor is shown and found again."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import pytest
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Static
 
@@ -18,14 +16,6 @@ from tui.actions import ACTIONS
 from tui.app import ConfirmScreen, ConsoleApp, PromptScreen
 
 SIZE = (120, 40)
-
-
-@pytest.fixture
-def fake(tmp_path: Path) -> Iterator[FakeControl]:
-    backend = FakeControl(tmp_path / "control.sock")
-    backend.start()
-    yield backend
-    backend.close()
 
 
 def console(fake: FakeControl, **kwargs: Any) -> ConsoleApp:

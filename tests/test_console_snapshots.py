@@ -4,8 +4,7 @@ SVGs under tests/__snapshots__/."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -15,14 +14,6 @@ from tests.fake_control import NOW, FakeControl
 from tui.app import ConsoleApp
 
 SIZE = (120, 40)
-
-
-@pytest.fixture
-def fake(tmp_path: Path) -> Iterator[FakeControl]:
-    backend = FakeControl(tmp_path / "control.sock")
-    backend.start()
-    yield backend
-    backend.close()
 
 
 def loaded(*keys: str) -> Callable[[Pilot[None]], Any]:
