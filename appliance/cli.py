@@ -373,7 +373,7 @@ def cmd_pop_rollback(args: argparse.Namespace) -> int:
 def _control_socket(args: argparse.Namespace) -> str:
     if args.socket:
         return str(args.socket)
-    from appliance.supervisor.core import control_socket
+    from appliance.parts import control_socket
 
     appliance, _ = _store(args)
     return str(control_socket(appliance))
@@ -416,7 +416,7 @@ def _exec(argv: list[str]) -> int:
 
 
 def cmd_engine_run(args: argparse.Namespace) -> int:
-    from appliance.supervisor.core import engine_command
+    from appliance.parts import engine_command
 
     appliance, store = _store(args)
     if store.current_version() is None:
@@ -430,7 +430,7 @@ def cmd_cache_run(args: argparse.Namespace) -> int:
     import shutil
 
     from appliance import cache
-    from appliance.supervisor.core import state_path
+    from appliance.parts import state_path
 
     # No store: the cache's sandbox may not write the state directory.
     appliance = cfg.with_state(

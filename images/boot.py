@@ -1,6 +1,7 @@
 """Boot the appliance disk under qemu (TCG unless ADPOP_QEMU_ACCEL says otherwise) with OVMF,
 a user-mode NIC with restrict=on, the engine's port forwarded on 127.0.0.1 and the origin
-reachable only through a guestfwd; for the boot test and the benchmark. qemu is killed
+reachable only through a guestfwd (a relay process per guest connection, to 127.0.0.1);
+for the boot test and the benchmark. qemu is killed
 whatever happens."""
 
 from __future__ import annotations
@@ -87,9 +88,10 @@ def boot_and_serve(image: Path, size: int, folder: Path) -> Booted:
             "-drive", f"file={disk},format=raw,if=virtio",
             "-nic", f"user,model=virtio-net-pci,restrict=on,"
                     f"hostfwd=tcp:127.0.0.1:{port}-:8080,"
-                    f"guestfwd=tcp:10.0.2.100:8700-tcp:127.0.0.1:{ports['origin']}",
+                    f"guestfwd=tcp:10.0.2.100:8700-cmd:{sys.executable} -m images.relay "
+                    f"127.0.0.1 {ports['origin']}",
             "-serial", f"file:{serial}", "-display", "none", "-no-reboot"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
         body = json.dumps({"id": "vm", "placements": [{"id": "article-inline"}],
                            "geo": {"country": "US"}}).encode()
         answer: dict[str, Any] = {}

@@ -22,10 +22,10 @@ import pytest
 
 from appliance import cpulist, units
 from appliance.config import Scope, load
+from appliance.parts import APPLIANCE_ENGINE_SOCKET
 from appliance.snapshot.manifest import SigningKey
 from appliance.snapshot.model import CampaignSet
 from appliance.snapshot.store import SnapshotStore
-from appliance.supervisor.core import APPLIANCE_ENGINE_SOCKET
 from appliance.up import free_port
 from tests.engine_harness import ENGINE, install
 

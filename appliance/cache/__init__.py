@@ -24,9 +24,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
 from appliance.errors import AdpopError
 
 PING_TIMEOUT = 1.0
@@ -91,6 +88,10 @@ def dragonfly_argv(binary: str, address: str, memory: int, folder: Path,
 
 async def probe(address: str) -> CacheHealth:
     """PING and INFO, each bounded by PING_TIMEOUT; never raises."""
+    # Imported here: `adpop cache run` execs the server without loading a client.
+    import redis.asyncio as aioredis
+    from redis.exceptions import RedisError
+
     host, port = parse_address(address)
     client = aioredis.Redis(host=host, port=port, socket_timeout=PING_TIMEOUT,
                             socket_connect_timeout=PING_TIMEOUT)

@@ -23,8 +23,9 @@ from typing import Any
 from aiohttp import ClientError, web
 
 from appliance.errors import AdpopError
+from appliance.parts import control_socket, state_path
 from appliance.snapshot import diff as snapshot_diff
-from appliance.supervisor.core import Supervisor, control_socket, state_path
+from appliance.supervisor.core import Supervisor
 from appliance.tuning import plan
 from appliance.tuning.host import Host
 from appliance.xdp import Filter, parse_cidr

@@ -43,6 +43,9 @@ log = logging.getLogger("adpop.sync")
 # Semantic bounds a payload must keep whatever its signature says (a generated file can be
 # signed and still wrong).
 MAX_CAMPAIGNS = 10_000_000
+# Registration and status reports are small: an origin that does not answer them within this
+# long is treated as unreachable (the session has no overall deadline, fetches set their own).
+CALL_TIMEOUT = 10.0
 
 
 @dataclass
@@ -271,7 +274,8 @@ class SyncAgent:
         assert self.session is not None
         try:
             async with self.session.post(f"{self.origin}/v1/pops/{self.cfg.pop.id}/status",
-                                         json=self.state.report()) as resp:
+                                         json=self.state.report(),
+                                         timeout=ClientTimeout(total=CALL_TIMEOUT)) as resp:
                 await resp.read()
         except (ClientError, TimeoutError) as exc:
             log.debug("report to the origin failed: %s", exc)
@@ -281,8 +285,8 @@ class SyncAgent:
         try:
             async with self.session.post(
                     f"{self.origin}/v1/pops/{self.cfg.pop.id}/register",
-                    json={"push_url": push_url, "target_group": self.cfg.pop.target_group}
-            ) as resp:
+                    json={"push_url": push_url, "target_group": self.cfg.pop.target_group},
+                    timeout=ClientTimeout(total=CALL_TIMEOUT)) as resp:
                 ok = resp.status < 300
                 self.state.origin_problem = "" if ok else (
                     f"origin {self.origin} refused registration: HTTP {resp.status}")
