@@ -169,12 +169,17 @@ def _utc(ts: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
+def _appliance(args: argparse.Namespace) -> Any:
+    """The appliance configuration of --config (defaults without it), moved to --state."""
+    return cfg.with_state(
+        cfg.load(cfg.Scope.APPLIANCE, Path(args.config) if args.config else None),
+        getattr(args, "state", None))
+
+
 def _store(args: argparse.Namespace) -> tuple[Any, Any]:
     from appliance.snapshot.store import SnapshotStore
 
-    appliance = cfg.with_state(
-        cfg.load(cfg.Scope.APPLIANCE, Path(args.config) if args.config else None),
-        getattr(args, "state", None))
+    appliance = _appliance(args)
     return appliance, SnapshotStore(Path(appliance.paths.state_dir),
                                     keep=appliance.snapshot.keep_versions)
 
@@ -433,8 +438,7 @@ def cmd_cache_run(args: argparse.Namespace) -> int:
     from appliance.parts import state_path
 
     # No store: the cache's sandbox may not write the state directory.
-    appliance = cfg.with_state(
-        cfg.load(cfg.Scope.APPLIANCE, Path(args.config) if args.config else None), args.state)
+    appliance = _appliance(args)
     c = appliance.cache
     # Under systemd the unit's StateDirectory; otherwise the cache folder of the state dir.
     folder = Path(os.environ.get("STATE_DIRECTORY") or state_path(appliance, "cache"))
@@ -453,7 +457,7 @@ def cmd_units_generate(args: argparse.Namespace) -> int:
     from appliance import cpulist, units
 
     try:
-        appliance = cfg.load(cfg.Scope.APPLIANCE, Path(args.config) if args.config else None)
+        appliance = _appliance(args)
         written = units.write(Path(args.normal_dir), units.drop_ins(appliance, cpulist.online()))
     except (AdpopError, OSError) as exc:
         # A generator that fails must not stop the boot: the units keep their defaults.
@@ -468,10 +472,7 @@ def cmd_units_generate(args: argparse.Namespace) -> int:
 def _tune_setup(args: argparse.Namespace) -> tuple[Any, Any]:
     from appliance.tuning import plan
 
-    appliance = cfg.with_state(
-        cfg.load(cfg.Scope.APPLIANCE, Path(args.config) if args.config else None),
-        getattr(args, "state", None))
-    return appliance, plan.load_host(args.root)
+    return _appliance(args), plan.load_host(args.root)
 
 
 def _cell(value: str | None, width: int = 32) -> str:
@@ -569,7 +570,7 @@ def cmd_tune_cmdline(args: argparse.Namespace) -> int:
 def _xdp(args: argparse.Namespace) -> tuple[Any, Any]:
     from appliance.xdp import Filter
 
-    appliance = cfg.load(cfg.Scope.APPLIANCE, Path(args.config) if args.config else None)
+    appliance = _appliance(args)
     if getattr(args, "pin_dir", None):
         appliance = cfg.replace_value(appliance, "xdp", "pin_dir", args.pin_dir)
     return appliance, Filter(appliance)
