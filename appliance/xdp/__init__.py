@@ -296,12 +296,14 @@ class Filter:
         counts.sort(reverse=True)
         return [{"source": source, "drops": drops} for drops, source in counts[:limit]]
 
-    def status(self) -> dict[str, Any]:
+    def status(self, blocked: dict[str, int] | None = None) -> dict[str, Any]:
+        """`blocked`: blocklist sizes the caller already counted (counting walks every key)."""
         if not self.pinned():
             return {"loaded": False, "pin_dir": str(self.pin_dir), "attached": {},
                     "reason": "not loaded; `adpop xdp attach` loads it"}
         return {"loaded": True, "pin_dir": str(self.pin_dir), "attached": self._remembered(),
-                "blocklist": self.blocked(), "counters": self.counters(), "top": self.top(),
+                "blocklist": blocked if blocked is not None else self.blocked(),
+                "counters": self.counters(), "top": self.top(),
                 "rate_pps": self.x.rate_pps, "burst": self.x.burst}
 
 
