@@ -263,6 +263,8 @@ void Shard::run() {
   epoll_event events[256];
   std::int64_t last_tick = mono_ns();
   std::int64_t last_event = 0;
+  // The first batch's idle time is measured from here, not from the clock's epoch.
+  batch_ns_ = last_tick;
   const std::int64_t idle_poll_ns = std::int64_t{engine_.options().idle_poll_us} * 1000;
   while (!engine_.stopping()) {
     // Sleeping costs both sides: the client's next packet must wake this thread (an IPI and
