@@ -105,6 +105,25 @@ def _cpu_list(value: Any) -> str | None:
     return None
 
 
+def port_range(value: str) -> tuple[int, int]:
+    """"N-M" as (N, M); raises ValueError with the fix when it is not a usable range."""
+    low, dash, high = value.strip().partition("-")
+    if not (low.isdigit() and dash and high.isdigit()):
+        raise ValueError('write a range like "32768-60999"')
+    first, last = int(low), int(high)
+    if not 1024 <= first < last <= 65535:
+        raise ValueError("use a range from 1024 to 65535, the lower port first")
+    return first, last
+
+
+def _port_range(value: Any) -> str | None:
+    try:
+        port_range(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 A, ORG = Scope.APPLIANCE, Scope.ORIGIN
 
 SETTINGS: tuple[Setting, ...] = (
@@ -230,6 +249,10 @@ SETTINGS: tuple[Setting, ...] = (
             "CPU frequency governor of the shard CPUs, where the host has cpufreq."),
     Setting(A, "tuning", "thp", Kind.STR, "madvise",
             "Transparent huge pages mode.", _one_of("always", "madvise", "never")),
+    Setting(A, "tuning", "local_port_range", Kind.STR, "32768-60999",
+            "Ports the kernel picks for this host's own connections (to the origin, DNS): "
+            "adpop tune sets net.ipv4.ip_local_port_range to it and the XDP filter lets "
+            "replies in on it. Keep it clear of the ports this host listens on.", _port_range),
     Setting(A, "tuning", "drift_check", Kind.BOOL, True,
             "The supervisor re-verifies the tuning (periodically and on device events) and "
             "repairs drift through adpop-tune.service."),
@@ -257,9 +280,6 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(A, "xdp", "allow_udp_ports", Kind.STRLIST, ["68"],
             "UDP destination ports (\"N\" or \"N-M\") that pass (68: the DHCP client's "
             "leases)."),
-    Setting(A, "xdp", "reply_ports", Kind.OPT_STR, "32768-60999",
-            "Port range where replies to this host's own connections arrive (the kernel's "
-            "ip_local_port_range), open for TCP and UDP (\"\": none)."),
     Setting(A, "xdp", "drop_fragments", Kind.BOOL, False, "Drop IPv4 and IPv6 fragments."),
     Setting(A, "xdp", "blocklist", Kind.OPT_PATH, "",
             "File of CIDRs (one per line, # comments) loaded at every attach."),

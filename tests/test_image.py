@@ -35,6 +35,9 @@ def test_manifest_and_reuse(image: dict[str, Any]) -> None:
     assert (build.OUT / image["zstd"]).stat().st_size < raw.stat().st_size
     assert "systemd.firstboot=off" in image["kernel_cmdline"]
     assert "transparent_hugepage=" in image["kernel_cmdline"]  # from `adpop tune cmdline`
+    # The default configuration pins no shard, so the image isolates none of the CPUs of
+    # whatever server it boots on.
+    assert "isolcpus" not in image["kernel_cmdline"]
     again = build.build()
     assert again["reused"] and again["sha256"] == image["sha256"]
 

@@ -151,6 +151,9 @@ def test_apply_verify_rollback_on_a_tree(make_tree: Any) -> None:
     ('[engine]\ncpus = "5"', "engine.cpus names CPUs 5 that are not online (online: 0-1)"),
     ('[tuning]\nsysctl = ["vm.swappiness"]', "tuning.sysctl entry 'vm.swappiness' is not"),
     ('[tuning]\nnics = ["lo"]', "NIC 'lo' has no device"),
+    ('[tuning]\nsysctl = ["net.ipv4.ip_local_port_range=1024 65535"]',
+     "set tuning.local_port_range instead"),
+    ('[tuning]\nlocal_port_range = "80-90000"', "use a range from 1024 to 65535"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(make_tree: Any, config: str,
                                                   message: str) -> None:
@@ -174,6 +177,14 @@ def test_cmdline(make_tree: Any) -> None:
         "default_hugepagesz=2M", "hugepagesz=2M", "hugepages=0:256,1:768",
         "isolcpus=managed_irq,domain,2-3,10-15", "nohz_full=2-3,10-15", "rcu_nocbs=2-3,10-15",
         "irqaffinity=0-1,4-9", "transparent_hugepage=madvise"]
+
+
+def test_cmdline_isolates_nothing_when_the_shards_are_not_pinned(make_tree: Any) -> None:
+    tree = make_tree('[engine]\nshards = 2\n', **VIRTIO)
+    result = tree.adpop("cmdline")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["default_hugepagesz=2M", "hugepagesz=2M", "hugepages=0:256",
+                                     "transparent_hugepage=madvise"]
 
 
 # --- this machine, for real ---------------------------------------------------------------

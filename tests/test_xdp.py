@@ -29,7 +29,7 @@ GOOD4, GOOD6 = "198.18.1.1", "2001:db8:1::1"
 def write_config(path: Path, pin_dir: Path, extra: str = "") -> Path:
     """The [xdp] section of the tests; `extra` lines replace a default of the same key."""
     lines = {"pin_dir": f'"{pin_dir}"', "allow_tcp_ports": '["80", "443", "8080"]',
-             "allow_udp_ports": '["53", "9999"]', "reply_ports": '"32768-60999"'}
+             "allow_udp_ports": '["53", "9999"]'}
     for line in extra.splitlines():
         key, _, value = line.partition("=")
         lines[key.strip()] = value.strip()
@@ -59,7 +59,7 @@ class Loaded:
 
         for key, value in changes.items():
             self.appliance = cfg.replace_value(self.appliance, "xdp", key, value)
-        self.filter.write_settings(Settings.from_config(self.appliance.xdp))
+        self.filter.write_settings(Settings.from_config(self.appliance))
 
     def run(self, packet: bytes) -> tuple[int, str]:
         before = self.filter.counters()
@@ -186,6 +186,24 @@ def test_fragments_dropped_when_configured(loaded: Loaded) -> None:
                    p.eth(V6, p.ipv6(GOOD6, p.FRAGMENT, p.frag6(p.TCP, p.tcp(80))))):
         assert loaded.run(packet) == (XDP_DROP, "fragment")
     assert loaded.run(p.eth(V4, p.ipv4(GOOD4, p.TCP, p.tcp(80)))) == (XDP_PASS, "pass")
+
+
+@pytest.mark.parametrize("ports", ["32768-60999", "20000-20999"])
+def test_replies_pass_on_every_port_tune_gives_the_kernel(loaded: Loaded, ports: str) -> None:
+    # The booted image once lost its origin replies: tune set ip_local_port_range to
+    # 1024-65535 while the filter opened 32768-60999, so most outbound connections hung.
+    from appliance.tuning.plan import LOCAL_PORT_RANGE, sysctl_values
+
+    loaded.appliance = cfg.replace_value(loaded.appliance, "tuning", "local_port_range", ports)
+    loaded.settings()
+    first, last = map(int, sysctl_values(loaded.appliance)[LOCAL_PORT_RANGE].split())
+    assert f"{first}-{last}" == ports
+    for port in (first, (first + last) // 2, last):
+        for proto, header in ((p.TCP, p.tcp(port, 8700)), (p.UDP, p.udp(port, 53))):
+            assert loaded.run(p.eth(V4, p.ipv4(GOOD4, proto, header))) == (XDP_PASS, "pass")
+            assert loaded.run(p.eth(V6, p.ipv6(GOOD6, proto, header))) == (XDP_PASS, "pass")
+    for port in (first - 1, last + 1):
+        assert loaded.run(p.eth(V4, p.ipv4(GOOD4, p.TCP, p.tcp(port, 8700))))[1] == "port"
 
 
 def test_rate_limit_per_source_and_live_settings(loaded: Loaded) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance import cpulist
+from appliance import config, cpulist
 from appliance.errors import AdpopError
 from appliance.tuning.host import Host, HostError, Nic
 from appliance.tuning.knobs import (
@@ -41,7 +41,6 @@ LATENCY_PROFILE = {
     "net.core.netdev_max_backlog": "65536",
     "net.ipv4.tcp_fastopen": "3",
     "net.ipv4.tcp_slow_start_after_idle": "0",
-    "net.ipv4.ip_local_port_range": "1024 65535",
     "kernel.numa_balancing": "0",
     "kernel.timer_migration": "0",
     "vm.stat_interval": "10",
@@ -96,8 +95,15 @@ def layout(appliance: Any, host: Host) -> Layout:
     return Layout(shard_cpus, frozenset(housekeeping), host.nodes())
 
 
+LOCAL_PORT_RANGE = "net.ipv4.ip_local_port_range"
+
+
 def sysctl_values(appliance: Any) -> dict[str, str]:
     values = dict(LATENCY_PROFILE)
+    # Not the profile's wide 1024-65535: the XDP filter lets replies in on this same range,
+    # and a range over 8080 or 6379 lets an outbound connection take a listener's port.
+    first, last = config.port_range(appliance.tuning.local_port_range)
+    values[LOCAL_PORT_RANGE] = f"{first} {last}"
     if appliance.tuning.busy_poll_us:
         values["net.core.busy_poll"] = values["net.core.busy_read"] = \
             str(appliance.tuning.busy_poll_us)
@@ -106,6 +112,10 @@ def sysctl_values(appliance: Any) -> dict[str, str]:
         if not sep or not key.strip():
             raise TuneError(f"tuning.sysctl entry {item!r} is not key=value",
                             hint='write e.g. "net.core.somaxconn=4096"')
+        if key.strip() == LOCAL_PORT_RANGE:
+            raise TuneError(f"tuning.sysctl sets {LOCAL_PORT_RANGE}, which the XDP filter's "
+                            "reply ports must follow",
+                            hint="set tuning.local_port_range instead")
         values[key.strip()] = value.strip()
     return values
 
@@ -461,7 +471,10 @@ def cmdline(appliance: Any, host: Host) -> str:
         parts += [f"default_hugepagesz={t.hugepage_size}", f"hugepagesz={t.hugepage_size}",
                   f"hugepages={counts}"]
     shards = cpulist.render(lay.shard_cpus)
-    if set(lay.shard_cpus).isdisjoint(lay.housekeeping):
+    # Only CPUs the operator reserved for the shards are isolated. Unpinned shards run where
+    # the scheduler puts them, and an image built for any server must not isolate the build
+    # host's CPU 0 (the image once did, and booted on one CPU).
+    if appliance.engine.cpus and set(lay.shard_cpus).isdisjoint(lay.housekeeping):
         parts += [f"isolcpus=managed_irq,domain,{shards}", f"nohz_full={shards}",
                   f"rcu_nocbs={shards}", f"irqaffinity={cpulist.render(lay.housekeeping)}"]
     parts.append(f"transparent_hugepage={t.thp}")

@@ -101,8 +101,11 @@ class Settings:
     udp: set[int]
 
     @classmethod
-    def from_config(cls, x: Any) -> Settings:
-        reply = parse_ports([x.reply_ports] if x.reply_ports else [], "xdp.reply_ports")
+    def from_config(cls, appliance: Any) -> Settings:
+        x = appliance.xdp
+        # Replies to this host's own connections arrive on the ports adpop tune gives the
+        # kernel for them: one setting, so the two can never disagree.
+        reply = parse_ports([appliance.tuning.local_port_range], "tuning.local_port_range")
         tcp = parse_ports(x.allow_tcp_ports, "xdp.allow_tcp_ports") | reply
         udp = parse_ports(x.allow_udp_ports, "xdp.allow_udp_ports") | reply
         cost = 1_000_000_000 // x.rate_pps if x.rate_pps else 0
@@ -168,7 +171,7 @@ class Filter:
 
     def attach(self, nics: list[str], netns: str = "") -> dict[str, str]:
         """Attaches to every NIC in native mode, else generic; all or none."""
-        settings = Settings.from_config(self.x)  # every check before anything changes
+        settings = Settings.from_config(self.cfg)  # every check before anything changes
         blocklist = read_blocklist(Path(self.x.blocklist)) if self.x.blocklist else []
         if netns:
             libbpf.enter_netns(netns)
