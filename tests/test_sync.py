@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -57,7 +58,13 @@ class FakeOrigin:
             return result
         return web.Response(body=self.payload)
 
+    registrations: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
     async def status(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def register(self, request: web.Request) -> web.Response:
+        self.registrations.append(await request.json())
         return web.json_response({"ok": True})
 
     @asynccontextmanager
@@ -66,7 +73,7 @@ class FakeOrigin:
         app.add_routes([web.get("/v1/manifest", self.get_manifest),
                         web.get("/v1/payload/{sha}", self.get_payload),
                         web.post("/v1/pops/{pop}/status", self.status),
-                        web.post("/v1/pops/{pop}/register", self.status)])
+                        web.post("/v1/pops/{pop}/register", self.register)])
         runner = web.AppRunner(app)
         await runner.setup()
         self.port = free_port()
@@ -119,6 +126,7 @@ def world_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
                 "[paths]", f'state_dir = "{tmp_path / "state"}"',
                 "[sync]", f'origin_url = "http://127.0.0.1:{origin.port}"',
                 f"fetch_timeout = {settings.get('fetch_timeout', 5)}", "health_window = 0",
+                *settings.get("sync_lines", []),
             ]
             path = tmp_path / "appliance.toml"
             path.write_text("\n".join(toml) + "\n")
@@ -413,3 +421,47 @@ def test_a_push_carries_the_manifest_and_only_its_signature_is_trusted(
                 await w.agent.attempt()
                 assert w.store.current_version() == 1  # taken from the notice alone
     run(scenario())
+
+
+def test_polling_runs_until_the_push_listener_can_bind(world_factory: Any,
+                                                      small: CampaignSet) -> None:
+    """The supervisor starts before the network is configured: a push address that cannot be
+    bound yet must not stop sync, and is bound (and registered) once it can be."""
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    port = held.getsockname()[1]
+
+    async def until(what: str, predicate: Callable[[], bool]) -> None:
+        for _ in range(200):
+            if predicate():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    async def scenario() -> None:
+        async with world_factory(sync_lines=[f'push_listen = "127.0.0.1:{port}"',
+                                             'poll_interval = "1s"']) as w:
+            w.publish(1, small)
+            stop = asyncio.Event()
+            task = asyncio.ensure_future(w.agent.run(stop))
+            try:
+                await until("v1 by polling", lambda: w.store.current_version() == 1)
+                assert w.origin.registrations[0]["push_url"] == ""
+                assert f"push listener on 127.0.0.1:{port} not up yet" in \
+                    w.agent.state.last_logged
+                held.close()
+                url = f"http://127.0.0.1:{port}"
+                await until("registration with the push URL",
+                            lambda: w.origin.registrations[-1]["push_url"] == url)
+                async with ClientSession() as session, \
+                        session.post(f"{url}/v1/notify", data=b"{}") as resp:
+                    assert resp.status == 202
+            finally:
+                stop.set()
+                await task
+
+    try:
+        run(scenario())
+    finally:
+        held.close()

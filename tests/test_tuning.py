@@ -232,7 +232,7 @@ def test_apply_and_rollback_on_this_host(tmp_path: Path) -> None:
 # --- drift ---------------------------------------------------------------------------------
 
 
-def watcher_on(tree: Tree, repair: Any = None) -> Any:
+def watcher_on(tree: Tree, repair: Any = None, applied: Any = None) -> Any:
     from appliance.tuning.drift import DriftWatcher
 
     appliance = cfg.load(cfg.Scope.APPLIANCE, tree.config)
@@ -242,7 +242,50 @@ def watcher_on(tree: Tree, repair: Any = None) -> Any:
         outcomes = await asyncio.to_thread(plan.apply, appliance, host)
         return f"{len(outcomes)} written"
 
-    return DriftWatcher(appliance, repair or apply_to_tree, host=host)
+    return DriftWatcher(appliance, repair or apply_to_tree, host=host, applied=applied)
+
+
+def test_first_check_waits_for_the_boots_tuning(make_tree: Any) -> None:
+    """The supervisor starts beside adpop-tune: a check before it finished would see every
+    knob as drift and restart the tuning in the middle of its run."""
+    tree = make_tree('[tuning]\ndrift_interval = "1h"', **VIRTIO)
+    tuned = asyncio.Event()
+
+    async def applied() -> None:
+        await tuned.wait()
+
+    async def apply_tree() -> None:
+        appliance = cfg.load(cfg.Scope.APPLIANCE, tree.config)
+        await asyncio.to_thread(plan.apply, appliance, Host(tree.root))
+        tuned.set()
+
+    repairs: list[str] = []
+
+    async def repair() -> str:
+        repairs.append("called")
+        return ""
+
+    watcher = watcher_on(tree, repair, applied)
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.ensure_future(watcher.run(stop))
+        try:
+            await asyncio.sleep(0.3)
+            assert watcher.checks == 0 and watcher.status()["last_reason"] == (
+                "waiting for the boot's tuning")
+            await apply_tree()
+            for _ in range(100):
+                if watcher.checks:
+                    break
+                await asyncio.sleep(0.05)
+            assert watcher.checks == 1 and watcher.drifting == []
+        finally:
+            stop.set()
+            await task
+
+    asyncio.run(scenario())
+    assert not repairs, "the tuning the boot applied is not drift"
 
 
 def test_drift_is_counted_and_repaired_at_a_bounded_rate(make_tree: Any) -> None:

@@ -113,6 +113,22 @@ class ChildProcess:
         return ""
 
 
+async def systemctl(*args: str) -> tuple[int, str]:
+    """systemctl's exit code and its output, stdout and stderr together."""
+    process = await asyncio.create_subprocess_exec(
+        "systemctl", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await process.communicate()
+    return process.returncode or 0, out.decode(errors="replace").strip()
+
+
+async def unit_properties(unit: str, *names: str) -> dict[str, str]:
+    """`systemctl show` of the named properties, as a dict (a property with no value may be
+    missing)."""
+    args = [arg for name in names for arg in ("-p", name)]
+    _, out = await systemctl("show", unit, *args)
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
 class SystemdUnit:
     """A part run as its own systemd unit; the supervisor asks systemctl."""
 
@@ -122,24 +138,17 @@ class SystemdUnit:
         self._active = False
         self._pid: int | None = None
 
-    async def _systemctl(self, *args: str) -> tuple[int, str]:
-        process = await asyncio.create_subprocess_exec(
-            "systemctl", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-        out, _ = await process.communicate()
-        return process.returncode or 0, out.decode(errors="replace").strip()
-
     async def start(self) -> None:
-        code, out = await self._systemctl("start", "--no-block", self.unit)
+        code, out = await systemctl("start", "--no-block", self.unit)
         if code:
             raise ComponentError(f"systemctl start {self.unit} failed: {out}",
                                  hint=f"journalctl -u {self.unit}")
 
     async def stop(self) -> None:
-        await self._systemctl("stop", self.unit)
+        await systemctl("stop", self.unit)
 
     async def refresh(self) -> None:
-        _, out = await self._systemctl("show", self.unit, "-p", "ActiveState", "-p", "MainPID")
-        values = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+        values = await unit_properties(self.unit, "ActiveState", "MainPID")
         self._active = values.get("ActiveState") in ("active", "activating", "reloading")
         pid = int(values.get("MainPID", "0") or 0)
         self._pid = pid or None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -23,7 +24,14 @@ from appliance import cache
 from appliance.errors import AdpopError
 from appliance.parts import engine_command, engine_socket, state_path
 from appliance.snapshot.store import SnapshotStore
-from appliance.supervisor.components import ChildProcess, Component, Health, SystemdUnit
+from appliance.supervisor.components import (
+    ChildProcess,
+    Component,
+    Health,
+    SystemdUnit,
+    systemctl,
+    unit_properties,
+)
 from appliance.supervisor.notify import Context, RecentLines, notify, watchdog_interval
 from appliance.sync.agent import SyncAgent, roll_back
 from appliance.sync.engine import EngineAdmin
@@ -36,6 +44,7 @@ log = logging.getLogger("adpop.supervisor")
 
 TUNE_UNIT = "adpop-tune.service"
 XDP_UNIT = "adpop-xdp.service"
+TUNE_WAIT = 300.0  # seconds the first drift check waits for the boot's tuning at most
 
 
 def in_container() -> bool:
@@ -61,7 +70,8 @@ class Supervisor:
         # hosts and containers are left be).
         watch = (self.cfg.tuning.drift_check and self.cfg.supervisor.mode == "appliance"
                  and not in_container())
-        self.tuning = tuning or (DriftWatcher(self.cfg, self.apply_tuning) if watch else None)
+        self.tuning = tuning or (DriftWatcher(self.cfg, self.apply_tuning,
+                                              applied=self.tuning_applied) if watch else None)
         self.started = time.monotonic()
         self.ready_sent = False  # READY=1 goes out once, serving or degraded
         self.gaps = ["not checked yet"]  # what the last health round found missing
@@ -205,14 +215,25 @@ class Supervisor:
 
     # --- writes ---------------------------------------------------------------------
 
+    async def tuning_applied(self) -> None:
+        """Returns once adpop-tune.service has no start pending or running (the supervisor
+        starts beside it at boot), or after TUNE_WAIT whatever its state."""
+        deadline = time.monotonic() + TUNE_WAIT
+        while time.monotonic() < deadline:
+            values = await unit_properties(TUNE_UNIT, "ActiveState", "Job")
+            # A start job waits in the queue with the unit still inactive.
+            pending = values.get("Job", "").strip() not in ("", "0")
+            if values.get("ActiveState") not in ("activating", "reloading") and not pending:
+                return
+            await asyncio.sleep(0.5)
+        log.warning("%s still not finished after %.0f s; checking the tuning anyway", TUNE_UNIT,
+                    TUNE_WAIT, extra={"component": "tuning"})
+
     async def apply_tuning(self) -> str:
         """Re-applies the tuning through adpop-tune.service, which holds the privileges."""
-        process = await asyncio.create_subprocess_exec(
-            "systemctl", "restart", TUNE_UNIT, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT)
-        out, _ = await process.communicate()
-        if process.returncode:
-            raise OSError(f"systemctl restart {TUNE_UNIT}: {out.decode().strip()}")
+        code, out = await systemctl("restart", TUNE_UNIT)
+        if code:
+            raise OSError(f"systemctl restart {TUNE_UNIT}: {out}")
         return f"{TUNE_UNIT} re-applied the tuning"
 
     def sync_now(self) -> str:
@@ -237,20 +258,29 @@ class Supervisor:
     async def run(self, stop: asyncio.Event) -> None:
         from appliance.supervisor.control import ControlServer  # it imports this module
 
-        for component in self.components:
-            await component.health()  # starts what is not running
-        control = ControlServer(self)
-        await control.start()
+        log.info("starting %s in %s mode, pid %d", ", ".join(c.name for c in self.components),
+                 self.cfg.supervisor.mode, os.getpid())
+        # Sync first: at boot the first snapshot is the longest wait, and it needs none of
+        # the parts; their first health pass (systemctl calls, a cache that is still
+        # starting) runs beside it.
         sync = asyncio.ensure_future(self.agent.run(stop))
-        tuning = asyncio.ensure_future(self.tuning.run(stop)) if self.tuning else None
+        control: ControlServer | None = None
+        tuning = None
         try:
+            for component in self.components:
+                await component.health()  # starts what is not running
+            control = ControlServer(self)
+            await control.start()
+            tuning = asyncio.ensure_future(self.tuning.run(stop)) if self.tuning else None
             await self.health_loop(stop)
         finally:
             notify("STOPPING=1", "STATUS=stopping")
+            stop.set()
             await sync
             if tuning is not None:
                 await tuning
-            await control.stop()
+            if control is not None:
+                await control.stop()
             for component in reversed(self.components):
                 await component.stop()
 

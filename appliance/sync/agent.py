@@ -310,21 +310,39 @@ class SyncAgent:
         self.wake.set()
         return web.json_response({"ok": True}, status=202)
 
+    async def _listen_for_pushes(self) -> web.AppRunner | None:
+        """The push listener, or None while its address cannot be bound (the supervisor
+        starts before the network is configured): polling runs meanwhile and the next round
+        tries again."""
+        app = web.Application(client_max_size=4096)
+        app.add_routes([web.post("/v1/notify", self.notify)])
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        host, _, port = self.cfg.sync.push_listen.rpartition(":")
+        try:
+            await web.TCPSite(runner, host, int(port)).start()
+        except OSError as exc:
+            await runner.cleanup()
+            line = (f"push listener on {self.cfg.sync.push_listen} not up yet ({exc.strerror}); "
+                    "polling until it is")
+            if self.state.last_logged != line:
+                log.warning("%s", line)
+                self.state.last_logged = line
+            return None
+        return runner
+
     async def run(self, stop: asyncio.Event) -> None:
         self.session = ClientSession(timeout=ClientTimeout(total=None, sock_connect=5))
         runner: web.AppRunner | None = None
         push_url = ""
         try:
-            if self.cfg.sync.push_listen:
-                app = web.Application(client_max_size=4096)
-                app.add_routes([web.post("/v1/notify", self.notify)])
-                runner = web.AppRunner(app, access_log=None)
-                await runner.setup()
-                host, _, port = self.cfg.sync.push_listen.rpartition(":")
-                await web.TCPSite(runner, host, int(port)).start()
-                push_url = f"http://{self.cfg.sync.push_listen}"
             registered = False
             while not stop.is_set():
+                if self.cfg.sync.push_listen and runner is None:
+                    runner = await self._listen_for_pushes()
+                    if runner is not None:
+                        push_url = f"http://{self.cfg.sync.push_listen}"
+                        registered = False  # registered again, now with the push URL
                 if not registered:
                     registered = await self.register(push_url)
                 if registered:

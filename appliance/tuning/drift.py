@@ -32,9 +32,13 @@ EVENT_SUBSYSTEMS = ("net", "pci")
 
 class DriftWatcher:
     def __init__(self, appliance: Any, repair: Callable[[], Awaitable[str]],
-                 host: Host | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 host: Host | None = None, clock: Callable[[], float] = time.monotonic,
+                 applied: Callable[[], Awaitable[None]] | None = None) -> None:
         self.cfg = appliance
         self.repair = repair
+        # Returns once the boot's own tuning has run: before that, every knob would read as
+        # drift and the first check would "repair" a tuning still being applied.
+        self.applied = applied
         self.host = host or Host()
         self.clock = clock
         self.wake = asyncio.Event()
@@ -117,6 +121,13 @@ class DriftWatcher:
         loop.add_reader(monitor.fileno(), self._on_events, monitor)
         try:
             reason = "start"
+            if self.applied is not None:
+                self.last_reason = "waiting for the boot's tuning"
+                waiting = asyncio.ensure_future(self.applied())
+                stopping = asyncio.ensure_future(stop.wait())
+                await asyncio.wait([waiting, stopping], return_when=asyncio.FIRST_COMPLETED)
+                for task in (waiting, stopping):
+                    task.cancel()
             while not stop.is_set():
                 await self.check(reason)
                 waiters = [asyncio.ensure_future(self.wake.wait()),
