@@ -56,6 +56,7 @@ def _load() -> Any:
         "bpf_xdp_detach": (ci, [ci, cu, vp]),
         "bpf_xdp_query_id": (ci, [ci, ci, ctypes.POINTER(cu)]),
         "bpf_map_update_elem": (ci, [ci, vp, vp, ctypes.c_uint64]),
+        "bpf_map_update_batch": (ci, [ci, vp, vp, ctypes.POINTER(cu), vp]),
         "bpf_map_lookup_elem": (ci, [ci, vp, vp]),
         "bpf_map_delete_elem": (ci, [ci, vp]),
         "bpf_map_get_next_key": (ci, [ci, vp, vp]),
@@ -91,6 +92,15 @@ def obj_get(path: str) -> int:
 
 def update(fd: int, key: bytes, value: bytes, flags: int = 0) -> None:
     check(LIB.bpf_map_update_elem(fd, key, value, flags), "map update")
+
+
+def update_batch(fd: int, keys: bytes, values: bytes, count: int) -> None:
+    """`count` entries in one system call: keys and values packed back to back."""
+    done = ctypes.c_uint32(count)
+    check(LIB.bpf_map_update_batch(fd, keys, values, ctypes.byref(done), None),
+          "map batch update")
+    if done.value != count:
+        raise BpfError(f"map batch update wrote {done.value} of {count} entries", errno.EIO)
 
 
 def lookup(fd: int, key: bytes, size: int) -> bytes | None:
