@@ -33,6 +33,8 @@ FIRST_PACKAGES = ["initramfs-tools", "zstd"]
 PACKAGES = ["linux-image-amd64", "systemd", "systemd-sysv", "systemd-boot-efi", "udev", "dbus",
             "python3", "python3-venv", "redis-server", "libcapnp-0.9.2", "libssl3", "libbpf1",
             "iproute2", "kmod", "ca-certificates", "netbase", "procps"]
+SELF_MAINTENANCE = ["apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer",
+                    "e2scrub_all.timer", "e2scrub_reap.service"]
 ESP_MIB = 192
 ALIGN = 1024 * 1024
 IMAGE_CONFIG = """# Written by `make image`: the appliance's own settings. Machine identity (PoP id,
@@ -188,6 +190,10 @@ def install_adpop(tree: Path, wheel_dir: Path, dragonfly: Path | None,
     (tree / "etc/machine-id").write_text("")  # made at first boot, one per machine
     # redis-server's own unit would take the cache's port: adpop-redis.service runs it.
     run("systemctl", f"--root={tree}", "mask", "redis-server.service")
+    # An appliance is updated by flashing a new image, never by apt in place; its root is
+    # plain ext4 (no LVM snapshots to scrub). These only cost boot time and a disk that
+    # changes under the operator.
+    run("systemctl", f"--root={tree}", "mask", *SELF_MAINTENANCE)
     run("systemctl", f"--root={tree}", "enable", "adpop.target", "adpop-tune.service",
         "adpop-banner.service",
         "adpop-xdp.service", "adpop-supervisor.service", "adpop-engine.service",

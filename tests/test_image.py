@@ -94,6 +94,8 @@ def test_nspawn_boot_brings_up_adpop_target(image: dict[str, Any], tmp_path: Pat
         assert state == "running" and not failed, f"{state}: {failed}"
         active = inside("systemctl", "is-active", "adpop-supervisor", "adpop-redis")
         assert active.split() == ["active", "active"]
+        masked = inside("systemctl", "is-enabled", *build.SELF_MAINTENANCE)
+        assert masked.split() == ["masked"] * len(build.SELF_MAINTENANCE)
         status = inside("/usr/bin/adpop", "status")
         assert "no trusted origin key" in status and "cache    ok" in status
     finally:
