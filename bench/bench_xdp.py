@@ -109,11 +109,11 @@ def main() -> None:
                 "drop malformed": p.eth(p.ETH_IP, p.ipv4("198.18.1.3", p.TCP, p.tcp(80)[:8])),
             }
             results = {name: ns_per_packet(prog, packet) for name, packet in cases.items()}
-            rate = Settings.from_config(cfg.replace_value(appliance, "xdp", "rate_pps", 1).xdp)
+            rate = Settings.from_config(cfg.replace_value(appliance, "xdp", "rate_pps", 1))
             flt.write_settings(rate)
             results["drop rate"] = ns_per_packet(prog, p.eth(p.ETH_IP, p.ipv4(
                 "198.18.1.4", p.UDP, p.udp(9999))))
-            frags = cfg.replace_value(appliance, "xdp", "drop_fragments", True).xdp
+            frags = cfg.replace_value(appliance, "xdp", "drop_fragments", True)
             flt.write_settings(Settings.from_config(frags))
             results["drop fragment"] = ns_per_packet(prog, p.eth(p.ETH_IP, p.ipv4(
                 "198.18.1.5", p.TCP, p.tcp(80), frag=0x2000)))
@@ -136,7 +136,7 @@ def main() -> None:
             sh("ip", "link", "set", OUTER, "up")
             sh("ip", "netns", "exec", NS, "ip", "addr", "add", "198.18.0.1/24", "dev", INNER)
             sh("ip", "netns", "exec", NS, "ip", "link", "set", INNER, "up")
-            flt.write_settings(Settings.from_config(appliance.xdp))
+            flt.write_settings(Settings.from_config(appliance))
             without = veth_pps(flood)
             # Attached by the CLI in its own process: setns would move this one.
             attached = sh(sys.executable, "-m", "appliance.cli", "xdp", "attach", "--nic", INNER,
