@@ -212,18 +212,16 @@ static __always_inline int ipv6(struct xdp_md *ctx, void *cursor, void *end,
 	int fragment = 0, later_fragment = 0;
 #pragma unroll
 	for (int i = 0; i < ADPOP_IPV6_EXT_MAX; i++) {
-		if (next == IPPROTO_HOPOPTS || next == IPPROTO_ROUTING || next == IPPROTO_DSTOPTS) {
+		if (next == IPPROTO_HOPOPTS || next == IPPROTO_ROUTING || next == IPPROTO_DSTOPTS ||
+		    next == IPPROTO_AH) {
 			struct opt_hdr *opt = p;
 			if ((void *)(opt + 1) > end)
 				return verdict(ctx, ADPOP_C_MALFORMED, 0);
+			/* AH counts its length in 4-byte units less 2, the others in 8-byte units
+			 * less 1. */
+			__u32 len = next == IPPROTO_AH ? (opt->hdrlen + 2) * 4 : (opt->hdrlen + 1) * 8;
 			next = opt->nexthdr;
-			p += (opt->hdrlen + 1) * 8;
-		} else if (next == IPPROTO_AH) {
-			struct opt_hdr *opt = p;
-			if ((void *)(opt + 1) > end)
-				return verdict(ctx, ADPOP_C_MALFORMED, 0);
-			next = opt->nexthdr;
-			p += (opt->hdrlen + 2) * 4;
+			p += len;
 		} else if (next == IPPROTO_FRAGMENT) {
 			struct frag_hdr *frag = p;
 			if ((void *)(frag + 1) > end)
