@@ -26,7 +26,6 @@ from appliance.xdp import layout, libbpf
 REPO_OBJECT = Path(__file__).with_name("build") / "filter.bpf.o"
 STATE_DIR = Path("/run/adpop-xdp")
 PORTS = 65536
-PORT_KEYS = array.array("I", range(PORTS)).tobytes()  # u32 keys 0..65535, host byte order
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -151,7 +150,8 @@ class Filter:
             bits[port] |= layout.PORT_TCP
         for port in settings.udp:
             bits[port] |= layout.PORT_UDP
-        libbpf.update_batch(self.fd(layout.MAP_PORTS), PORT_KEYS, bytes(bits), PORTS)
+        keys = array.array("I", range(PORTS)).tobytes()  # u32 0..65535, host byte order
+        libbpf.update_batch(self.fd(layout.MAP_PORTS), keys, bytes(bits), PORTS)
 
     # --- attach and detach --------------------------------------------------------------
 
