@@ -731,6 +731,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     return up(Path(args.state), Path(args.campaigns) if args.campaigns else None, args.port)
 
 
+def _appliance_flags(p: argparse.ArgumentParser, state: bool = True) -> None:
+    """--config and --state, as every command that reads the appliance configuration has
+    them (`_appliance(args)` reads them back)."""
+    p.add_argument("--config", help="appliance configuration file")
+    if state:
+        p.add_argument("--state", help="state directory (overrides paths.state_dir)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adpop", description="adpop edge PoP appliance")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -785,10 +793,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_snapshot_inspect)
     p = snap.add_parser("install", help="verify a snapshot folder, store it and activate it")
     p.add_argument("folder")
-    p.add_argument("--config", help="appliance configuration file")
+    _appliance_flags(p, state=False)
     p.set_defaults(func=cmd_snapshot_install)
     p = snap.add_parser("list", help="list stored snapshot versions")
-    p.add_argument("--config", help="appliance configuration file")
+    _appliance_flags(p, state=False)
     p.set_defaults(func=cmd_snapshot_list)
 
     origin = commands.add_parser("origin", help="the central origin").add_subparsers(
@@ -830,8 +838,7 @@ def build_parser() -> argparse.ArgumentParser:
                   cmd_origin_keys_init, keys_)
 
     p = commands.add_parser("supervisor", help="run the supervisor (systemd's ExecStart)")
-    p.add_argument("--config", help="appliance configuration file")
-    p.add_argument("--state", help="state directory (overrides paths.state_dir)")
+    _appliance_flags(p)
     p.set_defaults(func=cmd_supervisor)
     for name, help_text, func in (
             ("status", "the PoP's status from its supervisor", cmd_status),
@@ -844,8 +851,7 @@ def build_parser() -> argparse.ArgumentParser:
             ("undrain", "take new connections again", _control_write("/v1/undrain"))):
         p = commands.add_parser(name, help=help_text)
         p.add_argument("--socket", help="the control socket (default: from the configuration)")
-        p.add_argument("--config", help="appliance configuration file")
-        p.add_argument("--state", help="state directory (overrides paths.state_dir)")
+        _appliance_flags(p)
         if name == "status":
             p.add_argument("--json", action="store_true", help="the whole status as JSON")
         if name == "rollback":
@@ -855,8 +861,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True, metavar="ACTION")
     p = engine.add_parser("run", help="exec the engine as the configuration says "
                           "(adpop-engine.service's ExecStart)")
-    p.add_argument("--config", help="appliance configuration file")
-    p.add_argument("--state", help="state directory (overrides paths.state_dir)")
+    _appliance_flags(p)
     p.set_defaults(func=cmd_engine_run)
     cache_cmd = commands.add_parser("cache", help="the local cache").add_subparsers(
         dest="action", required=True, metavar="ACTION")
@@ -864,8 +869,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(the cache unit's ExecStart)")
     p.add_argument("--server", choices=("redis", "dragonfly"), default="redis")
     p.add_argument("--binary", help="the server binary (default: cache.binary)")
-    p.add_argument("--config", help="appliance configuration file")
-    p.add_argument("--state", help="state directory (overrides paths.state_dir)")
+    _appliance_flags(p)
     p.set_defaults(func=cmd_cache_run)
     units_cmd = commands.add_parser("units", help="systemd integration").add_subparsers(
         dest="action", required=True, metavar="ACTION")
@@ -874,7 +878,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("normal_dir", help="the generator's normal directory")
     p.add_argument("early_dir", nargs="?", help="unused (systemd passes it)")
     p.add_argument("late_dir", nargs="?", help="unused (systemd passes it)")
-    p.add_argument("--config", help="appliance configuration file")
+    _appliance_flags(p, state=False)
     p.set_defaults(func=cmd_units_generate)
     tune = commands.add_parser("tune", help="host tuning").add_subparsers(
         dest="action", required=True, metavar="ACTION")
@@ -887,8 +891,7 @@ def build_parser() -> argparse.ArgumentParser:
             ("cmdline", "the kernel command line the image should boot with",
              cmd_tune_cmdline)):
         p = tune.add_parser(name, help=help_text)
-        p.add_argument("--config", help="appliance configuration file")
-        p.add_argument("--state", help="state directory (overrides paths.state_dir)")
+        _appliance_flags(p)
         p.add_argument("--root", help="a fake sysfs/procfs tree standing for / (tests)")
         if name in ("plan", "verify"):
             p.add_argument("--json", action="store_true")
@@ -909,7 +912,7 @@ def build_parser() -> argparse.ArgumentParser:
             ("load-blocklist", "add every CIDR of a file (one per line)",
              cmd_xdp_load_blocklist)):
         p = xdp.add_parser(name, help=help_text)
-        p.add_argument("--config", help="appliance configuration file")
+        _appliance_flags(p, state=False)
         p.add_argument("--pin-dir", help="bpffs folder of the pinned maps (xdp.pin_dir)")
         if name in ("status", "stats"):
             p.add_argument("--json", action="store_true")
@@ -929,8 +932,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the control socket on the remote PoP")
     p.add_argument("--read-only", action="store_true", help="hide every action that writes")
     p.add_argument("--refresh", type=float, default=1.0, help="seconds between reads")
-    p.add_argument("--config", help="appliance configuration file")
-    p.add_argument("--state", help="state directory (overrides paths.state_dir)")
+    _appliance_flags(p)
     p.set_defaults(func=cmd_console)
     p = commands.add_parser("flash", help="write the appliance image to a disk")
     p.add_argument("image", help="the .raw image (images/out/adpop-VERSION.raw)")
@@ -950,8 +952,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def pop_parser(name: str, help_text: str, func: Handler) -> argparse.ArgumentParser:
         p = pop.add_parser(name, help=help_text)
-        p.add_argument("--config", help="appliance configuration file")
-        p.add_argument("--state", help="state folder (overrides paths.state_dir)")
+        _appliance_flags(p)
         p.set_defaults(func=func)
         return p
 
