@@ -34,6 +34,7 @@ from appliance.snapshot.model import CampaignSet, parse_documents
 from appliance.snapshot.store import SnapshotStore
 from appliance.sync.agent import SyncAgent
 from appliance.up import free_port
+from tests.waiting import until
 
 NOW = 1_780_000_000  # the fake clock: every manifest is built relative to it
 
@@ -431,13 +432,6 @@ def test_polling_runs_until_the_push_listener_can_bind(world_factory: Any,
     held.bind(("127.0.0.1", 0))
     held.listen()
     port = held.getsockname()[1]
-
-    async def until(what: str, predicate: Callable[[], bool]) -> None:
-        for _ in range(200):
-            if predicate():
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}")
 
     async def scenario() -> None:
         async with world_factory(sync_lines=[f'push_listen = "127.0.0.1:{port}"',

@@ -19,6 +19,7 @@ from appliance import config as cfg
 from appliance.tuning import faketree, plan
 from appliance.tuning.faketree import FakeNic
 from appliance.tuning.host import Host, HostError
+from tests.waiting import until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -275,10 +276,7 @@ def test_first_check_waits_for_the_boots_tuning(make_tree: Any) -> None:
             assert watcher.checks == 0 and watcher.status()["last_reason"] == (
                 "waiting for the boot's tuning")
             await apply_tree()
-            for _ in range(100):
-                if watcher.checks:
-                    break
-                await asyncio.sleep(0.05)
+            await until("the first check", lambda: watcher.checks, watcher.status)
             assert watcher.checks == 1 and watcher.drifting == []
         finally:
             stop.set()
@@ -323,24 +321,19 @@ def test_a_veth_pair_in_a_namespace_raises_the_drift_check(make_tree: Any) -> No
     def ip(*args: str) -> None:
         subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
 
-    async def until(what: str, predicate: Any) -> None:
-        for _ in range(200):
-            if predicate():
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}; status {watcher.status()}")
-
     async def scenario() -> None:
         stop = asyncio.Event()
         task = asyncio.ensure_future(watcher.run(stop))
         try:
-            await until("the first check", lambda: watcher.checks == 1)
+            await until("the first check", lambda: watcher.checks == 1, watcher.status)
             ip("netns", "add", namespace)
             ip("link", "add", outer, "type", "veth", "peer", "name", "eth0", "netns", namespace)
-            await until("a check after the veth appeared", lambda: watcher.checks == 2)
+            await until("a check after the veth appeared", lambda: watcher.checks == 2,
+                        watcher.status)
             assert watcher.last_reason == "device event" and watcher.udev_events >= 1
             ip("link", "del", outer)
-            await until("a check after the veth went", lambda: watcher.checks == 3)
+            await until("a check after the veth went", lambda: watcher.checks == 3,
+                        watcher.status)
             assert watcher.last_reason == "device event"
         finally:
             stop.set()
