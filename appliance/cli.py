@@ -495,8 +495,7 @@ def cmd_tune_plan(args: argparse.Namespace) -> int:
     from appliance.tuning import plan
 
     appliance, host = _tune_setup(args)
-    want = plan.desired(appliance, host)
-    table = plan.rows(host, want.knobs, plan.kernel_owned(appliance, host))
+    want, table = plan.report(appliance, host)
     if args.json:
         print(json.dumps({"knobs": table, "shard_cpus": list(want.layout.shard_cpus),
                           "housekeeping_cpus": sorted(want.layout.housekeeping)}, indent=2))
@@ -506,8 +505,7 @@ def cmd_tune_plan(args: argparse.Namespace) -> int:
         row["change"] = {"ok": "", "absent": "(absent)"}.get(row["status"],
                                                              "→ " + _cell(row["desired"]))
     _print_rows(table, ("name", "current", "change", "why"))
-    changes = sum(1 for r in table if r["status"] in ("drift", "short"))
-    print(f"{changes} of {len(table)} knobs to change")
+    print(f"{len(plan.not_as_desired(table))} of {len(table)} knobs to change")
     return 0
 
 
@@ -521,9 +519,7 @@ def cmd_tune_apply(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(f"{len(outcomes)} writes; nothing written (dry run)")
         return 0
-    table = plan.rows(host, plan.desired(appliance, host).knobs,
-                      plan.kernel_owned(appliance, host))
-    bad = [r for r in table if r["status"] in ("drift", "short")]
+    bad = plan.not_as_desired(plan.report(appliance, host)[1])
     owned = sum(1 for o in outcomes if o.result == "kernel-owned")
     print(f"{len(outcomes)} written, {owned} kernel-owned, {len(bad)} not as desired"
           + "".join(f"\n  {r['name']}: {r['current']} (wanted {r['desired']})" for r in bad))
@@ -534,9 +530,8 @@ def cmd_tune_verify(args: argparse.Namespace) -> int:
     from appliance.tuning import plan
 
     appliance, host = _tune_setup(args)
-    table = plan.rows(host, plan.desired(appliance, host).knobs,
-                      plan.kernel_owned(appliance, host))
-    bad = [r for r in table if r["status"] in ("drift", "short")]
+    _, table = plan.report(appliance, host)
+    bad = plan.not_as_desired(table)
     if args.json:
         print(json.dumps({"ok": not bad, "knobs": table}, indent=2))
     else:

@@ -33,6 +33,7 @@ from textual.widgets import (
 from textual.worker import get_current_worker
 
 from appliance.supervisor.client import ControlError
+from appliance.tuning.knobs import NOT_AS_DESIRED
 from tui.actions import ACTIONS, Action, by_name, label
 from tui.collector import Round, collect, write
 
@@ -408,7 +409,7 @@ class ConsoleApp(App[None]):
         summary = ("[b]drift watch on[/b]: " + f"{len(status.get('drifting', []))} drifting, "
                    f"{status.get('repairs', 0)} repairs, irqbalance {status.get('irqbalance')}"
                    if status.get("enabled") else f"drift watch off: {status.get('reason', '')}")
-        changes = sum(1 for k in knobs if k["status"] in ("drift", "short"))
+        changes = sum(1 for k in knobs if k["status"] in NOT_AS_DESIRED)
         self.query_one("#tuning-summary", Static).update(
             f"{summary}\n{changes} of {len(knobs)} knobs differ from the plan"
             + (f"\n[red]{r.tuning['error']}[/]" if r.tuning.get("error") else ""))
@@ -529,7 +530,7 @@ class ConsoleApp(App[None]):
 
     def action_apply_tuning(self) -> None:
         knobs = self.latest.tuning.get("knobs", []) if self.latest else []
-        drifting = [k["name"] for k in knobs if k["status"] in ("drift", "short")]
+        drifting = [k["name"] for k in knobs if k["status"] in NOT_AS_DESIRED]
         listing = ", ".join(drifting[:8]) + (" ..." if len(drifting) > 8 else "")
         self.confirm(by_name("apply_tuning"),
                      f"[b]Apply tuning[/b]: adpop-tune.service re-applies the plan; "

@@ -188,9 +188,7 @@ class ControlServer:
         body: dict[str, Any] = {"status": s.tuning_status()}
         try:
             host = s.tuning.host if s.tuning else Host()
-            want = await asyncio.to_thread(plan.desired, s.cfg, host)
-            owned = await asyncio.to_thread(plan.kernel_owned, s.cfg, host)
-            body["knobs"] = await asyncio.to_thread(plan.rows, host, want.knobs, owned)
+            want, body["knobs"] = await asyncio.to_thread(plan.report, s.cfg, host)
             body["shard_cpus"] = list(want.layout.shard_cpus)
             body["housekeeping_cpus"] = sorted(want.layout.housekeeping)
         except AdpopError as exc:

@@ -54,11 +54,8 @@ class DriftWatcher:
     # --- one check --------------------------------------------------------------------
 
     def _verify(self) -> tuple[list[str], bool]:
-        want = plan.desired(self.cfg, self.host)
-        owned = plan.kernel_owned(self.cfg, self.host)
-        rows = plan.rows(self.host, want.knobs, owned)
-        return ([r["name"] for r in rows if r["status"] in ("drift", "short")],
-                self.host.irqbalance_running())
+        _, table = plan.report(self.cfg, self.host)
+        return [r["name"] for r in plan.not_as_desired(table)], self.host.irqbalance_running()
 
     async def check(self, reason: str) -> list[str]:
         """Verifies every knob, counts what drifted and repairs it if the budget allows."""

@@ -38,6 +38,10 @@ class Status(str, Enum):
     PENDING = "pending"
 
 
+# The statuses of knobs an apply would change: what verify fails on and drift repairs.
+NOT_AS_DESIRED = frozenset({Status.DRIFT.value, Status.SHORT.value})
+
+
 @dataclass
 class Knob:
     name: str  # stable id, also the journal's key

@@ -22,6 +22,7 @@ from appliance import config, cpulist
 from appliance.errors import AdpopError
 from appliance.tuning.host import Host, HostError, Nic
 from appliance.tuning.knobs import (
+    NOT_AS_DESIRED,
     ChannelsKnob,
     ChoiceKnob,
     CpuListKnob,
@@ -281,6 +282,17 @@ def rows(host: Host, knobs: list[Knob], owned: set[str] | None = None) -> list[d
                     "current": knob.current(), "desired": knob.desired, "status": status.value,
                     "why": knob.why})
     return out
+
+
+def report(appliance: Any, host: Host) -> tuple[Desired, list[dict[str, Any]]]:
+    """The desired state and every knob's row against the host, kernel-owned ones marked:
+    what plan, verify, the drift watcher and the control API all show."""
+    want = desired(appliance, host)
+    return want, rows(host, want.knobs, kernel_owned(appliance, host))
+
+
+def not_as_desired(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [row for row in table if row["status"] in NOT_AS_DESIRED]
 
 
 def pending(knob: Knob) -> bool:
