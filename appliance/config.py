@@ -20,7 +20,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from appliance import cpulist
+from appliance import cpulist, ports
 from appliance.errors import AdpopError
 
 if sys.version_info >= (3, 11):
@@ -106,13 +106,15 @@ def _cpu_list(value: Any) -> str | None:
 
 
 def port_range(value: str) -> tuple[int, int]:
-    """"N-M" as (N, M); raises ValueError with the fix when it is not a usable range."""
-    low, dash, high = value.strip().partition("-")
-    if not (low.isdigit() and dash and high.isdigit()):
-        raise ValueError('write a range like "32768-60999"')
-    first, last = int(low), int(high)
-    if not 1024 <= first < last <= 65535:
-        raise ValueError("use a range from 1024 to 65535, the lower port first")
+    """"N-M" as (N, M); raises ValueError with the fix when it is not a usable range of
+    unprivileged ports."""
+    try:
+        first, last = ports.span(value, "port range")
+    except ports.PortError:
+        first = last = 0
+    if "-" not in value or not 1024 <= first < last:
+        raise ValueError('use a range from 1024 to 65535, the lower port first, like '
+                         '"32768-60999"')
     return first, last
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import AdpopError
+from appliance.ports import parse_ports
 from appliance.xdp import layout, libbpf
 
 REPO_OBJECT = Path(__file__).with_name("build") / "filter.bpf.o"
@@ -43,25 +44,6 @@ def parse_cidr(text: str) -> Network:
         hint = (f"did you mean {loose}?" if loose is not None
                 else "write an address or a CIDR, e.g. 198.18.0.0/15 or 2001:db8::/32")
         raise XdpError(f"{text.strip()!r} is not a valid CIDR ({exc})", hint=hint) from exc
-
-
-def parse_ports(items: Iterable[str], what: str) -> set[int]:
-    """Ports from "N" and "N-M" entries; raises XdpError naming one out of range."""
-    ports: set[int] = set()
-    for item in items:
-        low, dash, high = str(item).strip().partition("-")
-        if not low.isdigit() or (dash and not high.isdigit()):
-            raise XdpError(f"{what}: {item!r} is not a port or a range N-M",
-                           hint='write ports like "443" or "32768-60999"')
-        first, last = int(low), int(high) if dash else int(low)
-        for port in (first, last):
-            if not 1 <= port <= 65535:
-                raise XdpError(f"{what}: port {port} is out of range 1-65535",
-                               hint="use ports from 1 to 65535")
-        if last < first:
-            raise XdpError(f"{what}: range {item!r} runs backwards", hint="write the lower first")
-        ports.update(range(first, last + 1))
-    return ports
 
 
 def lpm_key(net: Network) -> tuple[str, bytes]:
