@@ -72,8 +72,8 @@ def _root_disk(context: pyudev.Context) -> str | None:
     return str(disk.device_node) if disk is not None else None
 
 
-def describe(context: pyudev.Context, device: pyudev.Device) -> Disk:
-    mounts = _mounts()
+def describe(device: pyudev.Device, mounts: dict[tuple[int, int], str]) -> Disk:
+    """The disk as the listing and the refusals show it; `mounts` from _mounts()."""
     mounted = []
     for part in [device, *device.children]:
         key = (os.major(part.device_number), os.minor(part.device_number))
@@ -90,7 +90,8 @@ def candidates() -> list[Disk]:
     """Whole disks that could take the image (not loop, RAM or device-mapper devices)."""
     context = pyudev.Context()
     skip = ("loop", "ram", "zram", "dm-", "sr", "md")
-    return [describe(context, d) for d in context.list_devices(subsystem="block", DEVTYPE="disk")
+    mounts = _mounts()  # read once for every disk
+    return [describe(d, mounts) for d in context.list_devices(subsystem="block", DEVTYPE="disk")
             if not str(d.sys_name).startswith(skip)]
 
 
@@ -112,7 +113,7 @@ def check_target(device_path: str, image_bytes: int) -> Disk:
     if _root_disk(context) == device.device_node:
         raise FlashError(f"{device_path} holds the running system's root file system",
                          hint="flash another disk")
-    disk = describe(context, device)
+    disk = describe(device, _mounts())
     if disk.mounted:
         raise FlashError(f"{device_path} has mounted partitions ({', '.join(disk.mounted)})",
                          hint="unmount them first")
