@@ -6,9 +6,10 @@ into the generator's normal directory:
 
 - adpop-engine.service: CPUAffinity = engine.cpus, so even the engine's start-up runs on its
   own CPUs.
-- dragonfly.service and adpop-redis.service: CPUAffinity = every other online CPU (the
-  housekeeping CPUs; all of them when the engine has none to spare) and MemoryMax a quarter
-  above cache.memory, so the server evicts at its maxmemory long before the kernel kills it.
+- dragonfly.service and adpop-redis.service: CPUAffinity = the housekeeping CPUs
+  (tuning.housekeeping_cpus, else every CPU the engine does not have, else all of them) and
+  MemoryMax a quarter above cache.memory, so the server evicts at its maxmemory long before
+  the kernel kills it.
 
 A bad configuration must not stop the boot: the generator then writes nothing, says why on
 stderr (the journal) and the units run with their own defaults.
@@ -31,7 +32,9 @@ def drop_ins(appliance: Any, online: frozenset[int]) -> dict[str, str]:
     """Unit name → drop-in text, from the configuration and the online CPUs."""
     header = "# Written by adpop-generator from /etc/adpop; edit the configuration, not this.\n"
     engine_cpus = cpulist.parse(appliance.engine.cpus) & online
-    housekeeping = (online - engine_cpus) or online
+    # The same housekeeping set the tuning steers IRQs to: tuning.housekeeping_cpus when set.
+    housekeeping = (cpulist.parse(appliance.tuning.housekeeping_cpus) & online
+                    or (online - engine_cpus) or online)
     out: dict[str, str] = {}
     if engine_cpus:
         out[ENGINE_UNIT] = f"{header}[Service]\nCPUAffinity={cpulist.render(engine_cpus)}\n"

@@ -183,6 +183,16 @@ def test_generator_writes_pinning_and_memory(tmp_path: Path) -> None:
         assert f"MemoryMax={64 * 1024 * 1024 * 5 // 4}\n" in text
 
 
+def test_cache_affinity_follows_the_housekeeping_cpus(tmp_path: Path) -> None:
+    config = tmp_path / "appliance.toml"
+    config.write_text('[engine]\ncpus = "4-7"\n[tuning]\nhousekeeping_cpus = "0-1"\n')
+    appliance = load(Scope.APPLIANCE, config)
+    written = units.drop_ins(appliance, frozenset(range(8)))
+    assert "CPUAffinity=4-7\n" in written[units.ENGINE_UNIT]
+    for unit in units.CACHE_UNITS:  # not 0-3: CPUs 2-3 are left to neither
+        assert "CPUAffinity=0-1\n" in written[unit]
+
+
 def test_generator_with_a_bad_config_writes_nothing_and_boots_on(tmp_path: Path) -> None:
     config = tmp_path / "appliance.toml"
     config.write_text('[engine]\ncpus = "3-1"\n')
