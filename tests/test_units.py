@@ -114,6 +114,21 @@ def unit_config(name: str) -> configparser.ConfigParser:
     return parser
 
 
+def test_state_directories_are_not_shared_between_owners() -> None:
+    """systemd chowns a StateDirectory= tree, recursively, to the owner of the unit that
+    starts last: two units with different owners on one directory take turns owning it and
+    everything under it (the snapshots left group adpop, and the engine could not read
+    them)."""
+    owners: dict[str, tuple[str, str, str]] = {}
+    for unit in sorted(UNITS.glob("*.service")):
+        service = unit_config(unit.name)["Service"]
+        owner = (service.get("User", "root"), service.get("Group", ""),
+                 service.get("DynamicUser", "no"))
+        for directory in service.get("StateDirectory", "").split():
+            assert owners.setdefault(directory, owner) == owner, \
+                f"{unit.name}: StateDirectory={directory} has another owner in another unit"
+
+
 def test_units_agree_with_the_configuration() -> None:
     """The paths the units create are the ones the code and the default config use."""
     appliance = load(Scope.APPLIANCE, None)
