@@ -513,6 +513,8 @@ def cmd_tune_apply(args: argparse.Namespace) -> int:
     from appliance.tuning import plan
 
     appliance, host = _tune_setup(args)
+    if args.wait_for_nics:
+        print(f"waited for the NICs: {plan.wait_for_nics(host, args.wait_for_nics)}")
     outcomes = plan.apply(appliance, host, dry_run=args.dry_run)
     for o in outcomes:
         print(f"{o.name}: {o.path}: {o.result}")
@@ -893,6 +895,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "apply":
             p.add_argument("--dry-run", action="store_true",
                            help="print what would be written where, write nothing")
+            p.add_argument("--wait-for-nics", type=float, default=0, metavar="SECONDS",
+                           help="first wait until udev has named the NICs (at boot), at "
+                           "most SECONDS")
         p.set_defaults(func=func)
     xdp = commands.add_parser("xdp", help="the XDP packet filter").add_subparsers(
         dest="action", required=True, metavar="ACTION")

@@ -9,6 +9,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -123,8 +125,9 @@ def test_apply_verify_rollback_on_a_tree(make_tree: Any) -> None:
     assert dry.returncode == 0 and "would write '00000400'" in dry.stdout  # CPU 10 as a mask
     assert tree.values() == before, "a dry run writes nothing"
 
-    applied = tree.adpop("apply")
+    applied = tree.adpop("apply", "--wait-for-nics", "5")  # as the unit runs it at boot
     assert applied.returncode == 0, applied.stdout + applied.stderr
+    assert applied.stdout.startswith("waited for the NICs: ")
     assert "irq 28 ens1f0: /proc/irq/28/smp_affinity_list: kernel-owned" in applied.stdout
     verify = tree.adpop("verify", "--json")
     assert verify.returncode == 0, verify.stdout
@@ -193,6 +196,58 @@ def test_cmdline_isolates_nothing_when_the_shards_are_not_pinned(make_tree: Any)
 
 def raw_values(knobs: list[Any]) -> dict[str, str | None]:
     return {k.name: k.read() for k in knobs}
+
+
+SLOW_SETTLE = ("sh", "-c", "sleep 60", "udevadm-settle")
+
+
+def nic_tree(root: Path) -> Path:
+    """A GPU and a virtio NIC on the PCI bus, the NIC's driver not bound yet."""
+    for address, kind in (("0000:00:01.0", "0x030000"), ("0000:00:03.0", "0x020000")):
+        device = root / "sys/bus/pci/devices" / address
+        device.mkdir(parents=True)
+        (device / "class").write_text(kind + "\n")
+    return root / "sys/bus/pci/devices/0000:00:03.0"
+
+
+def test_nics_are_named_once_udev_has_initialised_their_interfaces(tmp_path: Path) -> None:
+    host = Host(tmp_path)
+    assert not host.nics_named()  # no NIC at all: only udev settling ends the wait
+    nic = nic_tree(tmp_path)
+    assert not host.nics_named()  # no driver yet
+    (nic / "virtio0/net/eth0").mkdir(parents=True)
+    (nic / "virtio0/net/eth0/ifindex").write_text("2\n")
+    assert not host.nics_named()  # registered, not yet named by udev
+    (nic / "virtio0/net/eth0").rename(nic / "virtio0/net/enp0s3")
+    (tmp_path / "run/udev/data").mkdir(parents=True)
+    (tmp_path / "run/udev/data/n2").write_text("")
+    assert host.nics_named()
+    (nic / "net/ens3f1").mkdir(parents=True)  # a second port, registered but not named
+    (nic / "net/ens3f1/ifindex").write_text("3\n")
+    assert not host.nics_named()
+
+
+def test_wait_for_nics_ends_on_the_nics_or_on_udev(tmp_path: Path) -> None:
+    host = Host(tmp_path)
+    nic = nic_tree(tmp_path)
+    assert plan.wait_for_nics(host, 60, settle=("true",)) == "udev settled"
+    assert plan.wait_for_nics(host, 0.2, settle=SLOW_SETTLE) == "gave up after 0.2 s"
+    assert plan.wait_for_nics(host, 60, settle=("no-such-udevadm",)) == \
+        "no no-such-udevadm, not waiting"
+
+    def named_later() -> None:
+        time.sleep(0.3)
+        (nic / "net/enp0s3").mkdir(parents=True)
+        (nic / "net/enp0s3/ifindex").write_text("2\n")
+        (tmp_path / "run/udev/data").mkdir(parents=True)
+        (tmp_path / "run/udev/data/n2").write_text("")
+
+    naming = threading.Thread(target=named_later)
+    naming.start()
+    try:
+        assert plan.wait_for_nics(host, 60, settle=SLOW_SETTLE) == "NICs named"
+    finally:
+        naming.join()
 
 
 def test_apply_and_rollback_on_this_host(tmp_path: Path) -> None:

@@ -121,6 +121,30 @@ class Host:
             out.extend(slaves.split() if slaves is not None else [name])
         return out
 
+    def nics_named(self) -> bool:
+        """True once every network-class PCI device has its interfaces registered by its
+        driver and named by udev (the names tuning.nics lists and the IRQs tuning places),
+        which is all the tuning waits for at boot; `udevadm settle` waits for every device
+        on the machine. False while one is missing, or where there is no such device."""
+        base = self.path("/sys/bus/pci/devices")
+        found = False
+        for device in sorted(base.iterdir()) if base.is_dir() else []:
+            if not (self.read(f"/sys/bus/pci/devices/{device.name}/class") or "").startswith(
+                    "0x02"):
+                continue
+            found = True
+            interfaces = [*device.glob("net/*"), *device.glob("*/net/*")]  # virtio nests one
+            if not interfaces:
+                return False  # no driver yet, or one that has not registered its interfaces
+            for interface in interfaces:
+                try:
+                    index = (interface / "ifindex").read_text().strip()
+                except FileNotFoundError:  # renamed while we looked
+                    return False
+                if not self.path(f"/run/udev/data/n{index}").exists():
+                    return False
+        return found
+
     def _device_dir(self, nic: str) -> Path | None:
         link = self.path(f"/sys/class/net/{nic}/device")
         return Path(os.path.realpath(link)) if link.exists() else None

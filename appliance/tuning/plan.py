@@ -13,7 +13,8 @@ import json
 import math
 import os
 import subprocess
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -384,6 +385,34 @@ class Outcome:
     name: str
     path: str
     result: str  # written, kernel-owned, failed: ..., short: N of M, would write ...
+
+
+UDEV_SETTLE = ("udevadm", "settle")
+
+
+def wait_for_nics(host: Host, timeout: float, settle: Sequence[str] = UDEV_SETTLE) -> str:
+    """At boot, before the first plan: returns once the NICs are named (Host.nics_named) or
+    udev has finished every device (`settle`), whichever comes first, else after `timeout`;
+    says which. The NICs are usually named seconds before udev finishes the rest of the
+    machine (GPUs, watchdogs, sound), and the engine waits for the tuning."""
+    try:
+        settling = subprocess.Popen([*settle, f"--timeout={math.ceil(timeout)}"])
+    except FileNotFoundError:  # no udev here, so nothing will name the NICs later either
+        return f"no {settle[0]}, not waiting"
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if host.nics_named():
+                return "NICs named"
+            if settling.poll() is not None:
+                return "udev settled"
+            if time.monotonic() > deadline:
+                return f"gave up after {timeout:g} s"
+            time.sleep(0.05)
+    finally:
+        if settling.poll() is None:
+            settling.kill()
+            settling.wait()
 
 
 def apply(appliance: Any, host: Host, dry_run: bool = False) -> list[Outcome]:
