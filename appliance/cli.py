@@ -388,6 +388,9 @@ def cmd_supervisor(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
+    from appliance.tls import trust_directory_only
+
+    trust_directory_only()  # before aiohttp builds its contexts: see appliance/tls.py
     from appliance.supervisor.core import Supervisor
     from appliance.supervisor.notify import setup_logging
 
