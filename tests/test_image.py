@@ -96,6 +96,9 @@ def test_nspawn_boot_brings_up_adpop_target(image: dict[str, Any], tmp_path: Pat
         assert active.split() == ["active", "active"]
         masked = inside("systemctl", "is-enabled", *build.SELF_MAINTENANCE)
         assert masked.split() == ["masked"] * len(build.SELF_MAINTENANCE)
+        # The generator ran at boot: the cache's memory ceiling comes from its drop-in.
+        limit = inside("systemctl", "show", "-p", "MemoryMax", "--value", "adpop-redis")
+        assert limit.isdigit(), f"adpop-redis MemoryMax={limit}: the generator wrote nothing"
         status = inside("/usr/bin/adpop", "status")
         assert "no trusted origin key" in status and "cache    ok" in status
     finally:
