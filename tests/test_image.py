@@ -4,6 +4,7 @@ booted under qemu with OVMF (boot tier) against an origin running on this host."
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import signal
@@ -54,11 +55,17 @@ def test_tree_units_verify(image: dict[str, Any]) -> None:
 
 
 def container_init(nspawn: subprocess.Popen[bytes]) -> int:
-    for _ in range(200):
-        children = subprocess.run(["pgrep", "-P", str(nspawn.pid)], capture_output=True,
-                                  text=True, check=False).stdout.split()
-        if children:
-            return int(children[0])
+    """The container's systemd. nspawn's first child is a set-up process that exits once
+    the container's init runs: waiting for a child that is systemd itself (nspawn is the
+    subreaper of both) keeps nsenter from targeting the set-up process, which it did on a
+    loaded machine."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for pid in subprocess.run(["pgrep", "-P", str(nspawn.pid)], capture_output=True,
+                                  text=True, check=False).stdout.split():
+            with contextlib.suppress(FileNotFoundError):
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "systemd":
+                    return int(pid)
         time.sleep(0.05)
     raise AssertionError("nspawn started no init")
 
