@@ -1,21 +1,16 @@
--- wrk script: 256 different GET /v1/decide requests in turn, built once, so every request
--- id draws its own lottery and the requests spread over placements, countries, devices,
--- segments and keywords. All at one time inside the synthetic flights, as live traffic is.
--- nginx gets the same requests (and answers each with its fixed 200).
+-- wrk script: the GET /v1/decide requests in the file given after `--` (one path per line,
+-- written by bench_engine.py), sent in turn. The same file drives adpop-loadgen's latency
+-- run, so both measure the same request mix. nginx gets the same requests (and answers each
+-- with its fixed 200).
 local requests = {}
 
 function init(args)
-  local countries = {"US", "GB", "DE", "FR", "JP", "CA", "BR", "IN"}
-  local devices = {"desktop", "mobile", "tablet", "ctv"}
-  local oses = {"android", "ios", "windows", "macos"}
-  local placements = {"home-top", "home-side", "article-inline", "mobile-banner"}
-  for i = 1, 256 do
-    requests[i] = wrk.format(nil, string.format(
-      "/v1/decide?id=bench-%d&placement=%s&country=%s&device=%s&os=%s"
-        .. "&segments=seg-%d,seg-%d,seg-%d&keywords=kw%d&time=1770000000",
-      i, placements[i % 4 + 1], countries[(i * 3) % 8 + 1], devices[(i * 7) % 4 + 1],
-      oses[(i * 5) % 4 + 1], (i * 13) % 500, (i * 31) % 500, (i * 71) % 500, (i * 17) % 3000))
+  for path in io.lines(args[1]) do
+    if path ~= "" then
+      requests[#requests + 1] = wrk.format(nil, path)
+    end
   end
+  assert(#requests > 0, "decide_requests.lua: no request paths in " .. tostring(args[1]))
 end
 
 local next_request = 0

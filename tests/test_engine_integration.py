@@ -495,3 +495,39 @@ def test_prices_above_the_payloads_own_stats_are_refused(tmp_path: Path,
         assert code == 409, body
         assert "above the payload's stats" in body["message"]
         assert eng.status()["version"] == 1
+
+
+LOADGEN = ENGINE.parent / "adpop-loadgen"
+
+
+def test_loadgen_sends_every_path_of_its_request_file(engine: RunningEngine,
+                                                      tmp_path: Path) -> None:
+    # The bench's latency run reads the throughput rounds' request mix from a file: a load
+    # generator that sent one path, or miscounted, would measure different work.
+    before = metric_value(engine, 'adpop_requests_total{route="decide_get"}')
+    healthz_before = metric_value(engine, 'adpop_requests_total{route="healthz"}')
+    paths = tmp_path / "requests.txt"
+    paths.write_text("/v1/decide?id=lg&placement=home-top&country=US\n\n/healthz\n")
+    result = subprocess.run([str(LOADGEN), "127.0.0.1", str(engine.port), f"@{paths}", "200",
+                             "1", "2"], capture_output=True, text=True, timeout=30, check=True)
+    report = json.loads(result.stdout)
+    assert (report["sent"], report["ok"], report["errors"]) == (200, 200, 0)
+    assert metric_value(engine, 'adpop_requests_total{route="decide_get"}') - before == 100
+    assert metric_value(engine, 'adpop_requests_total{route="healthz"}') - healthz_before == 100
+
+
+def test_loadgen_refuses_an_empty_request_file(tmp_path: Path) -> None:
+    paths = tmp_path / "requests.txt"
+    paths.write_text("\n")
+    result = subprocess.run([str(LOADGEN), "127.0.0.1", "9", f"@{paths}", "10", "1", "1"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr == f"adpop-loadgen: {paths} holds no request paths\n"
+
+
+def metric_value(engine: RunningEngine, name: str) -> float:
+    _, body = engine.get("/metrics")
+    for line in body.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0

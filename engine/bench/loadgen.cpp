@@ -6,6 +6,8 @@
 // request in flight per connection.
 //
 // usage: adpop-loadgen HOST PORT PATH RATE SECONDS CONNECTIONS
+// PATH is one request path, or @FILE: one path per line, sent in turn (the request mix the
+// throughput rounds use, so "half the maximum" means half of the same work).
 // prints one JSON line: sent, ok, errors, achieved rps, p50/p99/p99.9 in microseconds.
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -22,6 +24,7 @@
 #include <cstring>
 #include <ctime>
 #include <deque>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -78,7 +81,21 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "adpop-loadgen: bad host %s\n", argv[1]);
     return 2;
   }
-  const std::string request = std::string("GET ") + argv[3] + " HTTP/1.1\r\nHost: bench\r\n\r\n";
+  std::vector<std::string> requests;
+  auto add_request = [&](const std::string& path) {
+    requests.push_back("GET " + path + " HTTP/1.1\r\nHost: bench\r\n\r\n");
+  };
+  if (argv[3][0] == '@') {
+    std::ifstream paths(argv[3] + 1);
+    for (std::string line; std::getline(paths, line);)
+      if (!line.empty()) add_request(line);
+    if (requests.empty()) {
+      std::fprintf(stderr, "adpop-loadgen: %s holds no request paths\n", argv[3] + 1);
+      return 2;
+    }
+  } else {
+    add_request(argv[3]);
+  }
   const double rate = std::atof(argv[4]);
   const double seconds = std::atof(argv[5]);
   const int connections = std::atoi(argv[6]);
@@ -106,7 +123,7 @@ int main(int argc, char** argv) {
   std::deque<std::int64_t> backlog;  // scheduled times waiting for a free connection
   std::vector<std::int64_t> latencies;
   latencies.reserve(static_cast<std::size_t>(total));
-  std::int64_t ok = 0, errors = 0;
+  std::int64_t ok = 0, errors = 0, sent = 0;
   std::vector<std::size_t> idle;
   for (std::size_t i = 0; i < conns.size(); ++i) idle.push_back(i);
   epoll_event events[256];
@@ -123,6 +140,7 @@ int main(int argc, char** argv) {
       c.busy = true;
       c.scheduled = backlog.front();
       backlog.pop_front();
+      const std::string& request = requests[static_cast<std::size_t>(sent++) % requests.size()];
       if (send(c.fd, request.data(), request.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(request.size())) {
         ++errors;
         c.busy = false;
