@@ -430,7 +430,7 @@ def cmd_engine_run(args: argparse.Namespace) -> int:
     if store.current_version() is None:
         raise AdpopError(f"no active snapshot under {appliance.paths.state_dir}",
                          hint="the supervisor starts the engine once the first one is verified")
-    return _exec(engine_command(appliance, store))
+    return _exec(engine_command(appliance))
 
 
 def cmd_cache_run(args: argparse.Namespace) -> int:

@@ -5,14 +5,20 @@ systemd runs generators at boot and on every daemon-reload, before it loads unit
 into the generator's normal directory:
 
 - adpop-engine.service: CPUAffinity = engine.cpus, so even the engine's start-up runs on its
-  own CPUs.
+  own CPUs, and ExecStart = the engine's command line from the configuration.
 - dragonfly.service and adpop-redis.service: CPUAffinity = the housekeeping CPUs
-  (tuning.housekeeping_cpus, else every CPU the engine does not have, else all of them) and
+  (tuning.housekeeping_cpus, else every CPU the engine does not have, else all of them),
   MemoryMax a quarter above cache.memory, so the server evicts at its maxmemory long before
-  the kernel kills it.
+  the kernel kills it, and ExecStart = the server's command line.
+
+The ExecStart lines run the servers straight from systemd. The units' own ExecStart (`adpop
+engine run`, `adpop cache run`) would compute the same command line at every start, but
+through a Python process: a second or more of an emulated boot's critical path.
 
 A bad configuration must not stop the boot: the generator then writes nothing, says why on
-stderr (the journal) and the units run with their own defaults.
+stderr (the journal) and the units run with their own defaults (the `adpop ... run` commands,
+which then name the problem). A configuration edited since the last daemon-reload leaves the
+drop-ins stale; the supervisor compares them at its start (stale()) and reloads.
 """
 
 from __future__ import annotations
@@ -20,12 +26,30 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from appliance import cpulist
+from appliance import cache, cpulist
+from appliance.parts import engine_argv
 
 ENGINE_UNIT = "adpop-engine.service"
-CACHE_UNITS = ("dragonfly.service", "adpop-redis.service")
+# Cache unit → (server, binary), as each unit's own ExecStart names them.
+CACHE_UNITS = {"dragonfly.service": ("dragonfly", "/usr/bin/dragonfly"),
+               "adpop-redis.service": ("redis", "/usr/bin/redis-server")}
+# The cache units' StateDirectory=adpop-cache.
+CACHE_STATE_DIR = Path("/var/lib/adpop-cache")
 DROP_IN = "50-adpop-generated.conf"
+GENERATOR_DIR = Path("/run/systemd/generator")  # the normal directory systemd gives ours
 MEMORY_HEADROOM = 1.25
+
+
+def quote(arg: str) -> str:
+    """One ExecStart argument, as systemd reads it back: quoted, with its escapes, and with
+    specifiers (%) and variable references ($) made literal."""
+    escaped = arg.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + escaped.replace("%", "%%").replace("$", "$$") + '"'
+
+
+def exec_start(argv: list[str]) -> str:
+    # The empty assignment clears the unit's own ExecStart (a service has one).
+    return "ExecStart=\nExecStart=" + " ".join(quote(arg) for arg in argv) + "\n"
 
 
 def drop_ins(appliance: Any, online: frozenset[int]) -> dict[str, str]:
@@ -35,14 +59,29 @@ def drop_ins(appliance: Any, online: frozenset[int]) -> dict[str, str]:
     # The same housekeeping set the tuning steers IRQs to: tuning.housekeeping_cpus when set.
     housekeeping = (cpulist.parse(appliance.tuning.housekeeping_cpus) & online
                     or (online - engine_cpus) or online)
-    out: dict[str, str] = {}
-    if engine_cpus:
-        out[ENGINE_UNIT] = f"{header}[Service]\nCPUAffinity={cpulist.render(engine_cpus)}\n"
-    cache = (f"{header}[Service]\nCPUAffinity={cpulist.render(housekeeping)}\n"
-             f"MemoryMax={int(appliance.cache.memory * MEMORY_HEADROOM)}\n")
-    for unit in CACHE_UNITS:
-        out[unit] = cache
+    affinity = f"CPUAffinity={cpulist.render(engine_cpus)}\n" if engine_cpus else ""
+    out = {ENGINE_UNIT: f"{header}[Service]\n{affinity}{exec_start(engine_argv(appliance))}"}
+    c = appliance.cache
+    for unit, (server, binary) in CACHE_UNITS.items():
+        argv = (cache.dragonfly_argv(binary, c.address, c.memory, CACHE_STATE_DIR,
+                                     len(housekeeping)) if server == "dragonfly"
+                else cache.redis_argv(binary, c.address, c.memory, CACHE_STATE_DIR))
+        out[unit] = (f"{header}[Service]\nCPUAffinity={cpulist.render(housekeeping)}\n"
+                     f"MemoryMax={int(c.memory * MEMORY_HEADROOM)}\n{exec_start(argv)}")
     return out
+
+
+def stale(units: dict[str, str], normal_dir: Path | None = None) -> list[str]:
+    """The units whose generated drop-in (in normal_dir, else GENERATOR_DIR) differs from
+    `units`, what the configuration gives now: it changed after systemd ran the generator."""
+    folder = normal_dir or GENERATOR_DIR
+
+    def written(unit: str) -> str | None:
+        try:
+            return (folder / f"{unit}.d" / DROP_IN).read_text()
+        except OSError:
+            return None
+    return [unit for unit, text in units.items() if written(unit) != text]
 
 
 def write(normal_dir: Path, units: dict[str, str]) -> list[Path]:

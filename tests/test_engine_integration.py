@@ -531,3 +531,26 @@ def metric_value(engine: RunningEngine, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def test_engine_makes_its_missing_key_and_spool_and_keeps_an_existing_key(
+        tmp_path: Path, engine_set: CampaignSet, signing_key: SigningKey) -> None:
+    # systemd execs the engine straight from the generated ExecStart: no wrapper makes them.
+    # (The later flags override the harness's own key and spool.)
+    made, spool = tmp_path / "made.key", tmp_path / "made-spool"
+    flags = ["--token-key", str(made), "--spool", str(spool)]
+    with running_engine(tmp_path, engine_set, signing_key, extra=flags):
+        assert len(made.read_bytes()) == 32 and made.stat().st_mode & 0o777 == 0o600
+        assert spool.is_dir()
+    key = made.read_bytes()
+    with running_engine(tmp_path, engine_set, signing_key, extra=flags):
+        pass
+    assert made.read_bytes() == key  # tokens signed before a restart stay valid
+
+
+@pytest.mark.parametrize("flag", ["--token-key", "--spool"])
+def test_engine_names_a_missing_parent_folder(tmp_path: Path, flag: str) -> None:
+    result = subprocess.run([str(ENGINE), "--snapshot", "/x", flag, str(tmp_path / "no" / "x")],
+                            capture_output=True, text=True, check=False, timeout=10)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "create its parent folder first" in result.stderr

@@ -106,6 +106,13 @@ def test_nspawn_boot_brings_up_adpop_target(image: dict[str, Any], tmp_path: Pat
         # The generator ran at boot: the cache's memory ceiling comes from its drop-in.
         limit = inside("systemctl", "show", "-p", "MemoryMax", "--value", "adpop-redis")
         assert limit.isdigit(), f"adpop-redis MemoryMax={limit}: the generator wrote nothing"
+        # ... and systemd execs the cache server itself, with the configuration's flags.
+        exec_start = inside("systemctl", "show", "-p", "ExecStart", "--value", "adpop-redis")
+        assert "path=/usr/bin/redis-server ;" in exec_start, exec_start
+        assert "argv[]=/usr/bin/redis-server --bind 127.0.0.1 --port 6379 " in exec_start
+        # The supervisor computes the same drop-ins from the same configuration: no reload.
+        journal = inside("journalctl", "-u", "adpop-supervisor", "--no-pager", "-o", "cat")
+        assert "configuration changed" not in journal, journal
         status = inside("/usr/bin/adpop", "status")
         assert "no trusted origin key" in status and "cache    ok" in status
     finally:

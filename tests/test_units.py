@@ -8,9 +8,11 @@ Dragonfly build is reachable from this machine, so /usr/bin/dragonfly is a stand
 
 from __future__ import annotations
 
+import asyncio
 import configparser
 import os
 import re
+import shlex
 import stat
 import subprocess
 import sys
@@ -20,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance import cpulist, units
+from appliance import cache, cpulist, units
 from appliance.config import Scope, load
-from appliance.parts import APPLIANCE_ENGINE_SOCKET
+from appliance.parts import APPLIANCE_ENGINE_SOCKET, engine_argv
 from appliance.snapshot.manifest import SigningKey
 from appliance.snapshot.model import CampaignSet
 from appliance.snapshot.store import SnapshotStore
@@ -206,6 +208,90 @@ def test_cache_affinity_follows_the_housekeeping_cpus(tmp_path: Path) -> None:
     assert "CPUAffinity=4-7\n" in written[units.ENGINE_UNIT]
     for unit in units.CACHE_UNITS:  # not 0-3: CPUs 2-3 are left to neither
         assert "CPUAffinity=0-1\n" in written[unit]
+
+
+def exec_start_argv(drop_in: str) -> list[str]:
+    """The argv of a drop-in's last ExecStart=, read back as systemd does for our quoting
+    (shlex for the quotes and backslashes; doubled % and $ are single)."""
+    lines = [line for line in drop_in.splitlines() if line.startswith("ExecStart=")]
+    assert lines[0] == "ExecStart=", "the unit's own ExecStart must be cleared first"
+    return [arg.replace("%%", "%").replace("$$", "$")
+            for arg in shlex.split(lines[-1].removeprefix("ExecStart="))]
+
+
+def test_generator_writes_the_servers_command_lines(tmp_path: Path) -> None:
+    config = tmp_path / "appliance.toml"
+    config.write_text('[engine]\ncpus = "1"\nlisten = "0.0.0.0:8080"\n'
+                      '[cache]\nmemory = "64MiB"\naddress = "127.0.0.1:6390"\n'
+                      '[supervisor]\nmode = "appliance"\n')
+    appliance = load(Scope.APPLIANCE, config)
+    written = units.drop_ins(appliance, frozenset(range(4)))
+    # The command lines `adpop engine run` and `adpop cache run` would exec under systemd.
+    assert exec_start_argv(written[units.ENGINE_UNIT]) == engine_argv(appliance)
+    assert "--admin" in engine_argv(appliance) and APPLIANCE_ENGINE_SOCKET in engine_argv(appliance)
+    redis = exec_start_argv(written["adpop-redis.service"])
+    assert redis == cache.redis_argv("/usr/bin/redis-server", "127.0.0.1:6390", 64 << 20,
+                                     units.CACHE_STATE_DIR)
+    assert redis[-2:] == ["--logfile", ""]  # an empty argument survives the quoting
+    dragonfly = exec_start_argv(written["dragonfly.service"])
+    assert "--proactor_threads=3" in dragonfly  # one per housekeeping CPU: 0, 2, 3
+    assert "--snapshot_cron=*/5 * * * *" in dragonfly
+
+
+@pytest.mark.parametrize("server", ["adpop-redis.service", "dragonfly.service"])
+def test_generated_cache_command_matches_the_unit(server: str) -> None:
+    # The unit's own ExecStart (`adpop cache run --binary B`) and the drop-in name one binary,
+    # and the unit's StateDirectory is the folder the drop-in gives the server.
+    text = (UNITS / server).read_text()
+    binary = units.CACHE_UNITS[server][1]
+    assert f"--binary {binary} " in text
+    assert f"StateDirectory={units.CACHE_STATE_DIR.name}\n" in text
+
+
+def test_quoting_keeps_specifiers_and_variables_literal() -> None:
+    assert units.quote('50% of $HOME "x" \\') == '"50%% of $$HOME \\"x\\" \\\\"'
+    assert shlex.split(units.quote("a b")) == ["a b"]
+
+
+def test_stale_drop_ins_are_found(tmp_path: Path) -> None:
+    config = tmp_path / "appliance.toml"
+    config.write_text('[cache]\nmemory = "64MiB"\n')
+    online = frozenset(range(2))
+    generated = tmp_path / "generator"
+    units.write(generated, units.drop_ins(load(Scope.APPLIANCE, config), online))
+    assert units.stale(units.drop_ins(load(Scope.APPLIANCE, config), online), generated) == []
+    config.write_text('[cache]\nmemory = "128MiB"\n')
+    edited = units.drop_ins(load(Scope.APPLIANCE, config), online)
+    assert units.stale(edited, generated) == list(units.CACHE_UNITS)
+    assert units.stale(edited, tmp_path / "none") == list(edited)
+
+
+def test_supervisor_reloads_systemd_when_the_drop_ins_are_stale(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.supervisor import core
+
+    config = tmp_path / "appliance.toml"
+    config.write_text(f'[paths]\nstate_dir = "{tmp_path / "state"}"\n'
+                      '[supervisor]\nmode = "appliance"\n')
+    appliance = load(Scope.APPLIANCE, config)
+    calls: list[tuple[str, ...]] = []
+
+    async def systemctl(*args: str) -> tuple[int, str]:
+        calls.append(args)
+        return 0, ""
+
+    generated = tmp_path / "generator"
+    monkeypatch.setattr(units, "GENERATOR_DIR", generated)
+    monkeypatch.setattr(core, "systemctl", systemctl)
+    supervisor = core.Supervisor(appliance, SnapshotStore(tmp_path / "state", keep=3),
+                                 components=[])
+    # What the generator writes at boot, from the configuration as loaded.
+    units.write(generated, units.drop_ins(appliance, cpulist.online()))
+    asyncio.run(supervisor.reload_stale_units())
+    assert calls == []  # as generated: nothing to do
+    (generated / f"{units.ENGINE_UNIT}.d" / units.DROP_IN).write_text("# older\n")
+    asyncio.run(supervisor.reload_stale_units())
+    assert calls == [("daemon-reload",)]
 
 
 def test_generator_with_a_bad_config_writes_nothing_and_boots_on(tmp_path: Path) -> None:

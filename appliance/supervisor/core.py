@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import ClientError
 
-from appliance import cache
+from appliance import cache, cpulist, units
 from appliance.errors import AdpopError
 from appliance.parts import engine_command, engine_socket, state_path
 from appliance.snapshot.store import SnapshotStore
@@ -264,6 +264,8 @@ class Supervisor:
         # the parts; their first health pass (systemctl calls, a cache that is still
         # starting) runs beside it.
         sync = asyncio.ensure_future(self.agent.run(stop))
+        if self.cfg.supervisor.mode == "appliance":
+            await self.reload_stale_units()
         control: ControlServer | None = None
         tuning = None
         try:
@@ -285,6 +287,22 @@ class Supervisor:
                 await component.stop()
 
 
+    async def reload_stale_units(self) -> None:
+        """The parts' command lines, CPUs and memory come from the generator's drop-ins. A
+        configuration edited since systemd last ran it leaves them stale: reload, so every
+        part starts as the configuration now says."""
+        stale = units.stale(units.drop_ins(self.cfg, cpulist.online()))
+        if not stale:
+            return
+        code, out = await systemctl("daemon-reload")
+        if code:
+            log.error("the configuration changed since boot but daemon-reload failed (%s): "
+                      "%s start with the old settings", out, ", ".join(stale))
+        else:
+            log.warning("the configuration changed since the units were generated: reloaded "
+                        "systemd, so %s start with the new settings", ", ".join(stale))
+
+
 def _waits_for_snapshot(store: SnapshotStore) -> str:
     # The engine has nothing to serve before a verified snapshot is active.
     return "waits for a first verified snapshot" if store.current_version() is None else ""
@@ -302,7 +320,7 @@ class EngineProcess(ChildProcess):
 
     async def start(self) -> None:
         if not self.waiting():
-            self.argv = engine_command(self.supervisor.cfg, self.supervisor.store)
+            self.argv = engine_command(self.supervisor.cfg)
             await super().start()
 
 

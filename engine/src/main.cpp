@@ -1,11 +1,14 @@
 // adpop-engine: the serving process. See --help; bad flags exit 2 with one line.
+#include <fcntl.h>
 #include <signal.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <fstream>
 #include <iterator>
 
+#include <cerrno>
 #include <charconv>
 #include <cstdio>
 #include <cstdlib>
@@ -37,12 +40,14 @@ SO_REUSEPORT listener and epoll loop.
   --request-timeout MS     answer 408 if a request takes longer to arrive (default 10000)
   --max-header-bytes N     request line + headers limit, else 431 (default 8192)
   --max-body-bytes N       body limit, else 413 (default 65536)
-  --spool DIR              per-shard event spool segments (see engine/SPOOL.md); without it
-                           events are counted as dropped
+  --spool DIR              per-shard event spool segments (see engine/SPOOL.md), created
+                           when missing (its parent must exist); without it events are
+                           counted as dropped
   --spool-segment-bytes N  rotate a segment at this size (default 67108864)
   --spool-segment-age S    rotate a segment at this age in seconds (default 60)
-  --token-key FILE         secret (>= 16 bytes) signing impression and click URLs; without
-                           it answers carry no tracking URLs and tracking requests get 403
+  --token-key FILE         secret (>= 16 bytes) signing impression and click URLs, created
+                           with 32 random bytes (mode 0600) when missing; without the flag
+                           answers carry no tracking URLs and tracking requests get 403
   --token-ttl S            tracking URLs stay valid this long (default 86400)
   --dedup-window S         an impression of one request and ad counts once within (default 3600)
   --budget-share F         this PoP's share of each campaign's daily budget, 0-1 (default 1)
@@ -52,6 +57,25 @@ SO_REUSEPORT listener and epoll loop.
 [[noreturn]] void die(const std::string& message) {
   std::fprintf(stderr, "adpop-engine: %s (see --help)\n", message.c_str());
   std::exit(2);
+}
+
+// A PoP's first start has no key yet: 32 random bytes, readable by this user only. O_EXCL, so
+// a key another start made first is kept (every token signed with it stays valid).
+void make_token_key(const std::string& path) {
+  int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0) {
+    if (errno == EEXIST) return;
+    die("--token-key: cannot create " + path + ": " + std::strerror(errno) +
+        "; create its parent folder first");
+  }
+  unsigned char key[32];
+  bool written = getrandom(key, sizeof key, 0) == static_cast<ssize_t>(sizeof key) &&
+                 write(fd, key, sizeof key) == static_cast<ssize_t>(sizeof key) && fsync(fd) == 0;
+  close(fd);
+  if (!written) {
+    unlink(path.c_str());  // never leave a short key behind for the next start to refuse
+    die("--token-key: cannot write " + path + ": " + std::strerror(errno));
+  }
 }
 
 std::uint64_t number(std::string_view flag, std::string_view value, std::uint64_t lo, std::uint64_t hi) {
@@ -127,15 +151,20 @@ int main(int argc, char** argv) {
       o.http.max_body_bytes = number(flag, value, 0, 64 << 20);
     } else if (flag == "--spool") {
       o.spool_dir = std::string(value);
+      // Made here, not by a wrapper, so the unit can exec the engine straight from systemd.
+      if (mkdir(o.spool_dir.c_str(), 0770) != 0 && errno != EEXIST)
+        die("--spool: cannot create " + o.spool_dir + ": " + std::strerror(errno) +
+            "; create its parent folder first");
       struct stat st {};
       if (stat(o.spool_dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode) ||
           access(o.spool_dir.c_str(), W_OK) != 0)
-        die("--spool: " + o.spool_dir + " is not a writable folder; create it first");
+        die("--spool: " + o.spool_dir + " is not a writable folder; fix its owner or mode");
     } else if (flag == "--spool-segment-bytes") {
       o.spool_segment_bytes = number(flag, value, 4096, 1ull << 34);
     } else if (flag == "--spool-segment-age") {
       o.spool_segment_age_s = static_cast<std::uint32_t>(number(flag, value, 1, 86400));
     } else if (flag == "--token-key") {
+      make_token_key(std::string(value));
       std::ifstream in{std::string(value), std::ios::binary};
       if (!in) die("--token-key: cannot read " + std::string(value));
       o.token_key.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
