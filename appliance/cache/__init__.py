@@ -19,6 +19,7 @@ Health: PING round trip, memory used against the limit, evicted keys and connect
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from dataclasses import dataclass
@@ -86,27 +87,69 @@ def dragonfly_argv(binary: str, address: str, memory: int, folder: Path,
             "--snapshot_cron=*/5 * * * *", f"--proactor_threads={threads}", "--logtostderr"]
 
 
-async def probe(address: str) -> CacheHealth:
-    """PING and INFO, each bounded by PING_TIMEOUT; never raises."""
-    # Imported here: `adpop cache run` execs the server without loading a client.
-    import redis.asyncio as aioredis
-    from redis.exceptions import RedisError
+class CacheReplyError(AdpopError):
+    """The cache answered, but not as the Redis protocol says a healthy server does."""
 
+
+async def probe(address: str) -> CacheHealth:
+    """PING and INFO on one connection, each bounded by PING_TIMEOUT; never raises.
+
+    Two commands of the Redis protocol, spoken here directly: a client library's import
+    alone took most of a second of the supervisor's start on an emulated boot."""
     host, port = parse_address(address)
-    client = aioredis.Redis(host=host, port=port, socket_timeout=PING_TIMEOUT,
-                            socket_connect_timeout=PING_TIMEOUT)
+    writer: asyncio.StreamWriter | None = None
     try:
+        reader, opened = await asyncio.wait_for(asyncio.open_connection(host, port),
+                                                PING_TIMEOUT)
+        writer = opened
         started = time.monotonic()
-        await client.ping()
+        pong = await asyncio.wait_for(_command(reader, opened, "PING"), PING_TIMEOUT)
         ping_ms = (time.monotonic() - started) * 1000
-        info = await client.info()
-    except (RedisError, OSError) as exc:
-        return CacheHealth(False, f"cache at {address} not answering: {exc}")
+        if pong != "PONG":
+            raise CacheReplyError(f"PING answered {pong[:80]!r}")
+        info = parse_info(await asyncio.wait_for(_command(reader, opened, "INFO"), PING_TIMEOUT))
+    except asyncio.TimeoutError:
+        return CacheHealth(False, f"cache at {address} not answering within {PING_TIMEOUT:g} s")
+    except (OSError, CacheReplyError, asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError) as exc:
+        return CacheHealth(False, f"cache at {address} not answering: {_reason(exc)}")
     finally:
-        await client.aclose()
+        if writer is not None:
+            writer.close()
     used, limit = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
     reason = ""
     if limit and used > MEMORY_WARN * limit:
         reason = f"memory {used / limit:.0%} of its limit"
     return CacheHealth(True, reason, ping_ms, used, limit, int(info.get("evicted_keys", 0)),
                        int(info.get("connected_clients", 0)))
+
+
+async def _command(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str) -> str:
+    """One argument-less command; its reply, a simple or a bulk string (RESP)."""
+    writer.write(f"*1\r\n${len(name)}\r\n{name}\r\n".encode())
+    await writer.drain()
+    line = (await reader.readuntil(b"\r\n"))[:-2].decode(errors="replace")
+    kind, rest = line[:1], line[1:]
+    if kind == "+":
+        return rest
+    if kind == "$" and rest.isdigit():
+        body = await reader.readexactly(int(rest) + 2)
+        return body[:-2].decode(errors="replace")
+    if kind == "-":
+        raise CacheReplyError(f"{name} refused: {rest[:120]}")
+    raise CacheReplyError(f"{name} answered {line[:80]!r}, not the Redis protocol")
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, CacheReplyError):
+        return exc.message
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)  # asyncio's own text names the call, not the cause
+    return str(exc) or type(exc).__name__
+
+
+def parse_info(text: str) -> dict[str, str]:
+    """INFO's `key:value` lines (sections and comments skipped)."""
+    pairs = (line.split(":", 1) for line in text.splitlines()
+             if ":" in line and not line.startswith("#"))
+    return {key: value.strip() for key, value in pairs}
