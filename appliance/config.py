@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -415,8 +416,11 @@ def _sections(scope: Scope) -> dict[str, list[Setting]]:
     return sections
 
 
-def _make_classes(scope: Scope) -> type:
-    """Frozen dataclasses for one scope: a top class whose attributes are section classes."""
+@functools.cache
+def _classes(scope: Scope) -> type:
+    """Frozen dataclasses for one scope: a top class whose attributes are section classes.
+    Made on first use: each costs an exec() of generated methods, and every boot-time
+    program (generator, tune, XDP, supervisor) needs only the appliance's."""
     top_fields: list[tuple[str, type, Any]] = []
     for section, settings in _sections(scope).items():
         cls = dataclasses.make_dataclass(
@@ -426,9 +430,6 @@ def _make_classes(scope: Scope) -> type:
         )
         top_fields.append((section, cls, field()))
     return dataclasses.make_dataclass(f"{scope.value.title()}Config", top_fields, frozen=True)
-
-
-_CLASSES: dict[Scope, type] = {scope: _make_classes(scope) for scope in Scope}
 
 
 @dataclass(frozen=True)
@@ -574,7 +575,7 @@ def load(scope: Scope, path: Path | None = None) -> Any:
 def build(scope: Scope, values: dict[tuple[str, str], Any] | None = None) -> Any:
     """A config object of `scope` from defaults overridden by `values`."""
     values = values or {}
-    top_cls = _CLASSES[scope]
+    top_cls = _classes(scope)
     sections: dict[str, Any] = {}
     for f in dataclasses.fields(top_cls):
         section_cls: Any = f.type

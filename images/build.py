@@ -171,7 +171,8 @@ def install_adpop(tree: Path, wheel_dir: Path, dragonfly: Path | None,
     generators = tree / "usr/lib/systemd/system-generators"
     generators.mkdir(parents=True, exist_ok=True)
     shutil.copy2(REPO / "units/generators/adpop-generator", generators / "adpop-generator")
-    for kind in ("sysusers.d", "tmpfiles.d", "sysctl.d"):
+    for kind in ("sysusers.d", "tmpfiles.d", "sysctl.d", "modprobe.d"):
+        (tree / "usr/lib" / kind).mkdir(parents=True, exist_ok=True)
         for conf in (REPO / "units" / kind).iterdir():
             shutil.copy2(conf, tree / "usr/lib" / kind / conf.name)
     docs = tree / "usr/share/doc/adpop/units"
