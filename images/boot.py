@@ -11,9 +11,10 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,9 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 GUEST_ORIGIN = "http://10.0.2.100:8700"
 BOOT_WAIT = 240.0
 READY_MARK = "loaded units listed"  # adpop-banner.service's last line on the console
+# Console lines that end each phase of a boot, timed from power-on by the host's clock:
+# the firmware hands over to the kernel, the kernel (and initrd) to systemd.
+PHASES = {"kernel": "Linux version", "systemd": "systemd[1]"}
 
 
 class BootError(Exception):
@@ -36,6 +40,31 @@ class Booted:
     serving_after_s: float
     answer: dict[str, Any]
     serial: str
+    # PHASES' names -> seconds from power-on at which the console first showed them.
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+class ConsoleWatch:
+    """Polls the serial log in a thread, noting when each of PHASES first appears."""
+
+    def __init__(self, serial: Path, started: float) -> None:
+        self.serial, self.started = serial, started
+        self.seen: dict[str, float] = {}
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while not self.done.wait(0.1) and len(self.seen) < len(PHASES):
+            text = self.serial.read_text(errors="replace") if self.serial.exists() else ""
+            for name, mark in PHASES.items():
+                if name not in self.seen and mark in text:
+                    self.seen[name] = time.monotonic() - self.started
+
+    def stop(self) -> dict[str, float]:
+        self.done.set()
+        self.thread.join()
+        return dict(self.seen)
 
 
 def site_config(folder: Path, pub: Path, origin_url: str = GUEST_ORIGIN) -> Path:
@@ -73,6 +102,7 @@ def boot_and_serve(image: Path, size: int, folder: Path) -> Booted:
                                "--config", str(origin_toml)], cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     qemu = None
+    watch: ConsoleWatch | None = None
     try:
         disk = flashed_copy(image, size, folder, site_config(folder, pub))
         vars_copy = folder / "OVMF_VARS.fd"
@@ -92,6 +122,7 @@ def boot_and_serve(image: Path, size: int, folder: Path) -> Booted:
                     f"127.0.0.1 {ports['origin']}",
             "-serial", f"file:{serial}", "-display", "none", "-no-reboot"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+        watch = ConsoleWatch(serial, started)
         body = json.dumps({"id": "vm", "placements": [{"id": "article-inline"}],
                            "geo": {"country": "US"}}).encode()
         answer: dict[str, Any] = {}
@@ -106,6 +137,7 @@ def boot_and_serve(image: Path, size: int, folder: Path) -> Booted:
             except OSError:
                 time.sleep(0.5)
         serving = time.monotonic() - started
+        phases = watch.stop()
         if not answer:
             text = serial.read_text(errors="replace") if serial.exists() else ""
             raise BootError(f"not serving after {BOOT_WAIT:.0f} s:\n{text[-3000:]}")
@@ -116,8 +148,10 @@ def boot_and_serve(image: Path, size: int, folder: Path) -> Booted:
             if READY_MARK in text:
                 break
             time.sleep(0.5)
-        return Booted(serving, answer, text)
+        return Booted(serving, answer, text, phases)
     finally:
+        if watch is not None:
+            watch.stop()
         if qemu is not None:
             qemu.kill()
             qemu.wait()
