@@ -286,7 +286,6 @@ class Supervisor:
             for component in reversed(self.components):
                 await component.stop()
 
-
     async def reload_stale_units(self) -> None:
         """The parts' command lines, CPUs and memory come from the generator's drop-ins. A
         configuration edited since systemd last ran it leaves them stale: reload, so every
