@@ -34,6 +34,10 @@ def engine_argv(appliance: Any) -> list[str]:
             "--spool", str(state_path(appliance, e.spool)),
             "--token-key", str(state_path(appliance, e.token_key)),
             "--idle-poll-us", str(e.idle_poll_us)]
+    # The tuning reserves huge pages for the shards: the snapshot goes on them when the host
+    # has them free, else the engine maps the file as usual (its status says which).
+    if appliance.tuning.hugepages_per_shard:
+        argv.append("--hugepages")
     return argv + (["--cpus", e.cpus] if e.cpus else [])
 
 

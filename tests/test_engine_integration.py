@@ -554,3 +554,28 @@ def test_engine_names_a_missing_parent_folder(tmp_path: Path, flag: str) -> None
                             capture_output=True, text=True, check=False, timeout=10)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "create its parent folder first" in result.stderr
+
+
+NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
+
+
+def test_hugepages_back_the_snapshot_when_the_host_has_them(
+        tmp_path: Path, engine_set: CampaignSet, signing_key: SigningKey) -> None:
+    # adpop-engine.service passes --hugepages when the tuning reserves pages for the shards.
+    before = NR_HUGEPAGES.read_text()
+    request = {"id": "hp", "placements": [{"id": "home-top"}], "time": 1_770_000_000}
+    try:
+        NR_HUGEPAGES.write_text("0\n")
+        with running_engine(tmp_path, engine_set, signing_key, extra=["--hugepages"]) as eng:
+            assert eng.status()["hugepages"] is False  # none free: the file is mapped
+            code, without = eng.post("/v1/decide", request)
+            assert code == 200 and without["placements"][0]["ads"]
+            NR_HUGEPAGES.write_text("64\n")
+            install(eng.store, engine_set, 2, signing_key)
+            assert eng.admin_call("POST", "/load")[0] == 200
+            status = eng.status()
+            assert status["hugepages"] is True and status["version"] == 2
+            # The same campaigns (version 2 holds the same set), read from the copy.
+            assert eng.post("/v1/decide", request)[1]["placements"] == without["placements"]
+    finally:
+        NR_HUGEPAGES.write_text(before)

@@ -238,6 +238,13 @@ def test_generator_writes_the_servers_command_lines(tmp_path: Path) -> None:
     assert "--snapshot_cron=*/5 * * * *" in dragonfly
 
 
+def test_engine_uses_the_huge_pages_the_tuning_reserves(tmp_path: Path) -> None:
+    config = tmp_path / "appliance.toml"
+    assert "--hugepages" in engine_argv(load(Scope.APPLIANCE, None))
+    config.write_text('[tuning]\nhugepages_per_shard = "0"\n')
+    assert "--hugepages" not in engine_argv(load(Scope.APPLIANCE, config))
+
+
 @pytest.mark.parametrize("server", ["adpop-redis.service", "dragonfly.service"])
 def test_generated_cache_command_matches_the_unit(server: str) -> None:
     # The unit's own ExecStart (`adpop cache run --binary B`) and the drop-in name one binary,
