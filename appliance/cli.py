@@ -448,12 +448,8 @@ def cmd_cache_run(args: argparse.Namespace) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     binary = args.binary or c.binary
     binary = shutil.which(binary) or binary
-    if args.server == "dragonfly":
-        argv = cache.dragonfly_argv(binary, c.address, c.memory, folder,
-                                    len(os.sched_getaffinity(0)))
-    else:
-        argv = cache.redis_argv(binary, c.address, c.memory, folder)
-    return _exec(argv)
+    return _exec(cache.server_argv(args.server, binary, c, folder,
+                                   len(os.sched_getaffinity(0))))
 
 
 def cmd_units_generate(args: argparse.Namespace) -> int:

@@ -61,13 +61,12 @@ def drop_ins(appliance: Any, online: frozenset[int]) -> dict[str, str]:
                     or (online - engine_cpus) or online)
     affinity = f"CPUAffinity={cpulist.render(engine_cpus)}\n" if engine_cpus else ""
     out = {ENGINE_UNIT: f"{header}[Service]\n{affinity}{exec_start(engine_argv(appliance))}"}
-    c = appliance.cache
     for unit, (server, binary) in CACHE_UNITS.items():
-        argv = (cache.dragonfly_argv(binary, c.address, c.memory, CACHE_STATE_DIR,
-                                     len(housekeeping)) if server == "dragonfly"
-                else cache.redis_argv(binary, c.address, c.memory, CACHE_STATE_DIR))
+        argv = cache.server_argv(server, binary, appliance.cache, CACHE_STATE_DIR,
+                                 len(housekeeping))
         out[unit] = (f"{header}[Service]\nCPUAffinity={cpulist.render(housekeeping)}\n"
-                     f"MemoryMax={int(c.memory * MEMORY_HEADROOM)}\n{exec_start(argv)}")
+                     f"MemoryMax={int(appliance.cache.memory * MEMORY_HEADROOM)}\n"
+                     f"{exec_start(argv)}")
     return out
 
 

@@ -69,6 +69,8 @@ def request_paths() -> list[str]:
             f"&country={countries[i * 3 % 8]}&device={devices[i * 7 % 4]}&os={oses[i * 5 % 4]}"
             f"&segments=seg-{i * 13 % 500},seg-{i * 31 % 500},seg-{i * 71 % 500}"
             f"&keywords=kw{i * 17 % 3000}&time=1770000000" for i in range(1, 257)]
+
+
 DECIDED = 'adpop_requests_total{route="decide_get"}'
 
 

@@ -24,6 +24,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from appliance.errors import AdpopError
 
@@ -85,6 +86,14 @@ def dragonfly_argv(binary: str, address: str, memory: int, folder: Path,
     return [binary, f"--bind={host}", f"--port={port}", f"--maxmemory={memory}",
             "--cache_mode=true", f"--dir={folder}", "--dbfilename=cache",
             "--snapshot_cron=*/5 * * * *", f"--proactor_threads={threads}", "--logtostderr"]
+
+
+def server_argv(server: str, binary: str, cache: Any, folder: Path, threads: int) -> list[str]:
+    """The command line of `server` ("dragonfly" or "redis") for the configuration's cache
+    section: what `adpop cache run` execs and what the generator writes into the units."""
+    if server == "dragonfly":
+        return dragonfly_argv(binary, cache.address, cache.memory, folder, threads)
+    return redis_argv(binary, cache.address, cache.memory, folder)
 
 
 class CacheReplyError(AdpopError):

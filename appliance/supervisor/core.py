@@ -264,11 +264,11 @@ class Supervisor:
         # the parts; their first health pass (systemctl calls, a cache that is still
         # starting) runs beside it.
         sync = asyncio.ensure_future(self.agent.run(stop))
-        if self.cfg.supervisor.mode == "appliance":
-            await self.reload_stale_units()
         control: ControlServer | None = None
         tuning = None
         try:
+            if self.cfg.supervisor.mode == "appliance":
+                await self.reload_stale_units()  # before the first health pass starts parts
             for component in self.components:
                 await component.health()  # starts what is not running
             control = ControlServer(self)
