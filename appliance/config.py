@@ -199,7 +199,8 @@ SETTINGS: tuple[Setting, ...] = (
             "also the engine unit's CPUAffinity, the cache getting the other CPUs.", _cpu_list),
     Setting(A, "engine", "idle_poll_us", Kind.INT, 0,
             "Microseconds a shard polls after its last event before it sleeps (0: sleep at "
-            "once); worth it when shards have their own cores.", _at_least(0)),
+            "once); worth it when shards have their own cores. Only a busy shard polls: one "
+            "that waited for over a quarter of the last 100 ms sleeps at once.", _at_least(0)),
     Setting(A, "engine", "token_key", Kind.PATH, "engine/token.key",
             "Secret signing tracking URLs (made at first start when missing); relative paths "
             "are under paths.state_dir."),

@@ -12,8 +12,14 @@ wrk one thread pinned to CPU 1, so each side has the same share of this machine 
 scheduler moves nothing between rounds. The two are measured in alternating rounds and each
 side's median round is reported.
 The engine polls for 200 us after its last event before it sleeps (--idle-poll-us), as a shard
-on its own core does in the appliance. Its CPU figure leaves out the time it spent polling with
-nothing to do (adpop_idle_poll_seconds_total); the figure with that time is printed beside it.
+on its own core does in the appliance; only while busy, so at half load it sleeps as nginx does.
+Its CPU figure leaves out the time it spent polling with nothing to do
+(adpop_idle_poll_seconds_total); the figure with that time is printed beside it.
+The same wrk against the engine's GET /healthz, which does no work, is measured in every round
+too: the most this load generator gets from this machine, so a ratio near 1.0 that the ceiling
+shares is the client's limit, not the servers'.
+Each latency round also prints what the load generator lost itself: how late its own p99
+request left (send_late) and its stalls, which delay requests whatever the server.
 A second engine, writing every decision to its event spool on disk, is measured in the same
 rounds and printed on its own line.
 """
@@ -124,6 +130,13 @@ def median_round(results: list[tuple[float, float, float]]) -> tuple[float, floa
     return ordered[len(ordered) // 2]
 
 
+def client_loss(run: dict[str, float]) -> str:
+    """What adpop-loadgen lost itself in one latency run: its requests' send delay and its
+    stalls, which delay requests whatever the server."""
+    return (f"{run['send_late_p99_us']:.0f} us, {run['client_stalls']:.0f} stalls "
+            f"{run['client_stalled_ms']:.0f} ms")
+
+
 def nginx_conf(prefix: Path, port: int) -> Path:
     conf = prefix / "nginx.conf"
     conf.write_text(f"""
@@ -184,6 +197,8 @@ def main() -> None:
         spool.mkdir()
         paths = work / "requests.txt"
         paths.write_text("\n".join(request_paths()) + "\n")
+        ceiling_paths = work / "healthz.txt"
+        ceiling_paths.write_text("/healthz\n")
 
         def start_engine(port: int, *extra: str) -> subprocess.Popen[bytes]:
             return subprocess.Popen([str(BUILD / "adpop-engine"), "--listen", f"127.0.0.1:{port}",
@@ -221,7 +236,9 @@ def main() -> None:
                                lambda: metric(base, "adpop_idle_poll_seconds_total"))
 
             rounds = [(measure(nginx_url, paths, nginx_pids, args.seconds, args.connections),
-                       engine_round(engine_base, engine), engine_round(spooled_base, spooled))
+                       engine_round(engine_base, engine), engine_round(spooled_base, spooled),
+                       measure(engine_base + "/healthz", ceiling_paths, [engine.pid],
+                               args.seconds, args.connections))
                       for _ in range(args.rounds)]
             decided = metric(engine_base, DECIDED) - decided_before
             fill = 1 - (metric(engine_base, "adpop_no_fill_total") - no_fill_before) / decided
@@ -257,8 +274,9 @@ def main() -> None:
           f"engine --idle-poll-us {IDLE_POLL_US}; {REQUESTS_SCRIPT.name}: 256 different "
           f"requests in turn, {fill:.0%} filled, ads with signed tracking URLs: "
           f"{'imp' in filled[0] and 'click' in filled[0]}")
-    print("rounds (requests/s, nginx / engine / engine with spool): " + ", ".join(
-        f"{n[0]:.0f} / {e[0]:.0f} / {sp[0]:.0f}" for n, e, sp in rounds))
+    print("rounds (requests/s, nginx / engine / engine with spool / engine /healthz): "
+          + ", ".join(f"{n[0]:.0f} / {e[0]:.0f} / {sp[0]:.0f} / {c[0]:.0f}"
+                      for n, e, sp, c in rounds))
     print(f"{'':24} {'requests/s':>12} {'CPU us/request':>15}")
     print(f"{'nginx fixed 200':24} {n_rps:>12.0f} {n_cpu:>15.2f}")
     print(f"{'engine GET /v1/decide':24} {e_rps:>12.0f} {e_cpu:>15.2f}   "
@@ -268,14 +286,21 @@ def main() -> None:
           f"written to disk)")
     # Each round measures the three back to back, so a round's own ratio shares its
     # conditions; the median of those is the steadier figure on a noisy machine.
-    paired = sorted(e[0] / n[0] for n, e, _ in rounds)[len(rounds) // 2]
-    paired_spool = sorted(sp[0] / n[0] for n, _, sp in rounds)[len(rounds) // 2]
+    paired = sorted(e[0] / n[0] for n, e, _, _ in rounds)[len(rounds) // 2]
+    paired_spool = sorted(sp[0] / n[0] for n, _, sp, _ in rounds)[len(rounds) // 2]
+    ceiling = sorted(c[0] / n[0] for n, _, _, c in rounds)[len(rounds) // 2]
     print(f"ratio engine/nginx: {e_rps / n_rps:.3f} of the medians, {paired:.3f} median of the "
           f"rounds' own   (goal >= 1.0); with the event spool: {s_rps / n_rps:.3f}, "
           f"{paired_spool:.3f}")
+    print(f"ceiling: engine GET /healthz (no work) / nginx {ceiling:.3f} median of the rounds' "
+          f"own; engine /v1/decide / its /healthz "
+          f"{sorted(e[0] / c[0] for _, e, _, c in rounds)[len(rounds) // 2]:.3f}")
     print(f"open loop at {half:.0f} req/s (half the engine's maximum), {args.rounds} alternating "
           f"rounds of {open_seconds} s, p99 engine / nginx: " + ", ".join(
               f"{e['p99_us']:.0f} / {n['p99_us']:.0f} us" for e, n in latency_rounds))
+    print("  load generator's own loss per round, engine / nginx runs (p99 of its send delay, "
+          "its stalls): " + ", ".join(f"{client_loss(e)} / {client_loss(n)}"
+                                      for e, n in latency_rounds))
     for name, side in (("engine", 0), ("nginx fixed 200", 1)):
         runs = sorted((r[side] for r in latency_rounds), key=lambda run: run["p99_us"])
         run = runs[len(runs) // 2]

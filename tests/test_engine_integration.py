@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import random
+import signal
 import socket
 import subprocess
 import threading
@@ -420,13 +421,10 @@ def test_bad_flags_exit_2_with_one_line(args: list[str]) -> None:
     assert result.stderr.startswith("adpop-engine: ")
 
 
-def test_idle_polling_serves_and_stops_when_idle(tmp_path: Path, engine_set: CampaignSet,
-                                                signing_key: SigningKey) -> None:
+def test_idle_polling_only_while_the_shard_is_busy(tmp_path: Path, engine_set: CampaignSet,
+                                                   signing_key: SigningKey) -> None:
     def polled(eng: RunningEngine) -> float:
-        for line in eng.get("/metrics")[1].decode().splitlines():
-            if line.startswith("adpop_idle_poll_seconds_total "):
-                return float(line.split()[1])
-        raise AssertionError("no adpop_idle_poll_seconds_total in /metrics")
+        return metric_value(eng, "adpop_idle_poll_seconds_total")
 
     started = time.monotonic()
     with running_engine(tmp_path, engine_set, signing_key, ["--idle-poll-us", "2000"],
@@ -434,14 +432,44 @@ def test_idle_polling_serves_and_stops_when_idle(tmp_path: Path, engine_set: Cam
         # Idle polling is time spent by this process: it can never exceed the process's life
         # (the first batch once counted the whole uptime of the machine).
         assert polled(eng) <= time.monotonic() - started
-        for i in range(50):
+        # Light traffic: the shard waits through nearly all of every 100 ms, so it sleeps
+        # after each request instead of polling 2 ms (0.2 s for these 100 requests).
+        time.sleep(0.3)
+        light = polled(eng)
+        for i in range(100):
             code, body = eng.post("/v1/decide", {"id": f"p{i}", "placements": [{"id": "home-top"}]})
             assert code == 200 and body["id"] == f"p{i}"
-        after_traffic = polled(eng)
-        assert after_traffic > 0  # the shard polled between requests instead of sleeping
-        time.sleep(0.5)
-        # Idle, it sleeps again: only the 2 ms after the last /metrics request are polled.
-        assert polled(eng) - after_traffic < 0.1
+            time.sleep(0.01)
+        assert polled(eng) - light < 0.05
+        assert metric_value(eng, "adpop_shards_polling") == 0
+        # Busy: pipelined requests sent for 0.6 s keep the shard working without a wait, so
+        # it polls, and after the last of them it polls its 2 ms before it sleeps.
+        busy = polled(eng)
+        batch = (b"GET /v1/decide?id=busy&placement=home-top&country=US&device=desktop"
+                 b"&time=1770000000 HTTP/1.1\r\n\r\n") * 10_000
+        sent = [0]
+
+        def send_for(sock: socket.socket, seconds: float) -> None:
+            until = time.monotonic() + seconds
+            while time.monotonic() < until:
+                sock.sendall(batch)
+                sent[0] += 10_000
+
+        with socket.create_connection(("127.0.0.1", eng.port), timeout=30) as sock:
+            sender = threading.Thread(target=send_for, args=(sock, 0.6))
+            sender.start()
+            answered = 0
+            tail = b""
+            while sender.is_alive() or answered < sent[0]:
+                chunk = sock.recv(1 << 20)
+                assert chunk, f"connection closed after {answered} answers"
+                answered += (tail + chunk).count(b"HTTP/1.1 200 ")
+                tail = chunk[-12:]  # shorter than the mark, so no answer is counted twice
+            sender.join()
+            assert answered == sent[0]
+        time.sleep(0.3)
+        assert polled(eng) - busy > 0
+        assert metric_value(eng, "adpop_shards_polling") == 0  # idle again, it sleeps at once
 
 
 def test_missing_snapshot_is_one_line(tmp_path: Path) -> None:
@@ -514,6 +542,26 @@ def test_loadgen_sends_every_path_of_its_request_file(engine: RunningEngine,
     assert (report["sent"], report["ok"], report["errors"]) == (200, 200, 0)
     assert metric_value(engine, 'adpop_requests_total{route="decide_get"}') - before == 100
     assert metric_value(engine, 'adpop_requests_total{route="healthz"}') - healthz_before == 100
+
+
+def test_loadgen_reports_its_own_stalls(engine: RunningEngine, tmp_path: Path) -> None:
+    # The latency run's tail can come from the client itself: a load generator stopped for
+    # half a second must say so (the requests scheduled meanwhile leave late), or a stalled
+    # client would pass for a slow server.
+    paths = tmp_path / "requests.txt"
+    paths.write_text("/healthz\n")
+    proc = subprocess.Popen([str(LOADGEN), "127.0.0.1", str(engine.port), f"@{paths}", "1000",
+                             "2", "4"], stdout=subprocess.PIPE, text=True)
+    time.sleep(0.6)
+    proc.send_signal(signal.SIGSTOP)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGCONT)
+    out, _ = proc.communicate(timeout=30)
+    report = json.loads(out)
+    assert (report["sent"], report["errors"]) == (2000, 0)
+    assert report["client_stalls"] >= 1
+    assert report["client_stalled_ms"] >= 400
+    assert report["send_late_p99_us"] >= 100_000
 
 
 def test_loadgen_refuses_an_empty_request_file(tmp_path: Path) -> None:

@@ -8,7 +8,11 @@
 // usage: adpop-loadgen HOST PORT PATH RATE SECONDS CONNECTIONS
 // PATH is one request path, or @FILE: one path per line, sent in turn (the request mix the
 // throughput rounds use, so "half the maximum" means half of the same work).
-// prints one JSON line: sent, ok, errors, achieved rps, p50/p99/p99.9 in microseconds.
+// prints one JSON line: sent, ok, errors, achieved rps, p50/p99/p99.9 in microseconds, and
+// what this process itself lost: p99 of the time a request waited past its scheduled time
+// before it was sent (send_late_p99_us), and the main loop's stalls (client_stalls: passes
+// that took over 250 us beyond the wait they asked for, client_stalled_ms in all). A
+// stall of the client's CPU delays every request scheduled in it, whatever the server.
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -121,8 +125,13 @@ int main(int argc, char** argv) {
   const std::int64_t total = static_cast<std::int64_t>(rate * seconds);
   std::int64_t next_index = 0;
   std::deque<std::int64_t> backlog;  // scheduled times waiting for a free connection
-  std::vector<std::int64_t> latencies;
+  std::vector<std::int64_t> latencies, send_late;
   latencies.reserve(static_cast<std::size_t>(total));
+  send_late.reserve(static_cast<std::size_t>(total));
+  // A pass of the loop is a few sends and receives (tens of microseconds); one that takes far
+  // longer than its epoll wait asked for means this thread was not running.
+  constexpr std::int64_t kStallNs = 250'000;
+  std::int64_t stalls = 0, stalled_ns = 0, pass_start = now_ns(), asked_ns = 0;
   std::int64_t ok = 0, errors = 0, sent = 0;
   std::vector<std::size_t> idle;
   for (std::size_t i = 0; i < conns.size(); ++i) idle.push_back(i);
@@ -132,6 +141,11 @@ int main(int argc, char** argv) {
           std::any_of(conns.begin(), conns.end(), [](const Conn& c) { return c.busy; })) &&
          now_ns() < hard_stop) {
     const std::int64_t t = now_ns();
+    if (t - pass_start - asked_ns > kStallNs) {
+      ++stalls;
+      stalled_ns += t - pass_start - asked_ns;
+    }
+    pass_start = t;
     while (next_index < total && start + next_index * interval <= t)
       backlog.push_back(start + interval * next_index++);
     while (!backlog.empty() && !idle.empty()) {
@@ -140,6 +154,7 @@ int main(int argc, char** argv) {
       c.busy = true;
       c.scheduled = backlog.front();
       backlog.pop_front();
+      send_late.push_back(now_ns() - c.scheduled);
       const std::string& request = requests[static_cast<std::size_t>(sent++) % requests.size()];
       if (send(c.fd, request.data(), request.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(request.size())) {
         ++errors;
@@ -148,6 +163,7 @@ int main(int argc, char** argv) {
     }
     std::int64_t wait_ns = next_index < total ? start + next_index * interval - now_ns() : 1'000'000;
     int timeout_ms = wait_ns > 1'000'000 ? static_cast<int>(wait_ns / 1'000'000) : 0;
+    asked_ns = std::int64_t{timeout_ms} * 1'000'000;
     int n = epoll_wait(ep, events, 256, timeout_ms);
     for (int i = 0; i < n; ++i) {
       std::size_t idx = events[i].data.u64;
@@ -189,16 +205,19 @@ int main(int argc, char** argv) {
     }
   }
   std::sort(latencies.begin(), latencies.end());
-  auto q = [&](double p) -> double {
-    if (latencies.empty()) return 0;
-    std::size_t i = static_cast<std::size_t>(p * static_cast<double>(latencies.size() - 1));
-    return static_cast<double>(latencies[i]) / 1000.0;
+  std::sort(send_late.begin(), send_late.end());
+  auto q = [](const std::vector<std::int64_t>& sorted, double p) -> double {
+    if (sorted.empty()) return 0;
+    std::size_t i = static_cast<std::size_t>(p * static_cast<double>(sorted.size() - 1));
+    return static_cast<double>(sorted[i]) / 1000.0;
   };
   const double elapsed = static_cast<double>(now_ns() - start) / 1e9;
   std::printf(
       "{\"sent\":%lld,\"ok\":%lld,\"errors\":%lld,\"achieved_rps\":%.1f,\"p50_us\":%.1f,"
-      "\"p99_us\":%.1f,\"p999_us\":%.1f}\n",
+      "\"p99_us\":%.1f,\"p999_us\":%.1f,\"send_late_p99_us\":%.1f,\"client_stalls\":%lld,"
+      "\"client_stalled_ms\":%.1f}\n",
       static_cast<long long>(next_index), static_cast<long long>(ok), static_cast<long long>(errors),
-      static_cast<double>(ok) / elapsed, q(0.5), q(0.99), q(0.999));
+      static_cast<double>(ok) / elapsed, q(latencies, 0.5), q(latencies, 0.99), q(latencies, 0.999),
+      q(send_late, 0.99), static_cast<long long>(stalls), static_cast<double>(stalled_ns) / 1e6);
   return 0;
 }

@@ -33,7 +33,9 @@ SO_REUSEPORT listener and epoll loop.
   --cpus LIST              CPUs to pin shards to, e.g. 2,3 or 2-5 (default: unpinned)
   --idle-poll-us N         after its last event a shard polls this long before it sleeps:
                            a client's packet then finds it awake, with no wakeup to pay
-                           on either side; costs that CPU while idle (default 0: sleep)
+                           on either side; costs that CPU while idle (default 0: sleep).
+                           Only a busy shard polls: one that waited for over a quarter
+                           of the last 100 ms sleeps at once (adpop_shards_polling)
   --hugepages              back the snapshot with huge pages when the host has them
   --max-connections N      open client connections, whole process (default 10000)
   --idle-timeout MS        close keep-alive connections idle this long (default 30000)

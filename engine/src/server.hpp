@@ -131,6 +131,7 @@ struct alignas(64) ShardStats {
   Counter connections_open;  // gauge (owner writes absolute values)
   Counter connections_total;
   Counter idle_poll_ns;  // time spent polling with nothing to do (--idle-poll-us)
+  Counter polling;       // gauge: 1 while the shard is busy enough to poll (see Shard::run)
   LatencyHistogram latency;
   std::atomic<std::uint64_t> seen_generation{0};
 };
@@ -228,7 +229,7 @@ class Engine {
     std::uint64_t hist[LatencyHistogram::kBuckets] = {};
     std::uint64_t requests = 0, no_fill = 0, connections = 0, connections_total = 0;
     std::uint64_t impressions = 0, duplicates = 0, clicks = 0, caps_rejected = 0;
-    std::uint64_t records = 0, write_errors = 0, dropped = 0, closed = 0, idle_poll_ns = 0;
+    std::uint64_t records = 0, write_errors = 0, dropped = 0, closed = 0, idle_poll_ns = 0, polling = 0;
   };
   Totals collect() const;
   void admin_loop();
