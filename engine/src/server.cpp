@@ -268,9 +268,9 @@ void Shard::run() {
   const std::int64_t idle_poll_ns = std::int64_t{engine_.options().idle_poll_us} * 1000;
   // Polling pays on a busy shard only: there it saves the wakeup every new packet would cost
   // both sides. A shard idle for much of its time has the CPU to pay for wakeups, and
-  // polling would keep that CPU from ever halting (on a virtual machine the host then
-  // preempts it for milliseconds, which is the tail latency). So a shard polls only while it
-  // waited for under a quarter of the last tick.
+  // polling would keep that CPU from ever halting: wasted on a shared core, and on a virtual
+  // machine a vCPU that never halts is the one its host preempts for milliseconds. So a
+  // shard polls only while it waited for under a quarter of the last tick.
   bool polling = idle_poll_ns > 0;
   stats_.polling.value.store(polling ? 1 : 0, std::memory_order_relaxed);
   std::int64_t waited_in_tick = 0;
