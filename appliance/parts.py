@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance import config as cfg
+from appliance.snapshot import CURRENT_LINK
 
 # Where adpop-engine.service (RuntimeDirectory=adpop-engine) puts its admin socket.
 APPLIANCE_ENGINE_SOCKET = "/run/adpop-engine/admin.sock"
@@ -30,7 +31,7 @@ def engine_argv(appliance: Any) -> list[str]:
     makes a missing token key (32 random bytes, mode 0600) and spool folder itself."""
     e = appliance.engine
     argv = [e.binary, "--listen", e.listen, "--admin", str(engine_socket(appliance)),
-            "--snapshot", str(state_path(appliance, "current")), "--shards", str(e.shards),
+            "--snapshot", str(state_path(appliance, CURRENT_LINK)), "--shards", str(e.shards),
             "--spool", str(state_path(appliance, e.spool)),
             "--token-key", str(state_path(appliance, e.token_key)),
             "--idle-poll-us", str(e.idle_poll_us)]

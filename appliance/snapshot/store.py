@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.errors import AdpopError
+from appliance.snapshot import CURRENT_LINK
 from appliance.snapshot.manifest import MANIFEST_NAME, PAYLOAD_NAME, Manifest
 
 _TMP_PREFIX = ".tmp-"
@@ -66,7 +67,7 @@ class SnapshotStore:
         self.root = root
         self.keep = keep
         self.snapshots = root / "snapshots"
-        self.current_link = root / "current"
+        self.current_link = root / CURRENT_LINK
         self.high_water_path = root / "high-water"
         try:
             self.snapshots.mkdir(parents=True, exist_ok=True)
