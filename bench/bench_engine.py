@@ -37,6 +37,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from statistics import median_high
 
 from appliance.snapshot import bundle, synth
 from appliance.snapshot.manifest import generate_key, load_signing_key
@@ -286,15 +287,15 @@ def main() -> None:
           f"written to disk)")
     # Each round measures the three back to back, so a round's own ratio shares its
     # conditions; the median of those is the steadier figure on a noisy machine.
-    paired = sorted(e[0] / n[0] for n, e, _, _ in rounds)[len(rounds) // 2]
-    paired_spool = sorted(sp[0] / n[0] for n, _, sp, _ in rounds)[len(rounds) // 2]
-    ceiling = sorted(c[0] / n[0] for n, _, _, c in rounds)[len(rounds) // 2]
+    paired = median_high(e[0] / n[0] for n, e, _, _ in rounds)
+    paired_spool = median_high(sp[0] / n[0] for n, _, sp, _ in rounds)
+    ceiling = median_high(c[0] / n[0] for n, _, _, c in rounds)
     print(f"ratio engine/nginx: {e_rps / n_rps:.3f} of the medians, {paired:.3f} median of the "
           f"rounds' own   (goal >= 1.0); with the event spool: {s_rps / n_rps:.3f}, "
           f"{paired_spool:.3f}")
     print(f"ceiling: engine GET /healthz (no work) / nginx {ceiling:.3f} median of the rounds' "
           f"own; engine /v1/decide / its /healthz "
-          f"{sorted(e[0] / c[0] for _, e, _, c in rounds)[len(rounds) // 2]:.3f}")
+          f"{median_high(e[0] / c[0] for _, e, _, c in rounds):.3f}")
     print(f"open loop at {half:.0f} req/s (half the engine's maximum), {args.rounds} alternating "
           f"rounds of {open_seconds} s, p99 engine / nginx: " + ", ".join(
               f"{e['p99_us']:.0f} / {n['p99_us']:.0f} us" for e, n in latency_rounds))
