@@ -584,8 +584,19 @@ def _xdp_nics(args: argparse.Namespace, appliance: Any) -> list[str]:
 
 def cmd_xdp_attach(args: argparse.Namespace) -> int:
     appliance, flt = _xdp(args)
-    for nic, mode in flt.attach(_xdp_nics(args, appliance), args.netns or "").items():
+    attached = flt.attach(_xdp_nics(args, appliance), args.netns or "")
+    if flt.mounted:
+        print(flt.mounted)
+    for nic, mode in attached.items():
         print(f"{nic}: attached ({mode} mode)")
+    return 0
+
+
+def cmd_xdp_mount(args: argparse.Namespace) -> int:
+    from appliance.xdp import libbpf
+
+    _, flt = _xdp(args)
+    print(libbpf.ensure_bpffs(flt.pin_dir) or f"{flt.pin_dir} is on a BPF file system")
     return 0
 
 
@@ -906,6 +917,8 @@ def build_parser() -> argparse.ArgumentParser:
             ("attach", "load the filter (maps kept) and attach it, native else generic",
              cmd_xdp_attach),
             ("detach", "detach the filter; the pinned maps stay", cmd_xdp_detach),
+            ("mount", "mount bpffs at /sys/fs/bpf when nothing has (attach does it too)",
+             cmd_xdp_mount),
             ("block", "add CIDRs to the blocklist", cmd_xdp_block),
             ("unblock", "remove CIDRs from the blocklist", cmd_xdp_block),
             ("load-blocklist", "add every CIDR of a file (one per line)",

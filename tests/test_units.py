@@ -153,6 +153,12 @@ def test_units_agree_with_the_configuration() -> None:
     assert supervisor["Service"]["Group"] == engine["Service"]["Group"]
     assert supervisor["Service"]["Type"] == "notify" and supervisor["Service"]["WatchdogSec"]
     assert supervisor["Service"]["Restart"] == "always"
+    # Descriptors have an explicit ceiling; bpffs is mounted by the unit, not by luck:
+    # outside the sandbox ("+"), so the mount is the host's and ExecStart's namespace has it.
+    assert int(supervisor["Service"]["LimitNOFILE"]) >= 4096
+    xdp = unit_config("adpop-xdp.service")
+    assert xdp["Service"]["ExecStartPre"] == \
+        "+/usr/lib/adpop/venv/bin/adpop xdp mount --config /etc/adpop/appliance.toml"
 
 
 def test_sysusers_and_tmpfiles_apply_to_a_root(tmp_path: Path) -> None:

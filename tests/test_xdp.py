@@ -409,3 +409,100 @@ def test_load_blocklist_file(tmp_path: Path, loaded: Loaded) -> None:
     assert result.returncode == 2 and f"{bad}:2: '198.18.8.0/33' is not a valid CIDR" in \
         result.stderr
     assert loaded.filter.blocked() == {"ipv4": 2001, "ipv6": 2}, "nothing of a bad file loaded"
+
+
+def bpf_mounts() -> list[str]:
+    return [line for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if " - bpf " in line]
+
+
+def test_commands_mount_bpffs_when_nothing_has(tmp_path: Path, namespace: Namespace) -> None:
+    """A host without systemd as PID 1 mounts no bpffs. In a private mount namespace with
+    /sys/fs/bpf unmounted (the host's own mounts untouched), attach mounts it, says so, and
+    every command after it works."""
+    config = write_config(tmp_path / "appliance.toml", Path("/sys/fs/bpf/adpop-nomount"),
+                          f'nics = ["{namespace.inner}"]\n')
+    host_before = bpf_mounts()
+    cli = f'"{sys.executable}" -m appliance.cli xdp'
+    script = f"""
+set -e
+while mountpoint -q /sys/fs/bpf; do umount -l /sys/fs/bpf; done
+if grep -q ' - bpf ' /proc/self/mountinfo; then echo "bpffs still mounted"; exit 9; fi
+echo "== status"; {cli} status --config {config} || true
+echo "== attach"; {cli} attach --netns {namespace.name} --config {config}
+grep ' /sys/fs/bpf .* - bpf ' /proc/self/mountinfo > /dev/null
+echo "== link"; ip netns exec {namespace.name} ip link show {namespace.inner}
+echo "== block"; {cli} block {OTHER}/32 --config {config}
+echo "== status"; {cli} status --json --config {config}
+echo "== detach"; {cli} detach --netns {namespace.name} --config {config}
+umount /sys/fs/bpf
+echo "== mount"; {cli} mount --config {config}; {cli} mount --config {config}
+"""
+    result = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c",
+                             script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    sections = dict(part.split("\n", 1) for part in result.stdout.split("== ")[1:])
+    assert "not loaded" in result.stdout.split("== attach")[0]
+    assert "mounted the BPF file system at /sys/fs/bpf (nothing had mounted it)" in \
+        sections["attach"]
+    assert f"{namespace.inner}: attached" in sections["attach"]
+    assert "xdp" in sections["link"], "the program is on the NIC"
+    assert "blocked 1 CIDRs" in sections["block"]
+    assert '"ipv4": 1' in result.stdout.split("== status")[2]
+    assert sections["mount"].splitlines() == [
+        "mounted the BPF file system at /sys/fs/bpf (nothing had mounted it)",
+        "/sys/fs/bpf/adpop-nomount is on a BPF file system"], "the unit's ExecStartPre"
+    assert bpf_mounts() == host_before, "the host's mounts are untouched"
+
+
+def test_control_api_soak_keeps_descriptors_and_memory_flat(
+        tmp_path: Path, pin_dir: Path, namespace: Namespace) -> None:
+    """Every read route of the control API, 3,000 rounds, with the filter attached: the
+    supervisor's open descriptors may not grow by more than 8 and its RSS by more than
+    24 MiB between round 200 and round 3,000 (each /v1/xdp leaked two descriptors before)."""
+    from appliance.supervisor.client import ControlError, call
+    from tests.test_supervisor_notify import make_pop, start, stop
+
+    pop = make_pop(tmp_path, ready_timeout="5m")
+    drop_in = pop.pop_toml.with_name("appliance.d") / "60-xdp.toml"
+    drop_in.write_text(f'[xdp]\npin_dir = "{pin_dir}"\nnics = ["{namespace.inner}"]\n'
+                       'allow_tcp_ports = ["8080"]\n')
+    attached = adpop("xdp", "attach", "--netns", namespace.name, "--config", str(pop.pop_toml))
+    assert attached.returncode == 0, attached.stderr
+    origin = start(["origin", "serve", "--config", str(pop.origin_toml)], tmp_path / "o.log")
+    supervisor = start(["supervisor", "--config", str(pop.pop_toml)], tmp_path / "sup.log")
+    control = str(pop.state / "pop" / "control.sock")
+    routes = ["/v1/status", "/v1/snapshots", "/v1/snapshots/diff?version=1", "/v1/tuning",
+              "/v1/xdp", "/v1/cache", "/v1/events", "/v1/logs?lines=50"]
+
+    def usage() -> tuple[int, int]:
+        fds = len(os.listdir(f"/proc/{supervisor.pid}/fd"))
+        rss = next(int(line.split()[1]) for line in
+                   Path(f"/proc/{supervisor.pid}/status").read_text().splitlines()
+                   if line.startswith("VmRSS:"))
+        return fds, rss * 1024
+
+    def serving() -> bool:
+        try:
+            return bool(call(control, "GET", "/v1/status")["snapshot"]["version"] == 1)
+        except ControlError:  # not listening yet
+            return False
+
+    try:
+        wait_until("the PoP serving v1", serving, timeout=90)
+        baseline = (0, 0)
+        for round_number in range(3000):
+            for route in routes:
+                answer = call(control, "GET", route)
+                assert "error" not in answer, (route, answer)
+            if round_number == 199:
+                baseline = usage()
+        assert call(control, "GET", "/v1/xdp")["loaded"] is True
+        fds, rss = usage()
+    finally:
+        stop(supervisor)
+        stop(origin)
+        adpop("xdp", "detach", "--netns", namespace.name, "--config", str(pop.pop_toml))
+    assert fds - baseline[0] <= 8, f"descriptors {baseline[0]} -> {fds}"
+    assert rss - baseline[1] <= 24 << 20, f"RSS {baseline[1] >> 20} -> {rss >> 20} MiB"

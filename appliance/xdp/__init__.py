@@ -15,7 +15,7 @@ import ctypes
 import ipaddress
 import json
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,11 +105,13 @@ class Filter:
         self.pin_dir = Path(self.x.pin_dir)
         # bpffs holds only BPF objects: where the filter is attached is noted in /run.
         self.state_file = STATE_DIR / f"{self.pin_dir.name}.json"
+        self.mounted = ""  # what loading did to make bpffs exist, for the caller to report
 
     # --- maps ---------------------------------------------------------------------------
 
-    def fd(self, name: str) -> int:
-        return libbpf.obj_get(str(self.pin_dir / name))
+    def opened(self, name: str) -> contextlib.AbstractContextManager[int]:
+        """A pinned map's descriptor, closed when the `with` ends."""
+        return libbpf.pinned_object(str(self.pin_dir / name))
 
     def pinned(self) -> bool:
         return all((self.pin_dir / name).exists() for name in layout.MAPS)
@@ -123,8 +125,9 @@ class Filter:
 
     def write_settings(self, settings: Settings) -> None:
         """Rate, burst, flags and the port allowlist, live: the program reads them per packet."""
-        libbpf.update(self.fd(layout.MAP_CONFIG), (0).to_bytes(4, "little"),
-                      layout.CONFIG.pack(settings.cost_ns, settings.burst_ns, settings.flags))
+        with self.opened(layout.MAP_CONFIG) as fd:
+            libbpf.update(fd, (0).to_bytes(4, "little"),
+                          layout.CONFIG.pack(settings.cost_ns, settings.burst_ns, settings.flags))
         # The whole allowlist in one batch: 65536 single updates took seconds at boot under
         # emulation (and a live settings change left a half-written list meanwhile).
         bits = bytearray(PORTS)
@@ -133,13 +136,15 @@ class Filter:
         for port in settings.udp:
             bits[port] |= layout.PORT_UDP
         keys = array.array("I", range(PORTS)).tobytes()  # u32 0..65535, host byte order
-        libbpf.update_batch(self.fd(layout.MAP_PORTS), keys, bytes(bits), PORTS)
+        with self.opened(layout.MAP_PORTS) as fd:
+            libbpf.update_batch(fd, keys, bytes(bits), PORTS)
 
     # --- attach and detach --------------------------------------------------------------
 
     def _load(self) -> tuple[int, int]:
         """Loads the program with its maps pinned (reused when already pinned); returns the
         bpf_object pointer and the program's fd."""
+        self.mounted = libbpf.ensure_bpffs(self.pin_dir)
         self.pin_dir.mkdir(parents=True, exist_ok=True)
         lib = libbpf.LIB
         obj = lib.bpf_object__open_file(str(self.object_path()).encode(), None)
@@ -240,36 +245,44 @@ class Filter:
 
     # --- blocklist ----------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _blocklists(self) -> Iterator[dict[str, int]]:
+        with self.opened(layout.MAP_BLOCK4) as v4, self.opened(layout.MAP_BLOCK6) as v6:
+            yield {layout.MAP_BLOCK4: v4, layout.MAP_BLOCK6: v6}
+
     def block(self, nets: Iterable[Network]) -> int:
-        fds = {name: self.fd(name) for name in (layout.MAP_BLOCK4, layout.MAP_BLOCK6)}
         count = 0
-        for net in nets:
-            name, key = lpm_key(net)
-            try:
-                libbpf.update(fds[name], key, b"\x01")
-            except libbpf.BpfError as exc:
-                raise XdpError(f"blocklist full after {count} new entries ({exc.message})",
-                               hint=f"the filter holds {layout.BLOCK_MAX} per family") from exc
-            count += 1
+        with self._blocklists() as fds:
+            for net in nets:
+                name, key = lpm_key(net)
+                try:
+                    libbpf.update(fds[name], key, b"\x01")
+                except libbpf.BpfError as exc:
+                    raise XdpError(f"blocklist full after {count} new entries ({exc.message})",
+                                   hint=f"the filter holds {layout.BLOCK_MAX} per family") \
+                        from exc
+                count += 1
         return count
 
     def unblock(self, nets: Iterable[Network]) -> int:
-        fds = {name: self.fd(name) for name in (layout.MAP_BLOCK4, layout.MAP_BLOCK6)}
-        return sum(libbpf.delete(fds[name], key) for name, key in map(lpm_key, nets))
+        with self._blocklists() as fds:
+            return sum(libbpf.delete(fds[name], key) for name, key in map(lpm_key, nets))
 
     def blocked(self) -> dict[str, int]:
-        return {"ipv4": len(libbpf.keys(self.fd(layout.MAP_BLOCK4), layout.LPM4.size)),
-                "ipv6": len(libbpf.keys(self.fd(layout.MAP_BLOCK6), layout.LPM6.size))}
+        with self._blocklists() as fds:
+            return {"ipv4": len(libbpf.keys(fds[layout.MAP_BLOCK4], layout.LPM4.size)),
+                    "ipv6": len(libbpf.keys(fds[layout.MAP_BLOCK6], layout.LPM6.size))}
 
     # --- counters -----------------------------------------------------------------------
 
     def counters(self) -> dict[str, dict[str, int]]:
-        fd = self.fd(layout.MAP_COUNTERS)
         cpus = libbpf.possible_cpus()
         size = layout.COUNTER.size
         out = {}
-        for index, reason in enumerate(layout.REASONS):
-            raw = libbpf.lookup(fd, index.to_bytes(4, "little"), size * cpus) or b""
+        with self.opened(layout.MAP_COUNTERS) as fd:
+            raws = [libbpf.lookup(fd, index.to_bytes(4, "little"), size * cpus) or b""
+                    for index in range(len(layout.REASONS))]
+        for reason, raw in zip(layout.REASONS, raws, strict=True):
             packets = byte_count = 0
             for cpu in range(cpus):
                 p, b = layout.COUNTER.unpack_from(raw, cpu * size)
@@ -278,12 +291,12 @@ class Filter:
         return out
 
     def top(self, limit: int = 10) -> list[dict[str, Any]]:
-        fd = self.fd(layout.MAP_TOP)
         counts: list[tuple[int, str]] = []
-        for key in libbpf.keys(fd, layout.SOURCE.size):
-            value = libbpf.lookup(fd, key, 8)
-            if value is not None:
-                counts.append((int.from_bytes(value, "little"), source_text(key)))
+        with self.opened(layout.MAP_TOP) as fd:
+            for key in libbpf.keys(fd, layout.SOURCE.size):
+                value = libbpf.lookup(fd, key, 8)
+                if value is not None:
+                    counts.append((int.from_bytes(value, "little"), source_text(key)))
         counts.sort(reverse=True)
         return [{"source": source, "drops": drops} for drops, source in counts[:limit]]
 

@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
 import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from appliance.errors import AdpopError
@@ -15,6 +18,9 @@ XDP_FLAGS_UPDATE_IF_NOEXIST = 1
 XDP_FLAGS_SKB_MODE = 2
 XDP_FLAGS_DRV_MODE = 4
 CLONE_NEWNET = 0x40000000
+# Where systemd (and bpftool, when nothing has) mounts the BPF file system.
+BPFFS = Path("/sys/fs/bpf")
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 
 
 class BpfError(AdpopError):
@@ -88,6 +94,51 @@ def obj_get(path: str) -> int:
         raise BpfError(f"open {path}", ctypes.get_errno() or -fd,
                        hint="attach the filter first: `adpop xdp attach`")
     return int(fd)
+
+
+@contextlib.contextmanager
+def pinned_object(path: str) -> Iterator[int]:
+    """A pinned map's descriptor for the duration of a `with`: every read opens one, and a
+    long-lived process (the supervisor's control API) must not keep them."""
+    fd = obj_get(path)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def mount_point(path: Path) -> tuple[Path, str]:
+    """The mount point holding `path` and its file-system type, from /proc/self/mountinfo."""
+    best, fstype = Path("/"), ""
+    resolved = path.resolve()
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        # Fields: id parent major:minor root mount-point options [optional...] - type ...
+        point = Path(fields[4].replace("\\040", " "))
+        kind = fields[fields.index("-") + 1]
+        if (resolved == point or point in resolved.parents) and \
+                len(point.parts) >= len(best.parts):
+            best, fstype = point, kind  # later lines are mounted over earlier ones
+    return best, fstype
+
+
+def ensure_bpffs(pin_dir: Path) -> str:
+    """Makes sure `pin_dir` lies on a BPF file system, mounting one at /sys/fs/bpf when
+    nothing has (a host without systemd as PID 1 mounts none), as bpftool does. Returns
+    what it did ("" when bpffs was already there); raises BpfError when it cannot."""
+    if mount_point(pin_dir)[1] == "bpf":
+        return ""
+    if pin_dir.resolve() != BPFFS and BPFFS not in pin_dir.resolve().parents:
+        raise BpfError(f"{pin_dir} is not on a BPF file system", errno.EINVAL,
+                       hint=f"set xdp.pin_dir to a folder under {BPFFS}")
+    BPFFS.mkdir(parents=True, exist_ok=True)
+    libc = ctypes.CDLL(None, use_errno=True)
+    # mode=700 as systemd mounts it: pinned maps are root's.
+    if libc.mount(b"bpf", str(BPFFS).encode(), b"bpf", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                  b"mode=700") != 0:
+        raise BpfError(f"mount bpffs at {BPFFS}", ctypes.get_errno(),
+                       hint=f"mount it yourself: mount -t bpf bpf {BPFFS}")
+    return f"mounted the BPF file system at {BPFFS} (nothing had mounted it)"
 
 
 def update(fd: int, key: bytes, value: bytes, flags: int = 0) -> None:
