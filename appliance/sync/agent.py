@@ -18,6 +18,7 @@ import mmap
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
@@ -141,19 +142,26 @@ class SyncAgent:
             await fetch_payload(
                 self.session, f"{self.origin}/v1/payload/{manifest.payload_sha256}",
                 manifest.payload_length, partial, deadline)
-            # Checked through a read-only map of the download: no copy of it in memory.
-            with partial.open("rb") as fh, \
-                    mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as payload:
-                verify_payload_bytes(manifest, payload)
-                self._check_payload(manifest, payload, current)
+            # Hashing, walking and fsyncing up to snapshot.max_payload_bytes take seconds:
+            # in a thread, so this loop (which sends WATCHDOG=1) keeps its rounds.
+            await asyncio.to_thread(self._check_and_install, manifest, manifest_bytes,
+                                    partial, current)
         except VerifyError as exc:
             # A slow or unreachable origin keeps the bytes for resume; wrong bytes go.
             if exc.reason not in (Reason.SLOW_RETRIEVAL, Reason.UNREACHABLE):
                 partial.unlink(missing_ok=True)
             raise
+        return manifest
+
+    def _check_and_install(self, manifest: Manifest, manifest_bytes: bytes, partial: Path,
+                           current: int | None) -> None:
+        # Checked through a read-only map of the download: no copy of it in memory.
+        with partial.open("rb") as fh, \
+                mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as payload:
+            verify_payload_bytes(manifest, payload)
+            self._check_payload(manifest, payload, current)
         # The checked download itself moves into the store: no second write of the payload.
         self.store.install(manifest.version, manifest_bytes, partial)
-        return manifest
 
     def _check_payload(self, manifest: Manifest, payload: bytes | mmap.mmap,
                        current: int | None) -> None:
