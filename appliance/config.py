@@ -207,6 +207,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(A, "engine", "spool", Kind.PATH, "engine/spool",
             "Folder of the engine's event spool segments; relative paths are under "
             "paths.state_dir."),
+    Setting(A, "engine", "spool_warn_bytes", Kind.SIZE, 256 * 1024**2,
+            "Closed spool segments past this many bytes make the supervisor report degraded "
+            "(nothing ships them yet, so they only grow).", _at_least(1024**2)),
     Setting(A, "cache", "address", Kind.STR, "127.0.0.1:6379",
             "HOST:PORT of the local cache (Dragonfly or redis-server)."),
     Setting(A, "cache", "memory", Kind.SIZE, 256 * 1024**2,

@@ -9,6 +9,27 @@ from enum import IntEnum
 from pathlib import Path
 
 
+@dataclass(frozen=True)
+class Backlog:
+    """The closed segments waiting in a spool folder."""
+
+    segments: int
+    size: int
+
+
+def backlog(folder: Path) -> Backlog:
+    """Closed segments and their bytes; a segment deleted while counted is skipped."""
+    segments = size = 0
+    if folder.is_dir():
+        for path in folder.glob("*.closed"):
+            try:
+                size += path.stat().st_size
+            except FileNotFoundError:
+                continue
+            segments += 1
+    return Backlog(segments, size)
+
+
 def _table() -> list[int]:
     table = []
     for i in range(256):

@@ -220,3 +220,23 @@ def test_console_on_a_real_supervisor(up: Any) -> None:
         assert "left alone (dev mode)" in text(app, "#tile-tuning")
 
     run(app, scenario)
+
+
+def test_a_spool_backlog_turns_the_engine_tile_red(fake: FakeControl,
+                                                   monkeypatch: Any) -> None:
+    from tests.fake_control import STATUS
+
+    reason = ("events: spool backlog 341 MiB in 90 closed segments passes "
+              "engine.spool_warn_bytes (256 MiB)")
+    monkeypatch.setitem(STATUS, "events", {"ok": False, "reason": reason,
+                                           "backlog_bytes": 341 << 20, "closed_segments": 90})
+    monkeypatch.setitem(STATUS, "summary", f"degraded (v12): {reason}")
+    app = console(fake)
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        tile = app.query_one("#tile-engine", Static)
+        assert tile.has_class("bad") and "spool backlog 341 MiB" in text(app, "#tile-engine")
+        assert "passes engine.spool_warn_bytes" in text(app, "#banner")
+        assert not app.query_one("#tile-cache", Static).has_class("bad")
+
+    run(app, scenario)

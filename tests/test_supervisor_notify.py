@@ -299,3 +299,45 @@ def test_logs_reach_journald_with_structured_fields() -> None:
     assert fields["COMPONENT"] == "control" and fields["SNAPSHOT_VERSION"] == "7"
     assert fields["OPERATOR_UID"] == "1234" and fields["PRIORITY"] == "6"
     assert fields["SYSLOG_IDENTIFIER"] == "adpop-supervisor"
+
+
+def test_a_spool_backlog_is_degraded_but_ready(
+        tmp_path: Path, notify_socket: NotifySocket, monkeypatch: pytest.MonkeyPatch,
+        keydir: Path) -> None:
+    """Closed segments past engine.spool_warn_bytes: degraded with the reason named, in the
+    status, STATUS= and the control API's events, while READY=1 still goes out (it serves)."""
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify_socket.path))
+    config = tmp_path / "appliance.toml"
+    config.write_text(f'[paths]\nstate_dir = "{tmp_path / "state"}"\n'
+                      f'[snapshot]\ntrust = ["{keydir}"]\n'
+                      '[engine]\nspool = "spool"\nspool_warn_bytes = "4MiB"\n')
+    appliance = load(Scope.APPLIANCE, config)
+    store = SnapshotStore(tmp_path / "state", keep=3)
+    folder = tmp_path / "state" / "spool"
+    folder.mkdir(parents=True)
+    (folder / "shard-0-1-1.spool").write_bytes(b"\0" * (8 << 20))  # open: not counted
+
+    async def healthy() -> Health:
+        return Health(True)
+
+    supervisor = Supervisor(appliance, store, components=[Component("part", IdleRunner(),
+                                                                    healthy)])
+    monkeypatch.setattr(supervisor, "missing", list)  # nothing else missing
+    segments = [folder / f"shard-0-1-{number}.closed" for number in (2, 3, 4)]
+    for segment in segments:
+        with open(segment, "wb") as out:
+            out.truncate(2 << 20)  # 6 MiB closed in all
+    asyncio.run(supervisor.health_round())
+    status = supervisor.status()
+    assert status["events"] == {
+        "ok": False, "closed_segments": 3, "backlog_bytes": 6 << 20, "warn_bytes": 4 << 20,
+        "reason": "events: spool backlog 6 MiB in 3 closed segments passes "
+                  "engine.spool_warn_bytes (4 MiB); nothing ships them yet: archive or "
+                  "delete them"}
+    assert status["summary"].startswith("degraded (no snapshot): events: spool backlog 6 MiB")
+    assert status["degraded"] == status["events"]["reason"]
+    ready = notify_socket.wait_for("READY", 5)
+    assert ready["STATUS"] == status["summary"], "READY=1 still sent, degraded named"
+    segments[0].unlink()  # archived by the operator: 4 MiB is not past the warning
+    asyncio.run(supervisor.health_round())
+    assert supervisor.summary == "serving no snapshot" and supervisor.status()["events"]["ok"]

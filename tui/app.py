@@ -323,6 +323,9 @@ class ConsoleApp(App[None]):
 
     def render_overview(self, r: Round) -> None:
         components = r.status.get("components", {})
+        # The spool is the engine's: its backlog past the warning turns the engine tile red
+        # (the banner's summary carries the whole reason).
+        events = r.status.get("events", {})
         for name in ("engine", "cache", "xdp"):
             comp = components.get(name)
             if comp is None:
@@ -333,6 +336,11 @@ class ConsoleApp(App[None]):
                 lines = [f"{comp.get('requests_per_second', 0):,.0f} req/s",
                          f"{comp.get('connections', 0)} connections",
                          comp.get("reason") or ("draining" if comp.get("draining") else "")]
+                if events.get("ok") is False:
+                    lines.append(f"spool backlog {events.get('backlog_bytes', 0) / 2**20:,.0f} "
+                                 "MiB")
+                    self._tile(name, False, lines)
+                    continue
             elif name == "xdp":
                 lines = [", ".join(f"{nic} {mode or 'detached'}" for nic, mode in
                                    (comp.get("attached") or {}).items()) or "no NICs",

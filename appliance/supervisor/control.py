@@ -23,6 +23,7 @@ from typing import Any
 
 from aiohttp import ClientError, web
 
+from appliance import spool
 from appliance.errors import AdpopError
 from appliance.parts import control_socket, state_path
 from appliance.snapshot import diff as snapshot_diff
@@ -166,11 +167,11 @@ class ControlServer:
 
     async def events(self, request: web.Request) -> web.Response:
         s = self.supervisor
-        spool = state_path(s.cfg, s.cfg.engine.spool)
-        files = sorted(spool.glob("*.closed")) if spool.is_dir() else []
+        found = await asyncio.to_thread(spool.backlog, state_path(s.cfg, s.cfg.engine.spool))
         return web.json_response({
             "engine": s.engine_status.get("events", {}), "spool": s.engine_status.get("spool", {}),
-            "closed_segments": len(files), "backlog_bytes": sum(f.stat().st_size for f in files)})
+            "closed_segments": found.segments, "backlog_bytes": found.size,
+            "warn_bytes": s.cfg.engine.spool_warn_bytes})
 
     async def logs(self, request: web.Request) -> web.Response:
         try:

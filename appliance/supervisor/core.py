@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import ClientError
 
-from appliance import cache, cpulist, units
+from appliance import cache, cpulist, spool, units
 from appliance.errors import AdpopError
 from appliance.parts import engine_command, engine_socket, state_path
 from appliance.snapshot.store import SnapshotStore
@@ -75,6 +75,10 @@ class Supervisor:
         self.started = time.monotonic()
         self.ready_sent = False  # READY=1 goes out once, serving or degraded
         self.gaps = ["not checked yet"]  # what the last health round found missing
+        # What the last round found wrong that does not stop serving (degraded, yet ready).
+        self.warnings: list[str] = []
+        self.backlog = spool.Backlog(0, 0)
+        self.events_warning = ""
         self.draining = False
         self.summary = "starting"
         self.engine_status: dict[str, Any] = {}
@@ -154,21 +158,37 @@ class Supervisor:
             gaps.append("no verified snapshot yet" + (f" ({why})" if why else ""))
         return gaps
 
+    def spool_warning(self) -> str:
+        """Closed segments past engine.spool_warn_bytes: nothing ships them yet, and a full
+        disk would stop the engine from recording (so from serving)."""
+        self.backlog = spool.backlog(state_path(self.cfg, self.cfg.engine.spool))
+        limit = self.cfg.engine.spool_warn_bytes
+        if self.backlog.size <= limit:
+            return ""
+        return (f"events: spool backlog {self.backlog.size / 2**20:.0f} MiB in "
+                f"{self.backlog.segments} closed segments passes engine.spool_warn_bytes "
+                f"({limit / 2**20:.0f} MiB); nothing ships them yet: archive or delete them")
+
     async def health_round(self) -> None:
         for component in self.components:
             await component.health()
         active = self.store.current_version()
         self.context.snapshot_version = active or 0
         self.gaps = self.missing()
+        self.events_warning = await asyncio.to_thread(self.spool_warning)
+        self.warnings = [w for w in (self.events_warning,) if w]
         version = f"v{active}" if active is not None else "no snapshot"
         waited = time.monotonic() - self.started
         timed_out = waited >= self.cfg.supervisor.ready_timeout
-        if not self.gaps:
+        if not self.gaps and not self.warnings:
             self.summary = f"serving {version}" + (" (draining)" if self.draining else "")
+        elif not self.gaps:
+            self.summary = f"degraded ({version}): " + "; ".join(self.warnings)
         else:
             state = "degraded" if self.ready_sent or timed_out else "starting"
-            self.summary = f"{state} ({version}): " + "; ".join(self.gaps)
+            self.summary = f"{state} ({version}): " + "; ".join(self.gaps + self.warnings)
         lines = [f"STATUS={self.summary}"]
+        # Warnings never hold READY back: the PoP serves.
         if not self.ready_sent and (not self.gaps or timed_out):
             self.ready_sent = True
             lines.insert(0, "READY=1")
@@ -195,7 +215,8 @@ class Supervisor:
         sync = self.agent.state
         return {
             "ready": not self.gaps, "summary": self.summary,
-            "degraded": "; ".join(self.gaps) if self.ready_sent and self.gaps else None,
+            "degraded": "; ".join((self.gaps if self.ready_sent else []) + self.warnings)
+            or None,
             "pop": self.cfg.pop.id, "mode": self.cfg.supervisor.mode,
             "snapshot": {"version": active, "sha256": sync.sha256 if active else "",
                          "activated": sync.activated},
@@ -203,6 +224,10 @@ class Supervisor:
             "components": {c.name: {"ok": c.last.ok, "reason": c.last.reason, **c.last.details}
                            for c in self.components},
             "tuning": self.tuning_status(),
+            "events": {"ok": not self.events_warning, "reason": self.events_warning,
+                       "closed_segments": self.backlog.segments,
+                       "backlog_bytes": self.backlog.size,
+                       "warn_bytes": self.cfg.engine.spool_warn_bytes},
             "serving_url": f"http://{self.cfg.engine.listen}",
             "uptime_s": round(time.monotonic() - self.started, 1),
         }
