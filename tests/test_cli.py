@@ -76,7 +76,8 @@ def test_build_reports_campaign_problems_in_one_line(tmp_path: Path) -> None:
                    key, "--out", str(tmp_path / "snap"), ok=False)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
-    assert result.stderr.startswith("adpop: error: campaign contoso-savings: ecpm:")
+    assert result.stderr.startswith(f"adpop: error: {camps / 'campaigns.toml'}: campaign "
+                                    "contoso-savings: ecpm:")
     assert not (tmp_path / "snap").exists()
 
 

@@ -104,7 +104,10 @@ CASES: list[tuple[list[dict[str, Any]], dict[str, tuple[str, ...]], bool]] = [
     ([{"country": ["US"]}, {"device": ["ctv"]}], {"device": ("ctv",)}, True),
     ([{"placement": ["p2"]}], {"placement": ("p1",)}, False),
     ([{"hour": ["mon 09-10"]}], {"hour": ("9",)}, True),
-    ([{"hour": ["mon 09-10"]}], {"hour": ("10",)}, False),
+    ([{"hour": ["mon 09-10"]}], {"hour": ("10",)}, True),  # both ends included
+    ([{"hour": ["mon 09-10"]}], {"hour": ("11",)}, False),
+    ([{"hour": ["166-1"]}], {"hour": ("0",)}, True),  # wraps around the week
+    ([{"hour": ["166-1"]}], {"hour": ("2",)}, False),
 ]
 
 

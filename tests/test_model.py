@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,8 @@ def mutate(path: str, value: Any) -> dict[str, Any]:
 def test_validation_names_campaign_and_field(path: str, value: Any, expected: str) -> None:
     with pytest.raises(CampaignError) as info:
         parse(mutate(path, value))
-    assert any(line.startswith(expected) for line in info.value.problems), info.value.problems
+    assert any(line.startswith(f"test.json: {expected}") for line in info.value.problems), \
+        info.value.problems
 
 
 def test_duplicate_ids_are_reported() -> None:
@@ -116,8 +118,10 @@ def test_duplicate_ids_are_reported() -> None:
     doc["campaigns"].append(copy.deepcopy(doc["campaigns"][0]))
     with pytest.raises(CampaignError) as info:
         parse(doc)
-    assert "campaign c1: id: duplicate campaign id; ids must be unique" in info.value.problems
-    assert "ad ad1: id: duplicate ad id; ids must be unique" in info.value.problems
+    assert "test.json: campaign c1: id: duplicate campaign id (also in test.json); ids must " \
+        "be unique" in info.value.problems
+    assert "test.json: ad ad1: id: duplicate ad id (also in test.json); ids must be unique" in \
+        info.value.problems
 
 
 def test_all_problems_are_collected() -> None:
@@ -138,11 +142,20 @@ def test_unreadable_file_is_named(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("spec", "expected"), [
     ([0, 1, 2], ["0", "1", "2"]),
+    # One rule for both forms: both ends are included.
     (["3-5"], ["3", "4", "5"]),
-    (["mon 09-11"], ["9", "10"]),
-    (["sat-sun 22-24"], ["142", "143", "166", "167"]),
-    (["fri-mon 09-10"], None),
+    (["mon 09-11"], ["9", "10", "11"]),
+    (["mon-tue 09-09"], ["9", "33"]),
+    (["sat-sun 22-23"], ["142", "143", "166", "167"]),
+    (["0-167"], [str(h) for h in range(168)]),
+    # A reversed range wraps around the week (or the day, or both).
+    (["166-1"], ["0", "1", "166", "167"]),
+    (["17-9"], [str(h) for h in (*range(0, 10), *range(17, 168))]),
+    (["sun 22-01"], ["0", "1", "166", "167"]),
+    (["fri-mon 09-10"], ["9", "10", "105", "106", "129", "130", "153", "154"]),
+    (["sat-sun 22-24"], None),  # hours of the day are 00-23
     ([168], None),
+    (["0-168"], None),
     (["noon"], None),
 ])
 def test_hours(spec: list[Any], expected: list[str] | None) -> None:
@@ -160,3 +173,53 @@ def test_direct_evaluation_semantics() -> None:
                                                "keyword": ("k1", "k9")}))
     assert not campaign_matches(camp, Request({"country": ("GB",), "segment": ("s1",)}))
     assert campaign_matches(camp, Request({"device": ("ctv",), "keyword": ("k9",)}))
+
+
+@pytest.mark.parametrize(("path", "value", "expected"), [
+    ("campaigns.0.prority", 1, "campaign c1: prority: unknown key; did you mean 'priority'?"),
+    ("campaigns.0.ads.0.wieght", 2,
+     "campaign c1: ads[0].wieght: unknown key; did you mean 'ads[0].weight'?"),
+    ("campaigns.0.frequency_caps.0.scpoe", "advertiser",
+     "campaign c1: frequency_caps[0].scpoe: unknown key; did you mean "
+     "'frequency_caps[0].scope'?"),
+    ("campaigns.0.colour", "red", "campaign c1: colour: unknown key; use one of id, "),
+    ("creatives.0.landing", "https://x/", "creative cr-a: landing: unknown key; did you mean "
+                                          "'landing_url'?"),
+    ("placements.0.size", ["300x250"], "placement side: size: unknown key; did you mean "
+                                       "'sizes'?"),
+    ("advertisers.0.nmae", "A", "advertiser adv-a: nmae: unknown key; did you mean 'name'?"),
+    ("campaigns.0.targeting.0.contry", ["US"],
+     "campaign c1: targeting[0].contry: unknown attribute; did you mean 'country'?"),
+    ("campaigns.0.ads.0.weight", 0, "campaign c1: ads[0].weight: must be a whole number"),
+    ("campaigns.0.ads.0.id", "", "campaign c1: ads[0].id: missing or not an id"),
+])
+def test_unknown_keys_and_ad_fields_are_named(path: str, value: Any, expected: str) -> None:
+    with pytest.raises(CampaignError) as info:
+        parse(mutate(path, value))
+    assert f"test.json: {expected}" in "\n".join(info.value.problems), info.value.problems
+
+
+def test_every_build_error_names_its_file(tmp_path: Path) -> None:
+    """Problems found within a file and across files (a reference, a duplicate) each start
+    with the file that holds the faulty entry."""
+    doc = copy.deepcopy(BASE)
+    campaign = doc.pop("campaigns")[0]
+    (tmp_path / "base.json").write_text(json.dumps(doc))
+    bad = [dict(campaign, id="c2", advertiser="adv-zz"), dict(campaign, ecpm=-1), campaign]
+    (tmp_path / "flights.json").write_text(json.dumps({"campaigns": bad}))
+    (tmp_path / "more.toml").write_text('[[campaigns]]\nid = "c1"\nadvertiser = "adv-a"\n'
+                                        'start = 2026-01-01\nend = 2027-01-01\n'
+                                        'ads = [{ id = "ad9", creative = "cr-a" }]\n')
+    with pytest.raises(CampaignError) as info:
+        load_campaigns(tmp_path)
+    flights, more = tmp_path / "flights.json", tmp_path / "more.toml"
+    assert sorted(info.value.problems) == sorted([
+        f"{flights}: campaign c1: ecpm: must be a price from 0 to 1000 (currency units per "
+        "mille)",
+        f"{more}: campaign c1: id: duplicate campaign id (also in {flights}); ids must be "
+        "unique",
+        f"{flights}: ad ad1: id: duplicate ad id (also in {flights}); ids must be unique",
+        f"{flights}: campaign c2: advertiser: unknown advertiser 'adv-zz'",
+        f"{flights}: campaign c2: ads[0].creative: creative 'cr-a' belongs to another "
+        "advertiser"])
+    assert str(info.value).startswith(str(tmp_path)), "the one line names the file too"

@@ -13,6 +13,7 @@ matches every request.
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import gc
 import json
 import re
@@ -202,9 +203,32 @@ class _Problems:
     def __init__(self) -> None:
         self.lines: list[str] = []
         self.good_values: dict[str, set[Any]] = {a: set() for a in ATTRIBUTES}
+        self.source = ""  # the file being read: every problem names it
 
     def add(self, where: str, field: str, message: str) -> None:
-        self.lines.append(f"{where}: {field}: {message}")
+        self.lines.append(f"{self.source}: {where}: {field}: {message}")
+
+    def unknown_keys(self, raw: Mapping[str, Any], known: Iterable[str], where: str,
+                     prefix: str = "") -> None:
+        """A misspelt key (`prority`) would silently take the default: refuse it."""
+        known = tuple(known)
+        for key in raw:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+                self.add(where, f"{prefix}{key}", "unknown key; " + (
+                    f"did you mean '{prefix}{close[0]}'?" if close
+                    else f"use one of {', '.join(known)}"))
+
+
+# The keys each authored table may hold.
+CAMPAIGN_KEYS = ("id", "advertiser", "name", "start", "end", "priority", "weight", "ecpm",
+                 "budget_total", "budget_daily", "pacing", "frequency_caps", "exclusion_labels",
+                 "targeting", "ads", "paused")
+AD_KEYS = ("id", "creative", "weight")
+CAP_KEYS = ("count", "window", "scope")
+CREATIVE_KEYS = ("id", "advertiser", "name", "type", "size", "body", "url", "landing_url")
+PLACEMENT_KEYS = ("id", "name", "zone", "sizes")
+ADVERTISER_KEYS = ("id", "name")
 
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
@@ -250,12 +274,23 @@ def parse_duration(value: Any) -> int | None:
         return None
 
 
+def _wrapping(first: int, last: int, size: int) -> range:
+    """first..last, both included; a `last` before `first` wraps past size - 1 to 0 (the
+    caller takes each value modulo `size`)."""
+    return range(first, first + (last - first) % size + 1)
+
+
 def parse_hours(values: Iterable[Any]) -> list[str] | None:
-    """Hour-of-week values (0 = Monday 00:00 UTC .. 167) from ints, "a-b" ranges or
-    day specs such as "mon-fri 09-17" (hours 9 to 16 inclusive, end exclusive)."""
+    """Hour-of-week values (0 = Monday 00:00 UTC .. 167) from ints, "a-b" ranges or day specs
+    such as "mon-fri 09-17". One rule for every range: both ends are included (an hour means
+    the whole hour, so "09-17" runs from 09:00 to 17:59), and a range whose end comes before
+    its start wraps around: "166-1" is 166, 167, 0, 1; "fri-mon" is Friday to Monday;
+    "mon 22-02" is Monday 22:00 to Tuesday 02:59. None when a value is not one of these."""
     hours: set[int] = set()
     for value in values:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not 0 <= value < HOURS_PER_WEEK:
+                return None
             hours.add(value)
             continue
         if not isinstance(value, str):
@@ -266,18 +301,20 @@ def parse_hours(values: Iterable[Any]) -> list[str] | None:
         if day and day.group(1) in _DAYS and (day.group(2) or day.group(1)) in _DAYS:
             first, last = _DAYS[day.group(1)], _DAYS[day.group(2) or day.group(1)]
             start, end = int(day.group(3)), int(day.group(4))
-            if last < first or not 0 <= start < end <= 24:
+            if not (0 <= start < 24 and 0 <= end < 24):
                 return None
-            for d in range(first, last + 1):
-                hours.update(range(d * 24 + start, d * 24 + end))
+            for d in _wrapping(first, last, 7):
+                hours.update((d % 7 * 24 + h) % HOURS_PER_WEEK
+                             for h in _wrapping(start, end, 24))
         elif span:
-            hours.update(range(int(span.group(1)), int(span.group(2)) + 1))
-        elif text.isdigit():
+            start, end = int(span.group(1)), int(span.group(2))
+            if not (0 <= start < HOURS_PER_WEEK and 0 <= end < HOURS_PER_WEEK):
+                return None
+            hours.update(h % HOURS_PER_WEEK for h in _wrapping(start, end, HOURS_PER_WEEK))
+        elif text.isdigit() and int(text) < HOURS_PER_WEEK:
             hours.add(int(text))
         else:
             return None
-    if any(not 0 <= h < HOURS_PER_WEEK for h in hours):
-        return None
     return [str(h) for h in sorted(hours)]
 
 
@@ -322,7 +359,10 @@ def _parse_conjunction(raw: Any, where: str, field: str, problems: _Problems) ->
     for attribute, values, negated in items:
         name = f"{field}.{'exclude.' if negated else ''}{attribute}"
         if attribute not in ATTRIBUTES:
-            problems.add(where, name, f"unknown attribute; use one of {', '.join(ATTRIBUTES)}")
+            close = difflib.get_close_matches(str(attribute), ATTRIBUTES, n=1, cutoff=0.6)
+            problems.add(where, name, "unknown attribute; " + (
+                f"did you mean '{close[0]}'?" if close
+                else f"use one of {', '.join(ATTRIBUTES)}"))
             ok = False
             continue
         if not isinstance(values, list) or not values:
@@ -333,7 +373,9 @@ def _parse_conjunction(raw: Any, where: str, field: str, problems: _Problems) ->
             parsed = parse_hours(values)
             if parsed is None:
                 problems.add(where, name,
-                             'hours are 0-167 (Monday 00:00 UTC = 0), "a-b" or "mon-fri 09-17"')
+                             'hours are 0-167 (Monday 00:00 UTC = 0), "a-b" or "mon-fri 09-17" '
+                             "(hours of the day 00-23); both ends are included and a reversed "
+                             "range wraps around")
                 ok = False
                 continue
             clean = set(parsed)
@@ -360,31 +402,34 @@ def _parse_conjunction(raw: Any, where: str, field: str, problems: _Problems) ->
 
 
 def _str(raw: Mapping[str, Any], key: str, where: str, problems: _Problems,
-         default: str | None = None, pattern: re.Pattern[str] | None = None) -> str:
+         default: str | None = None, pattern: re.Pattern[str] | None = None,
+         prefix: str = "") -> str:
+    """`prefix` names the table inside the campaign (`ads[2].`) so the field is exact."""
     value = raw.get(key, default)
     if not isinstance(value, str) or (pattern is not None and not pattern.fullmatch(value)):
         what = "an id of letters, digits, '.', '_', ':' or '-'" if pattern else "a string"
-        problems.add(where, key, f"missing or not {what}")
+        problems.add(where, f"{prefix}{key}", f"missing or not {what}")
         return ""
     return value
 
 
 def _int(raw: Mapping[str, Any], key: str, where: str, problems: _Problems, default: int,
-         low: int, high: int) -> int:
+         low: int, high: int, prefix: str = "") -> int:
     value = raw.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        problems.add(where, key, f"must be a whole number from {low} to {high}")
+        problems.add(where, f"{prefix}{key}", f"must be a whole number from {low} to {high}")
         return default
     return value
 
 
-def _parse_campaign(raw: Any, problems: _Problems, source: str) -> Campaign | None:
+def _parse_campaign(raw: Any, problems: _Problems) -> Campaign | None:
     if not isinstance(raw, dict):
-        problems.add(source, "campaigns", "each campaign must be a table")
+        problems.add("campaigns", "entry", "each campaign must be a table")
         return None
     cid = raw.get("id")
-    where = f"campaign {cid}" if isinstance(cid, str) else f"{source}: campaign without id"
+    where = f"campaign {cid}" if isinstance(cid, str) else "campaign without id"
     before = len(problems.lines)
+    problems.unknown_keys(raw, CAMPAIGN_KEYS, where)
     campaign_id = _str(raw, "id", where, problems, pattern=_ID)
     advertiser = _str(raw, "advertiser", where, problems, pattern=_ID)
     start = parse_time(raw.get("start"))
@@ -420,6 +465,7 @@ def _parse_campaign(raw: Any, problems: _Problems, source: str) -> Campaign | No
         if not isinstance(cap, dict):
             problems.add(where, field, "must be a table {count, window, scope}")
             continue
+        problems.unknown_keys(cap, CAP_KEYS, where, f"{field}.")
         count = cap.get("count")
         window = parse_duration(cap.get("window"))
         try:
@@ -456,10 +502,12 @@ def _parse_campaign(raw: Any, problems: _Problems, source: str) -> Campaign | No
         if not isinstance(ad, dict):
             problems.add(where, f"ads[{i}]", "must be a table {id, creative, weight}")
             continue
+        field = f"ads[{i}]."
+        problems.unknown_keys(ad, AD_KEYS, where, field)
         ads.append(Ad(
-            id=_str(ad, "id", where, problems, pattern=_ID),
-            creative=_str(ad, "creative", where, problems, pattern=_ID),
-            weight=_int(ad, "weight", where, problems, 1, 1, 1_000_000),
+            id=_str(ad, "id", where, problems, pattern=_ID, prefix=field),
+            creative=_str(ad, "creative", where, problems, pattern=_ID, prefix=field),
+            weight=_int(ad, "weight", where, problems, 1, 1, 1_000_000, prefix=field),
         ))
     paused = raw.get("paused", False)
     if not isinstance(paused, bool):
@@ -477,12 +525,13 @@ def _parse_campaign(raw: Any, problems: _Problems, source: str) -> Campaign | No
     )
 
 
-def _parse_creative(raw: Any, problems: _Problems, source: str) -> Creative | None:
+def _parse_creative(raw: Any, problems: _Problems) -> Creative | None:
     if not isinstance(raw, dict):
-        problems.add(source, "creatives", "each creative must be a table")
+        problems.add("creatives", "entry", "each creative must be a table")
         return None
     where = f"creative {raw.get('id')}"
     before = len(problems.lines)
+    problems.unknown_keys(raw, CREATIVE_KEYS, where)
     cid = _str(raw, "id", where, problems, pattern=_ID)
     advertiser = _str(raw, "advertiser", where, problems, pattern=_ID)
     try:
@@ -505,12 +554,13 @@ def _parse_creative(raw: Any, problems: _Problems, source: str) -> Creative | No
     return Creative(cid, advertiser, kind, size, body, url, landing)
 
 
-def _parse_placement(raw: Any, problems: _Problems, source: str) -> Placement | None:
+def _parse_placement(raw: Any, problems: _Problems) -> Placement | None:
     if not isinstance(raw, dict):
-        problems.add(source, "placements", "each placement must be a table")
+        problems.add("placements", "entry", "each placement must be a table")
         return None
     where = f"placement {raw.get('id')}"
     before = len(problems.lines)
+    problems.unknown_keys(raw, PLACEMENT_KEYS, where)
     pid = _str(raw, "id", where, problems, pattern=_ID)
     zone = _str(raw, "zone", where, problems, pattern=_ID)
     raw_sizes = raw.get("sizes")
@@ -588,29 +638,40 @@ def _parse_documents(documents: Sequence[tuple[str, Mapping[str, Any]]]) -> Camp
     creatives: list[Creative] = []
     placements: list[Placement] = []
     campaigns: list[Campaign] = []
+    sources: dict[tuple[str, str], list[str]] = {}  # (kind, id) -> the files defining it
     for source, doc in documents:
+        problems.source = source
         for key in doc:
             if key not in _SECTIONS:
-                problems.add(source, key, f"unknown section; use {', '.join(_SECTIONS)}")
+                close = difflib.get_close_matches(str(key), _SECTIONS, n=1, cutoff=0.6)
+                problems.add("file", key, "unknown section; " + (
+                    f"did you mean '{close[0]}'?" if close else f"use {', '.join(_SECTIONS)}"))
         for raw in doc.get("advertisers", []):
             if isinstance(raw, dict) and isinstance(raw.get("id"), str) \
                     and _ID.fullmatch(raw["id"]):
+                problems.unknown_keys(raw, ADVERTISER_KEYS, f"advertiser {raw['id']}")
                 advertisers.append(Advertiser(raw["id"], str(raw.get("name", raw["id"]))))
+                sources.setdefault(("advertiser", raw["id"]), []).append(source)
             else:
-                problems.add(source, "advertisers", f"entry {raw!r} needs a valid id")
+                problems.add("advertisers", "id", f"entry {raw!r} needs a valid id")
         for raw in doc.get("creatives", []):
-            creative = _parse_creative(raw, problems, source)
+            creative = _parse_creative(raw, problems)
             if creative:
                 creatives.append(creative)
+                sources.setdefault(("creative", creative.id), []).append(source)
         for raw in doc.get("placements", []):
-            placement = _parse_placement(raw, problems, source)
+            placement = _parse_placement(raw, problems)
             if placement:
                 placements.append(placement)
+                sources.setdefault(("placement", placement.id), []).append(source)
         for raw in doc.get("campaigns", []):
-            campaign = _parse_campaign(raw, problems, source)
+            campaign = _parse_campaign(raw, problems)
             if campaign:
                 campaigns.append(campaign)
-    _cross_check(advertisers, creatives, placements, campaigns, problems)
+                sources.setdefault(("campaign", campaign.id), []).append(source)
+                for ad in campaign.ads:
+                    sources.setdefault(("ad", ad.id), []).append(source)
+    _cross_check(advertisers, creatives, placements, campaigns, problems, sources)
     if problems.lines:
         raise CampaignError(problems.lines)
     return CampaignSet(tuple(advertisers), tuple(creatives), tuple(placements), tuple(campaigns))
@@ -628,25 +689,31 @@ def _duplicates(ids: Iterable[str]) -> list[str]:
 
 def _cross_check(advertisers: Sequence[Advertiser], creatives: Sequence[Creative],
                  placements: Sequence[Placement], campaigns: Sequence[Campaign],
-                 problems: _Problems) -> None:
+                 problems: _Problems, sources: Mapping[tuple[str, str], list[str]]) -> None:
     for kind, ids in (("advertiser", [a.id for a in advertisers]),
                       ("creative", [c.id for c in creatives]),
                       ("placement", [p.id for p in placements]),
                       ("campaign", [c.id for c in campaigns]),
                       ("ad", [ad.id for c in campaigns for ad in c.ads])):
         for dup in _duplicates(ids):
-            problems.add(f"{kind} {dup}", "id", f"duplicate {kind} id; ids must be unique")
+            files = sources.get((kind, dup), ["campaign set"])
+            problems.source = files[-1]
+            problems.add(f"{kind} {dup}", "id", f"duplicate {kind} id (also in {files[0]}); "
+                         "ids must be unique")
     if not placements:
+        problems.source = "campaign set"
         problems.add("campaign set", "placements", "no placements defined; add at least one")
     advertiser_ids = {a.id for a in advertisers}
     creative_by_id = {c.id: c for c in creatives}
     placement_ids = {p.id for p in placements}
     for cre in creatives:
+        problems.source = sources.get(("creative", cre.id), ["campaign set"])[0]
         if cre.advertiser not in advertiser_ids:
             problems.add(f"creative {cre.id}", "advertiser",
                          f"unknown advertiser {cre.advertiser!r}")
     for campaign in campaigns:
         where = f"campaign {campaign.id}"
+        problems.source = sources.get(("campaign", campaign.id), ["campaign set"])[0]
         if campaign.advertiser not in advertiser_ids:
             problems.add(where, "advertiser", f"unknown advertiser {campaign.advertiser!r}")
         for i, ad in enumerate(campaign.ads):
