@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 import traceback
@@ -72,6 +73,25 @@ def cmd_snapshot_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _created(args: argparse.Namespace) -> int | None:
+    """The build's creation time: --created, else SOURCE_DATE_EPOCH (reproducible builds),
+    else None for now. Both the payload and the manifest carry it, so fixing it makes two
+    builds of the same inputs byte-identical."""
+    from appliance.snapshot.model import parse_time
+
+    for text, where in ((args.created, "--created"),
+                        (os.environ.get("SOURCE_DATE_EPOCH"), "SOURCE_DATE_EPOCH")):
+        if text is None:
+            continue
+        value = int(text) if text.strip().isdigit() else parse_time(text.strip())
+        if value is None or value < 0:
+            raise AdpopError(f"{where} {text!r} is not a time",
+                             hint="give Unix seconds or an ISO 8601 time, e.g. "
+                                  "2026-12-01T00:00:00Z")
+        return value
+    return None
+
+
 def cmd_snapshot_build(args: argparse.Namespace) -> int:
     from appliance.snapshot import bundle
     from appliance.snapshot.manifest import load_signing_keys
@@ -87,7 +107,7 @@ def cmd_snapshot_build(args: argparse.Namespace) -> int:
     loaded = time.monotonic()
     built = bundle.build(campaigns, args.version, keys, ttl=ttl,
                          target_group=args.group or origin.snapshot.target_group,
-                         previous_sha256=args.previous or "")
+                         previous_sha256=args.previous or "", now=_created(args))
     compiled = time.monotonic()
     bundle.write(built, Path(args.out))
     st = built.stats
@@ -785,6 +805,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttl", help="validity, e.g. 7d (default: origin snapshot.ttl)")
     p.add_argument("--group", help="target group (default: origin snapshot.target_group)")
     p.add_argument("--previous", help="payload SHA-256 of the previous snapshot")
+    p.add_argument("--created", help="creation time (Unix seconds or ISO 8601; default: "
+                   "SOURCE_DATE_EPOCH, else now): fixed, two builds are byte-identical")
     p.add_argument("--config", help="origin configuration file for defaults")
     p.set_defaults(func=cmd_snapshot_build)
     p = snap.add_parser("verify", help="verify a snapshot folder; exit 2 naming the failed check")

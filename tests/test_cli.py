@@ -6,7 +6,10 @@ import json
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import SAMPLE_CAMPAIGNS
 
@@ -92,3 +95,29 @@ def test_missing_key_is_one_line(tmp_path: Path) -> None:
 def test_bad_flag_exits_2() -> None:
     result = adpop("snapshot", "build", "--bogus", ok=False)
     assert result.returncode == 2
+
+
+def test_builds_are_reproducible(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SOURCE_DATE_EPOCH or --created fixes the one wall-clock input: two builds of the same
+    campaigns and version, seconds apart, are then byte-identical."""
+    adpop("keys", "generate", "--out", str(tmp_path / "keys"))
+    key = str(next((tmp_path / "keys").glob("*.key")))
+
+    def build(out: str, *extra: str) -> bytes:
+        adpop("snapshot", "build", "--campaigns", str(SAMPLE_CAMPAIGNS), "--version", "3",
+              "--key", key, "--out", str(tmp_path / out), *extra)
+        return b"".join((tmp_path / out / name).read_bytes()
+                        for name in ("manifest.json", "payload.capnp"))
+
+    plain = build("plain")
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1790000000")
+    first = build("first")
+    time.sleep(1.1)  # a second later: the clock would show
+    assert build("second") == first
+    assert plain != first, "without it the build carries the wall clock"
+    monkeypatch.delenv("SOURCE_DATE_EPOCH")
+    assert build("flag", "--created", "2026-09-21T14:13:20Z") == first  # the same instant
+    bad = adpop("snapshot", "build", "--campaigns", str(SAMPLE_CAMPAIGNS), "--version", "3",
+                "--key", key, "--out", str(tmp_path / "bad"), "--created", "soon", ok=False)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    assert "--created 'soon' is not a time" in bad.stderr

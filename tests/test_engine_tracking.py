@@ -179,3 +179,66 @@ def test_daily_budget_paces_local_spend(tmp_path: Path, signing_key: SigningKey)
                                                "user": {"key": "user-x"},
                                                "time": 1770000000 + 86400})
         assert [a["campaign"] for a in answer["placements"][0]["ads"]] == ["capped", "budgeted"]
+
+
+def test_an_advertiser_cap_counts_its_uncapped_campaigns(tmp_path: Path,
+                                                         signing_key: SigningKey) -> None:
+    """`scope = "advertiser"` caps what the user sees of the advertiser: impressions of a
+    sibling campaign that carries no cap of its own count too."""
+    forever = {"start": 0, "end": 2_000_000_000}
+    doc = {
+        "advertisers": [{"id": "adv-cap"}, {"id": "adv-house"}],
+        "creatives": [
+            {"id": f"cr-{n}", "advertiser": adv, "size": size, "url": f"https://{n}.example/",
+             "landing_url": f"https://{n}.example/"}
+            for n, adv, size in (("cap", "adv-cap", "300x250"), ("sib", "adv-cap", "728x90"),
+                                 ("house", "adv-house", "300x250"))],
+        "placements": [{"id": "slot", "zone": "z", "sizes": ["300x250"]},
+                       {"id": "banner", "zone": "z", "sizes": ["728x90"]}],
+        "campaigns": [
+            {"id": "capped", "advertiser": "adv-cap", "priority": 1, **forever,
+             "ads": [{"id": "ad-cap", "creative": "cr-cap"}],
+             "frequency_caps": [{"count": 2, "window": "1h", "scope": "advertiser"}]},
+            {"id": "sibling", "advertiser": "adv-cap", "priority": 1, **forever,
+             "ads": [{"id": "ad-sib", "creative": "cr-sib"}]},
+            {"id": "house", "advertiser": "adv-house", "priority": 16, **forever,
+             "ads": [{"id": "ad-house", "creative": "cr-house"}]}],
+    }
+    with running_engine(tmp_path, parse_documents([("sibling", doc)]), signing_key,
+                        shards=1) as eng:
+        def serve(placement: str, caps: str, n: int) -> tuple[str, str]:
+            code, answer = eng.post("/v1/decide", {
+                "id": f"sib-{n}", "placements": [{"id": placement}], "user": {"key": "alice"},
+                "caps": caps, "time": 1770000000 + n})
+            assert code == 200, answer
+            return answer["placements"][0]["ads"][0]["campaign"], answer.get("caps", caps)
+
+        caps = ""
+        for n in range(2):
+            campaign, caps = serve("banner", caps, n)
+            assert campaign == "sibling"
+        assert serve("slot", caps, 2)[0] == "house", "two sibling impressions reach the cap"
+        assert serve("slot", "", 3)[0] == "capped", "a fresh user still gets it"
+        campaign, one = serve("banner", "", 4)
+        assert serve("slot", one, 5)[0] == "capped", "one sibling impression is under the cap"
+
+
+def test_budget_total_is_not_enforced_as_the_readme_says(tmp_path: Path,
+                                                        signing_key: SigningKey) -> None:
+    """The README's budget paragraph, pinned: a total budget of 2.00 with no daily budget
+    does not stop a campaign that spends 1.00 per ad (the fleet budgets issue changes both)."""
+    doc = {"advertisers": [{"id": "adv"}],
+           "creatives": [{"id": "cr", "advertiser": "adv", "size": "300x250",
+                          "url": "https://a.example/", "landing_url": "https://a.example/"}],
+           "placements": [{"id": "slot", "zone": "z", "sizes": ["300x250"]}],
+           "campaigns": [{"id": "total", "advertiser": "adv", "start": 0, "end": 2_000_000_000,
+                          "ecpm": 1000.0, "budget_total": 2.0,
+                          "ads": [{"id": "ad", "creative": "cr"}]}]}
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert "`budget_total` is checked when the campaign is built" in readme
+    with running_engine(tmp_path, parse_documents([("total", doc)]), signing_key,
+                        shards=1) as eng:
+        for n in range(4):
+            code, answer = eng.post("/v1/decide", {"id": f"t-{n}", "placements": [{"id": "slot"}],
+                                                   "time": 1770000000})
+            assert code == 200 and answer["placements"][0]["ads"][0]["campaign"] == "total"

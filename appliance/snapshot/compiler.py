@@ -25,6 +25,7 @@ from appliance.snapshot.model import (
     ATTRIBUTES,
     Campaign,
     CampaignSet,
+    CapScope,
     Conjunction,
     Pacing,
     bulk_allocation,
@@ -156,11 +157,18 @@ def _compile(campaign_set: CampaignSet, version: int, created_at: int
 
     advertisers = sorted(campaign_set.advertisers, key=lambda a: a.id)
     advertiser_index = {a.id: i for i, a in enumerate(advertisers)}
+    windows: dict[str, set[int]] = {}
+    for campaign in active:
+        for cap in campaign.caps:
+            if cap.scope is CapScope.ADVERTISER:
+                windows.setdefault(campaign.advertiser, set()).add(cap.window)
     out_adv = msg.init("advertisers", len(advertisers))
     for i, adv in enumerate(advertisers):
         out_adv[i].id = intern(adv.id)
         out_adv[i].name = intern(adv.name)
         out_adv[i].idHash = id_hash(adv.id)
+        if adv.id in windows:
+            out_adv[i].capWindows = sorted(windows[adv.id])
 
     creatives = sorted(campaign_set.creatives, key=lambda c: c.id)
     creative_index = {c.id: i for i, c in enumerate(creatives)}

@@ -42,6 +42,10 @@ struct Advertiser {
   id @0 :StringId;
   name @1 :StringId;
   idHash @2 :UInt32;           # crc32(id), as Campaign.idHash
+  # The distinct windows of the advertiser-scope caps on any of its active campaigns, sorted:
+  # an impression of ANY of its campaigns counts toward each, including campaigns that carry
+  # no cap of their own.
+  capWindows @3 :List(UInt32);
 }
 
 enum CreativeKind {

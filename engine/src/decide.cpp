@@ -108,17 +108,21 @@ bool Decider::capped(const Snapshot& snap, std::uint32_t campaign, std::int64_t 
   return false;
 }
 
+bool Decider::counts_caps(const Snapshot& snap, std::uint32_t campaign) {
+  const auto camp = snap.campaigns()[campaign];
+  return camp.getCaps().size() > 0 || snap.advertisers()[camp.getAdvertiser()].getCapWindows().size() > 0;
+}
+
 void Decider::count_cap(const Snapshot& snap, std::uint32_t campaign, std::int64_t t) {
   const auto camp = snap.campaigns()[campaign];
-  for (auto cap : camp.getCaps()) {
-    const bool advertiser = cap.getScope() == CapScope::ADVERTISER;
-    const std::uint32_t id =
-        advertiser ? snap.advertisers()[camp.getAdvertiser()].getIdHash() : camp.getIdHash();
+  const auto adv = snap.advertisers()[camp.getAdvertiser()];
+  auto bump = [&](bool advertiser, std::uint32_t window) {
+    const std::uint32_t id = advertiser ? adv.getIdHash() : camp.getIdHash();
     CapEntry* found = nullptr;
     for (CapEntry& e : caps_)
-      if (e.scope == (advertiser ? 1 : 0) && e.id == id && e.window == cap.getWindowSeconds()) found = &e;
+      if (e.scope == (advertiser ? 1 : 0) && e.id == id && e.window == window) found = &e;
     if (!found) {
-      caps_.push_back(CapEntry{static_cast<std::uint8_t>(advertiser ? 1 : 0), id, cap.getWindowSeconds(),
+      caps_.push_back(CapEntry{static_cast<std::uint8_t>(advertiser ? 1 : 0), id, window,
                                static_cast<std::uint32_t>(t), 0});
       found = &caps_.back();
     }
@@ -127,6 +131,15 @@ void Decider::count_cap(const Snapshot& snap, std::uint32_t campaign, std::int64
       found->count = 0;
     }
     if (found->count < 0xFFFF) ++found->count;
+  };
+  // An advertiser cap counts every impression of the advertiser, whichever of its campaigns
+  // (capped or not) served it: the payload lists the advertiser's cap windows once.
+  const auto windows = adv.getCapWindows();
+  for (std::uint32_t window : windows) bump(true, window);
+  for (auto cap : camp.getCaps()) {
+    const bool advertiser = cap.getScope() == CapScope::ADVERTISER;
+    // A payload from before capWindows: the campaign's own advertiser caps, as then.
+    if (!advertiser || windows.size() == 0) bump(advertiser, cap.getWindowSeconds());
   }
 }
 
@@ -338,7 +351,7 @@ void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::in
       used_ads_.push_back(chosen_ad);
       // Competitive exclusion holds across the whole answer, placements included.
       for (auto label : camp.getExclusionLabels()) exclusions_.emplace_back(label, c);
-      if (camp.getCaps().size() > 0) {
+      if (counts_caps(snap, c)) {
         count_cap(snap, c, t);
         caps_changed = true;
       }

@@ -128,6 +128,7 @@ class Decider {
 
  private:
   bool capped(const Snapshot& snap, std::uint32_t campaign, std::int64_t t) const;
+  static bool counts_caps(const Snapshot& snap, std::uint32_t campaign);
   void count_cap(const Snapshot& snap, std::uint32_t campaign, std::int64_t t);
   bool paced_out(Campaign::Reader camp, std::int64_t t, const DecideContext& context, std::uint64_t roll);
   void prepare_ordinals(const Snapshot& snap);
