@@ -30,7 +30,18 @@ help:
 	@echo "make fuzz   - run the libFuzzer targets for FUZZ_SECONDS each (default 60)"
 	@echo "make setup  - apt packages, the .venv, the adpop package (idempotent)"
 
-setup: $(STAMPS)/apt $(STAMPS)/venv engine xdp
+setup: $(STAMPS)/apt $(STAMPS)/venv engine xdp $(PROMTOOL)
+
+# promtool, to check the engine's /metrics exposition in the tests: Debian's prometheus
+# package carries it, but installing that package would also start a Prometheus server, so
+# only its promtool is unpacked here (no daemon, no user).
+PROMTOOL := .tools/promtool
+$(PROMTOOL): $(STAMPS)/apt
+	@mkdir -p .tools/deb
+	cd .tools/deb && rm -f prometheus_*.deb && apt-get download -q prometheus 2>&1 | grep -v "^W: Download is performed unsandboxed" || true
+	dpkg-deb -x .tools/deb/prometheus_*.deb .tools/deb/root
+	install -m 0755 .tools/deb/root/usr/bin/promtool $@
+	rm -rf .tools/deb
 
 # The XDP filter: one BPF object, against Debian's libbpf headers.
 XDP_OBJECT := appliance/xdp/build/filter.bpf.o
@@ -106,4 +117,4 @@ lint: setup
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(STAMPS) $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache engine/build engine/build-asan engine/build-fuzz
+	rm -rf $(STAMPS) $(DEMO_DIR) .tools .pytest_cache .mypy_cache .ruff_cache engine/build engine/build-asan engine/build-fuzz

@@ -106,6 +106,39 @@ def _cpu_list(value: Any) -> str | None:
     return None
 
 
+def listen_addresses(value: str) -> list[tuple[str, int]]:
+    """"HOST:PORT" or "[IPV6]:PORT", comma-separated, as (host, port) pairs; raises
+    ValueError naming the fix. The engine parses the same text itself."""
+    import ipaddress  # here: the CLI's start-up pays for it only when checking addresses
+
+    found = []
+    for item in (part.strip() for part in value.split(",")):
+        host, colon, port = item.rpartition(":")
+        bracketed = host.startswith("[") and host.endswith("]")
+        try:
+            address = ipaddress.ip_address(host[1:-1] if bracketed else host)
+        except ValueError:
+            address = None
+        if not colon or not port.isdigit() or int(port) > 65535 or address is None or \
+                (address.version == 6) != bracketed:
+            raise ValueError(f"{item!r} is not HOST:PORT; use an IPv4 address (127.0.0.1:8080) "
+                             "or an IPv6 one in brackets ([::]:8080 takes IPv4 too)")
+        found.append((str(address), int(port)))
+    return found
+
+
+def _listen(value: Any) -> str | None:
+    try:
+        listen_addresses(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _optional_listen(value: Any) -> str | None:
+    return _listen(value) if value else None
+
+
 def port_range(value: str) -> tuple[int, int]:
     """"N-M" as (N, M); raises ValueError with the fix when it is not a usable range of
     unprivileged ports."""
@@ -192,7 +225,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(A, "engine", "unit", Kind.STR, "adpop-engine.service",
             "The engine's systemd unit, watched and restarted in appliance mode."),
     Setting(A, "engine", "listen", Kind.STR, "127.0.0.1:8080",
-            "HOST:PORT the engine serves ad requests on."),
+            "Addresses the engine serves ad requests on: HOST:PORT or [IPV6]:PORT, "
+            "comma-separated; \"[::]:8080\" takes IPv4 and IPv6.", _listen),
+    Setting(A, "engine", "metrics_listen", Kind.OPT_STR, "127.0.0.1:9180",
+            "The one address serving the engine's /metrics (never the serving addresses); "
+            "keep it on loopback or a management network (\"\": no metrics).",
+            _optional_listen),
     Setting(A, "engine", "shards", Kind.INT, 1, "Serving threads, one per CPU.", _at_least(1)),
     Setting(A, "engine", "cpus", Kind.OPT_STR, "",
             "CPUs to pin the shards to, e.g. \"2-5\" (\"\": unpinned); in the appliance "

@@ -30,11 +30,14 @@ def engine_argv(appliance: Any) -> list[str]:
     generator writes into adpop-engine.service and what the dev-mode child runs. The engine
     makes a missing token key (32 random bytes, mode 0600) and spool folder itself."""
     e = appliance.engine
-    argv = [e.binary, "--listen", e.listen, "--admin", str(engine_socket(appliance)),
+    listen = ",".join(part.strip() for part in e.listen.split(","))  # the engine's list form
+    argv = [e.binary, "--listen", listen, "--admin", str(engine_socket(appliance)),
             "--snapshot", str(state_path(appliance, CURRENT_LINK)), "--shards", str(e.shards),
             "--spool", str(state_path(appliance, e.spool)),
             "--token-key", str(state_path(appliance, e.token_key)),
             "--idle-poll-us", str(e.idle_poll_us)]
+    if e.metrics_listen:
+        argv += ["--metrics-listen", e.metrics_listen]
     # The tuning reserves huge pages for the shards: the snapshot goes on them when the host
     # has them free, else the engine maps the file as usual (its status says which).
     if appliance.tuning.hugepages_per_shard:

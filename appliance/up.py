@@ -90,6 +90,7 @@ def _run(argv: list[str], what: str) -> None:
 def _write_configs(state: Path, port: int) -> tuple[Path, Path, dict[str, Any]]:
     _handed_out.add(port)  # the engine's, checked free by the caller
     origin_port, push_port, cache_port = free_port(), free_port(), free_port()
+    metrics_port = free_port()
     token = os.urandom(12).hex()
     origin_toml, pop_toml = state / "origin.toml", state / "appliance.toml"
     origin_toml.write_text(f"""# written by `adpop up`
@@ -119,6 +120,7 @@ health_window = "2s"
 [engine]
 binary = "{_engine_binary()}"
 listen = "127.0.0.1:{port}"
+metrics_listen = "127.0.0.1:{metrics_port}"
 admin_socket = "engine.sock"
 
 [cache]
@@ -131,7 +133,8 @@ control_socket = "control.sock"
 operator_group = ""
 ready_timeout = "1m"
 """)
-    ports = {"origin": origin_port, "push": push_port, "cache": cache_port, "engine": port}
+    ports = {"origin": origin_port, "push": push_port, "cache": cache_port, "engine": port,
+             "metrics": metrics_port}
     return origin_toml, pop_toml, ports
 
 

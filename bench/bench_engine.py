@@ -116,9 +116,10 @@ def measure(url: str, paths: Path, pids: list[int], seconds: int, connections: i
     return rps, (used - polled) / requests * 1e6, used / requests * 1e6
 
 
-def metric(base_url: str, name: str) -> float:
-    """One sample of the engine's /metrics (the first line for `name`)."""
-    with urllib.request.urlopen(f"{base_url}/metrics") as resp:
+def metric(metrics_url: str, name: str) -> float:
+    """One sample of the engine's /metrics, served on its --metrics-listen address only (the
+    first line for `name`)."""
+    with urllib.request.urlopen(f"{metrics_url}/metrics") as resp:
         for line in resp.read().decode().splitlines():
             if line.startswith(name):
                 return float(line.rsplit(" ", 1)[1])
@@ -201,8 +202,11 @@ def main() -> None:
         ceiling_paths = work / "healthz.txt"
         ceiling_paths.write_text("/healthz\n")
 
+        metrics_ports = {engine_port: free_port(), spooled_port: free_port()}
+
         def start_engine(port: int, *extra: str) -> subprocess.Popen[bytes]:
             return subprocess.Popen([str(BUILD / "adpop-engine"), "--listen", f"127.0.0.1:{port}",
+                                     "--metrics-listen", f"127.0.0.1:{metrics_ports[port]}",
                                      "--snapshot", str(store.current_link), "--shards", "1",
                                      "--cpus", str(SERVER_CPU), "--idle-poll-us",
                                      str(IDLE_POLL_US), "--token-key", str(token_key), *extra],
@@ -219,6 +223,8 @@ def main() -> None:
         try:
             engine_base = f"http://127.0.0.1:{engine_port}"
             spooled_base = f"http://127.0.0.1:{spooled_port}"
+            metrics_of = {f"http://127.0.0.1:{port}": f"http://127.0.0.1:{mport}"
+                          for port, mport in metrics_ports.items()}
             nginx_url = f"http://127.0.0.1:{nginx_port}{DECIDE_PATH}"
             for url in (engine_base + DECIDE_PATH, spooled_base + DECIDE_PATH, nginx_url):
                 wait_http(url)
@@ -227,22 +233,23 @@ def main() -> None:
                 check=False).stdout.split()]
             with urllib.request.urlopen(engine_base + DECIDE_PATH) as resp:
                 filled = json.loads(resp.read())["placements"][0]["ads"]
-            decided_before = metric(engine_base, DECIDED)
-            no_fill_before = metric(engine_base, "adpop_no_fill_total")
+            decided_before = metric(metrics_of[engine_base], DECIDED)
+            no_fill_before = metric(metrics_of[engine_base], "adpop_no_fill_total")
 
             def engine_round(base: str,
                              proc: subprocess.Popen[bytes]) -> tuple[float, float, float]:
                 return measure(base + DECIDE_PATH, paths, [proc.pid], args.seconds,
                                args.connections,
-                               lambda: metric(base, "adpop_idle_poll_seconds_total"))
+                               lambda: metric(metrics_of[base], "adpop_idle_poll_seconds_total"))
 
             rounds = [(measure(nginx_url, paths, nginx_pids, args.seconds, args.connections),
                        engine_round(engine_base, engine), engine_round(spooled_base, spooled),
                        measure(engine_base + "/healthz", ceiling_paths, [engine.pid],
                                args.seconds, args.connections))
                       for _ in range(args.rounds)]
-            decided = metric(engine_base, DECIDED) - decided_before
-            fill = 1 - (metric(engine_base, "adpop_no_fill_total") - no_fill_before) / decided
+            scrape = metrics_of[engine_base]
+            decided = metric(scrape, DECIDED) - decided_before
+            fill = 1 - (metric(scrape, "adpop_no_fill_total") - no_fill_before) / decided
             spooled_records = sum(f.stat().st_size for f in spool.iterdir())
             n_rps, n_cpu, _ = median_round([r[0] for r in rounds])
             e_rps, e_cpu, e_cpu_polling = median_round([r[1] for r in rounds])

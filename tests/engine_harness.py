@@ -48,9 +48,11 @@ class RunningEngine:
     store: SnapshotStore
     log: Path
     spool: Path
+    metrics_port: int
 
-    def get(self, path: str) -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+    def get(self, path: str, port: int | None = None) -> tuple[int, bytes]:
+        """GET on the serving port (or `port`, e.g. metrics_port)."""
+        conn = http.client.HTTPConnection("127.0.0.1", port or self.port, timeout=10)
         try:
             conn.request("GET", path)
             resp = conn.getresponse()
@@ -109,16 +111,17 @@ def running_engine(workdir: Path, campaign_set: CampaignSet, key: SigningKey,
     store = SnapshotStore(workdir / "state", keep=3)
     if store.current_version() is None:
         install(store, campaign_set, 1, key)
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     admin = workdir / "engine.sock"
     log = workdir / "engine.log"
     with open(log, "wb") as log_fh:
         process = subprocess.Popen(
             [str(ENGINE), "--listen", f"127.0.0.1:{port}", "--admin", str(admin),
              "--snapshot", str(store.current_link), "--shards", str(shards),
-             "--token-key", str(token_key), "--spool", str(spool), *extra],
+             "--token-key", str(token_key), "--spool", str(spool),
+             "--metrics-listen", f"127.0.0.1:{metrics_port}", *extra],
             stdout=log_fh, stderr=subprocess.STDOUT)
-    engine = RunningEngine(process, port, admin, store, log, spool)
+    engine = RunningEngine(process, port, admin, store, log, spool, metrics_port)
     try:
         deadline = time.monotonic() + 20
         while True:

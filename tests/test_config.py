@@ -58,6 +58,10 @@ def test_dropins_later_wins_and_lists_append(tmp_path: Path) -> None:
     ("[pop]\ntarget_group = \"Bad Name\"\n", "pop.target_group", "1-63 characters"),
     ("[pop]\nid = \n", "-", "TOML syntax"),
     ("pop = 3\n", "pop", "[pop] table"),
+    ("[engine]\nlisten = \"::1:8080\"\n", "engine.listen", "IPv6 one in brackets"),
+    ("[engine]\nlisten = \"127.0.0.1:8080,[::]\"\n", "engine.listen", "'[::]' is not HOST:PORT"),
+    ("[engine]\nmetrics_listen = \"localhost:9180\"\n", "engine.metrics_listen",
+     "use an IPv4 address"),
 ])
 def test_check_names_file_key_and_fix(tmp_path: Path, text: str, key: str, fix: str) -> None:
     path = write(tmp_path / "appliance.toml", text)
@@ -68,6 +72,14 @@ def test_check_names_file_key_and_fix(tmp_path: Path, text: str, key: str, fix: 
     assert fix in line
     with pytest.raises(cfg.ConfigError):
         cfg.load(cfg.Scope.APPLIANCE, path)
+
+
+def test_listen_takes_a_list_and_ipv6(tmp_path: Path) -> None:
+    path = write(tmp_path / "appliance.toml",
+                 '[engine]\nlisten = "[::]:8080, 127.0.0.1:8081"\nmetrics_listen = ""\n')
+    assert cfg.check_files([path], cfg.Scope.APPLIANCE) == []
+    assert cfg.listen_addresses(cfg.load(cfg.Scope.APPLIANCE, path).engine.listen) == [
+        ("::", 8080), ("127.0.0.1", 8081)]
 
 
 def test_check_lists_every_problem_one_line_each(tmp_path: Path) -> None:

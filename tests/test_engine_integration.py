@@ -19,7 +19,8 @@ import pytest
 from appliance.snapshot import synth
 from appliance.snapshot.manifest import SigningKey
 from appliance.snapshot.model import CampaignSet, Request, campaign_matches, parse_documents
-from tests.engine_harness import ENGINE, RunningEngine, install, running_engine
+from appliance.up import free_port
+from tests.engine_harness import ENGINE, REPO, RunningEngine, install, running_engine
 
 
 @pytest.fixture(scope="module")
@@ -164,14 +165,97 @@ def test_explain_is_admin_only(engine: RunningEngine) -> None:
     assert body == {"error": "explain_forbidden"}
 
 
+PROMTOOL = REPO / ".tools" / "promtool"
+
+
 def test_healthz_and_metrics(engine: RunningEngine) -> None:
+    """/metrics only on the metrics address, never on the serving port; the whole exposition
+    parses with Prometheus's own parser and passes `promtool check metrics`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     assert engine.get("/healthz") == (200, b"ok\n")
-    code, body = engine.get("/metrics")
+    assert engine.get("/healthz", engine.metrics_port) == (200, b"ok\n")
+    assert engine.get("/metrics")[0] == 404, "internals stay off the public port"
+    assert engine.get("/v1/decide?placements=home-top", engine.metrics_port)[0] == 404
+    for n in range(5):
+        assert engine.post("/v1/decide", {"id": f"m{n}", "placements": [{"id": "home-top"}]}
+                           )[0] == 200
+    code, body = engine.get("/metrics", engine.metrics_port)
     assert code == 200
-    text = body.decode()
-    assert "adpop_snapshot_version" in text
-    assert 'adpop_requests_total{route="decide_post"}' in text
-    assert "adpop_request_duration_seconds_bucket" in text
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    assert families["adpop_snapshot_version"].samples[0].value == 1
+    # A counter's family is named without _total; its samples keep it.
+    decide = [s for s in families["adpop_requests"].samples
+              if s.labels == {"route": "decide_post"}]
+    assert decide and decide[0].value >= 5
+    latency = {s.name: s for s in families["adpop_request_duration_seconds"].samples
+               if not s.labels}
+    assert latency["adpop_request_duration_seconds_count"].value >= 5
+    assert 0 < latency["adpop_request_duration_seconds_sum"].value < 5
+    checked = subprocess.run([str(PROMTOOL), "check", "metrics"], input=body, capture_output=True,
+                             timeout=30, check=False)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_listens_on_ipv6_and_a_list_of_addresses(tmp_path: Path, engine_set: CampaignSet,
+                                                 signing_key: SigningKey) -> None:
+    """`[::]:PORT` is dual stack; a list serves on every address it names (beside the
+    harness's own --listen: every --listen adds)."""
+
+    def ask(family: socket.AddressFamily, host: str, port: int) -> bytes:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect((host, port))
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            return sock.recv(256)
+
+    dual, v6, v4 = free_port(), free_port(), free_port()
+    flags = ["--listen", f"[::]:{dual}", "--listen", f"[::1]:{v6},127.0.0.1:{v4}"]
+    with running_engine(tmp_path, engine_set, signing_key, extra=flags, shards=2) as eng:
+        for family, host, port in ((socket.AF_INET6, "::1", dual), (socket.AF_INET, "127.0.0.1",
+                                   dual), (socket.AF_INET6, "::1", v6),
+                                   (socket.AF_INET, "127.0.0.1", v4)):
+            assert ask(family, host, port).startswith(b"HTTP/1.1 200"), (host, port)
+    assert f"serving 127.0.0.1:{eng.port}, [::]:{dual}, [::1]:{v6}, 127.0.0.1:{v4}" in \
+        eng.log.read_text()
+
+
+# Bodies the JSON reader must refuse (400 bad_json), with the reason it gives.
+JSON_REFUSED = [
+    (b'{"id":"x","placements":[{"id":"home-top","count":01}]}', "leading zero"),
+    (b'{"id":"x","placements":[{"id":"home-top"}],"time":-017}', "leading zero"),
+    (b'{"id":"x","placements":[{"id":"home-top"}],"time":1' + b"0" * 63 + b"}",
+     "number too long"),
+    (b'{"id":"x","placements":[{"id":"home-top"}],"time":1.' + b"0" * 62 + b"}",
+     "number too long"),
+    (b'{"id":"\xff","placements":[{"id":"home-top"}]}', "invalid UTF-8"),
+    (b'{"id":"\xc3","placements":[{"id":"home-top"}]}', "invalid UTF-8"),  # cut short
+    (b'{"id":"\xc0\xaf","placements":[{"id":"home-top"}]}', "invalid UTF-8"),  # overlong
+    (b'{"id":"\xed\xa0\x80","placements":[{"id":"home-top"}]}', "invalid UTF-8"),  # surrogate
+    (b'{"id":"\xf4\x90\x80\x80","placements":[{"id":"home-top"}]}', "invalid UTF-8"),
+    (b'{"id":"x","placements":[{"id":"home-top"}],"keywords":["\x80"]}', "invalid UTF-8"),
+]
+
+
+def test_json_reader_refuses_leading_zeros_long_numbers_and_bad_utf8(
+        engine: RunningEngine) -> None:
+    """RFC 8259 numbers and RFC 3629 UTF-8, each refusal a 400 naming its reason; the
+    edge cases that are valid still serve."""
+    before = engine.status()["errors"]["bad_json"]
+    for body, reason in JSON_REFUSED:
+        answer = exchange(engine.port, b"POST /v1/decide HTTP/1.1\r\nContent-Length: %d\r\n\r\n"
+                          % len(body) + body)
+        assert answer.startswith(b"HTTP/1.1 400"), (body[:60], answer[:60])
+        assert reason.encode() in answer, (body[:60], answer)
+    assert engine.status()["errors"]["bad_json"] - before == len(JSON_REFUSED)
+    for good in ({"id": "caf\u00e9 \U0001f600", "placements": [{"id": "home-top"}]},
+                 {"id": "z", "placements": [{"id": "home-top", "count": 1}], "time": 0},
+                 {"id": "z", "placements": [{"id": "home-top"}], "time": 1770000000.0,
+                  "keywords": ["\u00fcber", "-0"]}):
+        raw = json.dumps(good, ensure_ascii=False).encode()
+        answer = exchange(engine.port, b"POST /v1/decide HTTP/1.1\r\nContent-Length: %d\r\n\r\n"
+                          % len(raw) + raw)
+        assert answer.startswith(b"HTTP/1.1 200"), (good, answer[:200])
 
 
 def hostile_corpus(rng: random.Random) -> list[bytes]:
@@ -227,6 +311,7 @@ def hostile_corpus(rng: random.Random) -> list[bytes]:
         b'{"id":"x","placements":[{"id":"p"}],"time":-5}',
         b'{"id":"' + b"x" * 60000 + b'","placements":[{"id":"p"}]}',
         b'{"id":"x","placements":[{"id":"p"}]} trailing', b"\x00" * 64, bytes(range(256)),
+        *(body for body, _ in JSON_REFUSED),
     ]
     corpus.extend(post(b) for b in bad_bodies)
     for query in (b"id=x&placement=home-top&sizes=axb", b"id=x&placement=home-top&count=abc",
@@ -410,6 +495,9 @@ def test_drain_and_undrain(tmp_path: Path, engine_set: CampaignSet,
 
 @pytest.mark.parametrize("args", [
     ["--shards", "zero", "--snapshot", "/x"], ["--bogus", "1"], [], ["--listen", "nope"],
+    ["--snapshot", "/x", "--listen", "::1:8080"], ["--snapshot", "/x", "--listen", "[::1:8080"],
+    ["--snapshot", "/x", "--listen", "127.0.0.1:8080,"],
+    ["--snapshot", "/x", "--metrics-listen", "[1.2.3.4]:9"],
     ["--snapshot", "/x", "--cpus", "0,1", "--shards", "3"],
     ["--snapshot", "/x", "--idle-poll-us", "-1"],
 ])
@@ -574,7 +662,7 @@ def test_loadgen_refuses_an_empty_request_file(tmp_path: Path) -> None:
 
 
 def metric_value(engine: RunningEngine, name: str) -> float:
-    _, body = engine.get("/metrics")
+    _, body = engine.get("/metrics", engine.metrics_port)
     for line in body.decode().splitlines():
         if line.startswith(name + " "):
             return float(line.rsplit(" ", 1)[1])

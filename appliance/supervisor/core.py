@@ -228,7 +228,7 @@ class Supervisor:
                        "closed_segments": self.backlog.segments,
                        "backlog_bytes": self.backlog.size,
                        "warn_bytes": self.cfg.engine.spool_warn_bytes},
-            "serving_url": f"http://{self.cfg.engine.listen}",
+            "serving_url": f"http://{self.cfg.engine.listen.split(',')[0].strip()}",
             "uptime_s": round(time.monotonic() - self.started, 1),
         }
 

@@ -14,6 +14,31 @@ int hex_digit(char c) {
   return -1;
 }
 
+// The length of the well-formed UTF-8 sequence at `p` (whose first byte is >= 0x80), or 0.
+int utf8_length(const char* p, const char* end) {
+  const auto byte = [&](std::ptrdiff_t i) { return static_cast<unsigned char>(p[i]); };
+  const unsigned char b0 = byte(0);
+  int length = 0;
+  unsigned char lo = 0x80, hi = 0xBF;  // the range of the second byte
+  if (b0 >= 0xC2 && b0 <= 0xDF) {
+    length = 2;
+  } else if (b0 >= 0xE0 && b0 <= 0xEF) {
+    length = 3;
+    if (b0 == 0xE0) lo = 0xA0;  // overlong
+    if (b0 == 0xED) hi = 0x9F;  // UTF-16 surrogates
+  } else if (b0 >= 0xF0 && b0 <= 0xF4) {
+    length = 4;
+    if (b0 == 0xF0) lo = 0x90;  // overlong
+    if (b0 == 0xF4) hi = 0x8F;  // past U+10FFFF
+  } else {
+    return 0;  // a continuation byte first, an overlong lead (C0, C1) or F5..FF
+  }
+  if (end - p < length || byte(1) < lo || byte(1) > hi) return 0;
+  for (int i = 2; i < length; ++i)
+    if (byte(i) < 0x80 || byte(i) > 0xBF) return 0;
+  return length;
+}
+
 // Writes `cp` as UTF-8 at `out`; returns bytes written.
 int put_utf8(char* out, std::uint32_t cp) {
   if (cp < 0x80) {
@@ -78,6 +103,18 @@ bool Document::parse_string(std::string_view* out) {
     if (static_cast<unsigned char>(c) < 0x20) {
       error_ = "control character in string";
       return false;
+    }
+    if (static_cast<unsigned char>(c) >= 0x80) {
+      // Raw UTF-8: copied only when it is well formed (RFC 3629: no overlong forms, no
+      // surrogates, nothing past U+10FFFF), so no answer or record ever carries bad bytes.
+      const int length = utf8_length(p_ - 1, end_);
+      if (length == 0) {
+        error_ = "invalid UTF-8 in string";
+        return false;
+      }
+      *w++ = c;
+      for (int i = 1; i < length; ++i) *w++ = *p_++;
+      continue;
     }
     if (c != '\\') {
       *w++ = c;
@@ -250,6 +287,11 @@ bool Document::parse_value(std::uint32_t depth, std::uint32_t slot) {
   if (c == '-' || (c >= '0' && c <= '9')) {
     char* start = p_;
     if (*p_ == '-') ++p_;
+    // RFC 8259: no leading zeros ("0" itself, "0.5" and "-0" are fine).
+    if (end_ - p_ >= 2 && p_[0] == '0' && p_[1] >= '0' && p_[1] <= '9') {
+      error_ = "bad number: leading zero";
+      return false;
+    }
     auto digits = [&] {
       char* s = p_;
       while (p_ < end_ && *p_ >= '0' && *p_ <= '9') ++p_;
@@ -276,9 +318,14 @@ bool Document::parse_value(std::uint32_t depth, std::uint32_t slot) {
     }
     values_[slot].type = Type::kNumber;
     values_[slot].text = std::string_view(start, static_cast<std::size_t>(p_ - start));
-    // strtod needs a terminator; the text is copied to a small stack buffer first.
+    // strtod needs a terminator; the text is copied to a small stack buffer first. A longer
+    // number is refused, never cut short into another value.
     char tmp[64];
-    std::size_t n = std::min<std::size_t>(values_[slot].text.size(), sizeof tmp - 1);
+    const std::size_t n = values_[slot].text.size();
+    if (n > sizeof tmp - 1) {
+      error_ = "number too long (over 63 characters)";
+      return false;
+    }
     std::memcpy(tmp, start, n);
     tmp[n] = '\0';
     values_[slot].number = std::strtod(tmp, nullptr);

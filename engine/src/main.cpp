@@ -26,7 +26,10 @@ Serves ad decisions over HTTP/1.1 from the campaign snapshot in DIR (DIR/payload
 normally the store's `current` link). One shard per CPU: a pinned thread with its own
 SO_REUSEPORT listener and epoll loop.
 
-  --listen HOST:PORT       serving address (default 127.0.0.1:8080)
+  --listen ADDR[,ADDR...]  serving addresses, HOST:PORT or [IPV6]:PORT; repeat or list
+                           several; [::]:PORT takes IPv4 too (default 127.0.0.1:8080)
+  --metrics-listen ADDR    the only address serving /metrics (and /healthz); keep it on
+                           loopback or a management network (default: none)
   --admin PATH             admin Unix socket: GET /status, POST /load /drain /undrain /decide
   --snapshot DIR           snapshot folder (required); SIGHUP or POST /load re-reads it
   --shards N               serving threads (default 1)
@@ -89,6 +92,13 @@ std::uint64_t number(std::string_view flag, std::string_view value, std::uint64_
   return n;
 }
 
+adpop::Endpoint endpoint(std::string_view flag, std::string_view value) {
+  adpop::Endpoint ep;
+  std::string error;
+  if (!adpop::parse_endpoint(value, &ep, &error)) die(std::string(flag) + ": " + error);
+  return ep;
+}
+
 std::vector<int> cpu_list(std::string_view value) {
   std::vector<int> cpus;
   while (!value.empty()) {
@@ -113,6 +123,7 @@ std::vector<int> cpu_list(std::string_view value) {
 int main(int argc, char** argv) {
   adpop::EngineOptions o;
   bool shards_given = false;
+  bool listen_given = false;
   for (int i = 1; i < argc; ++i) {
     std::string_view flag = argv[i];
     if (flag == "--help" || flag == "-h") {
@@ -126,10 +137,16 @@ int main(int argc, char** argv) {
     if (i + 1 >= argc) die(std::string(flag) + ": missing value, or unknown flag");
     std::string_view value = argv[++i];
     if (flag == "--listen") {
-      std::size_t colon = value.rfind(':');
-      if (colon == std::string_view::npos || colon == 0) die("--listen: expected HOST:PORT");
-      o.listen_host = std::string(value.substr(0, colon));
-      o.listen_port = static_cast<std::uint16_t>(number(flag, value.substr(colon + 1), 0, 65535));
+      if (!listen_given) o.listen.clear();  // the first --listen replaces the default
+      listen_given = true;
+      while (true) {
+        const std::size_t comma = value.find(',');
+        o.listen.push_back(endpoint(flag, value.substr(0, comma)));
+        if (comma == std::string_view::npos) break;
+        value.remove_prefix(comma + 1);
+      }
+    } else if (flag == "--metrics-listen") {
+      o.metrics = endpoint(flag, value);
     } else if (flag == "--admin") {
       o.admin_path = std::string(value);
     } else if (flag == "--snapshot") {
@@ -208,8 +225,10 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "adpop-engine: %s\n", error.c_str());
     return 1;
   }
-  std::fprintf(stderr, "adpop-engine: serving %s:%u with %u shard(s)\n", o.listen_host.c_str(), o.listen_port,
-               o.shards);
+  std::string addresses;
+  for (const adpop::Endpoint& ep : o.listen) addresses += (addresses.empty() ? "" : ", ") + ep.text();
+  std::fprintf(stderr, "adpop-engine: serving %s with %u shard(s); metrics %s\n", addresses.c_str(), o.shards,
+               o.metrics.port ? ("on " + o.metrics.text()).c_str() : "off");
   while (true) {
     int sig = 0;
     if (sigwait(&set, &sig) != 0) continue;

@@ -110,6 +110,58 @@ ErrorReason reason_from_parser(const char* name) {
 const char* kRouteNames[kRoutes] = {"decide_get", "decide_post", "impression", "click",
                                     "healthz",    "metrics",     "other"};
 
+// A non-blocking listening socket on `ep`, or -1 with `error` set. "::" takes IPv4 too (dual
+// stack); any other IPv6 address only IPv6, so an IPv4 address beside it can share the port.
+int open_listener(const Endpoint& ep, bool reuseport, int rcvbuf, std::string* error) {
+  const bool v6 = ep.host.find(':') != std::string::npos;
+  sockaddr_storage storage{};
+  socklen_t length = 0;
+  bool parsed = false;
+  if (v6) {
+    auto* a = reinterpret_cast<sockaddr_in6*>(&storage);
+    a->sin6_family = AF_INET6;
+    a->sin6_port = htons(ep.port);
+    parsed = inet_pton(AF_INET6, ep.host.c_str(), &a->sin6_addr) == 1;
+    length = sizeof *a;
+  } else {
+    auto* a = reinterpret_cast<sockaddr_in*>(&storage);
+    a->sin_family = AF_INET;
+    a->sin_port = htons(ep.port);
+    parsed = inet_pton(AF_INET, ep.host.c_str(), &a->sin_addr) == 1;
+    length = sizeof *a;
+  }
+  if (!parsed) {
+    *error = "not an IPv4 or IPv6 address: " + ep.text();
+    return -1;
+  }
+  const int fd = socket(v6 ? AF_INET6 : AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) {
+    *error = std::string("socket: ") + std::strerror(errno);
+    return -1;
+  }
+  int one = 1;
+  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (reuseport) setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
+  if (rcvbuf > 0) setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
+  if (v6) {
+    const int only = ep.host == "::" ? 0 : 1;
+    setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &only, sizeof only);
+  }
+  if (bind(fd, reinterpret_cast<sockaddr*>(&storage), length) != 0 || listen(fd, 4096) != 0) {
+    *error = "bind " + ep.text() + ": " + std::strerror(errno);
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+void watch_listener(int epoll_fd, int fd) {
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.fd = fd;
+  epoll_ctl(epoll_fd, EPOLL_CTL_ADD, fd, &ev);
+}
+
 std::uint64_t wall_ms() {
   timespec ts{};
   clock_gettime(CLOCK_REALTIME, &ts);
@@ -142,6 +194,35 @@ std::string_view query_param(std::string_view query, std::string_view name) {
 }
 
 }  // namespace
+
+std::string Endpoint::text() const {
+  const bool v6 = host.find(':') != std::string::npos;
+  return (v6 ? "[" + host + "]" : host) + ":" + std::to_string(port);
+}
+
+bool parse_endpoint(std::string_view text, Endpoint* out, std::string* error) {
+  const std::size_t colon = text.rfind(':');
+  std::string_view host = colon == std::string_view::npos ? std::string_view{} : text.substr(0, colon);
+  const std::string_view port = colon == std::string_view::npos ? std::string_view{} : text.substr(colon + 1);
+  const bool bracketed = host.size() >= 2 && host.front() == '[' && host.back() == ']';
+  if (bracketed) host = host.substr(1, host.size() - 2);
+  unsigned value = 0;
+  auto r = std::from_chars(port.data(), port.data() + port.size(), value);
+  if (host.empty() || port.empty() || r.ec != std::errc{} || r.ptr != port.data() + port.size() ||
+      value > 65535 || (!bracketed && host.find(':') != std::string_view::npos)) {
+    *error = "expected HOST:PORT or [IPV6]:PORT, got '" + std::string(text) + "'";
+    return false;
+  }
+  unsigned char buf[16];
+  const std::string h(host);
+  if (inet_pton(bracketed ? AF_INET6 : AF_INET, h.c_str(), buf) != 1) {
+    *error = "'" + h + "' is not an " + (bracketed ? "IPv6" : "IPv4") +
+             " address (IPv6 goes in brackets: [::]:8080)";
+    return false;
+  }
+  *out = Endpoint{h, static_cast<std::uint16_t>(value)};
+  return true;
+}
 
 const char* error_reason_name(ErrorReason r) {
   static const char* names[kErrReasons] = {
@@ -181,6 +262,7 @@ struct Shard::Conn {
   bool closed = true;
   // Accepted while draining: gets health and metrics, but no new decisions.
   bool accepted_draining = false;
+  bool metrics_only = false;  // came in on the metrics address: /metrics and /healthz only
   bool read_pending = false;  // reading stopped for backpressure before the socket drained
   bool dirty = false;         // has answers waiting for the end of the event batch
 };
@@ -195,53 +277,38 @@ Shard::Shard(Engine& engine, std::uint32_t index, int cpu)
 Shard::~Shard() {
   for (auto& c : conns_)
     if (c && !c->closed) ::close(c->fd);
-  if (listen_fd_ >= 0) ::close(listen_fd_);
+  for (int fd : listen_fds_) ::close(fd);
+  if (metrics_fd_ >= 0) ::close(metrics_fd_);
   if (epoll_fd_ >= 0) ::close(epoll_fd_);
 }
 
 bool Shard::start(std::string* error) {
   const EngineOptions& o = engine_.options();
   cap_ = std::max<std::uint32_t>(1, o.max_connections / std::max<std::uint32_t>(1, o.shards));
-  listen_fd_ = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  if (listen_fd_ < 0) {
-    *error = std::string("socket: ") + std::strerror(errno);
-    return false;
-  }
-  int one = 1;
-  // Each shard has its own listener on the same port: the kernel spreads connections, and
-  // no accept queue is shared between threads.
-  setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-  setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
   // A fixed receive buffer (inherited by accepted sockets) that holds the largest request we
   // accept: ad requests are small, so the kernel's per-read buffer autotuning is work for
   // nothing, and a flood of connections cannot grow their buffers.
   const int rcvbuf =
       static_cast<int>(std::max<std::size_t>(64 * 1024, o.http.max_header_bytes + o.http.max_body_bytes));
-  setsockopt(listen_fd_, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(o.listen_port);
-  if (inet_pton(AF_INET, o.listen_host.c_str(), &addr.sin_addr) != 1) {
-    *error = "--listen: not an IPv4 address: " + o.listen_host;
-    return false;
+  for (const Endpoint& ep : o.listen) {
+    // Each shard has its own listener on the same port: the kernel spreads connections, and
+    // no accept queue is shared between threads.
+    const int fd = open_listener(ep, true, rcvbuf, error);
+    if (fd < 0) return false;
+    listen_fds_.push_back(fd);
   }
-  if (bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
-    *error = "bind " + o.listen_host + ":" + std::to_string(o.listen_port) + ": " + std::strerror(errno);
-    return false;
-  }
-  if (listen(listen_fd_, 4096) != 0) {
-    *error = std::string("listen: ") + std::strerror(errno);
-    return false;
+  // One shard answers the scrapes: they are rare, and one listener needs no SO_REUSEPORT.
+  if (index_ == 0 && o.metrics.port != 0) {
+    metrics_fd_ = open_listener(o.metrics, false, 0, error);
+    if (metrics_fd_ < 0) return false;
   }
   epoll_fd_ = epoll_create1(EPOLL_CLOEXEC);
   if (epoll_fd_ < 0) {
     *error = std::string("epoll_create1: ") + std::strerror(errno);
     return false;
   }
-  epoll_event ev{};
-  ev.events = EPOLLIN;
-  ev.data.fd = listen_fd_;
-  epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, listen_fd_, &ev);
+  for (int fd : listen_fds_) watch_listener(epoll_fd_, fd);
+  if (metrics_fd_ >= 0) watch_listener(epoll_fd_, metrics_fd_);
   thread_ = std::thread([this] { run(); });
   return true;
 }
@@ -295,8 +362,8 @@ void Shard::run() {
     stats_.seen_generation.store(engine_.generation(), std::memory_order_release);
     for (int i = 0; i < n; ++i) {
       int fd = events[i].data.fd;
-      if (fd == listen_fd_) {
-        accept_all();
+      if (is_listener(fd)) {
+        accept_all(fd);
         continue;
       }
       if (fd < 0 || static_cast<std::size_t>(fd) >= conns_.size() || !conns_[fd] || conns_[fd]->closed)
@@ -335,9 +402,16 @@ void Shard::run() {
   }
 }
 
-void Shard::accept_all() {
+bool Shard::is_listener(int fd) const {
+  if (fd == metrics_fd_) return true;
+  for (int l : listen_fds_)
+    if (fd == l) return true;
+  return false;
+}
+
+void Shard::accept_all(int listen_fd) {
   while (true) {
-    int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    int fd = accept4(listen_fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0) return;  // EAGAIN, or an error the next readiness will repeat
     if (open_ >= cap_) {
       // Over the cap: refuse at once rather than queue work this shard cannot do.
@@ -356,6 +430,7 @@ void Shard::accept_all() {
     c.out_off = 0;
     c.close_after = false;
     c.closed = false;
+    c.metrics_only = listen_fd == metrics_fd_;
     c.last_active_ns = mono_ns();
     c.request_start_ns = 0;
     c.accepted_draining = engine_.draining();
@@ -487,6 +562,12 @@ void Shard::process(Conn& c) {
 void Shard::handle(Conn& c, const http::Request& req, const Snapshot* snap) {
   const bool draining = engine_.draining();
   const bool close = !req.keep_alive || draining;
+  // The metrics address answers scrapes and health only; the serving addresses never show
+  // the PoP's internals to the internet.
+  if (req.path != "/healthz" && c.metrics_only != (req.path == "/metrics")) {
+    stats_.requests[kRouteOther].add();
+    return respond_error(c, 404, kErrNotFound);
+  }
   if (req.path == "/healthz") {
     stats_.requests[kRouteHealthz].add();
     if (req.method != "GET" && req.method != "HEAD") return respond_error(c, 405, kErrMethod);
@@ -923,6 +1004,7 @@ Engine::Totals Engine::collect() const {
     for (int r = 0; r < kRoutes; ++r) t.routes[r] += st.requests[r].get();
     for (int e = 0; e < kErrReasons; ++e) t.errors[e] += st.errors[e].get();
     for (int b = 0; b < LatencyHistogram::kBuckets; ++b) t.hist[b] += st.latency.buckets[b].get();
+    t.latency_sum_ns += st.latency.sum_ns.get();
     t.no_fill += st.no_fill.get();
     t.connections += st.connections_open.get();
     t.connections_total += st.connections_total.get();
@@ -1070,8 +1152,10 @@ std::string Engine::metrics_text() {
   while (b < LatencyHistogram::kBuckets) count += hist[b++];
   std::snprintf(
       buf, sizeof buf,
-      "adpop_request_duration_seconds_bucket{le=\"+Inf\"} %llu\nadpop_request_duration_seconds_count %llu\n",
-      static_cast<unsigned long long>(count), static_cast<unsigned long long>(count));
+      "adpop_request_duration_seconds_bucket{le=\"+Inf\"} %llu\nadpop_request_duration_seconds_sum %.9f\n"
+      "adpop_request_duration_seconds_count %llu\n",
+      static_cast<unsigned long long>(count), static_cast<double>(totals.latency_sum_ns) / 1e9,
+      static_cast<unsigned long long>(count));
   s += buf;
   const Snapshot* snap = current_.load(std::memory_order_acquire);
   std::snprintf(

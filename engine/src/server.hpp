@@ -8,6 +8,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -21,9 +22,19 @@
 
 namespace adpop {
 
+// A listening address: IPv4, or IPv6 in brackets; "[::]" listens on both families.
+struct Endpoint {
+  std::string host;
+  std::uint16_t port = 0;
+  std::string text() const;  // 127.0.0.1:8080 or [::1]:8080
+};
+// "HOST:PORT" or "[V6]:PORT" into `out`; false, with `error` naming the problem, else.
+bool parse_endpoint(std::string_view text, Endpoint* out, std::string* error);
+
 struct EngineOptions {
-  std::string listen_host = "127.0.0.1";
-  std::uint16_t listen_port = 8080;
+  std::vector<Endpoint> listen{Endpoint{"127.0.0.1", 8080}};
+  // /metrics lives here only, never on the serving addresses (port 0: served nowhere).
+  Endpoint metrics;
   std::string admin_path;
   std::string snapshot_dir;  // the `current` link (or a version folder)
   std::uint32_t shards = 1;
@@ -75,9 +86,13 @@ struct Counter {
 struct LatencyHistogram {
   static constexpr int kBuckets = 8 * 40;
   Counter buckets[kBuckets];
+  Counter sum_ns;  // the exposition's _sum: every recorded duration, exactly
   static int bucket_of(std::uint64_t ns);
   static std::uint64_t upper_ns(int bucket);
-  void record(std::uint64_t ns) { buckets[bucket_of(ns)].add(); }
+  void record(std::uint64_t ns) {
+    buckets[bucket_of(ns)].add();
+    sum_ns.add(ns);
+  }
 };
 
 enum Route : std::uint8_t {
@@ -150,7 +165,8 @@ class Shard {
  private:
   struct Conn;
   void run();
-  void accept_all();
+  bool is_listener(int fd) const;
+  void accept_all(int listen_fd);
   void on_readable(Conn& c, bool hangup);
   void process(Conn& c);
   void flush(Conn& c);
@@ -167,7 +183,8 @@ class Shard {
   Engine& engine_;
   std::uint32_t index_;
   int cpu_;
-  int listen_fd_ = -1;
+  std::vector<int> listen_fds_;  // one per --listen address
+  int metrics_fd_ = -1;          // shard 0 only: the --metrics-listen address
   int epoll_fd_ = -1;
   std::uint32_t open_ = 0;
   std::uint32_t cap_ = 0;
@@ -227,6 +244,7 @@ class Engine {
     std::uint64_t routes[kRoutes] = {};
     std::uint64_t errors[kErrReasons] = {};
     std::uint64_t hist[LatencyHistogram::kBuckets] = {};
+    std::uint64_t latency_sum_ns = 0;
     std::uint64_t requests = 0, no_fill = 0, connections = 0, connections_total = 0;
     std::uint64_t impressions = 0, duplicates = 0, clicks = 0, caps_rejected = 0;
     std::uint64_t records = 0, write_errors = 0, dropped = 0, closed = 0, idle_poll_ns = 0, polling = 0;
