@@ -676,6 +676,11 @@ def cmd_xdp_status(args: argparse.Namespace) -> int:
 def cmd_console(args: argparse.Namespace) -> int:
     import contextlib
 
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        # Textual without a terminal spins on its input: refuse before it starts.
+        raise AdpopError("adpop console needs a terminal (stdin and stdout are not one)",
+                         hint="run it in a terminal (ssh -t for a remote one), or use "
+                              "`adpop status` for a one-shot view")
     from tui.app import ConsoleApp
     from tui.ssh import forward
 
@@ -716,15 +721,23 @@ def cmd_flash(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from appliance.supervisor.client import call
+    from appliance.supervisor.client import call, stale_for, sync_line
 
     status = call(_control_socket(args), "GET", "/v1/status")
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
     snap = status["snapshot"]
+    stale = stale_for(status, time.time())
+    if stale:
+        # The supervisor answered, but its health loop has not run for a while: the figures
+        # below are old, and saying so matters more than they do.
+        print(f"STALE: the supervisor's last health round was {stale:.0f} s ago (every "
+              f"{status['health_interval']:g} s expected); the figures below are that old")
     print(f"{status['pop']}: {'ready' if status['ready'] else 'NOT ready'} - {status['summary']}")
     print(f"snapshot: v{snap['version'] or '-'} {snap['sha256'][:16]}")
+    level, text = sync_line(status.get("sync", {}))
+    print(f"  {'sync':8} {dict(ok='ok', warn='PIN', bad='FAIL')[level]:4} {text}")
     for name, comp in status["components"].items():
         print(f"  {name:8} {'ok' if comp['ok'] else 'FAIL':4} {comp.get('reason', '')}")
     tuning = status.get("tuning", {})
@@ -736,7 +749,7 @@ def cmd_status(args: argparse.Namespace) -> int:
               + (f"drifting: {', '.join(drifting)}; " if drifting else "")
               + f"{tuning['repairs']} repairs, irqbalance {tuning['irqbalance']}"
               + (f"; {tuning['error']}" if tuning["error"] else ""))
-    return 0 if status["ready"] else 1
+    return 0 if status["ready"] and not stale else 1
 
 
 def _control_write(route: str, body: dict[str, Any] | None = None) -> Callable[..., int]:

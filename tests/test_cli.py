@@ -121,3 +121,13 @@ def test_builds_are_reproducible(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                 "--key", key, "--out", str(tmp_path / "bad"), "--created", "soon", ok=False)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
     assert "--created 'soon' is not a time" in bad.stderr
+
+
+def test_console_without_a_terminal_is_one_line(tmp_path: Path) -> None:
+    """It used to spin at 91% CPU for minutes; now it refuses at once."""
+    result = subprocess.run([str(ADPOP), "console", "--socket", str(tmp_path / "none.sock")],
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                            timeout=30, check=False)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "adpop console needs a terminal" in result.stderr

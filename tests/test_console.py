@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Static
@@ -82,8 +82,9 @@ def test_filter_narrows_tables_and_cursor_stays(fake: FakeControl) -> None:
     async def scenario(pilot: Pilot[None]) -> None:
         await pilot.press("5")
         table = app.query_one("#logs-table", DataTable)
-        table.focus()
-        await pilot.press("down", "down")
+        assert app.focused is table, "choosing a tab puts the keys in its table"
+        assert table.cursor_row == 4, "the logs open on their newest line"
+        await pilot.press("up", "up")
         seen = app.rounds
         await until(pilot, "two more rounds", lambda: app.rounds >= seen + 2)
         assert table.cursor_row == 2, "updates in place keep the cursor"
@@ -240,3 +241,152 @@ def test_a_spool_backlog_turns_the_engine_tile_red(fake: FakeControl,
         assert not app.query_one("#tile-cache", Static).has_class("bad")
 
     run(app, scenario)
+
+
+def test_rollback_defaults_to_the_version_below_and_names_campaigns(
+        fake: FakeControl, monkeypatch: Any) -> None:
+    """After an operator's rollback to v11, v12 is retained above it: a fresh console's
+    Snapshots tab (cursor on v12) offers v10, never a roll forward, and the dialog names the
+    campaigns the rollback removes, adds back and reverts."""
+    from tests.fake_control import DIFF, SNAPSHOTS
+
+    rows = [dict(s, active=s["version"] == 11, state="active" if s["version"] == 11 else
+                 "retained") for s in cast(list[dict[str, Any]], SNAPSHOTS["snapshots"])]
+    monkeypatch.setitem(SNAPSHOTS, "active", 11)
+    monkeypatch.setitem(SNAPSHOTS, "snapshots", rows)
+    for key, value in (("from", 10), ("to", 11), ("added", ["camp-9"]),
+                       ("removed", ["camp-3", "camp-4"]), ("changed", ["camp-1"])):
+        monkeypatch.setitem(DIFF, key, value)
+    app = console(fake)
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        await pilot.press("2")
+        assert cells(app, "snapshots-table")[0][0] == "v12"  # where the cursor starts
+        await pilot.press("r")
+        await until(pilot, "the confirmation", lambda: isinstance(app.screen, ConfirmScreen))
+        assert isinstance(app.screen, ConfirmScreen)
+        what = app.screen.what
+        assert "Roll back from v11 to v10" in what and app.screen.typed == "10"
+        assert "Removes: camp-9" in what and "Adds back: camp-3, camp-4" in what
+        assert "Reverts: camp-1" in what
+        await pilot.press("escape")
+
+    run(app, scenario)
+
+
+def test_logs_follow_unless_moved_up_and_tables_sort(fake: FakeControl,
+                                                      monkeypatch: Any) -> None:
+    from tests.fake_control import LOGS
+
+    app = console(fake, refresh=0.25)
+
+    def line(n: int) -> dict[str, Any]:
+        return {"time": NOW + n, "level": "info", "component": "sync", "message": f"new {n}"}
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        await pilot.press("5")
+        table = app.query_one("#logs-table", DataTable)
+        monkeypatch.setattr("tests.fake_control.LOGS", [*LOGS, line(1)])
+        await until(pilot, "the new line", lambda: table.row_count == 6)
+        assert table.cursor_row == 5, "at the newest line, a new one is followed"
+        await pilot.press("up")
+        monkeypatch.setattr("tests.fake_control.LOGS", [*LOGS, line(1), line(2)])
+        await until(pilot, "another line", lambda: table.row_count == 7)
+        assert table.cursor_row == 4, "moved up: the view stays where the operator is"
+        # Sorting: a key per column (shown in help), again to reverse.
+        await pilot.press("2")
+        await pilot.press("number_sign")  # column 3: campaigns
+        assert [row[2] for row in cells(app, "snapshots-table")] == [
+            "100,009", "100,010", "100,011", "100,012"]
+        await pilot.press("number_sign")
+        assert cells(app, "snapshots-table")[0][2] == "100,012"
+        await pilot.press("question_mark")
+        helper = app.screen.query_one("#help-table", DataTable)
+        help_rows = [[str(c) for c in helper.get_row_at(i)] for i in range(helper.row_count)]
+        sort_row = next(r for r in help_rows if r[1] == "Sort by column 3")
+        assert sort_row[0] == "#"
+        assert any(r[0] == "q / ctrl+c" for r in help_rows)
+
+    run(app, scenario)
+
+
+def test_refused_before_confirmation_and_drain_is_amber(fake: FakeControl,
+                                                         monkeypatch: Any) -> None:
+    from tests.fake_control import STATUS, XDP
+
+    monkeypatch.setitem(XDP, "loaded", False)
+    monkeypatch.setitem(XDP, "reason", "not loaded; `adpop xdp attach` loads it")
+    monkeypatch.setitem(STATUS, "tuning", {"enabled": False, "reason": "dev mode"})
+    monkeypatch.setitem(STATUS, "components", {**STATUS["components"], "engine": {
+        **STATUS["components"]["engine"], "draining": True, "reason": "draining"}})
+    app = console(fake)
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        assert app.query_one("#tile-engine", Static).has_class("warn")
+        assert not app.query_one("#tile-engine", Static).has_class("bad")
+        for key in ("b", "a", "k"):
+            await pilot.press(key)
+            await pilot.pause()
+            assert not isinstance(app.screen, (ConfirmScreen, PromptScreen)), key
+        assert not fake.writes
+        monkeypatch.setitem(XDP, "loaded", True)
+        await until(pilot, "a round with the filter", lambda: app.latest is not None and
+                    app.latest.xdp.get("loaded") is True)
+        await pilot.press("b", *"198.18.0.300/24", "enter")
+        await pilot.pause()
+        assert not isinstance(app.screen, ConfirmScreen), "an invalid CIDR is refused first"
+        assert not fake.writes
+
+    run(console_refreshing(app), scenario)
+
+
+def console_refreshing(app: ConsoleApp) -> ConsoleApp:
+    app.refresh_s = 0.25
+    return app
+
+
+def test_stale_data_greys_out_and_the_banner_holds_the_whole_error(fake: FakeControl) -> None:
+    app = console(fake, refresh=0.25)
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        tile = app.query_one("#tile-engine", Static)
+        assert not tile.has_class("stale")
+        fake.stop()
+        await until(pilot, "stale", lambda: tile.has_class("stale"), timeout=10)
+        assert str(tile.border_subtitle).startswith("updated ") and \
+            str(tile.border_subtitle).endswith(" s ago")
+        assert all(g.has_class("stale") for g in app.query(".graph"))
+        banner = app.query_one("#banner", Static)
+        assert "DISCONNECTED" in text(app, "#banner")
+        assert banner.size.height >= 2, "the whole message shows, wrapped"
+        fake.start()
+        await until(pilot, "fresh again", lambda: not tile.has_class("stale"), timeout=10)
+        assert not tile.border_subtitle
+
+    run(app, scenario)
+
+
+def test_adpop_status_has_a_sync_line_and_says_when_it_is_stale(fake: FakeControl,
+                                                                 monkeypatch: Any) -> None:
+    """`adpop status` keeps the console's rule: figures older than two health rounds say
+    so first (and the exit code is 1), and sync has its own line."""
+    import subprocess
+    import sys
+    import time as clock
+
+    from tests.fake_control import STATUS
+
+    def status() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "appliance.cli", "status", "--socket",
+                               str(fake.path)], capture_output=True, text=True, timeout=60,
+                              check=False)
+
+    monkeypatch.setitem(STATUS, "health_interval", 1.0)
+    monkeypatch.setitem(STATUS, "checked_at", clock.time())
+    fresh = status()
+    assert fresh.returncode == 0, fresh.stderr
+    assert "STALE" not in fresh.stdout and "  sync     ok   v12 active" in fresh.stdout
+    monkeypatch.setitem(STATUS, "checked_at", clock.time() - 45)
+    stale = status()
+    assert stale.returncode == 1
+    assert stale.stdout.startswith("STALE: the supervisor's last health round was 4")

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,36 @@ def test_bad_campaign_folder_is_one_line(tmp_path: Path) -> None:
                             capture_output=True, text=True, check=False, timeout=30)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "does not exist" in result.stderr
+
+
+def test_an_operators_rollback_is_a_pin_and_a_refusal_is_logged_as_one(up: Up) -> None:
+    """Rolled back by hand, the PoP shows "pinned to vN by operator until the next publish":
+    no refusal, no error, no failure at the origin, until a newer version comes. A refused
+    write is logged as refused, never as done."""
+    with pytest.raises(ControlError, match="no retained version below v1"):
+        call(up.control, "POST", "/v1/rollback", {})
+    lines = [line["message"] for line in call(up.control, "GET", "/v1/logs")["lines"]]
+    refused = [line for line in lines if "rollback" in line and "uid" in line]
+    assert refused and all(" refused for uid " in line for line in refused), refused
+
+    origin_toml = str(up.state / "origin.toml")
+    up.adpop("origin", "campaigns", "pause", "house-fallback", "--config", origin_toml)
+    up.adpop("origin", "publish", "--config", origin_toml)
+    wait_for("v2 active", lambda: (s := up.status())["sync"]["version"] == 2
+             and s["sync"]["state"] == "active")
+    assert "pinned by operator" in up.adpop("rollback", "--socket", up.control)
+    for _ in range(3):  # syncs that see v2 at the origin again keep the pin, quietly
+        call(up.control, "POST", "/v1/sync-now")
+        time.sleep(1)
+    sync = up.status()["sync"]
+    assert sync["state"] == "pinned" and sync["pinned"] == 1 and not sync["error"], sync
+    assert sync["refused"] == {}
+    shown = up.adpop("status", "--socket", up.control)
+    assert "PIN  pinned to v1 by operator until the next publish" in shown
+    fleet = json.loads(up.adpop("origin", "fleet", "--json", "--config", origin_toml))
+    assert [(p["failures"], p["state"]) for p in fleet["pops"]] == [(0, "pinned")], fleet
+
+    up.adpop("origin", "campaigns", "resume", "house-fallback", "--config", origin_toml)
+    up.adpop("origin", "publish", "--config", origin_toml)
+    wait_for("v3 active, the pin gone", lambda: (s := up.status())["sync"]["version"] == 3
+             and s["sync"]["state"] == "active" and not s["sync"]["pinned"])

@@ -19,6 +19,7 @@ class Action:
     writes: bool = False
     dangerous: bool = False
     typed: str = ""  # what the operator types to confirm: "version" or "pop"
+    also: str = ""  # a second key for the same action, not shown in the footer
 
 
 ACTIONS: tuple[Action, ...] = (
@@ -31,6 +32,10 @@ ACTIONS: tuple[Action, ...] = (
     Action("plus", "faster", "Refresh faster", "halve the refresh interval"),
     Action("minus", "slower", "Refresh slower", "double the refresh interval"),
     Action("slash", "filter", "Filter", "filter the table or the log lines"),
+    *(Action(key, f"sort({n})", f"Sort by column {n + 1}",
+             f"sort the table by its column {n + 1}; again to reverse")
+      for n, key in enumerate(("exclamation_mark", "at", "number_sign", "dollar_sign",
+                               "percent_sign", "circumflex_accent"))),
     Action("question_mark", "help", "Help", "every action and its key"),
     Action("s", "sync_now", "Sync now", "ask the supervisor to sync with the origin now",
            writes=True),
@@ -45,10 +50,12 @@ ACTIONS: tuple[Action, ...] = (
            dangerous=True),
     Action("k", "unblock", "Unblock CIDR", "remove a range from the XDP blocklist",
            writes=True),
-    Action("q", "quit", "Quit", "leave the console"),
+    Action("q", "quit", "Quit", "leave the console", also="ctrl+c"),
 )
 
-KEY_LABELS = {"plus": "+", "minus": "-", "slash": "/", "question_mark": "?"}
+KEY_LABELS = {"plus": "+", "minus": "-", "slash": "/", "question_mark": "?",
+              "exclamation_mark": "!", "at": "@", "number_sign": "#", "dollar_sign": "$",
+              "percent_sign": "%", "circumflex_accent": "^"}
 
 
 def by_name(name: str) -> Action:
@@ -56,4 +63,5 @@ def by_name(name: str) -> Action:
 
 
 def label(action: Action) -> str:
-    return KEY_LABELS.get(action.key, action.key)
+    shown = KEY_LABELS.get(action.key, action.key)
+    return f"{shown} / {action.also}" if action.also else shown

@@ -8,6 +8,7 @@ palette entry and help line comes from tui.actions.ACTIONS.
 from __future__ import annotations
 
 import collections
+import ipaddress
 import time
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -32,7 +33,7 @@ from textual.widgets import (
 )
 from textual.worker import get_current_worker
 
-from appliance.supervisor.client import ControlError
+from appliance.supervisor.client import ControlError, stale_for, sync_line
 from appliance.tuning.knobs import NOT_AS_DESIRED
 from tui.actions import ACTIONS, Action, by_name, label
 from tui.collector import Round, collect, write
@@ -50,11 +51,34 @@ def _age(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _mark(ok: bool | None) -> str:
-    return {True: "[green]ok[/]", False: "[red]FAIL[/]", None: "[dim]off[/]"}[ok]
+# A tile's level: "ok", "warn" (amber: a state an operator chose, such as draining or a pin),
+# "bad" or "off" (not run here).
+MARKS = {"ok": "[green]ok[/]", "warn": "[#ffa500]NOTE[/]", "bad": "[red]FAIL[/]",
+         "off": "[dim]off[/]"}
+
+
+def _level(ok: bool | None) -> str:
+    return {True: "ok", False: "bad", None: "off"}[ok]
+
+
+def _sort_key(cell: Any) -> tuple[int, float, str]:
+    """Numbers (with thousands commas, a leading v) sort as numbers, before text."""
+    text = str(cell).replace(",", "").removeprefix("v")
+    try:
+        return (0, float(text), "")
+    except ValueError:
+        return (1, 0.0, str(cell))
 
 
 # --- modal screens ---------------------------------------------------------------------------
+
+
+def _campaigns(verb: str, names: list[str], shown: int = 8) -> str:
+    """One dialog line naming up to `shown` campaigns ("" for none)."""
+    if not names:
+        return ""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"{verb}: {', '.join(names[:shown])}{more}\n"
 
 
 class ConfirmScreen(ModalScreen[bool]):
@@ -172,12 +196,15 @@ class ActionCommands(Provider):
 class ConsoleApp(App[None]):
     TITLE = "adpop console"
     CSS = """
-    #banner { dock: top; height: 1; padding: 0 1; background: $primary-background; }
+    #banner { dock: top; height: auto; padding: 0 1; background: $primary-background; }
     #banner.down { background: $error; color: $text; }
     #tiles { grid-size: 5; grid-gutter: 1; height: 7; }
     .tile { border: round $primary; padding: 0 1; height: 7; }
     .tile.bad { border: round $error; }
+    .tile.warn { border: round $warning; }
     .graph { height: 8; border: round $secondary; padding: 0 1; }
+    .stale, .tile.stale, .tile.bad.stale, .tile.warn.stale { color: $text-disabled;
+        border: round $panel-lighten-2; }
     Sparkline { height: 5; }
     #facts { padding: 0 1; }
     #filter { dock: bottom; display: none; }
@@ -191,9 +218,10 @@ class ConsoleApp(App[None]):
     #buttons { height: 3; margin-top: 1; }
     """
     BINDINGS: ClassVar[list[Binding | tuple[str, str] | tuple[str, str, str]]] = [
-        Binding(a.key, a.name, a.title, show=a.key not in ("plus", "minus", "1", "2", "3", "4",
-                                                           "5"))
-        for a in ACTIONS]
+        *(Binding(a.key, a.name, a.title, show=a.key not in ("plus", "minus", "1", "2", "3", "4",
+                                                             "5") and not a.name.startswith("sort"))
+          for a in ACTIONS),
+        *(Binding(a.also, a.name, a.title, show=False, priority=True) for a in ACTIONS if a.also)]
     COMMANDS = App.COMMANDS | {ActionCommands}
 
     def __init__(self, socket_path: str, read_only: bool = False, refresh: float = 1.0,
@@ -209,6 +237,8 @@ class ConsoleApp(App[None]):
         self.latest: Round | None = None
         self.rounds = 0
         self.connected: bool | None = None
+        self.last_good: float | None = None  # monotonic time of the last answered round
+        self.sorting: dict[str, tuple[int, bool]] = {}  # table id -> (column, reverse)
         self.rps: collections.deque[float] = collections.deque(maxlen=HISTORY)
         self.p99: collections.deque[float] = collections.deque(maxlen=HISTORY)
 
@@ -257,6 +287,7 @@ class ConsoleApp(App[None]):
 
     def on_mount(self) -> None:
         self.collect_loop()
+        self.set_interval(1.0, self.render_staleness)
 
     # --- collection (worker thread) --------------------------------------------------------
 
@@ -278,20 +309,39 @@ class ConsoleApp(App[None]):
         self.connected = result.ok
         if result.ok:
             self.latest = result
+            self.last_good = time.monotonic()
             engine = result.status.get("components", {}).get("engine", {})
             self.rps.append(float(engine.get("requests_per_second", 0.0)))
             self.p99.append(float(engine.get("latency_us", {}).get("p99", 0.0)))
         self.render_banner(result)
         if not self.paused and self.latest is not None:
             self.render_all(self.latest)
+        self.render_staleness()
 
     # --- rendering -------------------------------------------------------------------------
 
+    def stale_seconds(self) -> float:
+        """How old the figures on screen are, once older than two refreshes (else 0): the
+        console's own last answered round, or the supervisor's last health round."""
+        if self.last_good is None or self.latest is None:
+            return 0.0
+        age = time.monotonic() - self.last_good
+        own = age if age > 2 * self.refresh_s else 0.0
+        return max(own, stale_for(self.latest.status, self.latest.at + age))
+
+    def render_staleness(self) -> None:
+        """Greys out every tile and graph, each saying how old it is, while data is stale."""
+        stale = self.stale_seconds()
+        note = f"updated {_age(stale)} ago" if stale else ""
+        for widget in (*self.query(".tile"), *self.query(".graph")):
+            widget.set_class(bool(stale), "stale")
+            widget.border_subtitle = note
     def render_banner(self, result: Round | None = None) -> None:
         banner = self.query_one("#banner", Static)
         parts = [f"[b]adpop console[/b] {self.sub_title}"]
         if self.connected is False and result is not None:
             banner.add_class("down")
+            # The banner grows to hold the whole message: the reason is what matters.
             parts.append(f"DISCONNECTED from {self.socket_path}: {result.error}; "
                          f"retrying every {self.refresh_s:g} s")
         else:
@@ -316,10 +366,11 @@ class ConsoleApp(App[None]):
         self.render_xdp(r)
         self.render_logs(r)
 
-    def _tile(self, name: str, ok: bool | None, lines: list[str]) -> None:
+    def _tile(self, name: str, level: str, lines: list[str]) -> None:
         tile = self.query_one(f"#tile-{name}", Static)
-        tile.set_class(ok is False, "bad")
-        tile.update(f"[b]{name}[/b] {_mark(ok)}\n" + "\n".join(lines))
+        tile.set_class(level == "bad", "bad")
+        tile.set_class(level == "warn", "warn")
+        tile.update(f"[b]{name}[/b] {MARKS[level]}\n" + "\n".join(lines))
 
     def render_overview(self, r: Round) -> None:
         components = r.status.get("components", {})
@@ -329,7 +380,7 @@ class ConsoleApp(App[None]):
         for name in ("engine", "cache", "xdp"):
             comp = components.get(name)
             if comp is None:
-                self._tile(name, None, ["not run here (dev mode)"])
+                self._tile(name, "off", ["not run here (dev mode)"])
                 continue
             lines = [comp.get("reason") or ""]
             if name == "engine":
@@ -339,7 +390,10 @@ class ConsoleApp(App[None]):
                 if events.get("ok") is False:
                     lines.append(f"spool backlog {events.get('backlog_bytes', 0) / 2**20:,.0f} "
                                  "MiB")
-                    self._tile(name, False, lines)
+                    self._tile(name, "bad", lines)
+                    continue
+                if comp.get("ok") and comp.get("draining"):
+                    self._tile(name, "warn", lines)  # drained on purpose: amber, not red
                     continue
             elif name == "xdp":
                 lines = [", ".join(f"{nic} {mode or 'detached'}" for nic, mode in
@@ -349,19 +403,19 @@ class ConsoleApp(App[None]):
                 lines = [f"ping {comp.get('ping_ms', 0):.2f} ms",
                          f"{comp.get('used_memory', 0) / 2**20:.1f} MiB used",
                          comp.get("reason") or f"{comp.get('evicted_keys', 0)} evicted"]
-            self._tile(name, bool(comp.get("ok")), lines)
+            self._tile(name, _level(bool(comp.get("ok"))), lines)
         tuning = r.status.get("tuning", {})
         if not tuning.get("enabled"):
-            self._tile("tuning", None, ["left alone (dev mode)"])
+            self._tile("tuning", "off", ["left alone (dev mode)"])
         else:
             drifting = tuning.get("drifting", [])
-            self._tile("tuning", not drifting and not tuning.get("error"),
+            self._tile("tuning", _level(not drifting and not tuning.get("error")),
                        [f"{len(drifting)} drifting", f"{tuning.get('repairs', 0)} repairs",
                         tuning.get("error", "")])
         sync = r.status.get("sync", {})
-        self._tile("sync", not sync.get("error") and not sync.get("origin_problem"),
-                   [f"v{sync.get('version', 0)} {sync.get('state', '')}",
-                    sync.get("error") or sync.get("origin_problem") or ""])
+        level, text = sync_line(sync)
+        self._tile("sync", level, [f"v{sync.get('version', 0)} {sync.get('state', '')}", text]
+                   if level != "ok" else [text])
         self.query_one("#rps", Sparkline).data = list(self.rps)
         self.query_one("#p99", Sparkline).data = list(self.p99)
         last_rps = self.rps[-1] if self.rps else 0.0
@@ -389,6 +443,9 @@ class ConsoleApp(App[None]):
         keys = [column.key for column in table.columns.values()]
         present = {row_key.value for row_key in table.rows if row_key.value is not None}
         fresh = {key for key, _ in rows}
+        # On the last line: new lines follow into view; moved up: the view stays.
+        following = table.row_count == 0 or table.cursor_row >= table.row_count - 1
+        added = False
         for key in present - fresh:
             table.remove_row(key)
         for key, cells in rows:
@@ -398,6 +455,13 @@ class ConsoleApp(App[None]):
                         table.update_cell(key, column, value)
             else:
                 table.add_row(*cells, key=key)
+                added = True
+        if table_id in self.sorting:
+            index, reverse = self.sorting[table_id]
+            table.sort(keys[index], key=_sort_key, reverse=reverse)
+        elif table_id == "logs-table" and added and following:
+            table.move_cursor(row=table.row_count - 1, animate=False)
+            table.scroll_end(animate=False)
 
     def render_snapshots(self, r: Round) -> None:
         rows = []
@@ -466,6 +530,40 @@ class ConsoleApp(App[None]):
 
     def action_show(self, tab: str) -> None:
         self.query_one(TabbedContent).active = tab
+        self._focus_table()
+
+    def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        self._focus_table()
+
+    def _active_table(self) -> DataTable[str] | None:
+        """The table the keys act on: the focused one, else the active tab's first."""
+        if isinstance(self.focused, DataTable) and self.focused.id != "help-table":
+            return self.focused
+        pane = self.query_one(TabbedContent).active_pane
+        tables = list(pane.query(DataTable)) if pane is not None else []
+        return tables[0] if tables else None
+
+    def _focus_table(self) -> None:
+        # Arrows work at once in the chosen tab (the overview has no table: focus nothing,
+        # so no hidden table keeps the keys).
+        pane = self.query_one(TabbedContent).active_pane
+        tables = list(pane.query(DataTable)) if pane is not None else []
+        if tables:
+            tables[0].focus()
+        else:
+            self.set_focus(None)
+
+    def action_sort(self, column: int) -> None:
+        table = self._active_table()
+        if table is None or table.id is None or column >= len(table.columns):
+            self.notify(f"no column {column + 1} to sort here", severity="warning")
+            return
+        reverse = self.sorting.get(table.id) == (column, False)  # the same key again: reverse
+        self.sorting[table.id] = (column, reverse)
+        keys = list(table.columns)
+        table.sort(keys[column], key=_sort_key, reverse=reverse)
+        name = table.columns[keys[column]].label
+        self.notify(f"sorted by {name}, {'descending' if reverse else 'ascending'}")
 
     def action_pause(self) -> None:
         self.paused = not self.paused
@@ -536,7 +634,16 @@ class ConsoleApp(App[None]):
                      "connections and /healthz answers 503, so the load balancer moves "
                      "traffic away; requests in flight finish.", pop, "/v1/drain")
 
+    def refuse(self, action: Action, why: str) -> None:
+        """An action that cannot succeed is refused before any confirmation."""
+        self.notify(f"{action.title} refused: {why}", severity="error")
+
     def action_apply_tuning(self) -> None:
+        tuning = self.latest.status.get("tuning", {}) if self.latest else {}
+        if not tuning.get("enabled"):
+            self.refuse(by_name("apply_tuning"), tuning.get("reason") or
+                        "the supervisor does not tune this host")
+            return
         knobs = self.latest.tuning.get("knobs", []) if self.latest else []
         drifting = [k["name"] for k in knobs if k["status"] in NOT_AS_DESIRED]
         listing = ", ".join(drifting[:8]) + (" ..." if len(drifting) > 8 else "")
@@ -550,17 +657,19 @@ class ConsoleApp(App[None]):
             return
         snaps = self.latest.snapshots
         active = snaps.get("active")
+        older = sorted(s["version"] for s in snaps.get("snapshots", [])
+                       if active is not None and s["version"] < active)
+        # As `adpop rollback`: the version below the active one. A row the operator picked on
+        # the Snapshots tab wins only when it is older too: a rollback never rolls forward.
+        target: int | None = older[-1] if older else None
         table = self.query_one("#snapshots-table", DataTable)
-        target: int | None = None
         if self.query_one(TabbedContent).active == "snapshots" and table.row_count:
             key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
-            target = int(key) if key and int(key) != active else None
-        if target is None:
-            older = [s["version"] for s in snaps.get("snapshots", []) if s["version"] != active
-                     and active is not None and s["version"] < active]
-            target = max(older) if older else None
+            if key is not None and int(key) in older:
+                target = int(key)
         if target is None or active is None:
-            self.notify("no retained version to roll back to", severity="warning")
+            self.notify("no retained version below the active one to roll back to",
+                        severity="warning")
             return
         self.rollback_diff(active, target)
 
@@ -571,27 +680,59 @@ class ConsoleApp(App[None]):
 
         try:
             d = call(self.socket_path, "GET", f"/v1/snapshots/diff?version={target}")
+            # What v{active} added, the rollback removes, and the other way round.
             change = (f"v{active} added {len(d['added'])}, removed {len(d['removed'])} and "
                       f"changed {len(d['changed'])} campaigns against v{target}; a rollback "
-                      "undoes that.")
+                      "undoes that.\n" + _campaigns("Removes", d["added"]) +
+                      _campaigns("Adds back", d["removed"]) + _campaigns("Reverts", d["changed"]))
         except ControlError as exc:
             change = f"(what changed is unknown: {exc.message})"
         what = f"[b]Roll back from v{active} to v{target}[/b]. {change}"
         self.call_from_thread(self.confirm, by_name("rollback"), what, str(target),
                               "/v1/rollback", {"to": target})
 
+    def _cidr_refusal(self, cidr: str) -> str:
+        """Why blocking or unblocking `cidr` cannot work here ("" when it can)."""
+        if self.latest is None or not self.latest.xdp.get("loaded"):
+            return ("the XDP filter is not loaded on this PoP "
+                    f"({(self.latest.xdp.get('reason') if self.latest else '') or 'no data'})")
+        if not cidr:
+            return ""
+        try:
+            ipaddress.ip_network(cidr, strict=True)
+        except ValueError as exc:
+            return f"{cidr!r} is not a valid CIDR ({exc})"
+        return ""
+
     def action_block(self) -> None:
+        action = by_name("block")
+        if why := self._cidr_refusal(""):
+            self.refuse(action, why)
+            return
+
         def asked(cidr: str | None) -> None:
-            if cidr:
-                self.confirm(by_name("block"), f"[b]Block {cidr}[/b]: every packet from it is "
-                             "dropped at the NIC by the XDP filter.", "", "/v1/xdp/block",
-                             {"cidrs": [cidr]})
+            if not cidr:
+                return
+            if why := self._cidr_refusal(cidr):
+                self.refuse(action, why)
+                return
+            self.confirm(action, f"[b]Block {cidr}[/b]: every packet from it is dropped at "
+                         "the NIC by the XDP filter.", "", "/v1/xdp/block", {"cidrs": [cidr]})
         self.push_screen(PromptScreen("Block which source range?", "198.18.0.0/15"), asked)
 
     def action_unblock(self) -> None:
+        action = by_name("unblock")
+        if why := self._cidr_refusal(""):
+            self.refuse(action, why)
+            return
+
         def asked(cidr: str | None) -> None:
-            if cidr:
-                self.send("/v1/xdp/unblock", {"cidrs": [cidr]})
+            if not cidr:
+                return
+            if why := self._cidr_refusal(cidr):
+                self.refuse(action, why)
+                return
+            self.send("/v1/xdp/unblock", {"cidrs": [cidr]})
         self.push_screen(PromptScreen("Unblock which range?", "198.18.0.0/15"), asked)
 
 

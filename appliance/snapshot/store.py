@@ -69,6 +69,8 @@ class SnapshotStore:
         self.snapshots = root / "snapshots"
         self.current_link = root / CURRENT_LINK
         self.high_water_path = root / "high-water"
+        # An operator's rollback: the version held below the high-water mark on purpose.
+        self.pinned_path = root / "pinned"
         try:
             self.snapshots.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -118,6 +120,22 @@ class SnapshotStore:
             raise StoreError(f"{self.high_water_path} is corrupt",
                              hint="restore it, or write the highest version you trust") from exc
 
+    def pinned(self) -> int | None:
+        """The version an operator rolled back to, while it is still the active one."""
+        try:
+            version = int(self.pinned_path.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        return version if version == self.current_version() else None
+
+    def pin(self, version: int) -> None:
+        """Records that an operator chose `version` (below the high-water mark): sync keeps it
+        until a newer version than any seen is published, without calling that a refusal."""
+        tmp = self.root / f"{_TMP_PREFIX}pinned-{os.getpid()}"
+        tmp.write_text(f"{version}\n")
+        os.replace(tmp, self.pinned_path)
+        _fsync_dir(self.root)
+
     def manifest(self, version: int) -> Manifest:
         """A stored version's manifest, read alone: the payload beside it may be hundreds of
         megabytes. Stored manifests were verified before they were stored."""
@@ -166,6 +184,7 @@ class SnapshotStore:
             os.rename(tmp, final)
             _fsync_dir(self.snapshots)
             self._write_high_water(version)
+            self.pinned_path.unlink(missing_ok=True)  # a new version ends the pin
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise StoreError(f"cannot store version {version}: {exc.strerror}",

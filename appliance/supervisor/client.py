@@ -29,6 +29,28 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
+def sync_line(sync: dict[str, Any]) -> tuple[str, str]:
+    """What sync is doing, for `adpop status` and the console: ("ok" | "warn" | "bad", text).
+    An operator's rollback is a choice, shown as a pin, never as a failure."""
+    if sync.get("pinned"):
+        return "warn", f"pinned to v{sync['pinned']} by operator until the next publish"
+    if sync.get("error"):
+        return "bad", str(sync["error"])
+    if sync.get("origin_problem"):
+        return "bad", str(sync["origin_problem"])
+    return "ok", f"v{sync.get('version', 0)} {sync.get('state', '')}".strip()
+
+
+def stale_for(status: dict[str, Any], now: float) -> float:
+    """Seconds the supervisor's own figures are past due: its last health round is older
+    than two health intervals (0 while fresh). A hung health loop must not look live."""
+    checked, interval = status.get("checked_at"), status.get("health_interval")
+    if not checked or not interval:
+        return 0.0
+    age = now - float(checked)
+    return age if age > 2 * float(interval) else 0.0
+
+
 def call(path: str, method: str, route: str, body: dict[str, Any] | None = None
          ) -> dict[str, Any]:
     """One request to the supervisor at `path`; raises ControlError with its message."""

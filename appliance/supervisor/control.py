@@ -11,6 +11,7 @@ Errors: {"error": {"code": "...", "message": "..."}} with a 4xx or 5xx status.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import grp
 import json
 import logging
@@ -95,6 +96,11 @@ class ControlServer:
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await self._answer(request, handler)
+        self._audit(request, response)
+        return response
+
+    async def _answer(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
         except web.HTTPException as exc:
@@ -107,9 +113,29 @@ class ControlServer:
         except (ClientError, OSError, asyncio.TimeoutError) as exc:
             return error(503, "engine_unavailable", f"engine: {exc or type(exc).__name__}")
 
-    def _write(self, request: web.Request, action: str) -> None:
+    @staticmethod
+    def _write(request: web.Request, action: str) -> None:
+        """Names the write this request asks for; it is logged once its outcome is known."""
+        request["action"] = action
+
+    @staticmethod
+    def _audit(request: web.Request, response: web.StreamResponse) -> None:
+        # Every write is logged with the caller's uid, and a refused one as refused: the
+        # journal must never say an operator did what the PoP would not do.
+        action = request.get("action")
+        if action is None:
+            return
         uid = peer_uid(request)
-        log.info("control: %s by uid %s", action, uid, extra={"operator_uid": uid})
+        extra = {"operator_uid": uid}
+        if response.status < 400:
+            log.info("control: %s by uid %s", action, uid, extra=extra)
+            return
+        why = ""
+        if isinstance(response, web.Response) and response.text:
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                why = str(json.loads(response.text)["error"]["message"])
+        log.warning("control: %s refused for uid %s: %s", action, uid,
+                    why or f"HTTP {response.status}", extra=extra)
 
     # --- reads ------------------------------------------------------------------------
 

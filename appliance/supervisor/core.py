@@ -79,6 +79,7 @@ class Supervisor:
         self.warnings: list[str] = []
         self.backlog = spool.Backlog(0, 0)
         self.events_warning = ""
+        self.checked_at = 0.0  # wall time of the last health round, for staleness
         self.draining = False
         self.summary = "starting"
         self.engine_status: dict[str, Any] = {}
@@ -175,6 +176,7 @@ class Supervisor:
         active = self.store.current_version()
         self.context.snapshot_version = active or 0
         self.gaps = self.missing()
+        self.checked_at = time.time()
         self.events_warning = await asyncio.to_thread(self.spool_warning)
         self.warnings = [w for w in (self.events_warning,) if w]
         version = f"v{active}" if active is not None else "no snapshot"
@@ -230,6 +232,8 @@ class Supervisor:
                        "warn_bytes": self.cfg.engine.spool_warn_bytes},
             "serving_url": f"http://{self.cfg.engine.listen.split(',')[0].strip()}",
             "uptime_s": round(time.monotonic() - self.started, 1),
+            "checked_at": self.checked_at,
+            "health_interval": float(self.cfg.supervisor.health_interval),
         }
 
     def tuning_status(self) -> dict[str, Any]:

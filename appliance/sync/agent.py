@@ -60,13 +60,14 @@ class SyncState:
     error: str = ""
     origin_problem: str = ""  # why the origin cannot be registered with ("" once it can)
     failed_version: int = 0
+    pinned: int = 0  # the version an operator rolled back to, kept until the next publish
     refused: collections.Counter[str] = field(default_factory=collections.Counter)
     last_logged: str = ""
 
     def report(self) -> dict[str, Any]:
         return {"version": self.version, "sha256": self.sha256, "activated": self.activated,
                 "state": self.state, "error": self.error, "origin_problem": self.origin_problem,
-                "failed_version": self.failed_version,
+                "failed_version": self.failed_version, "pinned": self.pinned,
                 "refused": dict(self.refused)}
 
 
@@ -106,6 +107,11 @@ class SyncAgent:
             self.state.version = current
             self.state.state = "active"
             self.state.sha256 = self.store.manifest(current).payload_sha256
+        pinned = self.store.pinned()
+        self.state.pinned = pinned or 0
+        if pinned is not None:
+            # The operator's choice, not a failure: nothing to report as an error.
+            self.state.state, self.state.error = "pinned", ""
 
     @property
     def origin(self) -> str:
@@ -134,6 +140,8 @@ class SyncAgent:
         current = self.store.current_version()
         if current is not None and manifest.version == current:
             return None
+        if manifest.version <= self.store.high_water() and self.store.pinned() is not None:
+            return None  # pinned by an operator's rollback until a newer version comes
         if manifest.version <= self.store.high_water():
             raise VerifyError(Reason.ROLLBACK, f"version {manifest.version} is not above the "
                               f"high-water mark {self.store.high_water()}")
@@ -250,6 +258,7 @@ class SyncAgent:
             self.state.activated = time.time()
             self.state.state = "active"
             self.state.error = ""
+            self.state.pinned = 0
             log.info("v%d active", version)
         await self.report()
 
@@ -394,6 +403,7 @@ async def roll_back(store: SnapshotStore, admin: EngineAdmin | None, to: int | N
         raise RollbackError(f"no retained {wanted}",
                             hint="`adpop pop snapshots` lists the retained versions")
     store.activate(target)
+    store.pin(target)
     engine_note = ""
     if admin is not None and admin.running():
         problem = await admin.load()
@@ -402,5 +412,5 @@ async def roll_back(store: SnapshotStore, admin: EngineAdmin | None, to: int | N
                                 hint="check the engine, then roll back again")
         engine_note = "; the engine loaded it"
     log.warning("rolled back to v%s (was v%s)", target, current)
-    return (f"active: v{target} (was v{current}){engine_note}; the high-water mark stays, so "
-            "sync will not take an older version back")
+    return (f"active: v{target} (was v{current}){engine_note}; pinned by operator until the "
+            "origin publishes a version above the high-water mark")
