@@ -14,7 +14,7 @@ import dataclasses
 import difflib
 import functools
 import re
-import sys
+import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -23,11 +23,6 @@ from typing import Any
 
 from appliance import cpulist, ports
 from appliance.errors import AdpopError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised only on older Pythons
-    import tomli as tomllib
 
 
 class ConfigError(AdpopError):

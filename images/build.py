@@ -18,11 +18,10 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 import uuid
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 REPO = Path(__file__).resolve().parent.parent
 OUT, CACHE = REPO / "images" / "out", REPO / "images" / "cache"

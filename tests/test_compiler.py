@@ -83,7 +83,7 @@ def test_payload_holds_the_campaigns(sample_set: CampaignSet) -> None:
                 assert priorities == sorted(set(priorities))
                 for tier in part.tiers:
                     running = 0
-                    for ci, cumulative in zip(tier.campaigns, tier.cumulativeWeights):
+                    for ci, cumulative in zip(tier.campaigns, tier.cumulativeWeights, strict=True):
                         camp = p.campaigns[ci]
                         assert camp.priority == tier.priority
                         running += camp.weight

@@ -37,7 +37,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory, engine_set: CampaignSet,
 
 
 def hour_of_week(t: int) -> int:
-    moment = dt.datetime.fromtimestamp(t, tz=dt.timezone.utc)
+    moment = dt.datetime.fromtimestamp(t, tz=dt.UTC)
     return moment.weekday() * 24 + moment.hour
 
 
@@ -110,7 +110,7 @@ def test_explain_equals_reference_for_1000_requests(engine: RunningEngine,
         assert code == 200, answer
         used_ads: set[str] = set()
         taken_labels: dict[str, str] = {}
-        for placement, result in zip(request["placements"], answer["placements"]):
+        for placement, result in zip(request["placements"], answer["placements"], strict=True):
             want = ref.eligible(request, placement)
             got = set(result["explain"]["eligible"])
             assert got == want, (request, sorted(got ^ want)[:5])

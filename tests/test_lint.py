@@ -31,3 +31,18 @@ def test_mypy_clean() -> None:
     result = subprocess.run([BIN / "mypy"], cwd=REPO, capture_output=True, text=True,
                             check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_declared_python_is_the_one_the_code_needs() -> None:
+    """The code uses 3.11 (tomllib, asyncio.timeout, zip(strict=)): the package, ruff and
+    mypy all say 3.11, and no fallback for older Pythons is left behind."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert project["project"]["requires-python"] == ">=3.11"
+    assert project["tool"]["ruff"]["target-version"] == "py311"
+    assert project["tool"]["mypy"]["python_version"] == "3.11"
+    assert not [d for d in project["project"]["dependencies"] if d.startswith("tomli")]
+    sources = [p for folder in ("appliance", "tui", "bench", "images")
+               for p in (REPO / folder).rglob("*.py")]
+    assert not [p for p in sources if "import tomli as" in p.read_text()]

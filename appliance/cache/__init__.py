@@ -117,7 +117,7 @@ async def probe(address: str) -> CacheHealth:
         if pong != "PONG":
             raise CacheReplyError(f"PING answered {pong[:80]!r}")
         info = parse_info(await asyncio.wait_for(_command(reader, opened, "INFO"), PING_TIMEOUT))
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return CacheHealth(False, f"cache at {address} not answering within {PING_TIMEOUT:g} s")
     except (OSError, CacheReplyError, asyncio.IncompleteReadError,
             asyncio.LimitOverrunError) as exc:

@@ -164,7 +164,7 @@ class Origin:
                         if resp.status < 300:
                             return
                         detail = f"HTTP {resp.status}"
-            except (ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, ClientError) as exc:
                 detail = str(exc) or type(exc).__name__
             # Exponential backoff with full jitter, so a fleet that was down does not come
             # back to a thundering herd of retries.

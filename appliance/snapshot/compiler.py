@@ -444,7 +444,7 @@ def _write_index(msg: Any, conjunctions: _Conjunctions) -> tuple[int, int, int, 
     flat: list[int] = []
     program: list[int] = []
     starts: list[int] = []
-    for (conj, cid), owners in zip(conj_ids.items(), conj_campaigns):
+    for (conj, cid), owners in zip(conj_ids.items(), conj_campaigns, strict=True):
         o = out_conj[cid]
         o.size = sizes[cid]
         o.campaignsStart = len(flat)

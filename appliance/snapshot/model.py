@@ -17,7 +17,7 @@ import difflib
 import gc
 import json
 import re
-import sys
+import tomllib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,11 +27,6 @@ from typing import Any, NamedTuple
 
 from appliance import config
 from appliance.errors import AdpopError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 
 class CampaignError(AdpopError):
@@ -258,11 +253,11 @@ def parse_time(value: Any) -> int | None:
             return None
     if isinstance(value, dt.datetime):
         if value.tzinfo is None:
-            value = value.replace(tzinfo=dt.timezone.utc)
+            value = value.replace(tzinfo=dt.UTC)
         return int(value.timestamp())
     if isinstance(value, dt.date):
         return int(dt.datetime(value.year, value.month, value.day,
-                               tzinfo=dt.timezone.utc).timestamp())
+                               tzinfo=dt.UTC).timestamp())
     return None
 
 

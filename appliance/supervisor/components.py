@@ -90,7 +90,7 @@ class ChildProcess:
         process.terminate()
         try:
             await asyncio.wait_for(process.wait(), STOP_GRACE)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             process.kill()
             await process.wait()
 

@@ -110,7 +110,7 @@ class ControlServer:
             return error(exc.status, "bad_request", exc.reason)
         except AdpopError as exc:
             return error(409, "refused", exc.line())
-        except (ClientError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, ClientError, OSError) as exc:
             return error(503, "engine_unavailable", f"engine: {exc or type(exc).__name__}")
 
     @staticmethod

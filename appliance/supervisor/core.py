@@ -132,7 +132,7 @@ class Supervisor:
     async def _engine_health(self) -> Health:
         try:
             status = await self.admin.status()
-        except (ClientError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, ClientError, OSError) as exc:
             return Health(False, f"engine admin socket not answering: {exc or type(exc).__name__}")
         self.engine_status = status
         active = self.store.current_version()

@@ -9,7 +9,6 @@ once enough requests came to tell).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from dataclasses import dataclass
@@ -66,7 +65,7 @@ class EngineAdmin:
         """Tell the engine to load `current`; "" when it did, else why not."""
         try:
             code, body = await self._call("POST", "/load")
-        except (ClientError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, ClientError, OSError) as exc:
             return f"engine admin socket {self.socket_path}: {exc or type(exc).__name__}"
         if code != 200:
             return f"engine refused the load: {body.get('error', body)}"
@@ -92,7 +91,7 @@ class EngineHealth:
             return ""
         try:
             self.before = await self.admin.sample()
-        except (ClientError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, ClientError, OSError) as exc:
             return f"engine not answering on its admin socket: {exc or type(exc).__name__}"
         problem = await self.admin.load()
         if problem:
@@ -105,7 +104,7 @@ class EngineHealth:
             return ""
         try:
             now = await self.admin.sample()
-        except (ClientError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, ClientError, OSError) as exc:
             return f"engine stopped answering: {exc or type(exc).__name__}"
         if now.version != self.expect_version:
             return f"engine serves v{now.version}, not v{self.expect_version}"
