@@ -708,9 +708,13 @@ def cmd_flash(args: argparse.Namespace) -> int:
         for d in disks:
             print(f"  {d.path:12} {d.size / 1e9:8.1f} GB  {d.model or '-':24} "
                   f"serial {d.serial or '-':16} {'removable' if d.removable else 'fixed':9} "
-                  + (f"mounted: {', '.join(d.mounted)}" if d.mounted else "not mounted"))
-        print(f"then: adpop flash {args.image} --device DEV [--config FILE]")
+                  + (f"mounted: {', '.join(d.mounted)}" if d.mounted else "not mounted")
+                  + (f"  REFUSED: {d.refused}" if d.refused else ""))
+        print(f"then: adpop flash {args.image or 'IMAGE'} --device DEV [--config FILE]")
         return 0
+    if not args.image:
+        raise AdpopError("--device given without an image to write",
+                         hint="adpop flash images/out/adpop-VERSION.raw --device DEV")
     result = flash.flash(Path(args.image), args.device,
                          Path(args.config) if args.config else None, yes=args.yes)
     print(f"wrote {result['bytes']:,} bytes to {result['device']} in {result['seconds']} s, "
@@ -982,7 +986,8 @@ def build_parser() -> argparse.ArgumentParser:
     _appliance_flags(p)
     p.set_defaults(func=cmd_console)
     p = commands.add_parser("flash", help="write the appliance image to a disk")
-    p.add_argument("image", help="the .raw image (images/out/adpop-VERSION.raw)")
+    p.add_argument("image", nargs="?",
+                   help="the .raw image (images/out/adpop-VERSION.raw); none: list the disks")
     p.add_argument("--device", help="the whole disk to write (none: list the candidates)")
     p.add_argument("--config", help="the site's configuration drop-in (PoP id, origin, keys)")
     p.add_argument("--yes", action="store_true", help="do not ask to type the device name")

@@ -11,6 +11,7 @@ image's root file system with debugfs (no mount), and re-reads the partition tab
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -26,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import pyudev
+import tomlkit
 
 from appliance import config as cfg
 from appliance.errors import AdpopError
+from appliance.snapshot.manifest import KeyFileError, load_trust
 
 BLKGETSIZE64 = 0x80081272
 BLKRRPART = 0x125F
@@ -49,6 +52,7 @@ class Disk:
     size: int
     removable: bool
     mounted: tuple[str, ...]  # "partition on mountpoint"
+    refused: str = ""  # why flash would refuse this disk ("" when it would write it)
 
 
 def _mounts() -> dict[tuple[int, int], str]:
@@ -87,12 +91,21 @@ def describe(device: pyudev.Device, mounts: dict[tuple[int, int], str]) -> Disk:
 
 
 def candidates() -> list[Disk]:
-    """Whole disks that could take the image (not loop, RAM or device-mapper devices)."""
+    """Whole disks that could take the image (not loop, RAM or device-mapper devices), each
+    marked with the refusal flash would give it: the listing never offers the root disk."""
     context = pyudev.Context()
     skip = ("loop", "ram", "zram", "dm-", "sr", "md")
     mounts = _mounts()  # read once for every disk
-    return [describe(d, mounts) for d in context.list_devices(subsystem="block", DEVTYPE="disk")
-            if not str(d.sys_name).startswith(skip)]
+    root = _root_disk(context)
+    disks = []
+    for device in context.list_devices(subsystem="block", DEVTYPE="disk"):
+        if str(device.sys_name).startswith(skip):
+            continue
+        disk = describe(device, mounts)
+        why = ("holds the running system's root file system" if disk.path == root else
+               "has mounted partitions" if disk.mounted else "")
+        disks.append(dataclasses.replace(disk, refused=why))
+    return disks
 
 
 def check_target(device_path: str, image_bytes: int) -> Disk:
@@ -150,11 +163,21 @@ def site_config(path: Path) -> SiteConfig:
             if not key.is_file():
                 raise FlashError(f"--config {path}: trusted key {key} does not exist",
                                  hint="name the origin's .pub files in snapshot.trust")
+            try:
+                load_trust([key])  # only what the PoP will accept goes into the image
+            except KeyFileError as exc:
+                raise FlashError(f"--config {path}: {exc.message}", hint=exc.hint) from exc
             keys[key.name] = key.read_bytes()
     text = path.read_text()
-    if keys:  # on the appliance the keys sit in the default trust folder
-        text = "\n".join(line for line in text.splitlines()
-                         if not line.strip().startswith("trust")) + "\n"
+    if keys:
+        # On the appliance the keys sit in the default trust folder, so the drop-in's own
+        # snapshot.trust goes; tomlkit edits the document and keeps every comment and the
+        # layout of the rest (a line filter broke multi-line lists).
+        document = tomlkit.parse(text)
+        snapshot = document.get("snapshot")
+        if isinstance(snapshot, dict) and "trust" in snapshot:
+            del snapshot["trust"]
+        text = tomlkit.dumps(document)
     return SiteConfig(text, keys)
 
 

@@ -131,3 +131,53 @@ def test_console_without_a_terminal_is_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1
     assert "adpop console needs a terminal" in result.stderr
+
+
+def test_flash_lists_disks_without_an_image_and_marks_the_root_disk() -> None:
+    import pyudev
+
+    from appliance.flash import _root_disk
+
+    root = _root_disk(pyudev.Context())
+    result = adpop("flash")
+    assert "candidate disks:" in result.stdout and "then: adpop flash IMAGE --device DEV" in \
+        result.stdout
+    if root is not None:  # a root file system on a real disk (not an overlay): marked
+        line = next(x for x in result.stdout.splitlines() if x.strip().startswith(root + " "))
+        assert line.endswith("REFUSED: holds the running system's root file system"), line
+    listed = json.loads(adpop("flash", "--json").stdout)
+    assert all(set(d) >= {"path", "refused"} for d in listed)
+    bad = adpop("flash", "--device", "/dev/nosuch", ok=False)
+    assert bad.returncode == 2 and "--device given without an image" in bad.stderr
+
+
+def test_flash_site_config_is_edited_as_toml_and_takes_only_ed25519_keys(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from appliance.flash import FlashError, site_config
+
+    adpop("keys", "generate", "--out", str(tmp_path / "keys"))
+    (pub,) = (tmp_path / "keys").glob("*.pub")
+    site = tmp_path / "site.toml"
+    site.write_text(f'# the Frankfurt PoP\n[pop]\nid = "pop-fra-1"  # its name\n\n'
+                    f'[snapshot]\ntrust = [\n  "{pub}",\n  # a second origin key goes here\n]\n'
+                    'keep_versions = 4\n\n[sync]\norigin_url = "https://origin.example"\n')
+    config = site_config(site)
+    assert list(config.keys) == [pub.name]
+    assert "trust" not in config.text.replace("trusted", "")
+    for kept in ("# the Frankfurt PoP", 'id = "pop-fra-1"  # its name', "keep_versions = 4",
+                 'origin_url = "https://origin.example"'):
+        assert kept in config.text
+    import tomllib
+
+    assert tomllib.loads(config.text)["snapshot"] == {"keep_versions": 4}
+
+    for name, data in (("notes.pub", b"ed25519 public key bytes stand-in\n"),
+                       ("rsa.pub", rsa.generate_private_key(65537, 2048).public_key()
+                        .public_bytes(serialization.Encoding.PEM,
+                                      serialization.PublicFormat.SubjectPublicKeyInfo))):
+        (tmp_path / name).write_bytes(data)
+        site.write_text(f'[snapshot]\ntrust = ["{tmp_path / name}"]\n')
+        with pytest.raises(FlashError, match=f"{name} is not (a PEM public key|an Ed25519 key)"):
+            site_config(site)

@@ -181,8 +181,11 @@ def debugfs_cat(device: str, path: str) -> str:
 
 def test_flash_writes_verifies_and_configures(image: dict[str, Any], loops: Any,
                                               tmp_path: Path) -> None:
-    pub = tmp_path / "origin-key.pub"
-    pub.write_bytes(b"ed25519 public key bytes stand-in\n")
+    from appliance.snapshot.manifest import generate_key
+
+    _, generated = generate_key(tmp_path / "keys")
+    pub = tmp_path / "origin-key.pub"  # flash takes only what parses as an Ed25519 key
+    pub.write_bytes(generated.read_bytes())
     config = boot.site_config(tmp_path, pub)
     loop = loops(image["bytes"] + 8 * 2**20)
     result = adpop("flash", str(image["path"]), "--device", loop.device, "--config",
