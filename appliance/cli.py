@@ -196,10 +196,20 @@ def _appliance(args: argparse.Namespace) -> Any:
         getattr(args, "state", None))
 
 
-def _store(args: argparse.Namespace) -> tuple[Any, Any]:
+def _existing(folder: Path, what: str, setting: str) -> None:
+    """Read-only commands look at state, never make it: a missing folder (say /var/lib/...
+    on an operator's laptop without --config) is one line, and nothing is created."""
+    if not folder.is_dir():
+        raise AdpopError(f"no {what} at {folder} ({setting}); nothing was created",
+                         hint="give --config FILE (or --state DIR) of the one to read")
+
+
+def _store(args: argparse.Namespace, create: bool = True) -> tuple[Any, Any]:
     from appliance.snapshot.store import SnapshotStore
 
     appliance = _appliance(args)
+    if not create:
+        _existing(Path(appliance.paths.state_dir), "PoP state", "paths.state_dir")
     return appliance, SnapshotStore(Path(appliance.paths.state_dir),
                                     keep=appliance.snapshot.keep_versions)
 
@@ -221,7 +231,7 @@ def cmd_snapshot_install(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot_list(args: argparse.Namespace) -> int:
-    _, store = _store(args)
+    _, store = _store(args, create=False)
     rows = store.listing()
     if not rows:
         print(f"no snapshots stored under {store.root}")
@@ -234,11 +244,13 @@ def cmd_snapshot_list(args: argparse.Namespace) -> int:
 
 # --- origin --------------------------------------------------------------------------------
 
-def _origin(args: argparse.Namespace) -> tuple[Any, Any]:
+def _origin(args: argparse.Namespace, create: bool = True) -> tuple[Any, Any]:
     from appliance.origin.db import OriginDB
 
     origin = cfg.with_state(
         cfg.load(cfg.Scope.ORIGIN, Path(args.config) if args.config else None), args.state)
+    if not create:
+        _existing(Path(origin.origin.state_dir), "origin state", "origin.state_dir")
     return origin, OriginDB(Path(origin.origin.state_dir))
 
 
@@ -259,7 +271,7 @@ def cmd_origin_import(args: argparse.Namespace) -> int:
 
 
 def cmd_origin_list(args: argparse.Namespace) -> int:
-    _, db = _origin(args)
+    _, db = _origin(args, create=False)
     rows = db.campaigns()
     if not rows:
         print("no campaigns; import some with `adpop origin campaigns import DIR`")
@@ -292,7 +304,7 @@ def cmd_origin_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_origin_rollout(args: argparse.Namespace) -> int:
-    _, db = _origin(args)
+    _, db = _origin(args, create=False)
     pops = db.pops()
     print(f"{'version':>7}  {'campaigns':>9}  {'stage':8} {'on':>5}  halted")
     for v in db.versions():
@@ -305,7 +317,7 @@ def cmd_origin_rollout(args: argparse.Namespace) -> int:
 def cmd_origin_fleet(args: argparse.Namespace) -> int:
     from appliance.origin.server import fleet
 
-    _, db = _origin(args)
+    _, db = _origin(args, create=False)
     info = fleet(db)
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
@@ -531,6 +543,8 @@ def cmd_tune_plan(args: argparse.Namespace) -> int:
 def cmd_tune_apply(args: argparse.Namespace) -> int:
     from appliance.tuning import plan
 
+    if not args.dry_run:
+        _needs_root(args, "apply")
     appliance, host = _tune_setup(args)
     if args.wait_for_nics:
         print(f"waited for the NICs: {plan.wait_for_nics(host, args.wait_for_nics)}")
@@ -565,6 +579,7 @@ def cmd_tune_verify(args: argparse.Namespace) -> int:
 def cmd_tune_rollback(args: argparse.Namespace) -> int:
     from appliance.tuning import plan
 
+    _needs_root(args, "rollback")
     appliance, host = _tune_setup(args)
     outcomes = plan.rollback(appliance, host)
     for o in outcomes:
@@ -772,7 +787,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from appliance.up import up
 
-    return up(Path(args.state), Path(args.campaigns) if args.campaigns else None, args.port)
+    return up(Path(args.state), Path(args.campaigns) if args.campaigns else None, args.port,
+              {"origin": args.origin_port, "push": args.push_port, "cache": args.cache_port})
 
 
 def _appliance_flags(p: argparse.ArgumentParser, state: bool = True) -> None:
@@ -783,9 +799,33 @@ def _appliance_flags(p: argparse.ArgumentParser, state: bool = True) -> None:
         p.add_argument("--state", help="state directory (overrides paths.state_dir)")
 
 
+class _Version(argparse.Action):
+    """--version, read from the installed package's metadata only when asked."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"adpop {version('adpop')}")
+        except PackageNotFoundError:
+            print("adpop (not installed: run from a source tree without `pip install`)")
+        parser.exit(0)
+
+
+def _needs_root(args: argparse.Namespace, what: str) -> None:
+    """Writing the host's kernel settings needs root; say so in one line before trying."""
+    if not args.root and os.geteuid() != 0:
+        raise AdpopError(f"adpop tune {what} writes kernel settings under /proc and /sys and "
+                         "needs root", hint=f"run it as root (sudo adpop tune {what}); "
+                         "`adpop tune apply --dry-run` shows what it would write")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adpop", description="adpop edge PoP appliance")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="print the installed adpop version and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     config = commands.add_parser("config", help="show and check configuration").add_subparsers(
@@ -997,6 +1037,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", default=".adpop", help="state directory (default .adpop)")
     p.add_argument("--campaigns", help="campaign folder (default: the sample campaigns)")
     p.add_argument("--port", type=int, default=8080, help="the engine's port (default 8080)")
+    for part, what in (("origin", "the origin's API"), ("push", "the PoP's push listener"),
+                       ("cache", "the PoP's cache (redis-server)")):
+        p.add_argument(f"--{part}-port", type=int, metavar="N",
+                       help=f"{what} on 127.0.0.1:N (default: a free port)")
     p.set_defaults(func=cmd_up)
 
     pop = commands.add_parser("pop", help="this PoP's snapshots").add_subparsers(

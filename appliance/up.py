@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -56,13 +57,14 @@ def free_port() -> int:
             return port
 
 
-def _check_port(port: int) -> None:
+def _check_port(port: int, flag: str = "--port") -> None:
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", port))
         except OSError as exc:
-            raise UpError(f"port {port} on 127.0.0.1 is taken ({exc.strerror})",
-                          hint="stop what uses it, or give `adpop up --port N`") from exc
+            raise UpError(f"{flag} {port}: the port on 127.0.0.1 is taken ({exc.strerror})",
+                          hint=f"stop what uses it, or give another `adpop up {flag} N`"
+                          ) from exc
 
 
 def _command_name() -> str:
@@ -87,9 +89,13 @@ def _run(argv: list[str], what: str) -> None:
         raise UpError(f"{what} failed: {(result.stderr or result.stdout).strip()}")
 
 
-def _write_configs(state: Path, port: int) -> tuple[Path, Path, dict[str, Any]]:
-    _handed_out.add(port)  # the engine's, checked free by the caller
-    origin_port, push_port, cache_port = free_port(), free_port(), free_port()
+def _write_configs(state: Path, port: int, chosen: Mapping[str, int] | None = None
+                   ) -> tuple[Path, Path, dict[str, Any]]:
+    """`chosen`: ports the operator fixed ("origin", "push", "cache"); the rest are free."""
+    chosen = chosen or {}
+    _handed_out.update({port, *chosen.values()})  # checked free by the caller
+    origin_port, push_port, cache_port = (chosen.get(name) or free_port()
+                                          for name in ("origin", "push", "cache"))
     metrics_port = free_port()
     token = os.urandom(12).hex()
     origin_toml, pop_toml = state / "origin.toml", state / "appliance.toml"
@@ -138,12 +144,13 @@ ready_timeout = "1m"
     return origin_toml, pop_toml, ports
 
 
-def prepare(state: Path, campaigns: Path, port: int) -> tuple[Path, Path, dict[str, Any]]:
+def prepare(state: Path, campaigns: Path, port: int, chosen: Mapping[str, int] | None = None
+            ) -> tuple[Path, Path, dict[str, Any]]:
     """Writes both configurations under `state`, gives the origin a signing key that the PoP
     trusts, imports `campaigns` and publishes version 1 (once). Returns the origin's and the
     PoP's configuration files and the ports they use."""
     (state / "logs").mkdir(parents=True, exist_ok=True)
-    origin_toml, pop_toml, ports = _write_configs(state, port)
+    origin_toml, pop_toml, ports = _write_configs(state, port, chosen)
     _run(_adpop("origin", "keys", "init", "--config", str(origin_toml)), "origin keys init")
     pub = next((state / "origin" / "keys").glob("*.pub"))
     _run(_adpop("pop", "trust", str(pub), "--config", str(pop_toml)), "pop trust")
@@ -162,16 +169,26 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     raise _Stop
 
 
-def up(state: Path, campaigns: Path | None, port: int) -> int:
-    """Runs until a signal; returns the exit status."""
+def up(state: Path, campaigns: Path | None, port: int,
+       chosen: Mapping[str, int] | None = None) -> int:
+    """Runs until a signal; returns the exit status. `chosen`: the origin's, push and cache
+    ports the operator fixed (the others are picked free)."""
     state = state.resolve()
     campaigns = (campaigns or SAMPLE_CAMPAIGNS).resolve()
     if not campaigns.is_dir():
         raise UpError(f"campaign folder {campaigns} does not exist",
                       hint="give --campaigns DIR with .toml or .json campaign files")
-    _check_port(port)
+    chosen = {name: value for name, value in (chosen or {}).items() if value}
+    flags = {"engine": "--port", **{name: f"--{name}-port" for name in chosen}}
+    wanted = {"engine": port, **chosen}
+    for name, value in wanted.items():
+        clash = [other for other, v in wanted.items() if v == value and other != name]
+        if clash:
+            raise UpError(f"{flags[name]} {value} is also {flags[clash[0]]}",
+                          hint="give each part its own port")
+        _check_port(value, flags[name])
     started = time.monotonic()
-    origin_toml, pop_toml, ports = prepare(state, campaigns, port)
+    origin_toml, pop_toml, ports = prepare(state, campaigns, port, chosen)
 
     children: dict[str, subprocess.Popen[bytes]] = {}
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}

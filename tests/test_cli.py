@@ -181,3 +181,61 @@ def test_flash_site_config_is_edited_as_toml_and_takes_only_ed25519_keys(tmp_pat
         site.write_text(f'[snapshot]\ntrust = ["{tmp_path / name}"]\n')
         with pytest.raises(FlashError, match=f"{name} is not (a PEM public key|an Ed25519 key)"):
             site_config(site)
+
+
+def test_version_and_tune_as_a_user_are_one_line() -> None:
+    version = adpop("--version")
+    assert version.stdout.strip() == "adpop 0.1.0"
+    for action in ("apply", "rollback"):
+        result = subprocess.run(["runuser", "-u", "nobody", "--", str(ADPOP), "tune", action],
+                                capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+        assert f"adpop tune {action} writes kernel settings" in result.stderr
+
+
+def test_read_only_commands_create_no_state(tmp_path: Path) -> None:
+    """Without --config they read the defaults' /var/lib paths: when those are missing they
+    say so in one line and make nothing (here in a private mount namespace with an empty
+    tmpfs over /var/lib, so the host's is not touched)."""
+    script = "; ".join(f'"{ADPOP}" {args} 2>&1; echo "rc=$?"' for args in (
+        "origin fleet", "origin rollout status", "origin campaigns list", "snapshot list",
+        "pop snapshots")) + "; find /var/lib -mindepth 1 | wc -l"
+    result = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                             f"mount -t tmpfs tmpfs /var/lib && {script}"],
+                            capture_output=True, text=True, timeout=120, check=False)
+    lines = result.stdout.splitlines()
+    assert lines[-1].strip() == "0", "nothing was created under /var/lib"
+    answers = [line for line in lines[:-1] if not line.startswith("rc=")]
+    assert [line for line in lines if line.startswith("rc=")] == ["rc=2"] * 5, lines
+    assert all("nothing was created" in a and a.startswith("adpop: error: no ") for a in answers)
+
+
+def test_up_takes_the_ports_of_every_part(tmp_path: Path) -> None:
+    import socket
+
+    from appliance.up import free_port
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = adpop("up", "--state", str(tmp_path / "s"), "--port", str(free_port()),
+                     "--cache-port", str(port), ok=False)
+    assert busy.returncode == 2 and f"--cache-port {port}: the port on 127.0.0.1 is taken" in \
+        busy.stderr
+    same = free_port()
+    clash = adpop("up", "--state", str(tmp_path / "s"), "--port", str(same),
+                  "--origin-port", str(same), ok=False)
+    assert clash.returncode == 2 and f"--port {same} is also --origin-port" in clash.stderr
+    assert "--origin-port N" in adpop("up", "--help").stdout
+    # The chosen ports are the ones the parts are configured with.
+    from appliance.up import _write_configs
+
+    chosen = {"origin": free_port(), "push": free_port(), "cache": free_port()}
+    origin_toml, pop_toml, ports = _write_configs(tmp_path, free_port(), chosen)
+    assert {k: ports[k] for k in chosen} == chosen
+    assert f'listen = "127.0.0.1:{chosen["origin"]}"' in origin_toml.read_text()
+    pop = pop_toml.read_text()
+    assert f'push_listen = "127.0.0.1:{chosen["push"]}"' in pop
+    assert f'address = "127.0.0.1:{chosen["cache"]}"' in pop
