@@ -390,3 +390,14 @@ def test_adpop_status_has_a_sync_line_and_says_when_it_is_stale(fake: FakeContro
     stale = status()
     assert stale.returncode == 1
     assert stale.stdout.startswith("STALE: the supervisor's last health round was 4")
+
+
+def test_ctrl_c_quits(fake: FakeControl) -> None:
+    app = console(fake)
+
+    async def scenario(pilot: Pilot[None]) -> None:
+        await pilot.press("ctrl+c")
+        await pilot.pause()
+        assert app.return_code == 0 and not app.is_running
+
+    run(app, scenario)
