@@ -30,15 +30,19 @@ help:
 	@echo "make fuzz   - run the libFuzzer targets for FUZZ_SECONDS each (default 60)"
 	@echo "make setup  - apt packages, the .venv, the adpop package (idempotent)"
 
+# (defined before `setup`, whose prerequisites make expands as it reads them)
+PROMTOOL := .tools/promtool
+
 setup: $(STAMPS)/apt $(STAMPS)/venv engine xdp $(PROMTOOL)
 
 # promtool, to check the engine's /metrics exposition in the tests: Debian's prometheus
 # package carries it, but installing that package would also start a Prometheus server, so
 # only its promtool is unpacked here (no daemon, no user).
-PROMTOOL := .tools/promtool
 $(PROMTOOL): $(STAMPS)/apt
 	@mkdir -p .tools/deb
-	cd .tools/deb && rm -f prometheus_*.deb && apt-get download -q prometheus 2>&1 | grep -v "^W: Download is performed unsandboxed" || true
+	@# _apt cannot write into a root-owned folder: apt says so and downloads as root, which is fine.
+	cd .tools/deb && rm -f prometheus_*.deb && { apt-get download -qq prometheus 2>/dev/null || \
+		{ apt-get update -qq && apt-get download -qq prometheus; }; }
 	dpkg-deb -x .tools/deb/prometheus_*.deb .tools/deb/root
 	install -m 0755 .tools/deb/root/usr/bin/promtool $@
 	rm -rf .tools/deb
