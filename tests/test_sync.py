@@ -516,3 +516,30 @@ def test_a_1gib_sync_never_stalls_the_event_loop(world_factory: Any, small: Camp
 
     share, size = run(scenario())
     assert share < 0.5, f"the loop stalled {share:.0%} of a health interval on {size} bytes"
+
+
+def test_an_operators_rollback_pins_until_a_newer_version(world_factory: Any,
+                                                          small: CampaignSet) -> None:
+    """The pin outlives a supervisor restart, is never counted as a refusal, and ends when
+    the origin publishes above the high-water mark."""
+    from appliance.sync.agent import roll_back
+
+    async def scenario() -> None:
+        async with world_factory() as w:
+            w.publish(1, small)
+            await w.agent.attempt()
+            w.publish(2, small)
+            await w.agent.attempt()
+            assert "pinned by operator" in await roll_back(w.store, None, None)
+            w.agent.adopt_current()
+            for agent in (w.agent, SyncAgent(w.agent.cfg, w.store, clock=lambda: NOW)):
+                agent.session = w.agent.session
+                await agent.attempt()  # the origin still offers v2
+                report = agent.state.report()
+                assert (report["state"], report["pinned"], report["error"]) == ("pinned", 1, "")
+                assert not agent.state.refused and w.store.current_version() == 1
+            w.publish(3, small)
+            await w.agent.attempt()
+            assert w.store.current_version() == 3 and w.store.pinned() is None
+            assert (w.agent.state.state, w.agent.state.pinned) == ("active", 0)
+    run(scenario())

@@ -238,6 +238,7 @@ class SyncAgent:
             return
         version = manifest.version
         self.state.state = "checking"
+        self.state.pinned = 0  # a newer version was taken: the operator's pin has ended
         problem = await self._health_window(version)
         if problem:
             self.state.failed_version = version
@@ -258,7 +259,6 @@ class SyncAgent:
             self.state.activated = time.time()
             self.state.state = "active"
             self.state.error = ""
-            self.state.pinned = 0
             log.info("v%d active", version)
         await self.report()
 
