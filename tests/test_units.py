@@ -153,12 +153,22 @@ def test_units_agree_with_the_configuration() -> None:
     assert supervisor["Service"]["Group"] == engine["Service"]["Group"]
     assert supervisor["Service"]["Type"] == "notify" and supervisor["Service"]["WatchdogSec"]
     assert supervisor["Service"]["Restart"] == "always"
-    # Descriptors have an explicit ceiling; bpffs is mounted by the unit, not by luck:
-    # outside the sandbox ("+"), so the mount is the host's and ExecStart's namespace has it.
+    # Descriptors have an explicit ceiling.
     assert int(supervisor["Service"]["LimitNOFILE"]) >= 4096
-    xdp = unit_config("adpop-xdp.service")
-    assert xdp["Service"]["ExecStartPre"] == \
-        "+/usr/lib/adpop/venv/bin/adpop xdp mount --config /etc/adpop/appliance.toml"
+
+
+def test_the_xdp_unit_mounts_bpffs_once_when_nothing_has() -> None:
+    """The unit's ExecStartPre (outside the sandbox, "+") run as written, in a private mount
+    namespace: with bpffs unmounted it mounts it; run again, it mounts nothing over it."""
+    pre = unit_config("adpop-xdp.service")["Service"]["ExecStartPre"]
+    assert pre.startswith("+/bin/sh -c '") and pre.endswith("'")
+    line = pre.removeprefix("+/bin/sh -c '").removesuffix("'")
+    count = "grep -c ' /sys/fs/bpf .* - bpf ' /proc/self/mountinfo"
+    script = (f"while mountpoint -q /sys/fs/bpf; do umount -l /sys/fs/bpf; done; {count}; "
+              f"sh -c '{line}' && {count} && sh -c '{line}' && {count}")
+    result = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                             script], capture_output=True, text=True, timeout=60, check=False)
+    assert result.stdout.split() == ["0", "1", "1"], result.stdout + result.stderr
 
 
 def test_sysusers_and_tmpfiles_apply_to_a_root(tmp_path: Path) -> None:
