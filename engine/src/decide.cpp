@@ -436,7 +436,7 @@ void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::in
     if (request.explain) explain(snap, request, pi, t, out);
   }
   if (context.signer && context.signer->usable() && (caps_changed || !request.caps.empty()))
-    encode_caps(*context.signer, user, caps_, out.caps);
+    encode_caps(*context.signer, user, caps_, out.caps, caps_scratch_);
 }
 
 // The exhaustive view for `explain`: every campaign the k-index says targeting admits, and

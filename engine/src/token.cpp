@@ -67,10 +67,14 @@ bool unbase64url(std::string_view text, std::string& out) {
 
 void TokenSigner::seal(std::string_view body, std::string& out) const {
   std::string sealed(body);
+  seal_buffer(sealed, out);
+}
+
+void TokenSigner::seal_buffer(std::string& buffer, std::string& out) const {
   unsigned char tag[kMacBytes];
-  mac(reinterpret_cast<const unsigned char*>(sealed.data()), sealed.size(), tag);
-  sealed.append(reinterpret_cast<const char*>(tag), kMacBytes);
-  base64url(reinterpret_cast<const unsigned char*>(sealed.data()), sealed.size(), out);
+  mac(reinterpret_cast<const unsigned char*>(buffer.data()), buffer.size(), tag);
+  buffer.append(reinterpret_cast<const char*>(tag), kMacBytes);
+  base64url(reinterpret_cast<const unsigned char*>(buffer.data()), buffer.size(), out);
 }
 
 TokenError TokenSigner::open(std::string_view text, std::string& scratch, std::string_view* body) const {
@@ -120,8 +124,9 @@ bool decode_caps(const TokenSigner& signer, std::string_view text, std::uint64_t
 }
 
 void encode_caps(const TokenSigner& signer, std::uint64_t user, const std::vector<CapEntry>& entries,
-                 std::string& out) {
-  std::string body;
+                 std::string& out, std::string& scratch) {
+  std::string& body = scratch;
+  body.clear();
   body.push_back(static_cast<char>(TokenKind::kCaps));
   put(body, user, 8);
   // Newest windows first when trimming: old windows are the least likely to still cap.
@@ -134,7 +139,7 @@ void encode_caps(const TokenSigner& signer, std::uint64_t user, const std::vecto
     put(body, e.start, 4);
     put(body, e.count, 2);
   }
-  signer.seal(body, out);
+  signer.seal_buffer(body, out);
 }
 
 void TokenSigner::mac(const unsigned char* data, std::size_t n, unsigned char* out) const {

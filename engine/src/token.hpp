@@ -48,6 +48,9 @@ class TokenSigner {
   // The generic seal: body + MAC, base64url. `open` checks the MAC first and returns the
   // body (a view into scratch).
   void seal(std::string_view body, std::string& out) const;
+  // The same, with the body already in `buffer`: the tag is appended there, so a caller
+  // that keeps the buffer seals with no allocation (the request path's caps tokens).
+  void seal_buffer(std::string& buffer, std::string& out) const;
   TokenError open(std::string_view text, std::string& scratch, std::string_view* body) const;
 
  private:
@@ -87,7 +90,8 @@ inline constexpr std::size_t kMaxCapEntries = 48;
 // Empty `out` and false when the token is absent, forged, malformed or another user's.
 bool decode_caps(const TokenSigner& signer, std::string_view text, std::uint64_t user, std::string& scratch,
                  std::vector<CapEntry>& out);
+// `scratch` is a buffer the caller keeps across requests (no allocation once warm).
 void encode_caps(const TokenSigner& signer, std::uint64_t user, const std::vector<CapEntry>& entries,
-                 std::string& out);
+                 std::string& out, std::string& scratch);
 
 }  // namespace adpop

@@ -94,9 +94,8 @@ TEST(Token, EveryCharacterChangeIsRefused) {
 TEST(CapToken, RoundTripAndUserBinding) {
   std::vector<CapEntry> in = {{0, crc32_ieee("camp-1", 6), 3600, 100, 2},
                               {1, crc32_ieee("adv-1", 5), 86400, 50, 7}};
-  std::string text;
-  encode_caps(kSigner, request_hash("alice"), in, text);
-  std::string scratch;
+  std::string text, scratch;
+  encode_caps(kSigner, request_hash("alice"), in, text, scratch);
   std::vector<CapEntry> out;
   ASSERT_TRUE(decode_caps(kSigner, text, request_hash("alice"), scratch, out));
   ASSERT_EQ(out.size(), 2u);
@@ -112,7 +111,7 @@ TEST(CapToken, KeepsTheNewestEntries) {
   std::vector<CapEntry> in;
   for (std::uint32_t i = 0; i < kMaxCapEntries + 10; ++i) in.push_back({0, i, 60, i, 1});
   std::string text, scratch;
-  encode_caps(kSigner, 1, in, text);
+  encode_caps(kSigner, 1, in, text, scratch);
   std::vector<CapEntry> out;
   ASSERT_TRUE(decode_caps(kSigner, text, 1, scratch, out));
   ASSERT_EQ(out.size(), kMaxCapEntries);
