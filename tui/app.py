@@ -196,8 +196,8 @@ class ActionCommands(Provider):
 class ConsoleApp(App[None]):
     TITLE = "adpop console"
     CSS = """
-    #banner { dock: top; height: auto; padding: 0 1; background: $primary-background; }
-    #banner.down { background: $error; color: $text; }
+    #banner { dock: top; height: 1; padding: 0 1; background: $primary-background; }
+    #banner.down { background: $error; color: $text; height: auto; }
     #tiles { grid-size: 5; grid-gutter: 1; height: 7; }
     .tile { border: round $primary; padding: 0 1; height: 7; }
     .tile.bad { border: round $error; }
@@ -238,6 +238,7 @@ class ConsoleApp(App[None]):
         self.rounds = 0
         self.connected: bool | None = None
         self.last_good: float | None = None  # monotonic time of the last answered round
+        self.shown_stale = False  # whether the tiles are greyed out now
         self.sorting: dict[str, tuple[int, bool]] = {}  # table id -> (column, reverse)
         self.rps: collections.deque[float] = collections.deque(maxlen=HISTORY)
         self.p99: collections.deque[float] = collections.deque(maxlen=HISTORY)
@@ -332,16 +333,22 @@ class ConsoleApp(App[None]):
     def render_staleness(self) -> None:
         """Greys out every tile and graph, each saying how old it is, while data is stale."""
         stale = self.stale_seconds()
+        if not stale and not self.shown_stale:
+            return  # the common case, every second: nothing to repaint
+        self.shown_stale = bool(stale)
         note = f"updated {_age(stale)} ago" if stale else ""
         for widget in (*self.query(".tile"), *self.query(".graph")):
             widget.set_class(bool(stale), "stale")
-            widget.border_subtitle = note
+            # Assigned only when it changes: every assignment repaints the widget, and this
+            # runs every second.
+            if widget.border_subtitle != note:
+                widget.border_subtitle = note
     def render_banner(self, result: Round | None = None) -> None:
         banner = self.query_one("#banner", Static)
         parts = [f"[b]adpop console[/b] {self.sub_title}"]
         if self.connected is False and result is not None:
             banner.add_class("down")
-            # The banner grows to hold the whole message: the reason is what matters.
+            # The banner grows to hold the whole message (.down): the reason is what matters.
             parts.append(f"DISCONNECTED from {self.socket_path}: {result.error}; "
                          f"retrying every {self.refresh_s:g} s")
         else:
