@@ -239,3 +239,16 @@ def test_up_takes_the_ports_of_every_part(tmp_path: Path) -> None:
     pop = pop_toml.read_text()
     assert f'push_listen = "127.0.0.1:{chosen["push"]}"' in pop
     assert f'address = "127.0.0.1:{chosen["cache"]}"' in pop
+
+
+def test_a_reader_that_goes_away_is_not_a_traceback(tmp_path: Path) -> None:
+    """`adpop status | head -1` and the like: the reader is gone (`true` reads nothing)
+    before the first line is written."""
+    for command in ("config dump", "xdp status --config config/appliance.toml", "--help"):
+        result = subprocess.run(f"'{ADPOP}' {command} | true; "
+                                "echo \"rc=${PIPESTATUS[0]}\"", shell=True,
+                                executable="/bin/bash", capture_output=True, text=True,
+                                timeout=60, check=False, cwd=Path(__file__).parent.parent)
+        assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, \
+            (command, result.stderr)
+        assert result.stdout.strip() in ("rc=0", "rc=141", "rc=1"), (command, result.stdout)
