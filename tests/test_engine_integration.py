@@ -725,3 +725,42 @@ def test_hugepages_back_the_snapshot_when_the_host_has_them(
             assert untracked(eng.post("/v1/decide", request)[1]) == untracked(without)
     finally:
         NR_HUGEPAGES.write_text(before)
+
+
+def test_idle_connections_never_lock_clients_out(tmp_path: Path, engine_set: CampaignSet,
+                                                 signing_key: SigningKey) -> None:
+    """Issue 20, case 4: the whole connection cap held by sockets that never send a byte.
+    A new client is still served at once (the oldest idle connections make room), and the
+    silent ones are closed after the short first-byte timeout, not the idle timeout."""
+    flags = ["--max-connections", "64", "--first-byte-timeout", "300", "--idle-timeout", "60000"]
+    with running_engine(tmp_path, engine_set, signing_key, extra=flags, shards=1) as eng:
+        silent = []
+        for _ in range(64):
+            sock = socket.create_connection(("127.0.0.1", eng.port), timeout=5)
+            silent.append(sock)
+        try:
+            time.sleep(0.1)  # every one accepted: the cap is full
+            started = time.monotonic()
+            assert eng.get("/healthz") == (200, b"ok\n"), "a new client gets in at the cap"
+            assert time.monotonic() - started < 2
+            errors = eng.status()["errors"]
+            assert errors["idle_evicted"] >= 1 and errors["connection_cap"] == 0
+            time.sleep(1.0)  # past the first-byte timeout and a 100 ms tick
+            closed = 0
+            for sock in silent:
+                sock.settimeout(0.5)
+                try:
+                    closed += sock.recv(1) == b""
+                except (ConnectionResetError, TimeoutError):
+                    closed += 0
+            assert closed == len(silent), f"{closed} of {len(silent)} silent sockets closed"
+            assert eng.status()["errors"]["first_byte_timeout"] >= 1
+            # A client that speaks is not cut by the first-byte timeout.
+            with socket.create_connection(("127.0.0.1", eng.port), timeout=5) as talker:
+                for _ in range(3):
+                    talker.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                    assert talker.recv(256).startswith(b"HTTP/1.1 200")
+                    time.sleep(0.4)
+        finally:
+            for sock in silent:
+                sock.close()

@@ -43,6 +43,8 @@ SO_REUSEPORT listener and epoll loop.
   --max-connections N      open client connections, whole process (default 10000)
   --idle-timeout MS        close keep-alive connections idle this long (default 30000)
   --request-timeout MS     answer 408 if a request takes longer to arrive (default 10000)
+  --first-byte-timeout MS  close a new connection that sends nothing this long (default 2000);
+                           at the connection cap, idle ones are closed oldest first
   --max-header-bytes N     request line + headers limit, else 431 (default 8192)
   --max-body-bytes N       body limit, else 413 (default 65536)
   --spool DIR              per-shard event spool segments (see engine/SPOOL.md), created
@@ -162,6 +164,8 @@ int main(int argc, char** argv) {
       o.idle_poll_us = static_cast<std::uint32_t>(number(flag, value, 0, 1000000));
     } else if (flag == "--idle-timeout") {
       o.idle_timeout_ms = static_cast<std::uint32_t>(number(flag, value, 10, 86400000));
+    } else if (flag == "--first-byte-timeout") {
+      o.first_byte_timeout_ms = static_cast<std::uint32_t>(number(flag, value, 10, 3600000));
     } else if (flag == "--request-timeout") {
       o.request_timeout_ms = static_cast<std::uint32_t>(number(flag, value, 10, 3600000));
     } else if (flag == "--max-header-bytes") {

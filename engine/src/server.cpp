@@ -225,12 +225,14 @@ bool parse_endpoint(std::string_view text, Endpoint* out, std::string* error) {
 }
 
 const char* error_reason_name(ErrorReason r) {
-  static const char* names[kErrReasons] = {
-      "bad_request_line", "bad_header",        "bad_content_length", "headers_too_large", "too_many_headers",
-      "body_too_large",   "transfer_encoding", "bad_version",        "timeout",           "bad_json",
-      "bad_field",        "not_found",         "method_not_allowed", "no_snapshot",       "explain_forbidden",
-      "connection_cap",   "draining",          "token_malformed",    "token_forged",      "token_expired",
-      "unknown_ad"};
+  static const char* names[kErrReasons] = {"bad_request_line",   "bad_header",       "bad_content_length",
+                                           "headers_too_large",  "too_many_headers", "body_too_large",
+                                           "transfer_encoding",  "bad_version",      "timeout",
+                                           "bad_json",           "bad_field",        "not_found",
+                                           "method_not_allowed", "no_snapshot",      "explain_forbidden",
+                                           "connection_cap",     "draining",         "token_malformed",
+                                           "token_forged",       "token_expired",    "unknown_ad",
+                                           "first_byte_timeout", "idle_evicted"};
   return r < kErrReasons ? names[r] : "unknown";
 }
 
@@ -263,6 +265,7 @@ struct Shard::Conn {
   // Accepted while draining: gets health and metrics, but no new decisions.
   bool accepted_draining = false;
   bool metrics_only = false;  // came in on the metrics address: /metrics and /healthz only
+  bool sent_any = false;      // has sent at least one byte since it was accepted
   bool read_pending = false;  // reading stopped for backpressure before the socket drained
   bool dirty = false;         // has answers waiting for the end of the event batch
 };
@@ -409,12 +412,32 @@ bool Shard::is_listener(int fd) const {
   return false;
 }
 
+// At the cap, idle connections (nothing pending either way) are closed oldest first, a
+// sixteenth of the cap in one pass, so that sockets held open doing nothing can never lock
+// clients out, and a flood of new connections does not pay a scan each. False when none is
+// idle: then the cap holds.
+bool Shard::evict_idle() {
+  std::vector<std::pair<std::int64_t, int>> idle;
+  for (auto& p : conns_)
+    if (p && !p->closed && p->in.empty() && p->out.size() == p->out_off)
+      idle.emplace_back(p->last_active_ns, p->fd);
+  if (idle.empty()) return false;
+  const std::size_t batch = std::min<std::size_t>(idle.size(), std::max<std::uint32_t>(1, cap_ / 16));
+  std::nth_element(idle.begin(), idle.begin() + static_cast<std::ptrdiff_t>(batch - 1), idle.end());
+  for (std::size_t i = 0; i < batch; ++i) {
+    stats_.errors[kErrIdleEvicted].add();
+    close_conn(*conns_[static_cast<std::size_t>(idle[i].second)]);
+  }
+  return true;
+}
+
 void Shard::accept_all(int listen_fd) {
   while (true) {
     int fd = accept4(listen_fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0) return;  // EAGAIN, or an error the next readiness will repeat
-    if (open_ >= cap_) {
-      // Over the cap: refuse at once rather than queue work this shard cannot do.
+    if (open_ >= cap_ && !evict_idle()) {
+      // Over the cap with every connection busy: refuse at once rather than queue work this
+      // shard cannot do.
       stats_.errors[kErrConnectionCap].add();
       ::close(fd);
       continue;
@@ -431,6 +454,7 @@ void Shard::accept_all(int listen_fd) {
     c.close_after = false;
     c.closed = false;
     c.metrics_only = listen_fd == metrics_fd_;
+    c.sent_any = false;
     c.last_active_ns = mono_ns();
     c.request_start_ns = 0;
     c.accepted_draining = engine_.draining();
@@ -473,6 +497,7 @@ void Shard::on_readable(Conn& c, bool hangup) {
     }
     ssize_t n = recv_raw(c.fd, buf, sizeof buf);
     if (n > 0) {
+      c.sent_any = true;
       if (c.in.empty()) c.request_start_ns = batch_ns_;
       c.in.append(buf, static_cast<std::size_t>(n));
       c.last_active_ns = batch_ns_;
@@ -734,10 +759,16 @@ void Shard::tick(std::int64_t now) {
   flush_spool(engine_.now_seconds());  // rotates an idle shard's segment by age
   const std::int64_t idle = std::int64_t{o.idle_timeout_ms} * 1'000'000;
   const std::int64_t slow = std::int64_t{o.request_timeout_ms} * 1'000'000;
+  const std::int64_t silent = std::int64_t{o.first_byte_timeout_ms} * 1'000'000;
   for (auto& p : conns_) {
     if (!p || p->closed) continue;
     Conn& c = *p;
-    if (c.request_start_ns && now - c.request_start_ns > slow) {
+    if (!c.sent_any && now - c.last_active_ns > silent) {
+      // Connected and never spoke: a client has its request ready when it connects, so
+      // this one is holding a slot, not asking (the idle timeout is for keep-alive).
+      stats_.errors[kErrFirstByteTimeout].add();
+      close_conn(c);
+    } else if (c.request_start_ns && now - c.request_start_ns > slow) {
       // Slowloris: the request did not complete in time. Answer 408 and hang up.
       respond_error(c, 408, kErrTimeout);
       c.request_start_ns = 0;

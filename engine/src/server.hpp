@@ -40,10 +40,11 @@ struct EngineOptions {
   std::uint32_t shards = 1;
   std::vector<int> cpus;  // one per shard; empty: no pinning
   bool hugepages = false;
-  std::uint32_t max_connections = 10000;     // whole process; split evenly across shards
-  std::uint32_t idle_timeout_ms = 30000;     // keep-alive connection with nothing pending
-  std::uint32_t idle_poll_us = 0;            // shard polls this long after its last event before sleeping
-  std::uint32_t request_timeout_ms = 10000;  // first byte to complete request (slowloris)
+  std::uint32_t max_connections = 10000;       // whole process; split evenly across shards
+  std::uint32_t idle_timeout_ms = 30000;       // keep-alive connection with nothing pending
+  std::uint32_t idle_poll_us = 0;              // shard polls this long after its last event before sleeping
+  std::uint32_t request_timeout_ms = 10000;    // first byte to complete request (slowloris)
+  std::uint32_t first_byte_timeout_ms = 2000;  // a new connection that has sent nothing
   http::Limits http;
   std::string spool_dir;  // empty: events are counted, not kept
   std::uint64_t spool_segment_bytes = 64ull << 20;
@@ -127,6 +128,8 @@ enum ErrorReason : std::uint8_t {
   kErrTokenForged,
   kErrTokenExpired,
   kErrUnknownAd,
+  kErrFirstByteTimeout,  // connected and never sent a byte within --first-byte-timeout
+  kErrIdleEvicted,       // an idle connection closed to admit a new one at the cap
   kErrReasons
 };
 const char* error_reason_name(ErrorReason r);
@@ -166,6 +169,7 @@ class Shard {
   struct Conn;
   void run();
   bool is_listener(int fd) const;
+  bool evict_idle();
   void accept_all(int listen_fd);
   void on_readable(Conn& c, bool hangup);
   void process(Conn& c);
