@@ -134,6 +134,38 @@ def _optional_listen(value: Any) -> str | None:
     return _listen(value) if value else None
 
 
+def _one_listen(value: Any) -> str | None:
+    if "," in value:
+        return "one HOST:PORT only (this server listens on one address)"
+    return _listen(value)
+
+
+def _optional_one_listen(value: Any) -> str | None:
+    return _one_listen(value) if value else None
+
+
+def _between(low: int, high: int) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if low <= value <= high else f"use a value from {low} to {high}"
+
+    return check
+
+
+def _http_url(value: Any) -> str | None:
+    """An http:// or https:// URL with a host (and a valid port when it names one)."""
+    from urllib.parse import urlsplit  # here: only checking a URL pays for the import
+
+    try:
+        parts = urlsplit(value)
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        parts, port_ok = None, False
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or \
+            not port_ok:
+        return "use an http:// or https:// URL with a host, e.g. https://origin.example:8700"
+    return None
+
+
 def port_range(value: str) -> tuple[int, int]:
     """"N-M" as (N, M); raises ValueError with the fix when it is not a usable range of
     unprivileged ports."""
@@ -198,12 +230,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(A, "pop", "id", Kind.STR, "pop-1",
             "This PoP's name at the origin (fleet table, rollout stages, reports).", _identifier),
     Setting(A, "sync", "origin_url", Kind.STR, "http://127.0.0.1:8700",
-            "Base URL of the origin this PoP registers with, polls and fetches snapshots from."),
+            "Base URL of the origin this PoP registers with, polls and fetches snapshots from.",
+            _http_url),
     Setting(A, "sync", "poll_interval", Kind.DURATION, 30,
             "Anti-entropy poll: a missed push notice is caught up within this long.",
             _at_least(1)),
     Setting(A, "sync", "push_listen", Kind.OPT_STR, "127.0.0.1:8701",
-            "HOST:PORT where push notices from the origin arrive (\"\" for polling only)."),
+            "HOST:PORT where push notices from the origin arrive (\"\" for polling only).",
+            _optional_one_listen),
     Setting(A, "sync", "push_token", Kind.OPT_STR, "",
             "Bearer token a push notice must carry (\"\": notices are not authenticated; they "
             "only trigger a fetch, whose manifest is verified anyway)."),
@@ -226,7 +260,8 @@ SETTINGS: tuple[Setting, ...] = (
             "The one address serving the engine's /metrics (never the serving addresses); "
             "keep it on loopback or a management network (\"\": no metrics).",
             _optional_listen),
-    Setting(A, "engine", "shards", Kind.INT, 1, "Serving threads, one per CPU.", _at_least(1)),
+    Setting(A, "engine", "shards", Kind.INT, 1, "Serving threads, one per CPU.",
+            _between(1, 1024)),
     Setting(A, "engine", "cpus", Kind.OPT_STR, "",
             "CPUs to pin the shards to, e.g. \"2-5\" (\"\": unpinned); in the appliance "
             "also the engine unit's CPUAffinity, the cache getting the other CPUs.", _cpu_list),
@@ -333,7 +368,7 @@ SETTINGS: tuple[Setting, ...] = (
             "How long a published snapshot stays valid; PoPs refuse it after that.",
             _at_least(60)),
     Setting(ORG, "origin", "listen", Kind.STR, "127.0.0.1:8700",
-            "HOST:PORT the origin's HTTP API listens on."),
+            "HOST:PORT the origin's HTTP API listens on.", _one_listen),
     Setting(ORG, "origin", "state_dir", Kind.PATH, "/var/lib/adpop-origin",
             "Where the origin keeps its campaign database (origin.sqlite) and published payloads."),
     Setting(ORG, "origin", "push_token", Kind.OPT_STR, "",
@@ -343,7 +378,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(ORG, "rollout", "canaries", Kind.STRLIST, [],
             "PoP ids that get each new version first; a failure among them halts the rollout."),
     Setting(ORG, "rollout", "percent", Kind.INT, 25,
-            "Share of the remaining PoPs in the second stage, before all of them.", _at_least(1)),
+            "Share of the remaining PoPs in the second stage, before all of them, in percent.",
+            _between(1, 100)),
     Setting(ORG, "rollout", "stage_timeout", Kind.DURATION, 120,
             "How long a stage waits for its PoPs to report success before the rollout halts.",
             _at_least(1)),

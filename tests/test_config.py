@@ -62,6 +62,12 @@ def test_dropins_later_wins_and_lists_append(tmp_path: Path) -> None:
     ("[engine]\nlisten = \"127.0.0.1:8080,[::]\"\n", "engine.listen", "'[::]' is not HOST:PORT"),
     ("[engine]\nmetrics_listen = \"localhost:9180\"\n", "engine.metrics_listen",
      "use an IPv4 address"),
+    # Issue 20, case 6: settings `config check` used to accept that broke the PoP.
+    ("[sync]\npush_listen = \"nonsense\"\n", "sync.push_listen", "is not HOST:PORT"),
+    ("[sync]\norigin_url = \"ftp:/nowhere\"\n", "sync.origin_url", "http:// or https://"),
+    ("[sync]\norigin_url = \"http://origin:99999\"\n", "sync.origin_url", "http://"),
+    ("[engine]\nlisten = \"not-an-address\"\n", "engine.listen", "is not HOST:PORT"),
+    ("[engine]\nshards = 100000\n", "engine.shards", "from 1 to 1024"),
 ])
 def test_check_names_file_key_and_fix(tmp_path: Path, text: str, key: str, fix: str) -> None:
     path = write(tmp_path / "appliance.toml", text)
@@ -148,3 +154,15 @@ def test_duration_and_size_parsers() -> None:
         cfg.parse_duration("soon")
     with pytest.raises(cfg.ValueProblem):
         cfg.parse_size(True)
+
+
+@pytest.mark.parametrize(("text", "key", "fix"), [
+    ("[origin]\nlisten = \"127.0.0.1:99999\"\n", "origin.listen", "is not HOST:PORT"),
+    ("[rollout]\npercent = 250\n", "rollout.percent", "from 1 to 100"),
+])
+def test_origin_settings_that_broke_the_origin_are_refused(tmp_path: Path, text: str, key: str,
+                                                           fix: str) -> None:
+    path = write(tmp_path / "origin.toml", text)
+    problems = cfg.check_files([path], cfg.Scope.ORIGIN)
+    assert len(problems) == 1 and problems[0].line().startswith(f"{path}: {key}: ")
+    assert fix in problems[0].line()
