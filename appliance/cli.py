@@ -258,6 +258,10 @@ def cmd_origin_serve(args: argparse.Namespace) -> int:
     from appliance.origin import rollout, server
 
     origin, db = _origin(args)
+    removed = db.clean_leftovers()
+    if removed:
+        log.warning("removed %d payload files left by interrupted publishes: %s",
+                    len(removed), ", ".join(path.name for path in removed))
     server.serve(db, rollout.plan_from_config(origin), args.listen or origin.origin.listen,
                  origin.origin.push_token, origin.origin.push_parallelism)
     return 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -118,3 +120,22 @@ def test_payloads_are_immutable_with_etag_and_range(tmp_path: Path) -> None:
             assert unknown.status == 404
 
     asyncio.run(scenario())
+
+
+def test_origin_cleans_what_a_killed_publish_left(tmp_path: Path) -> None:
+    """Issue 20, case 8: a publish killed midway leaves a .tmp payload or a payload file no
+    version references; the origin removes them when it starts, but never a fresh one (a
+    publish running now) nor a referenced one."""
+    db = OriginDB(tmp_path)
+    kept = db.add_version(1, b"{}", b"payload one", "a" * 64, 1, 0, "all")
+    stale_tmp = db.payload_dir / ("b" * 64 + ".tmp")
+    stale_orphan = db.payload_dir / ("c" * 64 + ".capnp")
+    fresh_orphan = db.payload_dir / ("d" * 64 + ".capnp")
+    for path in (stale_tmp, stale_orphan, fresh_orphan):
+        path.write_bytes(b"x" * 1000)
+    old = time.time() - 7200
+    for path in (stale_tmp, stale_orphan, kept):
+        os.utime(path, (old, old))
+    assert sorted(db.clean_leftovers()) == sorted([stale_tmp, stale_orphan])
+    assert kept.exists() and fresh_orphan.exists()
+    assert db.clean_leftovers() == []

@@ -219,6 +219,26 @@ class OriginDB:
                         first_stage, time.time()))
         return path
 
+    def clean_leftovers(self, older_than: float = 3600.0) -> list[Path]:
+        """Removes what a publish killed midway leaves: `.tmp` payloads, and payload files no
+        version references. Only files older than `older_than` seconds: a publish running
+        now writes its payload before its version row, and that file must stay. Returns
+        what was removed."""
+        referenced = {f"{sha}.capnp" for (sha,) in
+                      self._db.execute("SELECT DISTINCT sha256 FROM versions").fetchall()}
+        cutoff = time.time() - older_than
+        removed = []
+        for path in self.payload_dir.iterdir():
+            if path.name in referenced or path.suffix not in (".tmp", ".capnp"):
+                continue
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed.append(path)
+            except FileNotFoundError:
+                continue  # another cleaner was first
+        return removed
+
     def versions(self) -> list[VersionRow]:
         rows = self._db.execute(
             "SELECT version, sha256, length, campaigns, created, stage, stage_started, halted "
