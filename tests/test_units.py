@@ -157,6 +157,14 @@ def test_units_agree_with_the_configuration() -> None:
     assert int(supervisor["Service"]["LimitNOFILE"]) >= 4096
 
 
+@pytest.mark.parametrize("unit", [p for p in UNIT_FILES if p.suffix == ".service"],
+                         ids=lambda p: p.name)
+def test_every_service_states_its_descriptor_limit(unit: Path) -> None:
+    """Issue 20, case 5: no unit lives on the default 1,024 by accident; each says what it
+    needs (the engine and the cache hold a connection each per client)."""
+    assert int(unit_config(unit.name)["Service"]["LimitNOFILE"]) >= 1024
+
+
 def test_the_xdp_unit_mounts_bpffs_once_when_nothing_has() -> None:
     """The unit's ExecStartPre (outside the sandbox, "+") run as written, in a private mount
     namespace: with bpffs unmounted it mounts it; run again, it mounts nothing over it."""
