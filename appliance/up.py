@@ -89,6 +89,14 @@ def _run(argv: list[str], what: str) -> None:
         raise UpError(f"{what} failed: {(result.stderr or result.stdout).strip()}")
 
 
+def _write_private(path: Path, text: str) -> None:
+    """A file only its owner reads: both configurations hold the push token."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        os.fchmod(out.fileno(), 0o600)  # a file left by an older `adpop up` was 0644
+        out.write(text)
+
+
 def _write_configs(state: Path, port: int, chosen: Mapping[str, int] | None = None
                    ) -> tuple[Path, Path, dict[str, Any]]:
     """`chosen`: ports the operator fixed ("origin", "push", "cache"); the rest are free."""
@@ -99,7 +107,7 @@ def _write_configs(state: Path, port: int, chosen: Mapping[str, int] | None = No
     metrics_port = free_port()
     token = os.urandom(12).hex()
     origin_toml, pop_toml = state / "origin.toml", state / "appliance.toml"
-    origin_toml.write_text(f"""# written by `adpop up`
+    _write_private(origin_toml, f"""# written by `adpop up`
 [origin]
 listen = "127.0.0.1:{origin_port}"
 state_dir = "{state / 'origin'}"
@@ -109,7 +117,7 @@ push_token = "{token}"
 stage_timeout = "1m"
 """)
     redis = shutil.which("redis-server") or "/usr/bin/redis-server"
-    pop_toml.write_text(f"""# written by `adpop up`
+    _write_private(pop_toml, f"""# written by `adpop up`
 [pop]
 id = "pop-local"
 

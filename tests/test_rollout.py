@@ -139,3 +139,21 @@ def test_origin_cleans_what_a_killed_publish_left(tmp_path: Path) -> None:
     assert sorted(db.clean_leftovers()) == sorted([stale_tmp, stale_orphan])
     assert kept.exists() and fresh_orphan.exists()
     assert db.clean_leftovers() == []
+
+
+def test_origin_database_and_up_configs_are_owner_only(tmp_path: Path) -> None:
+    """Issue 20, case 8: origin.sqlite (and its WAL), and the two configurations `adpop up`
+    writes with the push token in them, are 0600, also when an older run left them 0644."""
+    from appliance.up import _write_configs
+
+    (tmp_path / "origin").mkdir()
+    (tmp_path / "origin" / "origin.sqlite").touch(mode=0o644)
+    db = OriginDB(tmp_path / "origin")
+    db.add_version(1, b"{}", b"payload", "e" * 64, 1, 0, "all")
+    for name in ("origin.sqlite", "origin.sqlite-wal"):
+        assert (tmp_path / "origin" / name).stat().st_mode & 0o777 == 0o600, name
+    (tmp_path / "appliance.toml").touch(mode=0o644)
+    origin_toml, pop_toml, _ = _write_configs(tmp_path, 18080)
+    for path in (origin_toml, pop_toml):
+        assert path.stat().st_mode & 0o777 == 0o600, path
+        assert "push_token" in path.read_text()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -107,7 +108,13 @@ class OriginDB:
         self.payload_dir = state_dir / "payloads"
         try:
             self.payload_dir.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(state_dir / "origin.sqlite", isolation_level=None,
+            database = state_dir / "origin.sqlite"
+            # The database holds what the fleet trusts the origin with (PoP registrations,
+            # rollout state): readable by its owner only. SQLite gives the -wal and -shm
+            # files the database file's mode.
+            os.close(os.open(database, os.O_WRONLY | os.O_CREAT, 0o600))
+            os.chmod(database, 0o600)
+            self._db = sqlite3.connect(database, isolation_level=None,
                                        check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_SCHEMA)
