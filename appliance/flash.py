@@ -102,10 +102,18 @@ def candidates() -> list[Disk]:
         if str(device.sys_name).startswith(skip):
             continue
         disk = describe(device, mounts)
-        why = ("holds the running system's root file system" if disk.path == root else
-               "has mounted partitions" if disk.mounted else "")
-        disks.append(dataclasses.replace(disk, refused=why))
+        disks.append(dataclasses.replace(disk, refused=refusal(disk, root)[0]))
     return disks
+
+
+def refusal(disk: Disk, root: str | None) -> tuple[str, str]:
+    """Why flash will not write this disk, and the fix; ("", "") when it will. The listing
+    and check_target give the same answer from here."""
+    if disk.path == root:
+        return "holds the running system's root file system", "flash another disk"
+    if disk.mounted:
+        return f"has mounted partitions ({', '.join(disk.mounted)})", "unmount them first"
+    return "", ""
 
 
 def check_target(device_path: str, image_bytes: int) -> Disk:
@@ -123,13 +131,10 @@ def check_target(device_path: str, image_bytes: int) -> Disk:
         parent = device.find_parent("block", "disk")
         raise FlashError(f"{device_path} is a partition, not a whole disk",
                          hint=f"give {parent.device_node if parent else 'the disk'}")
-    if _root_disk(context) == device.device_node:
-        raise FlashError(f"{device_path} holds the running system's root file system",
-                         hint="flash another disk")
     disk = describe(device, _mounts())
-    if disk.mounted:
-        raise FlashError(f"{device_path} has mounted partitions ({', '.join(disk.mounted)})",
-                         hint="unmount them first")
+    why, fix = refusal(disk, _root_disk(context))
+    if why:
+        raise FlashError(f"{device_path} {why}", hint=fix)
     with open(device_path, "rb") as fh:
         size = int.from_bytes(fcntl.ioctl(fh, BLKGETSIZE64, b"\0" * 8), "little")
     if size < image_bytes:

@@ -542,21 +542,24 @@ class ConsoleApp(App[None]):
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
         self._focus_table()
 
-    def _active_table(self) -> DataTable[str] | None:
-        """The table the keys act on: the focused one, else the active tab's first."""
-        if isinstance(self.focused, DataTable) and self.focused.id != "help-table":
-            return self.focused
+    def _tab_table(self) -> DataTable[str] | None:
+        """The active tab's first table (the overview has none)."""
         pane = self.query_one(TabbedContent).active_pane
         tables = list(pane.query(DataTable)) if pane is not None else []
         return tables[0] if tables else None
 
+    def _active_table(self) -> DataTable[str] | None:
+        """The table the keys act on: the focused one, else the active tab's first."""
+        if isinstance(self.focused, DataTable) and self.focused.id != "help-table":
+            return self.focused
+        return self._tab_table()
+
     def _focus_table(self) -> None:
-        # Arrows work at once in the chosen tab (the overview has no table: focus nothing,
-        # so no hidden table keeps the keys).
-        pane = self.query_one(TabbedContent).active_pane
-        tables = list(pane.query(DataTable)) if pane is not None else []
-        if tables:
-            tables[0].focus()
+        # Arrows work at once in the chosen tab; on the overview nothing is focused, so no
+        # hidden table keeps the keys.
+        table = self._tab_table()
+        if table is not None:
+            table.focus()
         else:
             self.set_focus(None)
 

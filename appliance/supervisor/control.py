@@ -24,9 +24,8 @@ from typing import Any
 
 from aiohttp import ClientError, web
 
-from appliance import spool
 from appliance.errors import AdpopError
-from appliance.parts import control_socket, state_path
+from appliance.parts import control_socket
 from appliance.snapshot import diff as snapshot_diff
 from appliance.supervisor.core import Supervisor
 from appliance.tuning import plan
@@ -193,10 +192,11 @@ class ControlServer:
 
     async def events(self, request: web.Request) -> web.Response:
         s = self.supervisor
-        found = await asyncio.to_thread(spool.backlog, state_path(s.cfg, s.cfg.engine.spool))
+        # The backlog the health round counted (each second): the console asks every
+        # refresh, and listing the spool folder once per round is enough.
         return web.json_response({
             "engine": s.engine_status.get("events", {}), "spool": s.engine_status.get("spool", {}),
-            "closed_segments": found.segments, "backlog_bytes": found.size,
+            "closed_segments": s.backlog.segments, "backlog_bytes": s.backlog.size,
             "warn_bytes": s.cfg.engine.spool_warn_bytes})
 
     async def logs(self, request: web.Request) -> web.Response:

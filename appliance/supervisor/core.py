@@ -75,8 +75,6 @@ class Supervisor:
         self.started = time.monotonic()
         self.ready_sent = False  # READY=1 goes out once, serving or degraded
         self.gaps = ["not checked yet"]  # what the last health round found missing
-        # What the last round found wrong that does not stop serving (degraded, yet ready).
-        self.warnings: list[str] = []
         self.backlog = spool.Backlog(0, 0)
         self.events_warning = ""
         self.checked_at = 0.0  # wall time of the last health round, for staleness
@@ -159,6 +157,11 @@ class Supervisor:
             gaps.append("no verified snapshot yet" + (f" ({why})" if why else ""))
         return gaps
 
+    @property
+    def warnings(self) -> list[str]:
+        """What the last round found wrong that does not stop serving (degraded, yet ready)."""
+        return [w for w in (self.events_warning,) if w]
+
     def spool_warning(self) -> str:
         """Closed segments past engine.spool_warn_bytes: nothing ships them yet, and a full
         disk would stop the engine from recording (so from serving)."""
@@ -178,7 +181,6 @@ class Supervisor:
         self.gaps = self.missing()
         self.checked_at = time.time()
         self.events_warning = await asyncio.to_thread(self.spool_warning)
-        self.warnings = [w for w in (self.events_warning,) if w]
         version = f"v{active}" if active is not None else "no snapshot"
         waited = time.monotonic() - self.started
         timed_out = waited >= self.cfg.supervisor.ready_timeout
