@@ -432,11 +432,14 @@ def cmd_supervisor(args: argparse.Namespace) -> int:
 
     appliance, store = _store(args)
     context, recent = setup_logging(args.debug)
-    supervisor = Supervisor(appliance, store, context, recent)
+    supervisor = Supervisor(appliance, store, context, recent, keep_parts=args.keep_parts)
 
     async def run() -> None:
+        from appliance.httpguard import quiet_floods
+
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        quiet_floods(loop)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await supervisor.run(stop)
@@ -929,6 +932,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("supervisor", help="run the supervisor (systemd's ExecStart)")
     _appliance_flags(p)
+    p.add_argument("--keep-parts", action="store_true",
+                   help="dev mode: the engine and the cache outlive this supervisor and the next "
+                   "one adopts them (`adpop up` restarts a supervisor that dies)")
     p.set_defaults(func=cmd_supervisor)
     for name, help_text, func in (
             ("status", "the PoP's status from its supervisor", cmd_status),

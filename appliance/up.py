@@ -4,10 +4,17 @@ It starts the origin with the sample campaigns and publishes version 1, then the
 dev mode (which runs redis-server and the engine as its children), waits until the PoP serves,
 prints how to use it and writes the same to <state>/up.json. Ctrl-C or SIGTERM stops every
 process it started.
+
+It keeps them running as systemd would: an origin or a supervisor that dies is started again
+(with backoff), and the engine and the cache outlive a supervisor that dies, so the PoP keeps
+serving while the next supervisor adopts them. `adpop up` is their subreaper: a part orphaned
+by a dead supervisor is reaped here, not left a zombie.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -28,6 +35,9 @@ REPO = Path(__file__).resolve().parent.parent
 SAMPLE_CAMPAIGNS = REPO / "config" / "campaigns"
 READY_WAIT = 120.0
 STOP_WAIT = 15.0
+RESTART_FIRST, RESTART_MAX = 1.0, 30.0  # backoff between restarts of a process that died
+STABLE_AFTER = 60.0  # running this long and the backoff starts over
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
 
 
 class UpError(AdpopError):
@@ -198,16 +208,15 @@ def up(state: Path, campaigns: Path | None, port: int,
     started = time.monotonic()
     origin_toml, pop_toml, ports = prepare(state, campaigns, port, chosen)
 
-    children: dict[str, subprocess.Popen[bytes]] = {}
+    argvs = {"origin": _adpop("origin", "serve", "--config", str(origin_toml)),
+             "supervisor": _adpop("supervisor", "--keep-parts", "--config", str(pop_toml))}
+    keeper = _Keeper(state, argvs)
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     control = str(state / "pop" / "control.sock")
     try:
-        for name, argv in (("origin", _adpop("origin", "serve", "--config", str(origin_toml))),
-                           ("supervisor", _adpop("supervisor", "--config", str(pop_toml)))):
-            with open(state / "logs" / f"{name}.log", "ab") as out:
-                children[name] = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                                  stdin=subprocess.DEVNULL, cwd=REPO)
-        status = _wait_ready(children, control, state)
+        for name in argvs:
+            keeper.start(name)
+        status = _wait_ready(keeper.children, control, state)
         info = {
             "serving_url": f"http://127.0.0.1:{port}",
             "example": (f"curl -s 'http://127.0.0.1:{port}/v1/decide?id=r1"
@@ -217,7 +226,8 @@ def up(state: Path, campaigns: Path | None, port: int,
             "console": f"{_command_name()} console --socket {control}",
             "origin_url": f"http://127.0.0.1:{ports['origin']}",
             "ports": ports,
-            "pids": {"origin": children["origin"].pid, "supervisor": children["supervisor"].pid,
+            "pids": {"origin": keeper.children["origin"].pid,
+                     "supervisor": keeper.children["supervisor"].pid,
                      **{name: comp.get("pid") for name, comp in status["components"].items()}},
             "snapshot_version": status["snapshot"]["version"],
         }
@@ -231,10 +241,10 @@ def up(state: Path, campaigns: Path | None, port: int,
               f"  logs:    {state / 'logs'}/   details: {state / 'up.json'}\n"
               "Ctrl-C stops everything.", flush=True)
         while True:
-            for name, child in children.items():
-                if child.poll() is not None:
-                    raise UpError(f"the {name} exited with status {child.returncode}",
-                                  hint=f"see {state / 'logs' / (name + '.log')}")
+            restarted = keeper.tend()
+            if restarted:
+                info["pids"].update({name: keeper.children[name].pid for name in restarted})
+                (state / "up.json").write_text(json.dumps(info, indent=2) + "\n")
             time.sleep(0.5)
     except _Stop:
         print("stopping", flush=True)
@@ -242,7 +252,102 @@ def up(state: Path, campaigns: Path | None, port: int,
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        _stop_all(children)
+        keeper.stop_all()
+
+
+def _child_setup() -> None:
+    # The origin and the supervisor stop (cleanly: SIGTERM) when `adpop up` dies, even by
+    # SIGKILL; the supervisor then stops the parts it runs.
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class _Keeper:
+    """The origin and the supervisor as `adpop up`'s children, each restarted with backoff
+    when it dies; orphaned parts are reaped here."""
+
+    def __init__(self, state: Path, argvs: dict[str, list[str]]) -> None:
+        self.state = state
+        self.argvs = argvs
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.started: dict[str, float] = {}
+        self.backoff = dict.fromkeys(argvs, RESTART_FIRST)
+        self.next_start: dict[str, float] = {}
+        # Parts a dead supervisor leaves behind become this process's children, not init's.
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+    def start(self, name: str) -> None:
+        with open(self.state / "logs" / f"{name}.log", "ab") as out:
+            self.children[name] = subprocess.Popen(
+                self.argvs[name], stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, cwd=REPO,
+                preexec_fn=_child_setup)  # noqa: PLW1509 - `adpop up` runs no threads
+        self.started[name] = time.monotonic()
+
+    def tend(self) -> list[str]:
+        """Reaps orphans and restarts what died once its backoff passed; returns the names
+        started again."""
+        self._reap_orphans()
+        restarted = []
+        now = time.monotonic()
+        for name, child in self.children.items():
+            if child.poll() is None:
+                continue
+            if name not in self.next_start:
+                if now - self.started[name] >= STABLE_AFTER:
+                    self.backoff[name] = RESTART_FIRST
+                self.next_start[name] = now + self.backoff[name]
+                print(f"the {name} exited with status {child.returncode}; restarting it in "
+                      f"{self.backoff[name]:.0f} s (see {self.state / 'logs' / name}.log)"
+                      + ("; the engine keeps serving" if name == "supervisor" else ""),
+                      flush=True)
+                self.backoff[name] = min(RESTART_MAX, self.backoff[name] * 2)
+            elif now >= self.next_start[name]:
+                del self.next_start[name]
+                self.start(name)
+                restarted.append(name)
+        return restarted
+
+    def _reap_orphans(self) -> None:
+        ours = {child.pid for child in self.children.values()}
+        while True:
+            try:
+                # WNOWAIT: look first; the origin's and supervisor's own status is left for
+                # Popen.poll to collect.
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if info is None or info.si_pid in ours:
+                return
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(info.si_pid, 0)
+
+    def stop_all(self) -> None:
+        _stop_all(self.children)
+        # A supervisor that was dead at this moment could not stop the parts it ran: they
+        # are this process's children now (subreaper), and only those are signalled.
+        left = []
+        for pid_file in (self.state / "pop" / "run").glob("*.pid"):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                pid = int(json.loads(pid_file.read_text())["pid"])
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                if int(stat[1]) == os.getpid():
+                    os.kill(pid, signal.SIGTERM)
+                    left.append(pid)
+            pid_file.unlink(missing_ok=True)
+        for pid in left:
+            with contextlib.suppress(ChildProcessError, ProcessLookupError):
+                _wait_pid(pid, STOP_WAIT)
+
+
+def _wait_pid(pid: int, timeout: float) -> None:
+    """Reaps child `pid`, killing it when it is still there after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.waitpid(pid, os.WNOHANG)[0]:
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
 
 
 def _wait_ready(children: dict[str, subprocess.Popen[bytes]], control: str,

@@ -144,19 +144,21 @@ def test_publish_converge_catch_up_and_a_failed_canary_halts(fleet: Fleet) -> No
         fleet.start_pop(name)
     fleet.wait_for("three registered PoPs", lambda d: len(d["pops"]) == 3)
     fleet.publish()
-    fleet.wait_for("all on v1", lambda d: versions(d) == dict.fromkeys(
-        ("pop-a", "pop-b", "pop-c"), 1))
-    # pop-a's engine starts once a snapshot is there (the supervisor's order); from v2 on,
-    # sync tells it to load each version and watches it through the health window.
+    # pop-a's engine starts once a snapshot is active on disk (the supervisor's order); v1
+    # counts as active only once the engine says it serves it, and from v2 on sync tells it
+    # to load each version and watches it through the health window.
+    current = fleet.tmp / "pop-a" / "current"
+    deadline = time.monotonic() + 30
+    while not current.exists():
+        assert time.monotonic() < deadline, "pop-a never activated v1 on disk"
+        time.sleep(0.05)
     engine = subprocess.Popen(
         [str(ENGINE), "--listen", f"127.0.0.1:{free_port()}", "--admin", str(admin),
-         "--snapshot", str(fleet.tmp / "pop-a" / "current"), "--shards", "1"],
+         "--snapshot", str(current), "--shards", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 20
-        while not admin.exists():
-            assert engine.poll() is None and time.monotonic() < deadline, "engine did not start"
-            time.sleep(0.05)
+        fleet.wait_for("all on v1", lambda d: versions(d) == dict.fromkeys(
+            ("pop-a", "pop-b", "pop-c"), 1))
         fleet.publish()
         fleet.wait_for("all on v2", lambda d: versions(d) == dict.fromkeys(
             ("pop-a", "pop-b", "pop-c"), 2))

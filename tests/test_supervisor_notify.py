@@ -212,6 +212,9 @@ class IdleRunner:
     def waiting(self) -> str:
         return ""
 
+    def crashed(self) -> bool:
+        return False
+
 
 def test_watchdog_stops_while_the_health_loop_is_blocked(
         tmp_path: Path, notify_socket: NotifySocket, monkeypatch: pytest.MonkeyPatch,

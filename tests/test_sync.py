@@ -60,8 +60,10 @@ class FakeOrigin:
         return web.Response(body=self.payload)
 
     registrations: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    statuses: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     async def status(self, request: web.Request) -> web.Response:
+        self.statuses.append(await request.json())
         return web.json_response({"ok": True})
 
     async def register(self, request: web.Request) -> web.Response:
@@ -542,4 +544,69 @@ def test_an_operators_rollback_pins_until_a_newer_version(world_factory: Any,
             await w.agent.attempt()
             assert w.store.current_version() == 3 and w.store.pinned() is None
             assert (w.agent.state.state, w.agent.state.pinned) == ("active", 0)
+    run(scenario())
+
+
+def test_a_damaged_active_payload_falls_back_to_the_newest_whole_version_and_reports_it(
+        world_factory: Any, small: CampaignSet) -> None:
+    async def scenario() -> None:
+        async with world_factory() as w:
+            for version in (1, 2, 3):
+                w.publish(version, campaigns(20 + version))
+                await w.agent.attempt()
+            assert w.store.current_version() == 3
+            assert await w.agent.repair_current() == ""  # whole: nothing done
+            for version in (3, 2):  # the active one and the newest other one
+                with (w.store.path_of(version) / "payload.capnp").open("r+b") as fh:
+                    fh.seek(100)
+                    fh.write(b"\xff")
+            done = await w.agent.repair_current()
+            assert w.store.current_version() == 1
+            assert w.store.versions() == [1]
+            assert w.store.quarantined() == {2, 3}
+            assert "v3:" in done and "fails its SHA-256" in done and "now v1" in done
+            last = w.origin.statuses[-1]
+            assert last["version"] == 1 and last["failed_version"] == 3
+            assert "quarantined" in last["error"]
+            # The origin still offers v3: a quarantined version is fetched again, whole.
+            await w.agent.attempt()
+            assert w.store.current_version() == 3 and w.store.check(3) == ""
+    run(scenario())
+
+
+def test_a_version_on_trial_is_checking_until_its_window_passes(world_factory: Any,
+                                                                small: CampaignSet) -> None:
+    """What a crash inside the window leaves: the next agent reports "checking", runs the
+    window again, and only then reports "active"."""
+    async def scenario() -> None:
+        async with world_factory() as w:
+            w.publish(1, small)
+            await w.agent.attempt()
+            w.publish(2, campaigns(22))
+            manifest = await w.agent.sync_once()  # stored and switched, then "killed"
+            assert manifest is not None and w.store.trial() is not None
+            restarted = SyncAgent(w.agent.cfg, w.store, clock=lambda: NOW)
+            restarted.session = w.agent.session
+            assert restarted.state.state == "checking" and restarted.state.version == 2
+            await restarted.attempt()
+            states = [(s["version"], s["state"]) for s in w.origin.statuses]
+            assert states[-2:] == [(2, "checking"), (2, "active")]
+            assert w.store.trial() is None and restarted.state.state == "active"
+    run(scenario())
+
+
+def test_a_version_stored_but_never_switched_to_is_taken_on_trial(world_factory: Any,
+                                                                   small: CampaignSet) -> None:
+    """A crash between storing (high-water written) and the switch: the origin's offer of
+    that version is not a rollback; it is activated from the store, on trial."""
+    async def scenario() -> None:
+        async with world_factory() as w:
+            w.publish(1, small)
+            await w.agent.attempt()
+            built = w.publish(2, campaigns(22))
+            w.store.add(2, built.manifest_bytes, built.payload)
+            assert w.store.current_version() == 1 and w.store.high_water() == 2
+            await w.agent.attempt()
+            assert w.store.current_version() == 2 and not w.agent.state.refused
+            assert w.agent.state.state == "active"
     run(scenario())

@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import random
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -23,6 +24,7 @@ from typing import Any
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
+from appliance import httpguard
 from appliance.errors import AdpopError
 from appliance.origin import rollout
 from appliance.origin.db import OriginDB, PopRow, VersionRow
@@ -31,6 +33,9 @@ log = logging.getLogger("adpop.origin")
 
 PUSH_ATTEMPTS = 4
 LOOP_SECONDS = 0.05
+# Open connections at most (lowered to fit the descriptor limit): a fleet's PoPs, their
+# payload downloads and operators fit; a flood of idle sockets does not lock them out.
+MAX_CONNECTIONS = 4096
 
 
 def fleet(db: OriginDB) -> dict[str, Any]:
@@ -54,8 +59,8 @@ class Origin:
         self.session: ClientSession | None = None
         self.loop_task: asyncio.Task[None] | None = None
 
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024)
+    def app(self, guard: httpguard.Guard | None = None) -> web.Application:
+        app = (guard or httpguard.Guard(MAX_CONNECTIONS)).app(client_max_size=64 * 1024)
         app.add_routes([
             web.get("/v1/manifest", self.get_manifest),
             web.get("/v1/payload/{sha256}", self.get_payload),
@@ -175,10 +180,33 @@ class Origin:
 
 def serve(db: OriginDB, plan: rollout.Plan, listen: str, push_token: str,
           push_parallelism: int) -> None:
-    host, _, port = listen.rpartition(":")
+    """Serves until SIGTERM or SIGINT; raises AdpopError when `listen` cannot be bound."""
     origin = Origin(db, plan, push_token, push_parallelism)
-    log.info("origin listening on %s, %d versions published", listen, len(db.versions()))
     started = time.monotonic()
-    web.run_app(origin.app(), host=host, port=int(port), print=None,
-                handle_signals=True)
+    asyncio.run(_serve(origin, listen))
     log.info("origin stopped after %.0f s", time.monotonic() - started)
+
+
+async def _serve(origin: Origin, listen: str) -> None:
+    loop = asyncio.get_running_loop()
+    httpguard.quiet_floods(loop)
+    guard = httpguard.Guard(MAX_CONNECTIONS)
+    runner = web.AppRunner(origin.app(guard), **httpguard.runner_kwargs())
+    await runner.setup()
+    host, _, port = listen.rpartition(":")
+    try:
+        server = await httpguard.start(runner, guard, host.strip("[]"), int(port))
+    except OSError as exc:
+        await runner.cleanup()
+        raise AdpopError(f"the origin cannot listen on {listen}: {exc.strerror}",
+                         hint="stop what uses the port, or set origin.listen") from exc
+    log.info("origin listening on %s, %d versions published, at most %d connections",
+             listen, len(origin.db.versions()), guard.cap)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        server.close()
+        await runner.cleanup()

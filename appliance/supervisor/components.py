@@ -9,8 +9,11 @@ restarts a part that stopped, with exponential backoff, and reports why.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
+import json
 import logging
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -55,6 +58,9 @@ class Runner(Protocol):
         """How the part last ended, when known ("" otherwise)."""
     def waiting(self) -> str:
         """Why the part is not to run yet ("" when it may): not a failure, nothing to retry."""
+    def crashed(self) -> bool:
+        """Whether the part failed and was restarted by someone else (systemd) since the
+        last call."""
 
 
 def _die_with_parent() -> None:
@@ -63,28 +69,102 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
 
 
-class ChildProcess:
-    """A part run as the supervisor's own child, its output appended to a log file."""
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead and not yet reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
-    def __init__(self, argv: Sequence[str], log_path: Path) -> None:
+
+def started_at(pid: int) -> int:
+    """The process's start time in clock ticks since boot (0 when it is gone): with the pid,
+    it names one process, whatever pid reuse happens later."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+class ChildProcess:
+    """A part run as the supervisor's own child, its output appended to a log file.
+
+    With a `pid_path` the part outlives the supervisor: its pid is recorded there, and the
+    next supervisor adopts it when it still runs with the same command line (what `adpop up`
+    relies on to restart a supervisor while the engine keeps serving). Without one, the part
+    dies with the supervisor."""
+
+    def __init__(self, argv: Sequence[str], log_path: Path, pid_path: Path | None = None
+                 ) -> None:
         self.argv = list(argv)
         self.log_path = log_path
+        self.pid_path = pid_path
         self.description = f"child process {Path(self.argv[0]).name}"
         self.process: asyncio.subprocess.Process | None = None
+        self.adopted: int | None = None  # a part a previous supervisor started
 
     async def start(self) -> None:
+        if self.pid_path is not None and await self._adopt():
+            return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
             try:
                 self.process = await asyncio.create_subprocess_exec(
                     *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=out,
-                    stderr=asyncio.subprocess.STDOUT, preexec_fn=_die_with_parent)
+                    stderr=asyncio.subprocess.STDOUT,
+                    preexec_fn=None if self.pid_path else _die_with_parent)
             except OSError as exc:
                 raise ComponentError(f"cannot start {self.argv[0]}: {exc.strerror}",
                                      hint="check the binary path in the configuration") from exc
+        if self.pid_path is not None:
+            # The command line is kept here, not read from /proc: redis-server rewrites its
+            # own process title.
+            pid = self.process.pid
+            self.pid_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.pid_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"pid": pid, "started": started_at(pid),
+                                       "argv": self.argv}) + "\n")
+            os.replace(tmp, self.pid_path)
+
+    async def _adopt(self) -> bool:
+        """Takes over the part a previous supervisor left running; one started with another
+        command line (the settings changed) is stopped, to start as configured now."""
+        try:
+            record = json.loads(self.pid_path.read_text()) if self.pid_path else {}
+            pid, started, argv = int(record["pid"]), int(record["started"]), record["argv"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        if not alive(pid) or started_at(pid) != started:
+            return False  # gone, or its pid now names another process
+        name = Path(self.argv[0]).name
+        self.adopted = pid
+        if argv == self.argv:
+            log.info("adopted %s, pid %d, left running by the previous supervisor", name, pid)
+            return True
+        log.warning("stopping %s pid %d: it runs with other settings than configured now",
+                    name, pid)
+        await self.stop()
+        return False
 
     async def stop(self) -> None:
         process, self.process = self.process, None
+        adopted, self.adopted = self.adopted, None
+        if self.pid_path is not None and (process or adopted):
+            # Only what this supervisor ran or adopted: a restart of a part that is not
+            # running yet must still find the record of the one to adopt.
+            self.pid_path.unlink(missing_ok=True)
+        if adopted is not None and alive(adopted):
+            # Not our child: signalled and polled, as nothing here can wait() for it.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(adopted, signal.SIGTERM)
+            deadline = time.monotonic() + STOP_GRACE
+            while alive(adopted) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if alive(adopted):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(adopted, signal.SIGKILL)
         if process is None or process.returncode is not None:
             return
         process.terminate()
@@ -98,9 +178,13 @@ class ChildProcess:
         pass  # the event loop reaps the child; returncode is always current
 
     def running(self) -> bool:
+        if self.adopted is not None:
+            return alive(self.adopted)
         return self.process is not None and self.process.returncode is None
 
     def pid(self) -> int | None:
+        if self.adopted is not None:
+            return self.adopted if alive(self.adopted) else None
         return self.process.pid if self.running() and self.process else None
 
     def stopped_why(self) -> str:
@@ -111,6 +195,9 @@ class ChildProcess:
 
     def waiting(self) -> str:
         return ""
+
+    def crashed(self) -> bool:
+        return False  # a child that exits is restarted through Component.health
 
 
 async def systemctl(*args: str) -> tuple[int, str]:
@@ -137,6 +224,8 @@ class SystemdUnit:
         self.description = f"unit {unit}"
         self._active = False
         self._pid: int | None = None
+        self._restarts = 0  # systemd's own restarts after failures (Restart=on-failure)
+        self._restarts_seen: int | None = None
 
     async def start(self) -> None:
         code, out = await systemctl("start", "--no-block", self.unit)
@@ -148,10 +237,13 @@ class SystemdUnit:
         await systemctl("stop", self.unit)
 
     async def refresh(self) -> None:
-        values = await unit_properties(self.unit, "ActiveState", "MainPID")
+        values = await unit_properties(self.unit, "ActiveState", "MainPID", "NRestarts")
         self._active = values.get("ActiveState") in ("active", "activating", "reloading")
         pid = int(values.get("MainPID", "0") or 0)
         self._pid = pid or None
+        self._restarts = int(values.get("NRestarts", "0") or 0)
+        if self._restarts_seen is None:
+            self._restarts_seen = self._restarts
 
     def running(self) -> bool:
         return self._active
@@ -164,6 +256,11 @@ class SystemdUnit:
 
     def waiting(self) -> str:
         return ""  # the unit's own conditions decide
+
+    def crashed(self) -> bool:
+        crashed = self._restarts_seen is not None and self._restarts > self._restarts_seen
+        self._restarts_seen = self._restarts
+        return crashed
 
 
 Probe = Callable[[], Awaitable[Health]]

@@ -56,7 +56,9 @@ class Supervisor:
     def __init__(self, appliance: Any, store: SnapshotStore, context: Context | None = None,
                  recent: RecentLines | None = None,
                  components: list[Component] | None = None,
-                 tuning: DriftWatcher | None = None) -> None:
+                 tuning: DriftWatcher | None = None, keep_parts: bool = False) -> None:
+        """`keep_parts` (dev mode): the engine and the cache outlive this supervisor, and the
+        next one adopts them, as under systemd where each is its own unit."""
         # Sync tells the engine the supervisor runs, whatever the file left unset.
         self.cfg = replace(appliance, engine=replace(appliance.engine,
                                                      admin_socket=str(engine_socket(appliance))))
@@ -65,6 +67,7 @@ class Supervisor:
         self.recent = recent or RecentLines()
         self.admin = EngineAdmin(self.cfg.engine.admin_socket)
         self.agent = SyncAgent(self.cfg, store)
+        self.keep_parts = keep_parts
         self.components = components if components is not None else self._components()
         # Drift is watched where adpop tunes the host: the appliance, on its own machine (dev
         # hosts and containers are left be).
@@ -91,13 +94,18 @@ class Supervisor:
         logs = state_path(self.cfg, "logs")
         if dev:
             state_path(self.cfg, "cache").mkdir(parents=True, exist_ok=True)
+        run = state_path(self.cfg, "run")
+
+        def pid_path(name: str) -> Path | None:
+            return run / f"{name}.pid" if self.keep_parts else None
+
         cache_runner = (ChildProcess(cache.redis_argv(self.cfg.cache.binary, address,
                                                       self.cfg.cache.memory,
                                                       state_path(self.cfg, "cache")),
-                                     logs / "cache.log")
+                                     logs / "cache.log", pid_path("cache"))
                         if dev else SystemdUnit(self.cfg.cache.unit or cache.appliance_unit()))
-        engine_runner = (EngineProcess(self, logs / "engine.log") if dev
-                         else EngineUnit(self.cfg.engine.unit, self.store))
+        engine_runner = (EngineProcess(self, logs / "engine.log", pid_path("engine")) if dev
+                         else EngineUnit(self.cfg.engine.unit, self.store, self.agent))
         parts = [Component("cache", cache_runner, self._cache_health),
                  Component("engine", engine_runner, self._engine_health)]
         if not dev and not in_container():  # a dev host's NICs are left alone
@@ -141,10 +149,26 @@ class Supervisor:
                    "connections": status.get("connections", 0),
                    "draining": status.get("draining", False)}
         if active is not None and version != active:
-            return Health(False, f"engine serves v{version}, v{active} is active", details)
+            return Health(False, await self._reconcile(version, active), details)
         if self.draining and not status.get("draining"):
             await self.admin.call("POST", "/drain")  # a restarted engine is drained again
         return Health(True, "draining" if status.get("draining") else "", details)
+
+    async def _reconcile(self, serving: int, active: int) -> str:
+        """The engine serves another version than `current` names (a crash between the two,
+        or a load that never reached it): it is told to load `current`; when it refuses,
+        the active version's files are checked and a damaged one replaced. A health window
+        in progress owns the engine: it loads and judges the version itself."""
+        reason = f"engine serves v{serving}, v{active} is active"
+        if self.agent.state.state == "checking":
+            return reason
+        problem = await self.admin.load()
+        if not problem:
+            log.warning("%s: told it to load v%d", reason, active,
+                        extra={"component": "engine"})
+            return f"{reason}; told it to load v{active}"
+        repaired = await self.agent.repair_current()
+        return f"{reason}; {repaired or problem}"
 
     # --- health loop, readiness, status -----------------------------------------------
 
@@ -175,6 +199,10 @@ class Supervisor:
 
     async def health_round(self) -> None:
         for component in self.components:
+            if component.name == "engine" and component.runner.crashed():
+                # Restarted by systemd after a failure: a damaged snapshot would make that
+                # a crash loop, so the active version's files are checked first.
+                await self.agent.repair_current()
             await component.health()
         active = self.store.current_version()
         self.context.snapshot_version = active or 0
@@ -341,16 +369,17 @@ def _waits_for_snapshot(store: SnapshotStore) -> str:
 class EngineProcess(ChildProcess):
     """The engine as a dev-mode child, started from the `current` link once there is one."""
 
-    def __init__(self, supervisor: Supervisor, log_path: Path) -> None:
-        super().__init__([supervisor.cfg.engine.binary], log_path)
+    def __init__(self, supervisor: Supervisor, log_path: Path, pid_path: Path | None) -> None:
+        super().__init__(engine_command(supervisor.cfg), log_path, pid_path)
         self.supervisor = supervisor
 
     def waiting(self) -> str:
         return _waits_for_snapshot(self.supervisor.store)
 
     async def start(self) -> None:
+        # A damaged payload would fail every start: checked, and replaced, first.
+        await self.supervisor.agent.repair_current()
         if not self.waiting():
-            self.argv = engine_command(self.supervisor.cfg)
             await super().start()
 
 
@@ -358,9 +387,16 @@ class EngineUnit(SystemdUnit):
     """adpop-engine.service, started through systemd once a snapshot is active (the unit's
     ConditionPathExists holds it back until then too)."""
 
-    def __init__(self, unit: str, store: SnapshotStore) -> None:
+    def __init__(self, unit: str, store: SnapshotStore, agent: SyncAgent) -> None:
         super().__init__(unit)
         self.store = store
+        self.agent = agent
 
     def waiting(self) -> str:
         return _waits_for_snapshot(self.store)
+
+    async def start(self) -> None:
+        # A damaged payload would fail every start: checked, and replaced, first.
+        await self.agent.repair_current()
+        if not self.waiting():
+            await super().start()

@@ -23,6 +23,7 @@ from typing import Any
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
+from appliance import httpguard
 from appliance.errors import AdpopError
 from appliance.snapshot import bundle
 from appliance.snapshot.compiler import PayloadError, open_payload
@@ -47,6 +48,7 @@ MAX_CAMPAIGNS = 10_000_000
 # Registration and status reports are small: an origin that does not answer them within this
 # long is treated as unreachable (the session has no overall deadline, fetches set their own).
 CALL_TIMEOUT = 10.0
+PUSH_CONNECTIONS = 64  # only the origin pushes; room for its retries, not for a flood
 
 
 @dataclass
@@ -88,6 +90,9 @@ class SyncAgent:
         self.wake = asyncio.Event()
         self.pushed: bytes | None = None  # a manifest a push notice carried, not yet taken
         self.session: ClientSession | None = None
+        # Held by whatever switches `current` (install, revert, repair), never across a
+        # health window: the supervisor's repair and the sync loop take turns.
+        self.changing = asyncio.Lock()
         self.adopt_current()
 
     def load_policy(self) -> Policy | None:
@@ -101,12 +106,18 @@ class SyncAgent:
         return self.policy
 
     def adopt_current(self) -> None:
-        """Reports what the store has active (at start, and after an operator's rollback)."""
+        """Reports what the store has active (at start, and after an operator's rollback): a
+        version still on trial is "checking" until its window completes, never "active"."""
         current = self.store.current_version()
         if current is not None:
             self.state.version = current
-            self.state.state = "active"
-            self.state.sha256 = self.store.manifest(current).payload_sha256
+            self.state.state = "checking" if self.store.trial() else "active"
+            try:
+                self.state.sha256 = self.store.manifest(current).payload_sha256
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                # A damaged manifest: the supervisor's check before the engine starts
+                # quarantines the version; until then say so.
+                self.state.sha256, self.state.error = "", f"v{current}: manifest unreadable ({exc})"
         pinned = self.store.pinned()
         self.state.pinned = pinned or 0
         if pinned is not None:
@@ -142,9 +153,11 @@ class SyncAgent:
             return None
         if manifest.version <= self.store.high_water() and self.store.pinned() is not None:
             return None  # pinned by an operator's rollback until a newer version comes
-        if manifest.version <= self.store.high_water():
+        if manifest.version <= self.store.high_water() and not await self._retake(manifest):
             raise VerifyError(Reason.ROLLBACK, f"version {manifest.version} is not above the "
                               f"high-water mark {self.store.high_water()}")
+        if manifest.version in self.store.versions():
+            return manifest  # stored whole before a crash, and now on trial (see _retake)
         partial = self.store.root / f".partial-{manifest.payload_sha256}"
         try:
             await fetch_payload(
@@ -152,8 +165,9 @@ class SyncAgent:
                 manifest.payload_length, partial, deadline)
             # Hashing, walking and fsyncing up to snapshot.max_payload_bytes take seconds:
             # in a thread, so this loop (which sends WATCHDOG=1) keeps its rounds.
-            await asyncio.to_thread(self._check_and_install, manifest, manifest_bytes,
-                                    partial, current)
+            async with self.changing:
+                await asyncio.to_thread(self._check_and_install, manifest, manifest_bytes,
+                                        partial, current)
         except VerifyError as exc:
             # A slow or unreachable origin keeps the bytes for resume; wrong bytes go.
             if exc.reason not in (Reason.SLOW_RETRIEVAL, Reason.UNREACHABLE):
@@ -169,7 +183,32 @@ class SyncAgent:
             verify_payload_bytes(manifest, payload)
             self._check_payload(manifest, payload, current)
         # The checked download itself moves into the store: no second write of the payload.
-        self.store.install(manifest.version, manifest_bytes, partial)
+        self.store.install(manifest.version, manifest_bytes, partial, trial=True)
+
+    async def _retake(self, manifest: Manifest) -> bool:
+        """Whether a version at or below the high-water mark may still be taken: one whose
+        store a crash interrupted before `current` switched (activated here, on trial), or
+        one quarantined for a damaged file (downloaded again). Never one that failed its
+        window, and never one below the active version: that would be a rollback."""
+        version = manifest.version
+        current = self.store.current_version() or 0
+        if version <= current or version in self.store.rejected():
+            return False
+        if version in self.store.versions():
+            if manifest.payload_sha256 != self.store.manifest(version).payload_sha256:
+                return False
+            async with self.changing:
+                problem = await asyncio.to_thread(self.store.check, version)
+                if problem:
+                    log.error("%s; quarantined, fetching it again", problem)
+                    self.store.quarantine(version)
+                    return True
+                log.warning("v%d was stored before a restart and never activated: "
+                            "activating it on trial", version)
+                self.store.begin_trial(version)
+                self.store.activate(version)
+            return True
+        return version in self.store.quarantined()
 
     def _check_payload(self, manifest: Manifest, payload: bytes | mmap.mmap,
                        current: int | None) -> None:
@@ -223,47 +262,82 @@ class SyncAgent:
     # --- activation, health window, reporting ------------------------------------------
 
     async def attempt(self) -> None:
-        """One sync with its health window and report; never raises on a refusal."""
+        """One sync with its health window and report; never raises on a refusal. A version
+        left on trial by a crash gets its window first."""
+        trial = self.store.trial()
+        if trial is not None:
+            await self._prove(trial.version)
+            await self.report()
+            return
         if self.policy is None and self.load_policy() is None:
             return
-        previous = self.store.current_version()
         try:
             manifest = await self.sync_once()
         except VerifyError as exc:
             self._refused(exc)
             await self.report()
             return
-        if manifest is None:
-            await self.report()
+        if manifest is not None:
+            self.state.pinned = 0  # a newer version was taken: the operator's pin has ended
+            await self._prove(manifest.version)
+        await self.report()
+
+    async def _prove(self, version: int) -> None:
+        """Runs the health window of the version on trial; keeps it when it passes, else goes
+        back to the version before it. A crash inside the window leaves the trial in place:
+        the next start runs the window again (a crash of the supervisor says nothing about
+        the version, and reverting for it could leave nothing to serve)."""
+        trial = self.store.retry_trial()
+        if trial is None or trial.version != version:
             return
-        version = manifest.version
-        self.state.state = "checking"
-        self.state.pinned = 0  # a newer version was taken: the operator's pin has ended
-        problem = await self._health_window(version)
+        self.state.version, self.state.state, self.state.error = version, "checking", ""
+        self.state.sha256 = self.store.manifest(version).payload_sha256
+        await self.report()  # the origin hears "checking", which no rollout counts
+        if trial.tries > 1:
+            log.warning("v%d: its health window again, %d cut short by a crash before",
+                        version, trial.tries - 1)
+        if version in self.store.rejected():
+            problem = "it failed before a crash cut its revert short"
+        else:
+            try:
+                problem = await self._health_window(version)
+            except asyncio.CancelledError:
+                # A clean stop is not a crash: this window does not count against it.
+                self.store.retry_trial(-1)
+                raise
         if problem:
-            self.state.failed_version = version
-            self.state.error = f"v{version} failed its health window: {problem}"
-            log.error("%s; reverting to v%s", self.state.error, previous)
-            if previous is None:
+            await self._revert(version, trial.previous, problem)
+            return
+        self.store.end_trial()
+        self.state.activated = time.time()
+        self.state.state = "active"
+        log.info("v%d active", version)
+
+    async def _revert(self, version: int, previous: int | None, problem: str) -> None:
+        self.state.failed_version = version
+        self.state.error = f"v{version} failed its health window: {problem}"
+        log.error("%s; %s", self.state.error,
+                  f"reverting to v{previous}" if previous is not None else "nothing to go back to")
+        async with self.changing:
+            # Rejected first: a crash from here on can only finish the revert.
+            self.store.reject(version)
+            if previous is None or previous not in self.store.versions():
                 self.store.deactivate()
             else:
                 self.store.activate(previous)
-                if self.engine is not None and self.engine.watching:
-                    reload_problem = await self.engine.admin.load()
-                    if reload_problem:
-                        log.error("engine did not take v%s back: %s", previous, reload_problem)
-            self.state.state = "active" if previous is not None else "empty"
-        else:
-            self.state.version = version
-            self.state.sha256 = manifest.payload_sha256
-            self.state.activated = time.time()
-            self.state.state = "active"
-            self.state.error = ""
-            log.info("v%d active", version)
-        await self.report()
+            self.store.end_trial()
+        if previous is not None and self.engine is not None and self.engine.admin.running():
+            reload_problem = await self.engine.admin.load()
+            if reload_problem:
+                log.error("engine did not take v%s back: %s", previous, reload_problem)
+        self.state.version = self.store.current_version() or 0
+        self.state.state = "active" if self.state.version else "empty"
+        self.state.sha256 = (self.store.manifest(self.state.version).payload_sha256
+                             if self.state.version else "")
 
     async def _health_window(self, version: int) -> str:
         if self.engine is not None:
+            # First the engine must say it serves this version (it may still be starting).
             problem = await self.engine.start(version)
             if problem:
                 return problem
@@ -277,6 +351,46 @@ class SyncAgent:
             if time.monotonic() >= end:
                 return ""
             await asyncio.sleep(min(0.2, max(0.0, end - time.monotonic())))
+
+    async def repair_current(self) -> str:
+        """Checks the active version's files against its manifest. When they fail, activates
+        the newest retained version whose files pass, quarantines the damaged ones and
+        reports it; "" when the active version is whole, else what was done. Hashing reads
+        the whole payload: it runs in a thread."""
+        async with self.changing:
+            current = self.store.current_version()
+            if current is None:
+                return ""
+            problem = await asyncio.to_thread(self.store.check, current)
+            if not problem:
+                return ""
+            rejected = self.store.rejected()
+            fallback = None
+            for version in sorted(set(self.store.versions()) - {current} - rejected,
+                                  reverse=True):
+                other = await asyncio.to_thread(self.store.check, version)
+                if not other:
+                    fallback = version
+                    break
+                log.error("%s; quarantined", other)
+                self.store.quarantine(version)
+            if fallback is None:
+                self.store.deactivate()
+            else:
+                self.store.activate(fallback)
+            self.store.end_trial()  # nothing of it is on trial now
+            self.store.quarantine(current)
+            serving = f"v{fallback}" if fallback is not None else "nothing until sync fetches"
+            self.state.version = fallback or 0
+            self.state.state = "active" if fallback is not None else "empty"
+            self.state.sha256 = (self.store.manifest(fallback).payload_sha256
+                                 if fallback is not None else "")
+            self.state.failed_version = current
+            self.state.error = f"{problem}; quarantined it, now {serving}"
+            log.error("%s", self.state.error)
+        if self.session is not None:
+            await self.report()
+        return self.state.error
 
     def _refused(self, exc: VerifyError) -> None:
         self.state.refused[exc.reason.value] += 1
@@ -327,17 +441,19 @@ class SyncAgent:
         self.wake.set()
         return web.json_response({"ok": True}, status=202)
 
-    async def _listen_for_pushes(self) -> web.AppRunner | None:
+    async def _listen_for_pushes(self) -> tuple[web.AppRunner, asyncio.Server] | None:
         """The push listener, or None while its address cannot be bound (the supervisor
         starts before the network is configured): polling runs meanwhile and the next round
-        tries again."""
-        app = web.Application(client_max_size=4096)
+        tries again. Slow, idle and flooding clients are held off by httpguard: only the
+        origin has anything to say here."""
+        guard = httpguard.Guard(PUSH_CONNECTIONS)
+        app = guard.app(client_max_size=4096)
         app.add_routes([web.post("/v1/notify", self.notify)])
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(app, **httpguard.runner_kwargs(), access_log=None)
         await runner.setup()
         host, _, port = self.cfg.sync.push_listen.rpartition(":")
         try:
-            await web.TCPSite(runner, host, int(port)).start()
+            server = await httpguard.start(runner, guard, host.strip("[]"), int(port))
         except OSError as exc:
             await runner.cleanup()
             line = (f"push listener on {self.cfg.sync.push_listen} not up yet ({exc.strerror}); "
@@ -346,23 +462,24 @@ class SyncAgent:
                 log.warning("%s", line)
                 self.state.last_logged = line
             return None
-        return runner
+        return runner, server
 
     async def run(self, stop: asyncio.Event) -> None:
         self.session = ClientSession(timeout=ClientTimeout(total=None, sock_connect=5))
-        runner: web.AppRunner | None = None
+        listener: tuple[web.AppRunner, asyncio.Server] | None = None
         push_url = ""
         try:
             registered = False
             while not stop.is_set():
-                if self.cfg.sync.push_listen and runner is None:
-                    runner = await self._listen_for_pushes()
-                    if runner is not None:
+                if self.cfg.sync.push_listen and listener is None:
+                    listener = await self._listen_for_pushes()
+                    if listener is not None:
                         push_url = f"http://{self.cfg.sync.push_listen}"
                         registered = False  # registered again, now with the push URL
                 if not registered:
                     registered = await self.register(push_url)
-                if registered:
+                # A version on trial is watched whether or not the origin answers.
+                if registered or self.store.trial() is not None:
                     # A stop request does not wait out a fetch or a health window: the
                     # attempt is cancelled at its next await, where the store is never
                     # mid-write. A version activated by then stays active, unreported.
@@ -382,8 +499,9 @@ class SyncAgent:
                 for w in waiters:
                     w.cancel()
         finally:
-            if runner is not None:
-                await runner.cleanup()
+            if listener is not None:
+                listener[1].close()
+                await listener[0].cleanup()
             await self.session.close()
 
 

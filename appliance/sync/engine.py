@@ -1,6 +1,7 @@
 """The engine as sync sees it: told to load each activated snapshot through its admin socket,
-then watched through the health window. No engine running (no socket yet, as before the
-supervisor first starts it) is not a failure: there is nothing to tell or watch.
+then watched through the health window. An engine that is not up yet (the supervisor starts
+it once a first snapshot is active, or again after a crash) is waited for: a version counts
+only once the engine says it serves it.
 
 Healthy means: the admin socket answers, the engine serves the new version, and its error
 rate over the window is not above its rate before the load (with a little slack, and only
@@ -9,8 +10,10 @@ once enough requests came to tell).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +27,9 @@ LOAD_TIMEOUT = 10.0  # a load maps and validates the payload: seconds for the la
 # The window's error rate may exceed the earlier one by this much before it counts as worse.
 RATE_SLACK = 0.01
 MIN_REQUESTS = 100  # fewer requests in the window say nothing about its error rate
+# How long a window waits for the engine to answer at all: a start maps and checks the
+# payload, and the supervisor starts it on its next health round.
+ENGINE_WAIT = 60.0
 
 
 @dataclass(frozen=True)
@@ -75,33 +81,47 @@ class EngineAdmin:
 class EngineHealth:
     """The health check the sync agent runs through a window: load first, then watch."""
 
-    def __init__(self, admin: EngineAdmin) -> None:
+    def __init__(self, admin: EngineAdmin, wait: float = ENGINE_WAIT) -> None:
         self.admin = admin
+        self.wait = wait
         self.before: Sample | None = None
         self.first: Sample | None = None
         self.expect_version = 0
-        self.watching = False
 
     async def start(self, version: int) -> str:
+        """Returns once the engine serves `version` ("") or why it does not: it is told to
+        load `current` when it serves another version, and waited for while it does not
+        answer."""
         self.expect_version = version
-        self.watching = self.admin.running()
-        if not self.watching:
-            log.info("no engine on %s: v%d is active for when it starts", self.admin.socket_path,
-                     version)
-            return ""
-        try:
-            self.before = await self.admin.sample()
-        except (TimeoutError, ClientError, OSError) as exc:
-            return f"engine not answering on its admin socket: {exc or type(exc).__name__}"
-        problem = await self.admin.load()
-        if problem:
-            return problem
-        self.first = await self.admin.sample()
-        return ""
+        self.before = self.first = None
+        deadline = time.monotonic() + self.wait
+        loaded = False
+        while True:
+            try:
+                sample = await self.admin.sample()
+            except TimeoutError:
+                # Its socket takes the connection and nothing answers: hung, not starting.
+                return (f"engine not answering on its admin socket within "
+                        f"{STATUS_TIMEOUT:.0f} s")
+            except (ClientError, OSError) as exc:
+                if time.monotonic() >= deadline:
+                    return (f"engine did not answer on {self.admin.socket_path} within "
+                            f"{self.wait:.0f} s: {exc or type(exc).__name__}")
+                await asyncio.sleep(0.2)
+                continue
+            if sample.version == version:
+                self.first = sample
+                self.before = self.before or sample
+                return ""
+            if loaded:
+                return f"engine serves v{sample.version} after being told to load v{version}"
+            self.before = sample
+            problem = await self.admin.load()
+            if problem:
+                return problem
+            loaded = True
 
     async def check(self) -> str:
-        if not self.watching:
-            return ""
         try:
             now = await self.admin.sample()
         except (TimeoutError, ClientError, OSError) as exc:
