@@ -255,6 +255,7 @@ def _origin(args: argparse.Namespace, create: bool = True) -> tuple[Any, Any]:
 
 
 def cmd_origin_serve(args: argparse.Namespace) -> int:
+    from appliance import secrets
     from appliance.origin import rollout, server
 
     origin, db = _origin(args)
@@ -262,8 +263,11 @@ def cmd_origin_serve(args: argparse.Namespace) -> int:
     if removed:
         log.warning("removed %d payload files left by interrupted publishes: %s",
                     len(removed), ", ".join(path.name for path in removed))
+    token_file = origin.origin.push_token_file
+    token = secrets.read(cfg.under(origin.origin.state_dir, token_file),
+                         "origin.push_token_file") if token_file else ""
     server.serve(db, rollout.plan_from_config(origin), args.listen or origin.origin.listen,
-                 origin.origin.push_token, origin.origin.push_parallelism)
+                 token, origin.origin.push_parallelism)
     return 0
 
 
@@ -487,8 +491,23 @@ def cmd_cache_run(args: argparse.Namespace) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     binary = args.binary or c.binary
     binary = shutil.which(binary) or binary
+    # Under systemd the password files arrive as credentials; otherwise beside the password.
+    secret_dir = (os.environ.get("CREDENTIALS_DIRECTORY")
+                  or state_path(appliance, c.password_file).parent)
+    if not os.environ.get("CREDENTIALS_DIRECTORY"):
+        cache.write_secrets(state_path(appliance, c.password_file))
     return _exec(cache.server_argv(args.server, binary, c, folder,
-                                   len(os.sched_getaffinity(0))))
+                                   len(os.sched_getaffinity(0)), secret_dir))
+
+
+def cmd_cache_secrets(args: argparse.Namespace) -> int:
+    from appliance import cache
+    from appliance.parts import state_path
+
+    password_file = state_path(_appliance(args), _appliance(args).cache.password_file)
+    cache.write_secrets(password_file)
+    print(f"cache password in {password_file} and beside it (mode 0600)")
+    return 0
 
 
 def cmd_units_generate(args: argparse.Namespace) -> int:
@@ -967,6 +986,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--binary", help="the server binary (default: cache.binary)")
     _appliance_flags(p)
     p.set_defaults(func=cmd_cache_run)
+    p = cache_cmd.add_parser("secrets", help="make the cache password and the servers' files "
+                             "naming it, 0600, when missing (adpop-secrets.service)")
+    _appliance_flags(p)
+    p.set_defaults(func=cmd_cache_secrets)
     units_cmd = commands.add_parser("units", help="systemd integration").add_subparsers(
         dest="action", required=True, metavar="ACTION")
     p = units_cmd.add_parser("generate", help="write the configuration's unit drop-ins "

@@ -238,9 +238,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(A, "sync", "push_listen", Kind.OPT_STR, "127.0.0.1:8701",
             "HOST:PORT where push notices from the origin arrive (\"\" for polling only).",
             _optional_one_listen),
-    Setting(A, "sync", "push_token", Kind.OPT_STR, "",
-            "Bearer token a push notice must carry (\"\": notices are not authenticated; they "
-            "only trigger a fetch, whose manifest is verified anyway)."),
+    Setting(A, "sync", "push_token_file", Kind.OPT_PATH, "",
+            "File (mode 0600) holding the bearer token a push notice must carry; relative paths "
+            "are under paths.state_dir (\"\": notices are not authenticated; they only trigger "
+            "a fetch, whose manifest is verified anyway)."),
     Setting(A, "sync", "fetch_timeout", Kind.DURATION, 120,
             "Deadline for fetching one snapshot (manifest and payload); a slower origin is "
             "dropped and tried again at the next notice or poll.", _at_least(1)),
@@ -284,6 +285,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Memory limit of the cache (its maxmemory; in the appliance the unit's MemoryMax is "
             "a quarter above it).",
             _at_least(1024**2)),
+    Setting(A, "cache", "password_file", Kind.PATH, "secrets/cache.password",
+            "File (mode 0600) holding the password the cache requires of every client, made at "
+            "first start when missing; only the supervisor and the parts it runs read it. "
+            "Relative paths are under paths.state_dir."),
     Setting(A, "cache", "binary", Kind.PATH, "redis-server",
             "The cache server the supervisor runs in dev mode."),
     Setting(A, "cache", "unit", Kind.OPT_STR, "",
@@ -371,8 +376,10 @@ SETTINGS: tuple[Setting, ...] = (
             "HOST:PORT the origin's HTTP API listens on.", _one_listen),
     Setting(ORG, "origin", "state_dir", Kind.PATH, "/var/lib/adpop-origin",
             "Where the origin keeps its campaign database (origin.sqlite) and published payloads."),
-    Setting(ORG, "origin", "push_token", Kind.OPT_STR, "",
-            "Bearer token sent with push notices (the PoPs' sync.push_token)."),
+    Setting(ORG, "origin", "push_token_file", Kind.OPT_PATH, "",
+            "File (mode 0600) holding the bearer token sent with push notices (the one the "
+            "PoPs' sync.push_token_file holds); relative paths are under origin.state_dir "
+            "(\"\": none)."),
     Setting(ORG, "origin", "push_parallelism", Kind.INT, 16,
             "Push notices in flight at once.", _at_least(1)),
     Setting(ORG, "rollout", "canaries", Kind.STRLIST, [],
@@ -605,7 +612,38 @@ def check_files(paths: Sequence[Path], scope: Scope) -> list[Problem]:
     layered = _Layered()
     for path in paths:
         _read_file(path, scope, layered)
+    _check_together(scope, layered)
     return layered.problems
+
+
+def _executable(value: str) -> bool:
+    import shutil  # here: only checking a binary pays for the import
+
+    return shutil.which(value) is not None
+
+
+def _check_together(scope: Scope, layered: _Layered) -> None:
+    """Checks one setting's value cannot make alone: in dev mode the supervisor runs
+    engine.binary and cache.binary itself, so they must be executables (in the appliance
+    the units name their own)."""
+    if scope is not Scope.APPLIANCE or not layered.sources:
+        return
+    defaults = {(s.section, s.key): s.default for s in SETTINGS if s.scope is scope}
+
+    def value(section: str, key: str) -> Any:
+        return layered.values.get((section, key), defaults[(section, key)])
+
+    if value("supervisor", "mode") != "dev":
+        return
+    for section in ("engine", "cache"):
+        binary = value(section, "binary")
+        if not _executable(binary):
+            layered.problems.append(Problem(
+                str(layered.sources[-1]), f"{section}.binary",
+                f"{binary!r} is not an executable file (dev mode runs it)",
+                "give the path of the installed binary" + (
+                    " (`make setup` builds engine/build/adpop-engine)" if section == "engine"
+                    else " (e.g. /usr/bin/redis-server)")))
 
 
 def under(base: str | Path, path: str | Path) -> Path:
@@ -640,6 +678,7 @@ def load(scope: Scope, path: Path | None = None) -> Any:
                                        "give the path of an existing TOML file")])
         for file in [path, *dropin_files(path)]:
             _read_file(file, scope, layered)
+        _check_together(scope, layered)
     if layered.problems:
         raise ConfigError(layered.problems)
     return build(scope, layered.values)

@@ -9,7 +9,8 @@ into the generator's normal directory:
 - dragonfly.service and adpop-redis.service: CPUAffinity = the housekeeping CPUs
   (tuning.housekeeping_cpus, else every CPU the engine does not have, else all of them),
   MemoryMax a quarter above cache.memory, so the server evicts at its maxmemory long before
-  the kernel kills it, and ExecStart = the server's command line.
+  the kernel kills it, and ExecStart = the server's command line (its password file from
+  the unit's credentials, `%d`).
 
 The ExecStart lines run the servers straight from systemd. The units' own ExecStart (`adpop
 engine run`, `adpop cache run`) would compute the same command line at every start, but
@@ -42,9 +43,11 @@ MEMORY_HEADROOM = 1.25
 
 def quote(arg: str) -> str:
     """One ExecStart argument, as systemd reads it back: quoted, with its escapes, and with
-    specifiers (%) and variable references ($) made literal."""
+    specifiers (%) and variable references ($) made literal -- but for cache.CREDENTIALS,
+    which becomes `%d`, the unit's credentials directory."""
     escaped = arg.replace("\\", "\\\\").replace('"', '\\"')
-    return '"' + escaped.replace("%", "%%").replace("$", "$$") + '"'
+    escaped = escaped.replace("%", "%%").replace("$", "$$")
+    return '"' + escaped.replace(cache.CREDENTIALS, "%d") + '"'
 
 
 def exec_start(argv: list[str]) -> str:
@@ -63,7 +66,7 @@ def drop_ins(appliance: Any, online: frozenset[int]) -> dict[str, str]:
     out = {ENGINE_UNIT: f"{header}[Service]\n{affinity}{exec_start(engine_argv(appliance))}"}
     for unit, (server, binary) in CACHE_UNITS.items():
         argv = cache.server_argv(server, binary, appliance.cache, CACHE_STATE_DIR,
-                                 len(housekeeping))
+                                 len(housekeeping), cache.CREDENTIALS)
         out[unit] = (f"{header}[Service]\nCPUAffinity={cpulist.render(housekeeping)}\n"
                      f"MemoryMax={int(appliance.cache.memory * MEMORY_HEADROOM)}\n"
                      f"{exec_start(argv)}")

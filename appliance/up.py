@@ -100,7 +100,7 @@ def _run(argv: list[str], what: str) -> None:
 
 
 def _write_private(path: Path, text: str) -> None:
-    """A file only its owner reads: both configurations hold the push token."""
+    """A file only its owner reads (the push token; the configurations name their files)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as out:
         os.fchmod(out.fileno(), 0o600)  # a file left by an older `adpop up` was 0644
@@ -115,13 +115,15 @@ def _write_configs(state: Path, port: int, chosen: Mapping[str, int] | None = No
     origin_port, push_port, cache_port = (chosen.get(name) or free_port()
                                           for name in ("origin", "push", "cache"))
     metrics_port = free_port()
-    token = os.urandom(12).hex()
+    # One push token, in a file of its own that both configurations name.
+    token_file = state / "push-token"
+    _write_private(token_file, os.urandom(16).hex() + "\n")
     origin_toml, pop_toml = state / "origin.toml", state / "appliance.toml"
     _write_private(origin_toml, f"""# written by `adpop up`
 [origin]
 listen = "127.0.0.1:{origin_port}"
 state_dir = "{state / 'origin'}"
-push_token = "{token}"
+push_token_file = "{token_file}"
 
 [rollout]
 stage_timeout = "1m"
@@ -137,7 +139,7 @@ state_dir = "{state / 'pop'}"
 [sync]
 origin_url = "http://127.0.0.1:{origin_port}"
 push_listen = "127.0.0.1:{push_port}"
-push_token = "{token}"
+push_token_file = "{token_file}"
 poll_interval = "5s"
 health_window = "2s"
 

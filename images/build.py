@@ -195,6 +195,7 @@ def install_adpop(tree: Path, wheel_dir: Path, dragonfly: Path | None,
     # changes under the operator.
     run("systemctl", f"--root={tree}", "mask", *SELF_MAINTENANCE)
     run("systemctl", f"--root={tree}", "enable", "adpop.target", "adpop-tune.service",
+        "adpop-secrets.service",
         "adpop-banner.service",
         "adpop-xdp.service", "adpop-supervisor.service", "adpop-engine.service",
         "adpop-redis.service", "dragonfly.service", "systemd-networkd.service")

@@ -147,15 +147,19 @@ class Load:
     answered: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
-    limit: int = 200_000  # requests at most, whatever the test does
+    limit: int = 400_000  # requests at most, whatever the test does
+    seconds: float = 600.0  # and for this long at most
+    pace: float = 0.001  # a pause after each request: load, not a flood
     thread: threading.Thread | None = None
 
     def run(self) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", self.up.port, timeout=5)
         body_base = {"placements": [{"id": "article-inline"}], "geo": {"country": "US"}}
+        deadline = time.monotonic() + self.seconds
         for i in range(self.limit):
-            if self.stop.is_set():
+            if self.stop.is_set() or time.monotonic() > deadline:
                 break
+            time.sleep(self.pace)
             rid = f"load-{i}"
             try:
                 conn.request("POST", "/v1/decide", json.dumps(dict(body_base, id=rid)),
@@ -176,6 +180,11 @@ class Load:
                 conn = http.client.HTTPConnection("127.0.0.1", self.up.port, timeout=5)
                 time.sleep(0.01)
         conn.close()
+
+    def state(self) -> str:
+        alive = self.thread is not None and self.thread.is_alive()
+        return (f"load thread {'running' if alive else 'ended'}, {len(self.answered)} "
+                f"answered, last failures {self.failures[-3:]}")
 
     def __enter__(self) -> Load:
         self.thread = threading.Thread(target=self.run, daemon=True)

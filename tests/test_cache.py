@@ -17,15 +17,21 @@ from appliance.up import free_port
 
 
 @pytest.fixture
-def redis_port(tmp_path: Path) -> Iterator[int]:
+def password(tmp_path: Path) -> str:
+    return cache.write_secrets(tmp_path / "secrets" / "cache.password")
+
+
+@pytest.fixture
+def redis_port(tmp_path: Path, password: str) -> Iterator[int]:
     binary = shutil.which("redis-server")
     assert binary, "redis-server missing: `make setup` installs it"
     port = free_port()
-    argv = cache.redis_argv(binary, f"127.0.0.1:{port}", 32 << 20, tmp_path)
+    argv = cache.redis_argv(binary, f"127.0.0.1:{port}", 32 << 20, tmp_path,
+                            tmp_path / "secrets")
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 20
-        while not asyncio.run(cache.probe(f"127.0.0.1:{port}")).ok:
+        while not asyncio.run(cache.probe(f"127.0.0.1:{port}", password)).ok:
             assert process.poll() is None and time.monotonic() < deadline, "redis did not start"
             time.sleep(0.05)
         yield port
@@ -34,11 +40,34 @@ def redis_port(tmp_path: Path) -> Iterator[int]:
         process.wait(timeout=15)
 
 
-def test_probe_reads_a_real_redis(redis_port: int) -> None:
-    health = asyncio.run(cache.probe(f"127.0.0.1:{redis_port}"))
+def test_probe_reads_a_real_redis(redis_port: int, password: str) -> None:
+    health = asyncio.run(cache.probe(f"127.0.0.1:{redis_port}", password))
     assert health.ok and health.reason == ""
     assert health.max_memory == 32 << 20 and 0 < health.used_memory < health.max_memory
     assert health.connected_clients >= 1 and health.evicted_keys == 0 and health.ping_ms > 0
+
+
+def test_the_cache_refuses_a_client_without_its_password(redis_port: int, tmp_path: Path,
+                                                         password: str) -> None:
+    """Case 8: the cache accepted any local user. The password lives in 0600 files, never
+    on the server's command line (any local user reads /proc/PID/cmdline)."""
+    health = asyncio.run(cache.probe(f"127.0.0.1:{redis_port}"))
+    assert not health.ok and "NOAUTH" in health.reason, health.reason
+    wrong = asyncio.run(cache.probe(f"127.0.0.1:{redis_port}", "not-the-password"))
+    assert not wrong.ok and "AUTH refused" in wrong.reason
+    assert "not-the-password" not in wrong.reason
+    folder = tmp_path / "secrets"
+    for path in folder.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o600, path
+    assert folder.stat().st_mode & 0o777 == 0o700
+    for pid in Path("/proc").iterdir():
+        if pid.name.isdigit():
+            try:
+                assert password.encode() not in (pid / "cmdline").read_bytes()
+            except OSError:
+                continue
+    # Made once: a second start keeps it.
+    assert cache.write_secrets(folder / "cache.password") == password
 
 
 def test_probe_of_nothing_listening_says_so() -> None:

@@ -166,3 +166,25 @@ def test_origin_settings_that_broke_the_origin_are_refused(tmp_path: Path, text:
     problems = cfg.check_files([path], cfg.Scope.ORIGIN)
     assert len(problems) == 1 and problems[0].line().startswith(f"{path}: {key}: ")
     assert fix in problems[0].line()
+
+
+def test_dev_mode_binaries_must_be_executables(tmp_path: Path) -> None:
+    """Case 6: engine.binary pointing nowhere restarted forever without naming the path."""
+    path = tmp_path / "appliance.toml"
+    path.write_text('[supervisor]\nmode = "dev"\n'
+                    '[engine]\nbinary = "/nowhere/adpop-engine"\n'
+                    '[cache]\nbinary = "no-such-redis-server"\n')
+    lines = [p.line() for p in cfg.check_files([path], cfg.Scope.APPLIANCE)]
+    assert len(lines) == 2, lines
+    assert "engine.binary: '/nowhere/adpop-engine' is not an executable file" in lines[0]
+    assert "make setup" in lines[0]
+    assert "cache.binary: 'no-such-redis-server'" in lines[1]
+    with pytest.raises(cfg.ConfigError):
+        cfg.load(cfg.Scope.APPLIANCE, path)
+    # The appliance's units name their own binaries: the settings are not used there.
+    path.write_text('[engine]\nbinary = "/nowhere/adpop-engine"\n')
+    assert cfg.check_files([path], cfg.Scope.APPLIANCE) == []
+    # A binary found on PATH is enough.
+    path.write_text(f'[supervisor]\nmode = "dev"\n[engine]\nbinary = "{sys.executable}"\n'
+                    '[cache]\nbinary = "sh"\n')
+    assert cfg.check_files([path], cfg.Scope.APPLIANCE) == []

@@ -16,6 +16,7 @@ from functools import partial
 from pathlib import Path
 
 from appliance import httpguard
+from appliance.spool import EventType, read_segment, segments
 from tests.fault_harness import (
     Load,
     agreed,
@@ -226,3 +227,67 @@ def _closed_by_peer(s: socket.socket) -> bool:
         return False
     except OSError:
         return True  # reset
+
+
+def test_every_fault_in_sequence_under_load_loses_no_answered_event(up: Up) -> None:
+    """The faults above, one after another against one PoP under bounded load. At the end it
+    serves a verified version that `current`, the engine and the origin agree on, and every
+    decision it answered is in the engine's spool."""
+    pop = up.state / "pop"
+    with Load(up) as load:
+        # Case 7: the supervisor dies; the engine serves on.
+        killed = supervisor_pid(up)
+        os.kill(killed, signal.SIGKILL)
+        wait_for("a new supervisor", partial(_replaced, up, killed))
+        # Case 1: killed while storing.
+        with watching(pop / "snapshots") as fd:
+            version = publish(up)
+            kill_when(fd, lambda name: name.startswith(".tmp-"), lambda: supervisor_pid(up))
+        agreed(up, version)
+        # Case 2: killed as `current` switches.
+        with watching(pop) as fd:
+            version = publish(up)
+            kill_when(fd, lambda name: name == "current", lambda: supervisor_pid(up))
+        agreed(up, version)
+        # Case 3: a flipped byte in the active payload, found at the engine's restart.
+        with (store(up).path_of(version) / "payload.capnp").open("r+b") as fh:
+            fh.seek(64)
+            byte = fh.read(1)
+            fh.seek(64)
+            fh.write(bytes([byte[0] ^ 0xFF]))
+        os.kill(engine_pid(up), signal.SIGKILL)
+        wait_for("the damaged version quarantined", partial(_quarantined, up.state, version, 1))
+        agreed(up, version)
+        # Cases 4 and 5: idle sockets at the engine, slow ones at the origin and the push
+        # listener; the load goes on being answered.
+        info = json.loads((up.state / "up.json").read_text())
+        idle: list[socket.socket] = []
+        try:
+            for port, count in ((up.port, 500), (info["ports"]["origin"], 300),
+                                (info["ports"]["push"], 100)):
+                for _ in range(count):
+                    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+                    if port != up.port:
+                        s.sendall(b"GET /v1/fleet HTTP/1.1\r\n")
+                    idle.append(s)
+            answered = len(load.answered)
+            wait_for(f"decisions answered beside the idle sockets ({load.state()})",
+                     lambda: len(load.answered) > answered + 100, 30)
+            origin_view(up)
+        finally:
+            for s in idle:
+                s.close()
+        agreed(up, version)
+    assert load.answered
+    # Only while the engine was down (case 3) may a request have failed.
+    assert len(load.failures) < len(load.answered) / 10, load.failures[:5]
+    decided = set()
+    for path in segments(pop / "engine" / "spool", closed_only=False):
+        # A killed engine's open segment may end in a torn record: one it never answered.
+        decided |= {e.fields[0] for e in read_segment(path).events
+                    if e.type is EventType.DECISION}
+    missing = [rid for rid in load.answered if rid not in decided]
+    assert not missing, f"{len(missing)} answered decisions missing from the spool"
+    kept = store(up)
+    current = kept.current_version()
+    assert current == version and kept.check(current) == "" and engine_version(up) == current

@@ -121,7 +121,13 @@ def test_nspawn_boot_brings_up_adpop_target(image: dict[str, Any], tmp_path: Pat
         # ... and systemd execs the cache server itself, with the configuration's flags.
         exec_start = inside("systemctl", "show", "-p", "ExecStart", "--value", "adpop-redis")
         assert "path=/usr/bin/redis-server ;" in exec_start, exec_start
-        assert "argv[]=/usr/bin/redis-server --bind 127.0.0.1 --port 6379 " in exec_start
+        # Its password file comes as the unit's credential, never the password itself.
+        assert ("argv[]=/usr/bin/redis-server /run/credentials/adpop-redis.service/"
+                "cache.redis.conf --bind 127.0.0.1 --port 6379 ") in exec_start, exec_start
+        assert "NOAUTH" in inside("redis-cli", "ping")  # no password, no cache
+        modes = inside("stat", "-c", "%a %U", "/var/lib/adpop/secrets/cache.password",
+                       "/var/lib/adpop/secrets/cache.redis.conf")
+        assert modes.splitlines() == ["600 root", "600 root"], modes
         # The supervisor computes the same drop-ins from the same configuration: no reload.
         journal = inside("journalctl", "-u", "adpop-supervisor", "--no-pager", "-o", "cat")
         assert "configuration changed" not in journal, journal

@@ -42,11 +42,14 @@ class Fleet:
         self.tmp = tmp
         self.port = free_port()
         key, _ = generate_key(tmp / "keys")
+        token = tmp / "push-token"
+        token.write_text("e2e-token\n")
+        token.chmod(0o600)
         self.origin_conf = tmp / "origin.toml"
         self.origin_conf.write_text(
             f'[snapshot]\nsigning_keys = ["{key}"]\nttl = "1d"\n'
             f'[origin]\nlisten = "127.0.0.1:{self.port}"\nstate_dir = "{tmp / "origin"}"\n'
-            f'push_token = "e2e-token"\n'
+            f'push_token_file = "{tmp / "push-token"}"\n'
             f'[rollout]\ncanaries = ["pop-a"]\npercent = 50\nstage_timeout = "60s"\n')
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.confs: dict[str, Path] = {}
@@ -70,7 +73,8 @@ class Fleet:
             f'[pop]\nid = "{name}"\n[paths]\nstate_dir = "{self.tmp / name}"\n'
             f'[snapshot]\ntrust = ["{self.tmp / "keys"}"]\n'
             f'[sync]\norigin_url = "http://127.0.0.1:{self.port}"\npoll_interval = "2s"\n'
-            f'push_listen = "127.0.0.1:{free_port()}"\npush_token = "e2e-token"\n'
+            f'push_listen = "127.0.0.1:{free_port()}"\n'
+            f'push_token_file = "{self.tmp / "push-token"}"\n'
             f'health_window = 1\n'
             f'[engine]\nadmin_socket = "{engine_socket}"\n')
         self.confs[name] = conf

@@ -156,4 +156,6 @@ def test_origin_database_and_up_configs_are_owner_only(tmp_path: Path) -> None:
     origin_toml, pop_toml, _ = _write_configs(tmp_path, 18080)
     for path in (origin_toml, pop_toml):
         assert path.stat().st_mode & 0o777 == 0o600, path
-        assert "push_token" in path.read_text()
+        # The token itself is in a 0600 file of its own, which both name.
+        assert f'push_token_file = "{tmp_path / "push-token"}"' in path.read_text()
+    assert (tmp_path / "push-token").stat().st_mode & 0o777 == 0o600

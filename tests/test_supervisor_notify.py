@@ -26,7 +26,7 @@ import pytest
 from appliance.config import Scope, load
 from appliance.snapshot.manifest import SigningKey
 from appliance.snapshot.store import SnapshotStore
-from appliance.supervisor.components import Component, Health
+from appliance.supervisor.components import ChildProcess, Component, Health
 from appliance.supervisor.core import Supervisor
 from appliance.up import REPO, SAMPLE_CAMPAIGNS, free_port, prepare
 
@@ -215,6 +215,9 @@ class IdleRunner:
     def crashed(self) -> bool:
         return False
 
+    def config_error(self) -> str:
+        return ""
+
 
 def test_watchdog_stops_while_the_health_loop_is_blocked(
         tmp_path: Path, notify_socket: NotifySocket, monkeypatch: pytest.MonkeyPatch,
@@ -344,3 +347,73 @@ def test_a_spool_backlog_is_degraded_but_ready(
     segments[0].unlink()  # archived by the operator: 4 MiB is not past the warning
     asyncio.run(supervisor.health_round())
     assert supervisor.summary == "serving no snapshot" and supervisor.status()["events"]["ok"]
+
+
+def test_a_part_that_refuses_its_configuration_is_reported_not_restarted(
+        tmp_path: Path) -> None:
+    """Case 6: the real engine given a flag it refuses exits 2 with one line; the
+    component says that line and never starts it again."""
+    engine = Path(__file__).resolve().parent.parent / "engine" / "build" / "adpop-engine"
+    log = tmp_path / "engine.log"
+    runner = ChildProcess([str(engine), "--snapshot", str(tmp_path), "--shards", "0"], log,
+                          config_status=2)
+    clock = [0.0]
+
+    async def healthy() -> Health:
+        return Health(True)
+
+    part = Component("engine", runner, healthy, clock=lambda: clock[0])
+
+    async def scenario() -> list[Health]:
+        seen = []
+        for _ in range(6):
+            seen.append(await part.health())
+            if runner.process is not None:
+                await runner.process.wait()
+            clock[0] += 60.0  # past any backoff
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert log.read_text().count("adpop-engine: --shards: expected a number") == 1
+    assert "refuses its configuration: adpop-engine: --shards: expected a number from 1 " \
+        "to 1024, got '0' (see --help); fix the configuration" in seen[-1].reason
+    assert part.restarts == 0
+
+
+def test_a_sync_loop_that_dies_is_named_and_started_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keydir: Path) -> None:
+    """Case 6: a sync loop that ended by itself left the PoP saying ready."""
+    config = tmp_path / "appliance.toml"
+    config.write_text(f'[paths]\nstate_dir = "{tmp_path / "state"}"\n'
+                      f'[snapshot]\ntrust = ["{keydir}"]\n')
+    store = SnapshotStore(tmp_path / "state", keep=3)
+
+    async def healthy() -> Health:
+        return Health(True)
+
+    supervisor = Supervisor(load(Scope.APPLIANCE, config), store,
+                            components=[Component("part", IdleRunner(), healthy)])
+    runs: list[int] = []
+
+    async def run(stop: asyncio.Event) -> None:
+        runs.append(1)
+        if len(runs) == 1:
+            raise RuntimeError("boom")
+        await stop.wait()
+
+    monkeypatch.setattr(supervisor.agent, "run", run)
+
+    async def scenario() -> list[str]:
+        stop = asyncio.Event()
+        supervisor.stop = stop
+        supervisor.sync_task = asyncio.ensure_future(supervisor.agent.run(stop))
+        await asyncio.sleep(0.05)
+        await supervisor.health_round()
+        gaps = supervisor.missing()
+        stop.set()
+        await supervisor.sync_task
+        return gaps
+
+    gaps = asyncio.run(scenario())
+    assert "sync stopped: RuntimeError('boom')" in gaps
+    assert len(runs) == 2

@@ -21,6 +21,7 @@ import pytest
 from aiohttp import ClientSession, web
 
 from appliance import config as cfg
+from appliance import secrets
 from appliance.snapshot import bundle, synth
 from appliance.snapshot.manifest import (
     Reason,
@@ -610,3 +611,26 @@ def test_a_version_stored_but_never_switched_to_is_taken_on_trial(world_factory:
             assert w.store.current_version() == 2 and not w.agent.state.refused
             assert w.agent.state.state == "active"
     run(scenario())
+
+
+def test_the_push_token_lives_in_a_0600_file_of_its_own(tmp_path: Path) -> None:
+    """Case 8: the token sat in appliance.toml and origin.toml, both 0644."""
+    token = tmp_path / "push-token"
+    token.write_text("s3cret\n")
+    token.chmod(0o644)
+    path = tmp_path / "appliance.toml"
+    path.write_text(f'[paths]\nstate_dir = "{tmp_path / "state"}"\n'
+                    f'[sync]\npush_token_file = "{token}"\n')
+    appliance = cfg.load(cfg.Scope.APPLIANCE, path)
+    store = SnapshotStore(tmp_path / "state")
+    with pytest.raises(secrets.SecretError) as refused:
+        SyncAgent(appliance, store)
+    assert refused.value.line() == (f"secret file {token} (sync.push_token_file) is readable "
+                                    f"by others (mode 0644) (hint: chmod 600 {token})")
+    token.chmod(0o600)
+    assert SyncAgent(appliance, store).push_token == "s3cret"
+    # A token written into the configuration itself is refused, with the way out.
+    path.write_text('[sync]\npush_token = "s3cret"\n')
+    problems = [p.line() for p in cfg.check_files([path], cfg.Scope.APPLIANCE)]
+    assert problems == [f"{path}: sync.push_token: unknown key; fix: did you mean "
+                        "'sync.push_token_file'?"]

@@ -255,7 +255,8 @@ def test_generator_writes_the_servers_command_lines(tmp_path: Path) -> None:
     assert "--admin" in engine_argv(appliance) and APPLIANCE_ENGINE_SOCKET in engine_argv(appliance)
     redis = exec_start_argv(written["adpop-redis.service"])
     assert redis == cache.redis_argv("/usr/bin/redis-server", "127.0.0.1:6390", 64 << 20,
-                                     units.CACHE_STATE_DIR)
+                                     units.CACHE_STATE_DIR, "%d")
+    assert redis[1] == "%d/cache.redis.conf"  # the password, from the unit's credentials
     assert redis[-2:] == ["--logfile", ""]  # an empty argument survives the quoting
     dragonfly = exec_start_argv(written["dragonfly.service"])
     assert "--proactor_threads=3" in dragonfly  # one per housekeeping CPU: 0, 2, 3
@@ -388,14 +389,18 @@ def test_cache_run_execs_redis(tmp_path: Path) -> None:
         deadline = time.monotonic() + 30
         import redis
 
-        client = redis.Redis(port=port, socket_timeout=2)
+        password_file = tmp_path / "secrets" / "cache.password"
         while True:
             assert process.poll() is None and time.monotonic() < deadline
             try:
+                # Made by `adpop cache run` when missing, 0600; the server requires it.
+                client = redis.Redis(port=port, socket_timeout=2,
+                                     password=password_file.read_text().strip())
                 assert client.config_get("maxmemory")["maxmemory"] == str(32 * 1024 * 1024)
                 break
-            except redis.ConnectionError:
+            except (redis.ConnectionError, FileNotFoundError):
                 time.sleep(0.1)
+        assert password_file.stat().st_mode & 0o777 == 0o600
         assert Path(os.readlink(f"/proc/{process.pid}/exe")).name.startswith("redis")
         assert client.config_get("dir")["dir"] == str(tmp_path / "cache")
     finally:

@@ -15,6 +15,12 @@ Key layout (every key under the `adpop:` prefix, so a shared instance stays read
   caps.
 
 Health: PING round trip, memory used against the limit, evicted keys and connected clients.
+
+Access: every client must AUTH with the password in cache.password_file (0600). The servers
+read it from files of their own beside it (SECRET_FILES), never from their command line,
+which any local user can read in /proc: redis-server takes a configuration file as its first
+argument, Dragonfly a --flagfile. Under systemd those files reach the cache units as
+credentials (LoadCredential=, the `%d` directory), so the sandboxed dynamic user reads them.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from appliance import secrets
 from appliance.errors import AdpopError
 
 PING_TIMEOUT = 1.0
@@ -68,40 +75,63 @@ def appliance_unit(dragonfly: Path = DRAGONFLY) -> str:
     return "dragonfly.service" if os.access(dragonfly, os.X_OK) else "adpop-redis.service"
 
 
-def redis_argv(binary: str, address: str, memory: int, folder: Path) -> list[str]:
-    """redis-server as the embedded cache: bounded memory, LRU eviction, a snapshot file in
-    `folder` so a restart comes back warm, no protected-mode surprises on loopback."""
+# Server -> the file beside the password that gives it to that server.
+SECRET_FILES = {"redis": "cache.redis.conf", "dragonfly": "cache.dragonfly.flags"}
+# Stands for systemd's credentials directory (`%d`) in a command line the generator writes.
+CREDENTIALS = "\0credentials"
+
+
+def write_secrets(password_file: Path) -> str:
+    """The cache password (made when missing) and, beside it, the files that give it to
+    each server. Returns the password."""
+    password = secrets.ensure(password_file)
+    for server, text in (("redis", f"requirepass {password}\n"),
+                         ("dragonfly", f"--requirepass={password}\n")):
+        secrets.write(password_file.parent / SECRET_FILES[server], text)
+    return password
+
+
+def redis_argv(binary: str, address: str, memory: int, folder: Path,
+               secret_dir: str | Path) -> list[str]:
+    """redis-server as the embedded cache: its password from the file in `secret_dir`,
+    bounded memory, LRU eviction, a snapshot file in `folder` so a restart comes back warm,
+    no protected-mode surprises on loopback."""
     host, port = parse_address(address)
-    return [binary, "--bind", host, "--port", str(port), "--maxmemory", str(memory),
+    return [binary, f"{secret_dir}/{SECRET_FILES['redis']}", "--bind", host, "--port", str(port),
+            "--maxmemory", str(memory),
             "--maxmemory-policy", "allkeys-lru", "--dir", str(folder), "--dbfilename",
             "cache.rdb", "--save", "300 1", "--appendonly", "no", "--daemonize", "no",
             "--protected-mode", "no", "--logfile", ""]
 
 
 def dragonfly_argv(binary: str, address: str, memory: int, folder: Path,
-                   threads: int) -> list[str]:
-    """Dragonfly as the appliance's cache: the same bounds as redis_argv, evicting like a
-    cache, one proactor thread per CPU it is pinned to (the housekeeping CPUs)."""
+                   threads: int, secret_dir: str | Path) -> list[str]:
+    """Dragonfly as the appliance's cache: the same bounds and password as redis_argv,
+    evicting like a cache, one proactor thread per CPU it is pinned to (the housekeeping
+    CPUs)."""
     host, port = parse_address(address)
-    return [binary, f"--bind={host}", f"--port={port}", f"--maxmemory={memory}",
+    return [binary, f"--flagfile={secret_dir}/{SECRET_FILES['dragonfly']}",
+            f"--bind={host}", f"--port={port}", f"--maxmemory={memory}",
             "--cache_mode=true", f"--dir={folder}", "--dbfilename=cache",
             "--snapshot_cron=*/5 * * * *", f"--proactor_threads={threads}", "--logtostderr"]
 
 
-def server_argv(server: str, binary: str, cache: Any, folder: Path, threads: int) -> list[str]:
+def server_argv(server: str, binary: str, cache: Any, folder: Path, threads: int,
+                secret_dir: str | Path) -> list[str]:
     """The command line of `server` ("dragonfly" or "redis") for the configuration's cache
     section: what `adpop cache run` execs and what the generator writes into the units."""
     if server == "dragonfly":
-        return dragonfly_argv(binary, cache.address, cache.memory, folder, threads)
-    return redis_argv(binary, cache.address, cache.memory, folder)
+        return dragonfly_argv(binary, cache.address, cache.memory, folder, threads, secret_dir)
+    return redis_argv(binary, cache.address, cache.memory, folder, secret_dir)
 
 
 class CacheReplyError(AdpopError):
     """The cache answered, but not as the Redis protocol says a healthy server does."""
 
 
-async def probe(address: str) -> CacheHealth:
-    """PING and INFO on one connection, each bounded by PING_TIMEOUT; never raises.
+async def probe(address: str, password: str = "") -> CacheHealth:
+    """AUTH (with a password), PING and INFO on one connection, each bounded by
+    PING_TIMEOUT; never raises.
 
     Two commands of the Redis protocol, spoken here directly: a client library's import
     alone took most of a second of the supervisor's start on an emulated boot."""
@@ -111,6 +141,10 @@ async def probe(address: str) -> CacheHealth:
         reader, opened = await asyncio.wait_for(asyncio.open_connection(host, port),
                                                 PING_TIMEOUT)
         writer = opened
+        if password:
+            ok = await asyncio.wait_for(_command(reader, opened, "AUTH", password), PING_TIMEOUT)
+            if ok != "OK":
+                raise CacheReplyError(f"AUTH answered {ok[:80]!r}")
         started = time.monotonic()
         pong = await asyncio.wait_for(_command(reader, opened, "PING"), PING_TIMEOUT)
         ping_ms = (time.monotonic() - started) * 1000
@@ -133,9 +167,12 @@ async def probe(address: str) -> CacheHealth:
                        int(info.get("connected_clients", 0)))
 
 
-async def _command(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str) -> str:
-    """One argument-less command; its reply, a simple or a bulk string (RESP)."""
-    writer.write(f"*1\r\n${len(name)}\r\n{name}\r\n".encode())
+async def _command(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str,
+                   *args: str) -> str:
+    """One command; its reply, a simple or a bulk string (RESP)."""
+    words = [name.encode(), *(arg.encode() for arg in args)]
+    writer.write(f"*{len(words)}\r\n".encode()
+                 + b"".join(b"$%d\r\n%s\r\n" % (len(w), w) for w in words))
     await writer.drain()
     line = (await reader.readuntil(b"\r\n"))[:-2].decode(errors="replace")
     kind, rest = line[:1], line[1:]
@@ -145,6 +182,7 @@ async def _command(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n
         body = await reader.readexactly(int(rest) + 2)
         return body[:-2].decode(errors="replace")
     if kind == "-":
+        # The error names the command only: an AUTH refusal must not echo the password.
         raise CacheReplyError(f"{name} refused: {rest[:120]}")
     raise CacheReplyError(f"{name} answered {line[:80]!r}, not the Redis protocol")
 

@@ -61,6 +61,9 @@ class Runner(Protocol):
     def crashed(self) -> bool:
         """Whether the part failed and was restarted by someone else (systemd) since the
         last call."""
+    def config_error(self) -> str:
+        """Why the part refused its configuration, when it last exited for that ("" else):
+        restarting it would only fail again."""
 
 
 def _die_with_parent() -> None:
@@ -96,9 +99,11 @@ class ChildProcess:
     relies on to restart a supervisor while the engine keeps serving). Without one, the part
     dies with the supervisor."""
 
-    def __init__(self, argv: Sequence[str], log_path: Path, pid_path: Path | None = None
-                 ) -> None:
+    def __init__(self, argv: Sequence[str], log_path: Path, pid_path: Path | None = None,
+                 config_status: int | None = None) -> None:
+        """`config_status`: the exit status the part uses for a configuration it refuses."""
         self.argv = list(argv)
+        self.config_status = config_status
         self.log_path = log_path
         self.pid_path = pid_path
         self.description = f"child process {Path(self.argv[0]).name}"
@@ -199,6 +204,12 @@ class ChildProcess:
     def crashed(self) -> bool:
         return False  # a child that exits is restarted through Component.health
 
+    def config_error(self) -> str:
+        if self.process is None or self.process.returncode is None or \
+                self.process.returncode != self.config_status:
+            return ""
+        return last_line(self.log_path) or f"exited with status {self.config_status}"
+
 
 async def systemctl(*args: str) -> tuple[int, str]:
     """systemctl's exit code and its output, stdout and stderr together."""
@@ -206,6 +217,26 @@ async def systemctl(*args: str) -> tuple[int, str]:
         "systemctl", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     out, _ = await process.communicate()
     return process.returncode or 0, out.decode(errors="replace").strip()
+
+
+def last_line(path: Path) -> str:
+    """The last non-empty line of a log file ("" when there is none)."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(max(0, fh.seek(0, 2) - 4096))
+            lines = fh.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1].strip() if lines else ""
+
+
+async def last_journal_line(unit: str) -> str:
+    """The unit's last journal line ("" when journalctl has none)."""
+    process = await asyncio.create_subprocess_exec(
+        "journalctl", "-u", unit, "-n", "1", "-o", "cat", "--no-pager",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    out, _ = await process.communicate()
+    return out.decode(errors="replace").strip() if process.returncode == 0 else ""
 
 
 async def unit_properties(unit: str, *names: str) -> dict[str, str]:
@@ -219,8 +250,10 @@ async def unit_properties(unit: str, *names: str) -> dict[str, str]:
 class SystemdUnit:
     """A part run as its own systemd unit; the supervisor asks systemctl."""
 
-    def __init__(self, unit: str) -> None:
+    def __init__(self, unit: str, config_status: int | None = None) -> None:
         self.unit = unit
+        self.config_status = config_status
+        self._config_error = ""
         self.description = f"unit {unit}"
         self._active = False
         self._pid: int | None = None
@@ -237,13 +270,20 @@ class SystemdUnit:
         await systemctl("stop", self.unit)
 
     async def refresh(self) -> None:
-        values = await unit_properties(self.unit, "ActiveState", "MainPID", "NRestarts")
+        values = await unit_properties(self.unit, "ActiveState", "MainPID", "NRestarts",
+                                       "ExecMainStatus")
         self._active = values.get("ActiveState") in ("active", "activating", "reloading")
         pid = int(values.get("MainPID", "0") or 0)
         self._pid = pid or None
         self._restarts = int(values.get("NRestarts", "0") or 0)
         if self._restarts_seen is None:
             self._restarts_seen = self._restarts
+        status = int(values.get("ExecMainStatus", "0") or 0)
+        self._config_error = ""
+        if not self._active and self.config_status is not None and status == self.config_status:
+            # RestartPreventExitStatus= in the unit: systemd does not restart it either.
+            line = await last_journal_line(self.unit)
+            self._config_error = line or f"exited with status {status}"
 
     def running(self) -> bool:
         return self._active
@@ -261,6 +301,9 @@ class SystemdUnit:
         crashed = self._restarts_seen is not None and self._restarts > self._restarts_seen
         self._restarts_seen = self._restarts
         return crashed
+
+    def config_error(self) -> str:
+        return self._config_error
 
 
 Probe = Callable[[], Awaitable[Health]]
@@ -304,6 +347,16 @@ class Component:
             self.last = Health(False, f"{self.name} {waiting}", {"restarts": self.restarts})
             return self.last
         if not self.runner.running():
+            refused = self.runner.config_error()
+            if refused:
+                # Restarting would fail the same way: said once, kept until the operator
+                # fixes the configuration and restarts the supervisor.
+                reason = (f"{self.name} refuses its configuration: {refused}; fix the "
+                          "configuration, then restart the supervisor")
+                if reason != self.last.reason:
+                    log.error("%s", reason, extra={"component": self.name})
+                self.last = Health(False, reason, {"restarts": self.restarts})
+                return self.last
             why = self.runner.stopped_why()
             reason = f"{self.name} is not running" + (f" ({why})" if why else "")
             self.healthy_since = None

@@ -45,6 +45,9 @@ log = logging.getLogger("adpop.supervisor")
 TUNE_UNIT = "adpop-tune.service"
 XDP_UNIT = "adpop-xdp.service"
 TUNE_WAIT = 300.0  # seconds the first drift check waits for the boot's tuning at most
+# adpop-engine exits 2 on flags it refuses (the unit's RestartPreventExitStatus= too).
+ENGINE_CONFIG_STATUS = 2
+SYNC_STABLE = 60.0  # a restarted sync loop running this long is no longer a gap
 
 
 def in_container() -> bool:
@@ -68,6 +71,10 @@ class Supervisor:
         self.admin = EngineAdmin(self.cfg.engine.admin_socket)
         self.agent = SyncAgent(self.cfg, store)
         self.keep_parts = keep_parts
+        # Made at the first start (dev mode; adpop-secrets.service in the appliance, which
+        # this repeats harmlessly), read by the cache's probe.
+        self.cache_password = cache.write_secrets(state_path(self.cfg,
+                                                             self.cfg.cache.password_file))
         self.components = components if components is not None else self._components()
         # Drift is watched where adpop tunes the host: the appliance, on its own machine (dev
         # hosts and containers are left be).
@@ -84,6 +91,10 @@ class Supervisor:
         self.draining = False
         self.summary = "starting"
         self.engine_status: dict[str, Any] = {}
+        self.sync_task: asyncio.Future[None] | None = None
+        self.stop: asyncio.Event | None = None
+        self.sync_problem = ""  # why the sync loop last ended by itself
+        self.sync_restarted = 0.0
 
     # --- the parts --------------------------------------------------------------------
 
@@ -99,9 +110,11 @@ class Supervisor:
         def pid_path(name: str) -> Path | None:
             return run / f"{name}.pid" if self.keep_parts else None
 
+        password_file = state_path(self.cfg, self.cfg.cache.password_file)
         cache_runner = (ChildProcess(cache.redis_argv(self.cfg.cache.binary, address,
                                                       self.cfg.cache.memory,
-                                                      state_path(self.cfg, "cache")),
+                                                      state_path(self.cfg, "cache"),
+                                                      password_file.parent),
                                      logs / "cache.log", pid_path("cache"))
                         if dev else SystemdUnit(self.cfg.cache.unit or cache.appliance_unit()))
         engine_runner = (EngineProcess(self, logs / "engine.log", pid_path("engine")) if dev
@@ -116,7 +129,7 @@ class Supervisor:
         return next(c for c in self.components if c.name == name)
 
     async def _cache_health(self) -> Health:
-        probe = asdict(await cache.probe(self.cfg.cache.address))
+        probe = asdict(await cache.probe(self.cfg.cache.address, self.cache_password))
         return Health(probe.pop("ok"), probe.pop("reason"), probe)
 
     async def _xdp_health(self) -> Health:
@@ -176,6 +189,8 @@ class Supervisor:
         """What stands between this PoP and serving, one phrase each."""
         gaps = [f"{c.name}: {c.last.reason or 'unhealthy'}" for c in self.components
                 if not c.last.ok]
+        if self.sync_problem:
+            gaps.append(self.sync_problem)
         if self.store.current_version() is None:
             why = self.agent.state.error or self.agent.state.origin_problem
             gaps.append("no verified snapshot yet" + (f" ({why})" if why else ""))
@@ -197,7 +212,24 @@ class Supervisor:
                 f"{self.backlog.segments} closed segments passes engine.spool_warn_bytes "
                 f"({limit / 2**20:.0f} MiB); nothing ships them yet: archive or delete them")
 
+    def _watch_sync(self) -> None:
+        """The sync loop only ends when the supervisor stops: one that ended otherwise (an
+        unexpected error) is named in the status and started again."""
+        task, stop = self.sync_task, self.stop
+        if task is None or stop is None or stop.is_set():
+            return
+        if not task.done():
+            if self.sync_problem and time.monotonic() - self.sync_restarted > SYNC_STABLE:
+                self.sync_problem = ""  # running again long enough to say it recovered
+            return
+        exc = task.exception() if not task.cancelled() else None
+        self.sync_problem = f"sync stopped: {exc!r}" if exc else "sync stopped"
+        log.error("%s; starting it again", self.sync_problem, exc_info=exc)
+        self.sync_task = asyncio.ensure_future(self.agent.run(stop))
+        self.sync_restarted = time.monotonic()
+
     async def health_round(self) -> None:
+        self._watch_sync()
         for component in self.components:
             if component.name == "engine" and component.runner.crashed():
                 # Restarted by systemd after a failure: a damaged snapshot would make that
@@ -322,7 +354,8 @@ class Supervisor:
         # Sync first: at boot the first snapshot is the longest wait, and it needs none of
         # the parts; their first health pass (systemctl calls, a cache that is still
         # starting) runs beside it.
-        sync = asyncio.ensure_future(self.agent.run(stop))
+        self.sync_task = asyncio.ensure_future(self.agent.run(stop))
+        self.stop = stop
         control: ControlServer | None = None
         tuning = None
         try:
@@ -337,7 +370,7 @@ class Supervisor:
         finally:
             notify("STOPPING=1", "STATUS=stopping")
             stop.set()
-            await sync
+            await self.sync_task
             if tuning is not None:
                 await tuning
             if control is not None:
@@ -370,7 +403,8 @@ class EngineProcess(ChildProcess):
     """The engine as a dev-mode child, started from the `current` link once there is one."""
 
     def __init__(self, supervisor: Supervisor, log_path: Path, pid_path: Path | None) -> None:
-        super().__init__(engine_command(supervisor.cfg), log_path, pid_path)
+        super().__init__(engine_command(supervisor.cfg), log_path, pid_path,
+                         config_status=ENGINE_CONFIG_STATUS)
         self.supervisor = supervisor
 
     def waiting(self) -> str:
@@ -388,7 +422,7 @@ class EngineUnit(SystemdUnit):
     ConditionPathExists holds it back until then too)."""
 
     def __init__(self, unit: str, store: SnapshotStore, agent: SyncAgent) -> None:
-        super().__init__(unit)
+        super().__init__(unit, config_status=ENGINE_CONFIG_STATUS)
         self.store = store
         self.agent = agent
 

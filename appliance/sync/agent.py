@@ -23,7 +23,8 @@ from typing import Any
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
-from appliance import httpguard
+from appliance import httpguard, secrets
+from appliance.config import under
 from appliance.errors import AdpopError
 from appliance.snapshot import bundle
 from appliance.snapshot.compiler import PayloadError, open_payload
@@ -86,6 +87,10 @@ class SyncAgent:
         socket_path = appliance.engine.admin_socket
         self.engine = EngineHealth(EngineAdmin(socket_path)) if socket_path else None
         self.state = SyncState()
+        token_file = appliance.sync.push_token_file
+        # Read once: a token file that cannot be used stops the start with its one line.
+        self.push_token = secrets.read(under(appliance.paths.state_dir, token_file),
+                                       "sync.push_token_file") if token_file else ""
         self.load_policy()
         self.wake = asyncio.Event()
         self.pushed: bytes | None = None  # a manifest a push notice carried, not yet taken
@@ -430,7 +435,7 @@ class SyncAgent:
     # --- the loop: push notices and the anti-entropy poll -------------------------------
 
     async def notify(self, request: web.Request) -> web.Response:
-        token = self.cfg.sync.push_token
+        token = self.push_token
         if token and request.headers.get("Authorization") != f"Bearer {token}":
             return web.json_response({"error": {"code": "unauthorized",
                                                 "message": "push token missing or wrong"}},
