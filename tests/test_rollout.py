@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from appliance.origin import rollout
 from appliance.origin.db import OriginDB, OriginError, PopRow, VersionRow
+from appliance.snapshot import synth
+from appliance.snapshot.manifest import generate_key
+from appliance.up import REPO, free_port
+from tests.fault_harness import kill_when, watching
 
 PLAN = rollout.Plan(canaries=("c1",), percent=50, stage_timeout=60)
 
@@ -124,8 +133,8 @@ def test_payloads_are_immutable_with_etag_and_range(tmp_path: Path) -> None:
 
 def test_origin_cleans_what_a_killed_publish_left(tmp_path: Path) -> None:
     """Issue 20, case 8: a publish killed midway leaves a .tmp payload or a payload file no
-    version references; the origin removes them when it starts, but never a fresh one (a
-    publish running now) nor a referenced one."""
+    version references; the origin removes them when it starts. While a publish holds the
+    lock, a fresh file (its payload) stays; a referenced one always stays."""
     db = OriginDB(tmp_path)
     kept = db.add_version(1, b"{}", b"payload one", "a" * 64, 1, 0, "all")
     stale_tmp = db.payload_dir / ("b" * 64 + ".tmp")
@@ -136,9 +145,63 @@ def test_origin_cleans_what_a_killed_publish_left(tmp_path: Path) -> None:
     old = time.time() - 7200
     for path in (stale_tmp, stale_orphan, kept):
         os.utime(path, (old, old))
-    assert sorted(db.clean_leftovers()) == sorted([stale_tmp, stale_orphan])
-    assert kept.exists() and fresh_orphan.exists()
-    assert db.clean_leftovers() == []
+    lock = os.open(tmp_path / "publish.lock", os.O_RDWR)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # a publish running in another process
+    try:
+        assert sorted(db.clean_leftovers()) == sorted([stale_tmp, stale_orphan])
+        assert kept.exists() and fresh_orphan.exists()
+    finally:
+        os.close(lock)
+    assert db.clean_leftovers() == [fresh_orphan]  # no publish runs: nothing is in use
+    assert kept.exists() and db.clean_leftovers() == []
+
+
+def test_publish_killed_midway_three_times_leaves_nothing_after_the_next_start(
+        tmp_path: Path) -> None:
+    """Real kill -9 the moment a publish creates its payload file (inotify), three times:
+    SQLite stays whole, `origin serve` removes every leftover at its start, and the next
+    publish works."""
+    key, _ = generate_key(tmp_path / "keys")
+    conf = tmp_path / "origin.toml"
+    port = free_port()
+    conf.write_text(f'[snapshot]\nsigning_keys = ["{key}"]\n[origin]\n'
+                    f'listen = "127.0.0.1:{port}"\nstate_dir = "{tmp_path / "origin"}"\n')
+    campaigns = tmp_path / "campaigns"
+    synth.write(synth.generate(3000, seed=5), campaigns)
+    cli = [sys.executable, "-m", "appliance.cli"]
+    subprocess.run([*cli, "origin", "campaigns", "import", str(campaigns), "--config",
+                    str(conf)], check=True, capture_output=True, cwd=REPO)
+    payloads = tmp_path / "origin" / "payloads"
+    for _ in range(3):
+        # Each publish of the same campaigns has a new version, so a new payload.
+        with watching(payloads) as fd:
+            publish = subprocess.Popen([*cli, "origin", "publish", "--allow-jump", "--config",
+                                        str(conf)], cwd=REPO, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL)
+            kill_when(fd, lambda name: name.endswith(".tmp"), partial(int, publish.pid))
+            assert publish.wait(30) == -signal.SIGKILL
+    assert any(p.suffix in (".tmp", ".capnp") for p in payloads.iterdir())
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        serve = subprocess.Popen([*cli, "origin", "serve", "--config", str(conf)], cwd=REPO,
+                                 stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while "listening" not in log.read_text():
+            assert serve.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+    finally:
+        serve.terminate()
+        serve.wait(15)
+    assert "payload files left by interrupted publishes" in log.read_text()
+    assert list(payloads.iterdir()) == []
+    db = OriginDB(tmp_path / "origin")
+    assert db._db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert db.versions() == []
+    done = subprocess.run([*cli, "origin", "publish", "--allow-jump", "--config", str(conf)],
+                          capture_output=True, text=True, cwd=REPO, check=True)
+    assert done.stdout.startswith("published v1")
+    assert [p.name for p in payloads.iterdir()] == [f"{db.versions()[0].sha256}.capnp"]
 
 
 def test_origin_database_and_up_configs_are_owner_only(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ their manifests live in the `versions` table.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import os
 import sqlite3
@@ -211,10 +212,42 @@ class OriginDB:
                     campaigns: int, created: int, first_stage: str) -> Path:
         """Store a published version; its payload file first, so a manifest never lacks it."""
         path = self.payload_dir / f"{sha256}.capnp"
-        if not path.exists():
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(payload)
-            tmp.replace(path)
+        with self._publishing(blocking=True):
+            if not path.exists():
+                # Durable before the row that names it: a manifest never lacks its payload.
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                with open(tmp, "wb") as out:
+                    out.write(payload)
+                    out.flush()
+                    os.fsync(out.fileno())
+                tmp.replace(path)
+                fd = os.open(self.payload_dir, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            self._insert_version(version, manifest, payload, sha256, campaigns, created,
+                                 first_stage)
+        return path
+
+    @contextmanager
+    def _publishing(self, blocking: bool) -> Iterator[bool]:
+        """An exclusive lock while a payload is written and its version stored (yields
+        whether it was taken; without `blocking` a running publish makes it False): the
+        cleanup of leftovers then knows no publish is midway."""
+        fd = os.open(self.state_dir / "publish.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+                taken = True
+            except BlockingIOError:
+                taken = False
+            yield taken
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _insert_version(self, version: int, manifest: bytes, payload: bytes, sha256: str,
+                        campaigns: int, created: int, first_stage: str) -> None:
         with self._tx() as db:
             # Checked inside the transaction: two publishers cannot both take a version.
             row = db.execute("SELECT MAX(version) FROM versions").fetchone()
@@ -224,26 +257,26 @@ class OriginDB:
             db.execute("INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, '')",
                        (version, sha256, len(payload), campaigns, created, manifest,
                         first_stage, time.time()))
-        return path
 
     def clean_leftovers(self, older_than: float = 3600.0) -> list[Path]:
         """Removes what a publish killed midway leaves: `.tmp` payloads, and payload files no
-        version references. Only files older than `older_than` seconds: a publish running
-        now writes its payload before its version row, and that file must stay. Returns
-        what was removed."""
-        referenced = {f"{sha}.capnp" for (sha,) in
-                      self._db.execute("SELECT DISTINCT sha256 FROM versions").fetchall()}
-        cutoff = time.time() - older_than
-        removed = []
-        for path in self.payload_dir.iterdir():
-            if path.name in referenced or path.suffix not in (".tmp", ".capnp"):
-                continue
-            try:
-                if path.stat().st_mtime < cutoff:
-                    path.unlink()
-                    removed.append(path)
-            except FileNotFoundError:
-                continue  # another cleaner was first
+        version references. While a publish runs (it holds the publish lock between writing
+        its payload and storing its version) only files older than `older_than` seconds
+        go. Returns what was removed."""
+        with self._publishing(blocking=False) as idle:
+            referenced = {f"{sha}.capnp" for (sha,) in
+                          self._db.execute("SELECT DISTINCT sha256 FROM versions").fetchall()}
+            cutoff = time.time() if idle else time.time() - older_than
+            removed = []
+            for path in self.payload_dir.iterdir():
+                if path.name in referenced or path.suffix not in (".tmp", ".capnp"):
+                    continue
+                try:
+                    if path.stat().st_mtime <= cutoff:
+                        path.unlink()
+                        removed.append(path)
+                except FileNotFoundError:
+                    continue  # another cleaner was first
         return removed
 
     def versions(self) -> list[VersionRow]:
