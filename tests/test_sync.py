@@ -33,7 +33,7 @@ from appliance.snapshot.manifest import (
 )
 from appliance.snapshot.model import CampaignSet, parse_documents
 from appliance.snapshot.store import SnapshotStore
-from appliance.sync.agent import SyncAgent
+from appliance.sync.agent import SyncAgent, roll_back
 from appliance.up import free_port
 from tests.waiting import until
 
@@ -634,3 +634,23 @@ def test_the_push_token_lives_in_a_0600_file_of_its_own(tmp_path: Path) -> None:
     problems = [p.line() for p in cfg.check_files([path], cfg.Scope.APPLIANCE)]
     assert problems == [f"{path}: sync.push_token: unknown key; fix: did you mean "
                         "'sync.push_token_file'?"]
+
+
+def test_an_operators_rollback_inside_a_health_window_stands(world_factory: Any,
+                                                             small: CampaignSet) -> None:
+    async def scenario() -> None:
+        async with world_factory() as w:
+            w.publish(1, small)
+            await w.agent.attempt()
+
+            async def health() -> str:
+                await roll_back(w.store, None, 1)  # the operator, mid-window
+                return "engine serves v1, not v2"
+
+            w.agent.health = health
+            w.publish(2, campaigns(22))
+            await w.agent.attempt()
+            assert w.store.current_version() == 1 and w.store.pinned() == 1
+            assert 2 not in w.store.rejected() and w.store.trial() is None
+            assert w.agent.state.state == "pinned"
+    run(scenario())

@@ -310,6 +310,12 @@ class SyncAgent:
                 # A clean stop is not a crash: this window does not count against it.
                 self.store.retry_trial(-1)
                 raise
+        if self.store.current_version() != version:
+            # An operator's rollback or a repair switched `current` meanwhile: theirs stands.
+            log.warning("v%d's health window ended with v%s active instead; keeping that",
+                        version, self.store.current_version())
+            self.adopt_current()
+            return
         if problem:
             await self._revert(version, trial.previous, problem)
             return
@@ -526,6 +532,7 @@ async def roll_back(store: SnapshotStore, admin: EngineAdmin | None, to: int | N
         raise RollbackError(f"no retained {wanted}",
                             hint="`adpop pop snapshots` lists the retained versions")
     store.activate(target)
+    store.end_trial()  # the operator's choice replaces whatever was on trial
     store.pin(target)
     engine_note = ""
     if admin is not None and admin.running():
