@@ -144,6 +144,22 @@ def _optional_one_listen(value: Any) -> str | None:
     return _one_listen(value) if value else None
 
 
+def _unit_name(value: Any) -> str | None:
+    if re.fullmatch(r"[A-Za-z0-9:_.\\@-]+\.service", value):
+        return None
+    return "give a systemd service name, e.g. adpop-engine.service"
+
+
+def _optional_unit_name(value: Any) -> str | None:
+    return _unit_name(value) if value else None
+
+
+def _group_name(value: Any) -> str | None:
+    if not value or re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", value):
+        return None
+    return "give a group name (a-z, 0-9, '_' or '-', at most 32), or \"\""
+
+
 def _between(low: int, high: int) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         return None if low <= value <= high else f"use a value from {low} to {high}"
@@ -253,7 +269,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(A, "engine", "binary", Kind.PATH, "/usr/lib/adpop/adpop-engine",
             "The engine binary the supervisor runs in dev mode."),
     Setting(A, "engine", "unit", Kind.STR, "adpop-engine.service",
-            "The engine's systemd unit, watched and restarted in appliance mode."),
+            "The engine's systemd unit, watched and restarted in appliance mode.", _unit_name),
     Setting(A, "engine", "listen", Kind.STR, "127.0.0.1:8080",
             "Addresses the engine serves ad requests on: HOST:PORT or [IPV6]:PORT, "
             "comma-separated; \"[::]:8080\" takes IPv4 and IPv6.", _listen),
@@ -280,7 +296,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Closed spool segments past this many bytes make the supervisor report degraded "
             "(nothing ships them yet, so they only grow).", _at_least(1024**2)),
     Setting(A, "cache", "address", Kind.STR, "127.0.0.1:6379",
-            "HOST:PORT of the local cache (Dragonfly or redis-server)."),
+            "HOST:PORT of the local cache (Dragonfly or redis-server).", _one_listen),
     Setting(A, "cache", "memory", Kind.SIZE, 256 * 1024**2,
             "Memory limit of the cache (its maxmemory; in the appliance the unit's MemoryMax is "
             "a quarter above it).",
@@ -294,7 +310,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(A, "cache", "unit", Kind.OPT_STR, "",
             "The cache's systemd unit, watched and restarted in appliance mode (\"\": "
             "dragonfly.service when /usr/bin/dragonfly is installed, else adpop-redis.service, "
-            "as the units' own conditions choose)."),
+            "as the units' own conditions choose).", _optional_unit_name),
     Setting(A, "supervisor", "mode", Kind.STR, "appliance",
             "appliance: the parts run as their own systemd units; dev: the supervisor runs "
             "them as its child processes.", _one_of("appliance", "dev")),
@@ -303,7 +319,7 @@ SETTINGS: tuple[Setting, ...] = (
             "paths.state_dir."),
     Setting(A, "supervisor", "operator_group", Kind.OPT_STR, "adpop-ops",
             "Group that owns the control socket, so its members may use it (\"\": the "
-            "supervisor's own group)."),
+            "supervisor's own group).", _group_name),
     Setting(A, "supervisor", "ready_timeout", Kind.DURATION, 120,
             "Time to reach serving before the supervisor reports ready in a degraded state "
             "that says what is missing.", _at_least(1)),
@@ -326,7 +342,9 @@ SETTINGS: tuple[Setting, ...] = (
             "net.core.busy_poll and busy_read in microseconds, when the engine busy-polls its "
             "sockets (0: off).", _at_least(0)),
     Setting(A, "tuning", "governor", Kind.STR, "performance",
-            "CPU frequency governor of the shard CPUs, where the host has cpufreq."),
+            "CPU frequency governor of the shard CPUs, where the host has cpufreq.",
+            _one_of("performance", "schedutil", "ondemand", "conservative", "powersave",
+                    "userspace")),
     Setting(A, "tuning", "thp", Kind.STR, "madvise",
             "Transparent huge pages mode.", _one_of("always", "madvise", "never")),
     Setting(A, "tuning", "local_port_range", Kind.STR, "32768-60999",

@@ -188,3 +188,19 @@ def test_dev_mode_binaries_must_be_executables(tmp_path: Path) -> None:
     path.write_text(f'[supervisor]\nmode = "dev"\n[engine]\nbinary = "{sys.executable}"\n'
                     '[cache]\nbinary = "sh"\n')
     assert cfg.check_files([path], cfg.Scope.APPLIANCE) == []
+
+
+@pytest.mark.parametrize("text, key, fix", [
+    ('[cache]\naddress = "localhost:6379"\n', "cache.address", "is not HOST:PORT"),
+    ('[engine]\nunit = "adpop-engine"\n', "engine.unit", "systemd service name"),
+    ('[cache]\nunit = "redis"\n', "cache.unit", "systemd service name"),
+    ('[supervisor]\noperator_group = "Ops Team"\n', "supervisor.operator_group", "group name"),
+    ('[tuning]\ngovernor = "turbo"\n', "tuning.governor", "write one of performance"),
+])
+def test_the_remaining_free_text_settings_are_checked(tmp_path: Path, text: str, key: str,
+                                                      fix: str) -> None:
+    """Case 6: every setting has a type that checks its values."""
+    path = tmp_path / "appliance.toml"
+    path.write_text(text)
+    (problem,) = cfg.check_files([path], cfg.Scope.APPLIANCE)
+    assert problem.key == key and fix in problem.fix, problem.line()
