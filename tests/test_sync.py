@@ -654,3 +654,20 @@ def test_an_operators_rollback_inside_a_health_window_stands(world_factory: Any,
             assert 2 not in w.store.rejected() and w.store.trial() is None
             assert w.agent.state.state == "pinned"
     run(scenario())
+
+
+def test_a_version_stored_before_its_high_water_mark_was_written_is_taken(
+        world_factory: Any, small: CampaignSet) -> None:
+    """A crash between the version's rename into the store and its high-water mark (the
+    outside run found a PoP stuck there: the version stored, never activated)."""
+    async def scenario() -> None:
+        async with world_factory() as w:
+            w.publish(1, small)
+            await w.agent.attempt()
+            built = w.publish(2, campaigns(22))
+            w.store.add(2, built.manifest_bytes, built.payload)
+            w.store.high_water_path.write_text("1\n")
+            await w.agent.attempt()
+            assert w.store.current_version() == 2 and w.store.high_water() == 2
+            assert w.agent.state.state == "active" and w.store.trial() is None
+    run(scenario())

@@ -276,6 +276,9 @@ class SnapshotStore:
         os.symlink(f"snapshots/{version}", tmp)
         os.replace(tmp, self.current_link)
         _fsync_dir(self.root)
+        if version > self.high_water():
+            # Stored before a crash cut its add() short of the mark: accepted all the same.
+            self._write_high_water(version)
 
     def deactivate(self) -> None:
         """No active snapshot (the first one failed and there is none to go back to)."""

@@ -158,11 +158,15 @@ class SyncAgent:
             return None
         if manifest.version <= self.store.high_water() and self.store.pinned() is not None:
             return None  # pinned by an operator's rollback until a newer version comes
-        if manifest.version <= self.store.high_water() and not await self._retake(manifest):
+        # A version already stored (a crash cut its activation short) is taken from the
+        # store, whatever the high-water mark says; see _retake.
+        stored = manifest.version in self.store.versions()
+        if (manifest.version <= self.store.high_water() or stored) and \
+                not await self._retake(manifest):
             raise VerifyError(Reason.ROLLBACK, f"version {manifest.version} is not above the "
                               f"high-water mark {self.store.high_water()}")
         if manifest.version in self.store.versions():
-            return manifest  # stored whole before a crash, and now on trial (see _retake)
+            return manifest  # activated from the store, on trial
         partial = self.store.root / f".partial-{manifest.payload_sha256}"
         try:
             await fetch_payload(
