@@ -78,7 +78,7 @@ def test_engine_and_current_are_reconciled_on_every_health_round(up: Up) -> None
         s.pin(latest - 1)
         wait_for("the engine to follow current", partial(_serves, up, latest - 1), 30)
     log = (up.state / "logs" / "supervisor.log").read_text()
-    assert log.count(": told it to load v") == TRIES
+    assert log.count(": told it to load v") >= TRIES
     agreed(up, publish(up))
 
 

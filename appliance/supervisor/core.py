@@ -173,7 +173,9 @@ class Supervisor:
         the active version's files are checked and a damaged one replaced. A health window
         in progress owns the engine: it loads and judges the version itself."""
         reason = f"engine serves v{serving}, v{active} is active"
-        if self.agent.state.state == "checking":
+        # The trial is marked before `current` switches (in sync's thread): a round between
+        # the switch and the window's start must leave the engine to the window too.
+        if self.agent.state.state == "checking" or self.store.trial() is not None:
             return reason
         problem = await self.admin.load()
         if not problem:
