@@ -18,11 +18,12 @@ APT_PACKAGES := \
 
 FUZZ_SECONDS ?= 60
 
-.PHONY: help setup engine xdp demo test test-vm image bench lint fuzz clean
+.PHONY: help setup engine xdp demo test check test-vm image bench lint fuzz clean
 
 help:
 	@echo "make demo   - set up, then run an origin and a whole PoP on 127.0.0.1 (Ctrl-C stops it)"
 	@echo "make test   - set up, then run the whole test suite (ruff and mypy included)"
+	@echo "make check  - lint, types and every test but the image and vm tiers (between edits)"
 	@echo "make bench  - set up, then run the benchmarks in bench/"
 	@echo "make image  - build the appliance disk image into images/out/"
 	@echo "make test-vm - boot the image under qemu (the boot tier of make test)"
@@ -54,13 +55,16 @@ $(XDP_OBJECT): appliance/xdp/filter.bpf.c appliance/xdp/filter.h $(STAMPS)/apt
 	@mkdir -p $(dir $@)
 	clang -O2 -g -Wall -Werror -target bpf -I/usr/include/$$(gcc -dumpmachine) -c $< -o $@
 
-# The engine, twice: optimised (engine/build) and with ASan + UBSan (engine/build-asan) for
-# the unit tests. cmake --build is incremental, so an up-to-date tree costs a second.
+# The engine, optimised (engine/build), with ASan + UBSan (engine/build-asan) for the unit
+# tests, and with TSan (engine/build-tsan) for the unit tests and a swap-under-load run.
+# cmake --build is incremental, so an up-to-date tree costs a second.
 engine: $(STAMPS)/apt
 	@test -f engine/build/CMakeCache.txt || cmake -S engine -B engine/build -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 	cmake --build engine/build -j$$(nproc) -- --no-print-directory
 	@test -f engine/build-asan/CMakeCache.txt || cmake -S engine -B engine/build-asan -DCMAKE_BUILD_TYPE=Debug -DADPOP_SANITIZE=ON >/dev/null
 	cmake --build engine/build-asan -j$$(nproc) -- --no-print-directory
+	@test -f engine/build-tsan/CMakeCache.txt || cmake -S engine -B engine/build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DADPOP_TSAN=ON >/dev/null
+	cmake --build engine/build-tsan -j$$(nproc) --target adpop-engine-tests adpop-engine -- --no-print-directory
 	@test -f engine/build-fuzz/CMakeCache.txt || cmake -S engine -B engine/build-fuzz -DADPOP_FUZZ=ON \
 		-DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 	cmake --build engine/build-fuzz -j$$(nproc) --target fuzz_http fuzz_json -- --no-print-directory
@@ -98,6 +102,12 @@ demo: setup
 test: setup
 	$(BIN)/pytest -q
 
+# The inner loop between edits: lint, types and every test but the image and qemu tiers.
+check: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/pytest -q -m "not image and not vm"
+
 # The appliance disk (images/out/adpop-VERSION.raw, its manifest and a zstd copy); reused
 # when no input changed. DRAGONFLY_DEB=path (with DRAGONFLY_SHA256) puts Dragonfly in.
 image: setup
@@ -105,7 +115,7 @@ image: setup
 
 # The boot tier alone: the image under qemu with OVMF (make test runs it too).
 test-vm: setup
-	$(BIN)/pytest -q tests/test_image.py -k uefi
+	$(BIN)/pytest -q -m vm
 
 bench: setup
 	$(BIN)/python -m bench.bench_snapshot
@@ -121,4 +131,4 @@ lint: setup
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(STAMPS) $(DEMO_DIR) .tools .pytest_cache .mypy_cache .ruff_cache engine/build engine/build-asan engine/build-fuzz
+	rm -rf $(STAMPS) $(DEMO_DIR) .tools .pytest_cache .mypy_cache .ruff_cache engine/build engine/build-asan engine/build-tsan engine/build-fuzz

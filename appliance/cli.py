@@ -431,6 +431,7 @@ def cmd_supervisor(args: argparse.Namespace) -> int:
     from appliance.tls import trust_directory_only
 
     trust_directory_only()  # before aiohttp builds its contexts: see appliance/tls.py
+    from appliance.supervisor.control import ControlServer
     from appliance.supervisor.core import Supervisor
     from appliance.supervisor.notify import setup_logging
 
@@ -446,7 +447,7 @@ def cmd_supervisor(args: argparse.Namespace) -> int:
         quiet_floods(loop)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await supervisor.run(stop)
+        await supervisor.run(stop, ControlServer)
 
     asyncio.run(run())
     return 0

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,3 +43,39 @@ def synthetic_set() -> CampaignSet:
 @pytest.fixture()
 def sample_bundle(sample_set: CampaignSet, signing_key: SigningKey) -> bundle.Bundle:
     return bundle.build(sample_set, 3, [signing_key], ttl=3600, target_group="default")
+
+
+TIERS = ("unit", "integration", "image", "vm")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test has exactly one tier: `make check` selects by them (not image, not vm)."""
+    wrong = [f"{item.nodeid}: {tiers or 'none'}" for item in items
+             if len(tiers := [m.name for m in item.iter_markers() if m.name in TIERS]) != 1]
+    if wrong:
+        raise pytest.UsageError("tests without exactly one tier marker "
+                                f"({', '.join(TIERS)}):\n  " + "\n  ".join(wrong))
+
+
+# One seed for the run's randomised tests, printed in the header and beside each failure:
+# ADPOP_TEST_SEED=N replays it.
+SEED = int(os.environ.get("ADPOP_TEST_SEED") or random.SystemRandom().randrange(2**32))
+
+
+def pytest_report_header() -> str:
+    return f"randomised tests: ADPOP_TEST_SEED={SEED}"
+
+
+@pytest.fixture
+def rng(request: pytest.FixtureRequest) -> random.Random:
+    """A random source for one test, from the run's seed and the test's id."""
+    request.node.user_properties.append(("seed", SEED))
+    return random.Random(f"{SEED}:{request.node.nodeid}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and "rng" in getattr(item, "fixturenames", ()):
+        report.sections.append(("seed", f"replay with ADPOP_TEST_SEED={SEED}"))

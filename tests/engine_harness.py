@@ -99,10 +99,12 @@ def install(store: SnapshotStore, campaign_set: CampaignSet, version: int, key: 
 
 @contextmanager
 def running_engine(workdir: Path, campaign_set: CampaignSet, key: SigningKey,
-                   extra: Sequence[str] = (), shards: int = 2) -> Iterator[RunningEngine]:
-    """The engine serving `campaign_set` as version 1 from a real store, with a token key
-    and a spool folder under `workdir`; stopped after."""
-    assert ENGINE.is_file(), f"{ENGINE} missing: `make setup` builds the engine"
+                   extra: Sequence[str] = (), shards: int = 2,
+                   binary: Path = ENGINE) -> Iterator[RunningEngine]:
+    """The engine (`binary`, e.g. the ThreadSanitizer build) serving `campaign_set` as
+    version 1 from a real store, with a token key and a spool folder under `workdir`;
+    stopped after."""
+    assert binary.is_file(), f"{binary} missing: `make setup` builds the engine"
     token_key = workdir / "token.key"
     if not token_key.exists():
         token_key.write_bytes(os.urandom(32))
@@ -116,7 +118,7 @@ def running_engine(workdir: Path, campaign_set: CampaignSet, key: SigningKey,
     log = workdir / "engine.log"
     with open(log, "wb") as log_fh:
         process = subprocess.Popen(
-            [str(ENGINE), "--listen", f"127.0.0.1:{port}", "--admin", str(admin),
+            [str(binary), "--listen", f"127.0.0.1:{port}", "--admin", str(admin),
              "--snapshot", str(store.current_link), "--shards", str(shards),
              "--token-key", str(token_key), "--spool", str(spool),
              "--metrics-listen", f"127.0.0.1:{metrics_port}", *extra],

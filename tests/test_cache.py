@@ -15,6 +15,8 @@ import pytest
 from appliance import cache
 from appliance.up import free_port
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture
 def password(tmp_path: Path) -> str:

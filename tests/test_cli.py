@@ -13,6 +13,8 @@ import pytest
 
 from tests.conftest import SAMPLE_CAMPAIGNS
 
+pytestmark = pytest.mark.integration
+
 ADPOP = Path(sys.executable).parent / "adpop"
 
 

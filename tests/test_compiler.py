@@ -21,6 +21,8 @@ from appliance.snapshot.compiler import (
 )
 from appliance.snapshot.model import CampaignSet, parse_documents
 
+pytestmark = pytest.mark.unit
+
 T = TypeVar("T")
 
 

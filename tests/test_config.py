@@ -10,6 +10,8 @@ import pytest
 
 from appliance import config as cfg
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parent.parent
 ADPOP = Path(sys.executable).parent / "adpop"
 

@@ -8,12 +8,15 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
+import pytest
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Static
 
 from tests.fake_control import NOW, FakeControl
 from tui.actions import ACTIONS
 from tui.app import ConfirmScreen, ConsoleApp, PromptScreen
+
+pytestmark = pytest.mark.unit
 
 SIZE = (120, 40)
 

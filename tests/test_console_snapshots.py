@@ -13,6 +13,8 @@ from textual.pilot import Pilot
 from tests.fake_control import NOW, FakeControl
 from tui.app import ConsoleApp
 
+pytestmark = pytest.mark.unit
+
 SIZE = (120, 40)
 
 

@@ -17,6 +17,8 @@ from appliance.snapshot.model import CampaignSet, parse_documents
 from appliance.spool import EventType, read_segment, segments
 from tests.engine_harness import RunningEngine, controls_set, running_engine
 
+pytestmark = pytest.mark.integration
+
 REQUEST = {"id": "track-1", "placements": [{"id": "home-side", "count": 2}],
            "geo": {"country": "US"}, "device": {"type": "desktop"}, "time": 1770000000,
            "user": {"key": "user-9"}}

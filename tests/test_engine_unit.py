@@ -1,4 +1,5 @@
-"""The engine's gtest unit tests, optimised and under ASan + UBSan, on a compiled payload."""
+"""The engine's gtest unit tests, optimised, under ASan + UBSan and under TSan, on a compiled
+payload."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ from appliance.snapshot.manifest import SigningKey
 from appliance.snapshot.model import parse_documents
 from tests.engine_harness import controls_set
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parent.parent
 BINARIES = {
     "optimised": REPO / "engine" / "build" / "adpop-engine-tests",
     "asan-ubsan": REPO / "engine" / "build-asan" / "adpop-engine-tests",
+    "tsan": REPO / "engine" / "build-tsan" / "adpop-engine-tests",
 }
 
 
@@ -40,7 +44,8 @@ def test_gtest_suite(variant: str, payloads: dict[str, str]) -> None:
     assert binary.is_file(), f"{binary} missing: `make setup` builds the engine"
     env = dict(os.environ, **payloads,
                ASAN_OPTIONS="detect_leaks=1:abort_on_error=1",
-               UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
+               UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1",
+               TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1")
     result = subprocess.run([binary], env=env, capture_output=True, text=True, check=False,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

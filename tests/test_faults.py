@@ -15,6 +15,8 @@ import time
 from functools import partial
 from pathlib import Path
 
+import pytest
+
 from appliance import httpguard
 from appliance.spool import EventType, read_segment, segments
 from tests.fault_harness import (
@@ -31,6 +33,8 @@ from tests.fault_harness import (
     watching,
 )
 from tests.up_harness import Up, alive, wait_for
+
+pytestmark = pytest.mark.integration
 
 TRIES = 3
 

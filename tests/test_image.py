@@ -30,6 +30,7 @@ def image() -> dict[str, Any]:
     return manifest
 
 
+@pytest.mark.image
 def test_manifest_and_reuse(image: dict[str, Any]) -> None:
     raw = image["path"]
     assert image["sha256"] == build.sha256_file(raw)
@@ -43,6 +44,7 @@ def test_manifest_and_reuse(image: dict[str, Any]) -> None:
     assert again["reused"] and again["sha256"] == image["sha256"]
 
 
+@pytest.mark.image
 def test_tree_units_verify(image: dict[str, Any]) -> None:
     units = ["adpop.target", "adpop-tune.service", "adpop-xdp.service", "adpop-engine.service",
              "adpop-supervisor.service", "adpop-redis.service", "dragonfly.service"]
@@ -54,6 +56,7 @@ def test_tree_units_verify(image: dict[str, Any]) -> None:
     assert not problems, problems
 
 
+@pytest.mark.image
 def test_blocklisted_modules_exist_in_the_image_kernel(image: dict[str, Any]) -> None:
     # A misspelt name in modprobe.d is silently ignored: each must name a module of the
     # kernel the image boots (modprobe reads - and _ alike).
@@ -82,6 +85,7 @@ def container_init(nspawn: subprocess.Popen[bytes]) -> int:
     raise AssertionError("nspawn started no init")
 
 
+@pytest.mark.image
 def test_nspawn_boot_brings_up_adpop_target(image: dict[str, Any], tmp_path: Path) -> None:
     """Fast tier: the tree boots in a container; adpop.target comes up, no unit fails, and
     the PoP (no origin, no keys) says what it is missing."""
@@ -185,6 +189,7 @@ def debugfs_cat(device: str, path: str) -> str:
                           capture_output=True, text=True, check=True).stdout
 
 
+@pytest.mark.image
 def test_flash_writes_verifies_and_configures(image: dict[str, Any], loops: Any,
                                               tmp_path: Path) -> None:
     from appliance.snapshot.manifest import generate_key
@@ -215,6 +220,7 @@ def digest(path: str, size: int) -> str:
         return hashlib.sha256(fh.read(size)).hexdigest()
 
 
+@pytest.mark.image
 def test_flash_refusals_write_nothing(image: dict[str, Any], loops: Any,
                                      tmp_path: Path) -> None:
     from appliance.flash import FlashError, flash
@@ -255,6 +261,7 @@ def test_flash_refusals_write_nothing(image: dict[str, Any], loops: Any,
 # --- boot tier: UEFI under qemu (TCG) against an origin on this host -------------------------
 
 
+@pytest.mark.vm
 def test_uefi_boot_serves_an_ad(image: dict[str, Any], tmp_path: Path) -> None:
     """Boot tier: UEFI under qemu, the origin reached only through a guestfwd."""
     booted = boot.boot_and_serve(image["path"], image["bytes"], tmp_path)

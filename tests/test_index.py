@@ -18,6 +18,8 @@ from appliance.snapshot.model import (
     parse_documents,
 )
 
+pytestmark = pytest.mark.unit
+
 
 def index_of(campaign_set: CampaignSet) -> tuple[TargetingIndex, list[str]]:
     payload, _ = compile_payload(campaign_set, 1, 0)

@@ -29,6 +29,8 @@ from appliance.snapshot.manifest import (
     verify_payload_bytes,
 )
 
+pytestmark = pytest.mark.unit
+
 ADPOP = Path(sys.executable).parent / "adpop"
 
 

@@ -20,6 +20,8 @@ from appliance.snapshot.model import (
     parse_hours,
 )
 
+pytestmark = pytest.mark.unit
+
 BASE: dict[str, Any] = {
     "advertisers": [{"id": "adv-a", "name": "A"}, {"id": "adv-b"}],
     "creatives": [

@@ -26,6 +26,8 @@ from appliance.snapshot.model import CampaignSet
 from appliance.up import free_port
 from tests.engine_harness import ENGINE, UnixHTTPConnection, install, running_engine
 
+pytestmark = pytest.mark.integration
+
 REPO = Path(__file__).resolve().parent.parent
 ADPOP = [sys.executable, "-m", "appliance.cli"]
 

@@ -21,6 +21,8 @@ from appliance.snapshot.manifest import generate_key
 from appliance.up import REPO, free_port
 from tests.fault_harness import kill_when, watching
 
+pytestmark = pytest.mark.integration
+
 PLAN = rollout.Plan(canaries=("c1",), percent=50, stage_timeout=60)
 
 

@@ -53,6 +53,9 @@ print("done", calls, flush=True)
 """
 
 
+pytestmark = pytest.mark.unit
+
+
 def run_child(root: Path, kill_at: int, count: int) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-c", CHILD, str(root), str(kill_at), str(count)],
                             stdout=subprocess.PIPE, text=True)
@@ -103,8 +106,7 @@ def test_kill_at_every_step(tmp_path: Path) -> None:
         assert_recovers(root)
 
 
-def test_kill_at_random_moments(tmp_path: Path) -> None:
-    rng = random.Random(int(time.time()))
+def test_kill_at_random_moments(tmp_path: Path, rng: random.Random) -> None:
     root = tmp_path / "store"
     seed_store(root)
     for _ in range(25):

@@ -16,6 +16,8 @@ import pytest
 from appliance.supervisor.client import ControlError, call
 from tests.up_harness import Up, alive, wait_for
 
+pytestmark = pytest.mark.integration
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -30,6 +30,8 @@ from appliance.supervisor.components import ChildProcess, Component, Health
 from appliance.supervisor.core import Supervisor
 from appliance.up import REPO, SAMPLE_CAMPAIGNS, free_port, prepare
 
+pytestmark = pytest.mark.integration
+
 
 @dataclass
 class NotifySocket:

@@ -37,6 +37,8 @@ from appliance.sync.agent import SyncAgent, roll_back
 from appliance.up import free_port
 from tests.waiting import until
 
+pytestmark = pytest.mark.unit
+
 NOW = 1_780_000_000  # the fake clock: every manifest is built relative to it
 
 

@@ -21,6 +21,9 @@ from appliance.up import free_port
 REPO = Path(__file__).resolve().parent.parent
 
 
+pytestmark = pytest.mark.integration
+
+
 def openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 

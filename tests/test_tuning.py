@@ -23,6 +23,8 @@ from appliance.tuning.faketree import FakeNic
 from appliance.tuning.host import Host, HostError
 from tests.waiting import until
 
+pytestmark = pytest.mark.integration
+
 REPO = Path(__file__).resolve().parent.parent
 
 

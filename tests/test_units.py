@@ -31,6 +31,8 @@ from appliance.snapshot.store import SnapshotStore
 from appliance.up import free_port
 from tests.engine_harness import ENGINE, install
 
+pytestmark = pytest.mark.integration
+
 REPO = Path(__file__).resolve().parent.parent
 UNITS = REPO / "units"
 UNIT_FILES = sorted(p for p in UNITS.iterdir() if p.suffix in (".service", ".target"))

@@ -27,6 +27,9 @@ BLOCKED4, BLOCKED6 = "198.18.5.7", "2001:db8:bad::7"
 GOOD4, GOOD6 = "198.18.1.1", "2001:db8:1::1"
 
 
+pytestmark = pytest.mark.integration
+
+
 def write_config(path: Path, pin_dir: Path, extra: str = "") -> Path:
     """The [xdp] section of the tests; `extra` lines replace a default of the same key."""
     lines = {"pin_dir": f'"{pin_dir}"', "allow_tcp_ports": '["80", "443", "8080"]',

@@ -14,9 +14,10 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import ClientError
 
@@ -53,6 +54,13 @@ SYNC_STABLE = 60.0  # a restarted sync loop running this long is no longer a gap
 def in_container() -> bool:
     """True under systemd-nspawn, docker and the like (systemd as PID 1 notes it there)."""
     return Path("/run/systemd/container").exists()
+
+
+class Server(Protocol):
+    """What the supervisor needs of its control server: started once, stopped at the end."""
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
 
 
 class Supervisor:
@@ -348,9 +356,11 @@ class Supervisor:
 
     # --- run ------------------------------------------------------------------------
 
-    async def run(self, stop: asyncio.Event) -> None:
-        from appliance.supervisor.control import ControlServer  # it imports this module
-
+    async def run(self, stop: asyncio.Event,
+                  control_api: Callable[[Supervisor], Server] | None = None) -> None:
+        """Runs until `stop`. `control_api` makes the control server once the parts had
+        their first health pass (the caller wires it: the server depends on this class, not
+        the other way round)."""
         log.info("starting %s in %s mode, pid %d", ", ".join(c.name for c in self.components),
                  self.cfg.supervisor.mode, os.getpid())
         # Sync first: at boot the first snapshot is the longest wait, and it needs none of
@@ -358,15 +368,16 @@ class Supervisor:
         # starting) runs beside it.
         self.sync_task = asyncio.ensure_future(self.agent.run(stop))
         self.stop = stop
-        control: ControlServer | None = None
+        control: Server | None = None
         tuning = None
         try:
             if self.cfg.supervisor.mode == "appliance":
                 await self.reload_stale_units()  # before the first health pass starts parts
             for component in self.components:
                 await component.health()  # starts what is not running
-            control = ControlServer(self)
-            await control.start()
+            if control_api is not None:
+                control = control_api(self)
+                await control.start()
             tuning = asyncio.ensure_future(self.tuning.run(stop)) if self.tuning else None
             await self.health_loop(stop)
         finally:
