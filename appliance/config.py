@@ -503,6 +503,15 @@ def _toml_string(text: str) -> str:
     return f'"{escaped}"'
 
 
+def default(scope: Scope, section: str, key: str) -> Any:
+    """A setting's default, for code that needs it outside a loaded configuration (offline
+    tooling, library defaults): the table stays the one place defaults live."""
+    for setting in SETTINGS:
+        if setting.scope is scope and setting.section == section and setting.key == key:
+            return setting.default
+    raise KeyError(f"no setting {section}.{key} in the {scope.value} scope")
+
+
 def settings_for(scope: Scope) -> tuple[Setting, ...]:
     return tuple(s for s in SETTINGS if s.scope is scope)
 

@@ -75,11 +75,11 @@ def write(bundle: Bundle, out: Path) -> None:
 
 
 def policy(trust: Sequence[Path], *, threshold: int = 1, target_group: str | None = None,
-           clock_skew: int = 300, max_manifest_bytes: int = 64 * 1024,
-           max_payload_bytes: int = 4 * 1024**3) -> Policy:
+           **limits: int) -> Policy:
+    """`limits`: clock_skew, max_manifest_bytes, max_payload_bytes (default: the settings'
+    defaults, which Policy carries)."""
     return Policy(trusted=load_trust(trust), threshold=threshold, schema_id=schema_id(),
-                  target_group=target_group, clock_skew=clock_skew,
-                  max_manifest_bytes=max_manifest_bytes, max_payload_bytes=max_payload_bytes)
+                  target_group=target_group, **limits)
 
 
 def policy_from_config(config: Any) -> Policy:
@@ -92,7 +92,9 @@ def policy_from_config(config: Any) -> Policy:
                   max_payload_bytes=snap.max_payload_bytes)
 
 
-def describe(manifest: Manifest, payload: bytes, nesting_limit: int = 16) -> dict[str, Any]:
+def describe(manifest: Manifest, payload: bytes,
+             nesting_limit: int = cfg.default(cfg.Scope.APPLIANCE, "snapshot", "nesting_limit")
+             ) -> dict[str, Any]:
     """What `snapshot inspect` shows: manifest fields, sizes, counts and index statistics."""
     with open_payload(payload, nesting_limit) as p:
         index = p.index

@@ -20,6 +20,7 @@ from typing import Any
 
 import capnp
 
+from appliance.config import Scope, default
 from appliance.errors import AdpopError
 from appliance.snapshot.model import (
     ATTRIBUTES,
@@ -484,7 +485,9 @@ def _write_index(msg: Any, conjunctions: _Conjunctions) -> tuple[int, int, int, 
 
 
 @contextmanager
-def open_payload(data: bytes | mmap.mmap, nesting_limit: int = 16) -> Iterator[Any]:
+def open_payload(data: bytes | mmap.mmap,
+                 nesting_limit: int = default(Scope.APPLIANCE, "snapshot", "nesting_limit")
+                 ) -> Iterator[Any]:
     """A reader over payload bytes, with traversal and nesting limits.
 
     The traversal limit is a multiple of the payload's size in words: enough to read every
