@@ -58,6 +58,7 @@ XDP = {"loaded": True, "pin_dir": "/sys/fs/bpf/adpop", "attached": {"eth0": {"mo
        "top": [{"source": "198.18.7.7", "drops": 6789}, {"source": "198.18.5.1", "drops": 4000}],
        "rate_pps": 20000, "burst": 100}
 EVENTS = {"closed_segments": 3, "backlog_bytes": 1_572_864}
+CACHE = {"address": "127.0.0.1:6379", **STATUS["components"]["cache"]}
 LOGS = [{"time": NOW - 60 + i, "level": level, "component": component, "message": message}
         for i, (level, component, message) in enumerate([
             ("info", "supervisor", "ready: serving v12"),
@@ -89,7 +90,8 @@ class FakeControl:
     def _app(self) -> web.Application:
         app = web.Application()
         reads = {"/v1/status": STATUS, "/v1/snapshots": SNAPSHOTS, "/v1/tuning": TUNING,
-                 "/v1/xdp": XDP, "/v1/events": EVENTS, "/v1/snapshots/diff": DIFF}
+                 "/v1/xdp": XDP, "/v1/events": EVENTS, "/v1/snapshots/diff": DIFF,
+                 "/v1/cache": CACHE}
 
         def read(body: Any) -> Any:
             async def handler(request: web.Request) -> web.Response:

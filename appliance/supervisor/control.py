@@ -38,6 +38,19 @@ BLOCKLIST_RECOUNT = 30.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+# Every route: method, path, handler. appliance/supervisor/schema.py types each answer; a
+# test holds both, the real supervisor and the console's fake to the same list.
+ROUTES = (
+    ("GET", "/v1/status", "status"), ("GET", "/v1/snapshots", "snapshots"),
+    ("GET", "/v1/snapshots/diff", "snapshot_diff"), ("GET", "/v1/cache", "cache"),
+    ("GET", "/v1/events", "events"), ("GET", "/v1/logs", "logs"),
+    ("GET", "/v1/tuning", "tuning"), ("POST", "/v1/tuning/apply", "apply_tuning"),
+    ("GET", "/v1/xdp", "xdp"), ("POST", "/v1/xdp/block", "xdp_block"),
+    ("POST", "/v1/xdp/unblock", "xdp_block"), ("POST", "/v1/sync-now", "sync_now"),
+    ("POST", "/v1/rollback", "rollback"), ("POST", "/v1/drain", "drain"),
+    ("POST", "/v1/undrain", "undrain"),
+)
+
 
 def error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
@@ -63,16 +76,8 @@ class ControlServer:
 
     async def start(self) -> None:
         app = web.Application(client_max_size=64 * 1024, middlewares=[self._errors])
-        app.add_routes([
-            web.get("/v1/status", self.status), web.get("/v1/snapshots", self.snapshots),
-            web.get("/v1/snapshots/diff", self.snapshot_diff),
-            web.get("/v1/cache", self.cache), web.get("/v1/events", self.events),
-            web.get("/v1/logs", self.logs), web.get("/v1/tuning", self.tuning),
-            web.post("/v1/tuning/apply", self.apply_tuning), web.get("/v1/xdp", self.xdp),
-            web.post("/v1/xdp/block", self.xdp_block),
-            web.post("/v1/xdp/unblock", self.xdp_block),
-            web.post("/v1/sync-now", self.sync_now), web.post("/v1/rollback", self.rollback),
-            web.post("/v1/drain", self.drain), web.post("/v1/undrain", self.undrain)])
+        app.add_routes([web.route(method, path, getattr(self, handler))
+                        for method, path, handler in ROUTES])
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
         self.path.parent.mkdir(parents=True, exist_ok=True)
