@@ -51,7 +51,7 @@ Name=en* eth*
 DHCP=yes
 """
 INPUT_GLOBS = ["appliance/**/*.py", "appliance/**/*.capnp", "appliance/xdp/*.c",
-               "appliance/xdp/*.h", "units/**/*", "config/**/*", "tui/**/*.py",
+               "appliance/xdp/*.h", "units/**/*", "config/**/*", "tui/**/*.py", "tui/**/*.tcss",
                "images/*.py", "pyproject.toml", "engine/src/*", "engine/CMakeLists.txt"]
 
 

@@ -195,28 +195,7 @@ class ActionCommands(Provider):
 
 class ConsoleApp(App[None]):
     TITLE = "adpop console"
-    CSS = """
-    #banner { dock: top; height: 1; padding: 0 1; background: $primary-background; }
-    #banner.down { background: $error; color: $text; height: auto; }
-    #tiles { grid-size: 5; grid-gutter: 1; height: 7; }
-    .tile { border: round $primary; padding: 0 1; height: 7; }
-    .tile.bad { border: round $error; }
-    .tile.warn { border: round $warning; }
-    .graph { height: 8; border: round $secondary; padding: 0 1; }
-    .stale, .tile.stale, .tile.bad.stale, .tile.warn.stale { color: $text-disabled;
-        border: round $panel-lighten-2; }
-    Sparkline { height: 5; }
-    #facts { padding: 0 1; }
-    #filter { dock: bottom; display: none; }
-    #filter.shown { display: block; }
-    DataTable { height: 1fr; }
-    #snapshot-diff, #tuning-summary, #xdp-summary { height: auto; padding: 0 1; }
-    ConfirmScreen, PromptScreen, HelpScreen { align: center middle; }
-    #dialog { width: 90; height: auto; max-height: 30; border: thick $error; padding: 1 2;
-              background: $surface; }
-    HelpScreen #dialog { border: thick $primary; }
-    #buttons { height: 3; margin-top: 1; }
-    """
+    CSS_PATH = "app.tcss"  # beside this file
     BINDINGS: ClassVar[list[Binding | tuple[str, str] | tuple[str, str, str]]] = [
         *(Binding(a.key, a.name, a.title, show=a.key not in ("plus", "minus", "1", "2", "3", "4",
                                                              "5") and not a.name.startswith("sort"))
