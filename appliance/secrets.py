@@ -22,17 +22,23 @@ class SecretError(AdpopError):
     """A secret file is missing, unreadable, empty or readable by others."""
 
 
+def _staged(path: Path, text: str) -> Path:
+    """`text` written 0600 and fsynced under a temporary name beside `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return tmp
+
+
 def ensure(path: Path) -> str:
     """The secret in `path`, made first when there is none."""
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, os.urandom(32).hex().encode() + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        tmp = _staged(path, os.urandom(32).hex() + "\n")
         try:
             os.link(tmp, path)  # fails when another start made one meanwhile: keep that
         except FileExistsError:
@@ -50,15 +56,7 @@ def write(path: Path, text: str) -> None:
             return
     except OSError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    os.replace(_staged(path, text), path)
 
 
 def read(path: Path, setting: str = "") -> str:

@@ -30,6 +30,7 @@ from typing import Any
 
 from appliance.errors import AdpopError
 from appliance.supervisor.client import ControlError, call
+from appliance.supervisor.components import proc_stat
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_CAMPAIGNS = REPO / "config" / "campaigns"
@@ -329,10 +330,9 @@ class _Keeper:
         # are this process's children now (subreaper), and only those are signalled.
         left = []
         for pid_file in (self.state / "pop" / "run").glob("*.pid"):
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError, IndexError):
                 pid = int(json.loads(pid_file.read_text())["pid"])
-                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                if int(stat[1]) == os.getpid():
+                if int(proc_stat(pid)[1]) == os.getpid():
                     os.kill(pid, signal.SIGTERM)
                     left.append(pid)
             pid_file.unlink(missing_ok=True)

@@ -22,8 +22,9 @@ from typing import Any
 
 from appliance.snapshot.store import SnapshotStore
 from appliance.supervisor.client import ControlError
+from appliance.supervisor.components import alive
 from tests.engine_harness import UnixHTTPConnection
-from tests.up_harness import Up, alive, wait_for
+from tests.up_harness import Up, wait_for
 
 IN_CREATE, IN_MOVED_TO = 0x100, 0x80
 _libc = ctypes.CDLL(None, use_errno=True)

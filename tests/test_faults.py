@@ -19,6 +19,7 @@ import pytest
 
 from appliance import httpguard
 from appliance.spool import EventType, read_segment, segments
+from appliance.supervisor.components import alive
 from tests.fault_harness import (
     Load,
     agreed,
@@ -32,7 +33,7 @@ from tests.fault_harness import (
     supervisor_pid,
     watching,
 )
-from tests.up_harness import Up, alive, wait_for
+from tests.up_harness import Up, wait_for
 
 pytestmark = pytest.mark.integration
 

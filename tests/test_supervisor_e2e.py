@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from appliance.supervisor.client import ControlError, call
-from tests.up_harness import Up, alive, wait_for
+from appliance.supervisor.components import alive
+from tests.up_harness import Up, wait_for
 
 pytestmark = pytest.mark.integration
 

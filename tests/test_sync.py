@@ -598,23 +598,6 @@ def test_a_version_on_trial_is_checking_until_its_window_passes(world_factory: A
     run(scenario())
 
 
-def test_a_version_stored_but_never_switched_to_is_taken_on_trial(world_factory: Any,
-                                                                   small: CampaignSet) -> None:
-    """A crash between storing (high-water written) and the switch: the origin's offer of
-    that version is not a rollback; it is activated from the store, on trial."""
-    async def scenario() -> None:
-        async with world_factory() as w:
-            w.publish(1, small)
-            await w.agent.attempt()
-            built = w.publish(2, campaigns(22))
-            w.store.add(2, built.manifest_bytes, built.payload)
-            assert w.store.current_version() == 1 and w.store.high_water() == 2
-            await w.agent.attempt()
-            assert w.store.current_version() == 2 and not w.agent.state.refused
-            assert w.agent.state.state == "active"
-    run(scenario())
-
-
 def test_the_push_token_lives_in_a_0600_file_of_its_own(tmp_path: Path) -> None:
     """Case 8: the token sat in appliance.toml and origin.toml, both 0644."""
     token = tmp_path / "push-token"
@@ -658,18 +641,24 @@ def test_an_operators_rollback_inside_a_health_window_stands(world_factory: Any,
     run(scenario())
 
 
-def test_a_version_stored_before_its_high_water_mark_was_written_is_taken(
-        world_factory: Any, small: CampaignSet) -> None:
-    """A crash between the version's rename into the store and its high-water mark (the
-    outside run found a PoP stuck there: the version stored, never activated)."""
+@pytest.mark.parametrize("mark_written", [True, False], ids=["mark-written", "mark-not-written"])
+def test_a_version_stored_but_never_switched_to_is_taken_on_trial(
+        world_factory: Any, small: CampaignSet, mark_written: bool) -> None:
+    """A crash after storing, before the switch: the origin's offer of that version is not a
+    rollback; it is activated from the store, on trial. Also when the crash came before its
+    high-water mark was written (the outside run found a PoP stuck there)."""
     async def scenario() -> None:
         async with world_factory() as w:
             w.publish(1, small)
             await w.agent.attempt()
             built = w.publish(2, campaigns(22))
             w.store.add(2, built.manifest_bytes, built.payload)
-            w.store.high_water_path.write_text("1\n")
+            if not mark_written:
+                w.store.high_water_path.write_text("1\n")
+            assert w.store.current_version() == 1
+            assert w.store.high_water() == (2 if mark_written else 1)
             await w.agent.attempt()
             assert w.store.current_version() == 2 and w.store.high_water() == 2
+            assert not w.agent.state.refused
             assert w.agent.state.state == "active" and w.store.trial() is None
     run(scenario())

@@ -22,7 +22,6 @@ window a crash interrupted is known as unproven at the next start.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import os
@@ -33,7 +32,14 @@ from pathlib import Path
 
 from appliance.errors import AdpopError
 from appliance.snapshot import CURRENT_LINK
-from appliance.snapshot.manifest import MANIFEST_NAME, PAYLOAD_NAME, Manifest
+from appliance.snapshot.manifest import (
+    MANIFEST_NAME,
+    PAYLOAD_NAME,
+    Manifest,
+    Reason,
+    VerifyError,
+    verify_payload_bytes,
+)
 
 _TMP_PREFIX = ".tmp-"
 QUARANTINE_KEEP = 3  # quarantined versions kept for a look; older ones are removed
@@ -209,18 +215,17 @@ class SnapshotStore:
         path = folder / PAYLOAD_NAME
         try:
             with path.open("rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                if size != manifest.payload_length:
-                    return (f"v{version}: {path} is {size} bytes, its manifest says "
-                            f"{manifest.payload_length}")
-                digest = hashlib.sha256()
-                if size:
+                if os.fstat(fh.fileno()).st_size == 0:
+                    verify_payload_bytes(manifest, b"")
+                else:
                     with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                        digest.update(data)
+                        verify_payload_bytes(manifest, data)
         except OSError as exc:
             return f"v{version}: cannot read {path}: {exc.strerror}"
-        if digest.hexdigest() != manifest.payload_sha256:
-            return f"v{version}: {path} fails its SHA-256 (the file changed on disk)"
+        except VerifyError as exc:
+            if exc.reason is Reason.HASH_MISMATCH:
+                return f"v{version}: {path} fails its SHA-256 (the file changed on disk)"
+            return f"v{version}: {path}: {exc.message}"
         return ""
 
     # -- writing --------------------------------------------------------------------------

@@ -72,23 +72,26 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
 
 
+def proc_stat(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command name (state first, then the parent's pid,
+    ...); [] when the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
 def alive(pid: int) -> bool:
     """Whether `pid` runs (a zombie, dead and not yet reaped, does not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    stat = proc_stat(pid)
+    return bool(stat) and stat[0] != "Z"
 
 
 def started_at(pid: int) -> int:
     """The process's start time in clock ticks since boot (0 when it is gone): with the pid,
     it names one process, whatever pid reuse happens later."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0
-    return int(stat.rsplit(")", 1)[1].split()[19])
+    stat = proc_stat(pid)
+    return int(stat[19]) if stat else 0
 
 
 class ChildProcess:
