@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Literal, TypeVar, cast, overload
 
 from appliance import cpulist, ports
 from appliance.errors import AdpopError
@@ -56,6 +56,10 @@ class Kind(str, Enum):
     SIZE = "size"
 
 
+Value = str | int | bool | list[str]
+"""What a setting holds once parsed: its kind decides which of these."""
+
+
 @dataclass(frozen=True)
 class Setting:
     """One configuration setting: where it lives, what it holds, what it defaults to, why."""
@@ -64,36 +68,36 @@ class Setting:
     section: str
     key: str
     kind: Kind
-    default: Any
+    default: Value
     help: str
     # Returns the fix when the parsed value is out of bounds, None when it is fine.
-    check: Callable[[Any], str | None] | None = None
+    check: Callable[[Value], str | None] | None = None
 
     @property
     def name(self) -> str:
         return f"{self.section}.{self.key}"
 
 
-def _one_of(*choices: str) -> Callable[[Any], str | None]:
-    def check(value: Any) -> str | None:
+def _one_of(*choices: str) -> Callable[[str], str | None]:
+    def check(value: str) -> str | None:
         return None if value in choices else "write one of " + ", ".join(choices)
     return check
 
 
-def _at_least(low: int) -> Callable[[Any], str | None]:
-    def check(value: Any) -> str | None:
+def _at_least(low: int) -> Callable[[int], str | None]:
+    def check(value: int) -> str | None:
         return None if value >= low else f"use a value of at least {low}"
 
     return check
 
 
-def _identifier(value: Any) -> str | None:
+def _identifier(value: str) -> str | None:
     if re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", value):
         return None
     return "use 1-63 characters of a-z, 0-9, '.', '_' or '-', starting with a letter or digit"
 
 
-def _cpu_list(value: Any) -> str | None:
+def _cpu_list(value: str) -> str | None:
     try:
         cpulist.parse(value)
     except cpulist.CpuListError as exc:
@@ -122,7 +126,7 @@ def listen_addresses(value: str) -> list[tuple[str, int]]:
     return found
 
 
-def _listen(value: Any) -> str | None:
+def _listen(value: str) -> str | None:
     try:
         listen_addresses(value)
     except ValueError as exc:
@@ -130,44 +134,44 @@ def _listen(value: Any) -> str | None:
     return None
 
 
-def _optional_listen(value: Any) -> str | None:
+def _optional_listen(value: str) -> str | None:
     return _listen(value) if value else None
 
 
-def _one_listen(value: Any) -> str | None:
+def _one_listen(value: str) -> str | None:
     if "," in value:
         return "one HOST:PORT only (this server listens on one address)"
     return _listen(value)
 
 
-def _optional_one_listen(value: Any) -> str | None:
+def _optional_one_listen(value: str) -> str | None:
     return _one_listen(value) if value else None
 
 
-def _unit_name(value: Any) -> str | None:
+def _unit_name(value: str) -> str | None:
     if re.fullmatch(r"[A-Za-z0-9:_.\\@-]+\.service", value):
         return None
     return "give a systemd service name, e.g. adpop-engine.service"
 
 
-def _optional_unit_name(value: Any) -> str | None:
+def _optional_unit_name(value: str) -> str | None:
     return _unit_name(value) if value else None
 
 
-def _group_name(value: Any) -> str | None:
+def _group_name(value: str) -> str | None:
     if not value or re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", value):
         return None
     return "give a group name (a-z, 0-9, '_' or '-', at most 32), or \"\""
 
 
-def _between(low: int, high: int) -> Callable[[Any], str | None]:
-    def check(value: Any) -> str | None:
+def _between(low: int, high: int) -> Callable[[int], str | None]:
+    def check(value: int) -> str | None:
         return None if low <= value <= high else f"use a value from {low} to {high}"
 
     return check
 
 
-def _http_url(value: Any) -> str | None:
+def _http_url(value: str) -> str | None:
     """An http:// or https:// URL with a host (and a valid port when it names one)."""
     from urllib.parse import urlsplit  # here: only checking a URL pays for the import
 
@@ -195,7 +199,7 @@ def port_range(value: str) -> tuple[int, int]:
     return first, last
 
 
-def _port_range(value: Any) -> str | None:
+def _port_range(value: str) -> str | None:
     try:
         port_range(value)
     except ValueError as exc:
@@ -203,212 +207,449 @@ def _port_range(value: Any) -> str | None:
     return None
 
 
-A, ORG = Scope.APPLIANCE, Scope.ORIGIN
+T = TypeVar("T", str, int, bool, list[str])
 
-SETTINGS: tuple[Setting, ...] = (
-    # --- appliance (the PoP) ---
-    Setting(A, "pop", "target_group", Kind.STR, "default",
-            "Snapshot target group this PoP serves; snapshots for other groups are refused.",
-            _identifier),
-    Setting(A, "paths", "state_dir", Kind.PATH, "/var/lib/adpop",
-            "Where the PoP keeps its state: snapshots/<version>/, the current link, "
-            "the high-water mark."),
-    Setting(A, "snapshot", "trust", Kind.STRLIST, ["trust"],
-            "Ed25519 public keys (.pub files, or folders of them) whose signatures are trusted; "
-            "relative paths are under paths.state_dir."),
-    Setting(A, "snapshot", "signature_threshold", Kind.INT, 1,
-            "Distinct trusted keys that must sign a manifest before it is believed.",
-            _at_least(1)),
-    Setting(A, "snapshot", "clock_skew", Kind.DURATION, 300,
-            "Slack allowed between this PoP's clock and the origin's when checking expiry.",
-            _at_least(0)),
-    Setting(A, "snapshot", "max_manifest_bytes", Kind.SIZE, 64 * 1024,
-            "Largest manifest accepted; checked before the manifest is parsed.", _at_least(256)),
-    Setting(A, "snapshot", "max_payload_bytes", Kind.SIZE, 4 * 1024**3,
-            "Largest payload accepted; checked against the manifest before anything is read.",
-            _at_least(1024)),
-    Setting(A, "snapshot", "nesting_limit", Kind.INT, 16,
-            "Cap'n Proto nesting limit when reading a payload (the schema nests 7 deep).",
-            _at_least(8)),
-    Setting(A, "snapshot", "keep_versions", Kind.INT, 5,
-            "Snapshot versions kept on disk, the active one included (room to roll back).",
-            _at_least(2)),
-    Setting(A, "snapshot", "max_jump_percent", Kind.INT, 50,
-            "Hold a snapshot whose campaign count or payload size moves more than this percentage "
-            "from the active one, unless its manifest allows the jump (0: no hold).",
-            _at_least(0)),
-    Setting(A, "snapshot", "max_ecpm_micros", Kind.INT, 10_000 * 1_000_000,
-            "Refuse a snapshot with a campaign bidding above this eCPM (micros of the currency "
-            "unit): a generated file can be signed and still wrong.", _at_least(1)),
-    Setting(A, "snapshot", "max_budget_daily_micros", Kind.INT, 10_000_000 * 1_000_000,
-            "Refuse a snapshot with a campaign whose daily budget is above this (micros).",
-            _at_least(1)),
-    Setting(A, "pop", "id", Kind.STR, "pop-1",
-            "This PoP's name at the origin (fleet table, rollout stages, reports).", _identifier),
-    Setting(A, "sync", "origin_url", Kind.STR, "http://127.0.0.1:8700",
-            "Base URL of the origin this PoP registers with, polls and fetches snapshots from.",
-            _http_url),
-    Setting(A, "sync", "poll_interval", Kind.DURATION, 30,
-            "Anti-entropy poll: a missed push notice is caught up within this long.",
-            _at_least(1)),
-    Setting(A, "sync", "push_listen", Kind.OPT_STR, "127.0.0.1:8701",
-            "HOST:PORT where push notices from the origin arrive (\"\" for polling only).",
-            _optional_one_listen),
-    Setting(A, "sync", "push_token_file", Kind.OPT_PATH, "",
-            "File (mode 0600) holding the bearer token a push notice must carry; relative paths "
-            "are under paths.state_dir (\"\": notices are not authenticated; they only trigger "
-            "a fetch, whose manifest is verified anyway)."),
-    Setting(A, "sync", "fetch_timeout", Kind.DURATION, 120,
-            "Deadline for fetching one snapshot (manifest and payload); a slower origin is "
-            "dropped and tried again at the next notice or poll.", _at_least(1)),
-    Setting(A, "sync", "health_window", Kind.DURATION, 10,
-            "After activation, how long the engine must stay healthy before success is "
-            "reported; a failure inside it reverts to the previous version.", _at_least(0)),
-    Setting(A, "engine", "admin_socket", Kind.OPT_PATH, "",
-            "The engine's admin socket, told to load each activated snapshot (\"\": no engine)."),
-    Setting(A, "engine", "binary", Kind.PATH, "/usr/lib/adpop/adpop-engine",
-            "The engine binary the supervisor runs in dev mode."),
-    Setting(A, "engine", "unit", Kind.STR, "adpop-engine.service",
-            "The engine's systemd unit, watched and restarted in appliance mode.", _unit_name),
-    Setting(A, "engine", "listen", Kind.STR, "127.0.0.1:8080",
-            "Addresses the engine serves ad requests on: HOST:PORT or [IPV6]:PORT, "
-            "comma-separated; \"[::]:8080\" takes IPv4 and IPv6.", _listen),
-    Setting(A, "engine", "metrics_listen", Kind.OPT_STR, "127.0.0.1:9180",
-            "The one address serving the engine's /metrics (never the serving addresses); "
-            "keep it on loopback or a management network (\"\": no metrics).",
-            _optional_listen),
-    Setting(A, "engine", "shards", Kind.INT, 1, "Serving threads, one per CPU.",
-            _between(1, 1024)),
-    Setting(A, "engine", "cpus", Kind.OPT_STR, "",
-            "CPUs to pin the shards to, e.g. \"2-5\" (\"\": unpinned); in the appliance "
-            "also the engine unit's CPUAffinity, the cache getting the other CPUs.", _cpu_list),
-    Setting(A, "engine", "idle_poll_us", Kind.INT, 0,
-            "Microseconds a shard polls after its last event before it sleeps (0: sleep at "
-            "once); worth it when shards have their own cores. Only a busy shard polls: one "
-            "that waited for over a quarter of the last 100 ms sleeps at once.", _at_least(0)),
-    Setting(A, "engine", "token_key", Kind.PATH, "engine/token.key",
-            "Secret signing tracking URLs (made at first start when missing); relative paths "
-            "are under paths.state_dir."),
-    Setting(A, "engine", "spool", Kind.PATH, "engine/spool",
-            "Folder of the engine's event spool segments; relative paths are under "
-            "paths.state_dir."),
-    Setting(A, "engine", "spool_warn_bytes", Kind.SIZE, 256 * 1024**2,
-            "Closed spool segments past this many bytes make the supervisor report degraded "
-            "(nothing ships them yet, so they only grow).", _at_least(1024**2)),
-    Setting(A, "cache", "address", Kind.STR, "127.0.0.1:6379",
-            "HOST:PORT of the local cache (Dragonfly or redis-server).", _one_listen),
-    Setting(A, "cache", "memory", Kind.SIZE, 256 * 1024**2,
-            "Memory limit of the cache (its maxmemory; in the appliance the unit's MemoryMax is "
-            "a quarter above it).",
-            _at_least(1024**2)),
-    Setting(A, "cache", "password_file", Kind.PATH, "secrets/cache.password",
-            "File (mode 0600) holding the password the cache requires of every client, made at "
-            "first start when missing; only the supervisor and the parts it runs read it. "
-            "Relative paths are under paths.state_dir."),
-    Setting(A, "cache", "binary", Kind.PATH, "redis-server",
-            "The cache server the supervisor runs in dev mode."),
-    Setting(A, "cache", "unit", Kind.OPT_STR, "",
-            "The cache's systemd unit, watched and restarted in appliance mode (\"\": "
-            "dragonfly.service when /usr/bin/dragonfly is installed, else adpop-redis.service, "
-            "as the units' own conditions choose).", _optional_unit_name),
-    Setting(A, "supervisor", "mode", Kind.STR, "appliance",
-            "appliance: the parts run as their own systemd units; dev: the supervisor runs "
-            "them as its child processes.", _one_of("appliance", "dev")),
-    Setting(A, "supervisor", "control_socket", Kind.PATH, "/run/adpop/control.sock",
-            "Unix socket of the control API (mode 0660); relative paths are under "
-            "paths.state_dir."),
-    Setting(A, "supervisor", "operator_group", Kind.OPT_STR, "adpop-ops",
-            "Group that owns the control socket, so its members may use it (\"\": the "
-            "supervisor's own group).", _group_name),
-    Setting(A, "supervisor", "ready_timeout", Kind.DURATION, 120,
-            "Time to reach serving before the supervisor reports ready in a degraded state "
-            "that says what is missing.", _at_least(1)),
-    Setting(A, "supervisor", "health_interval", Kind.DURATION, 1,
-            "Between health rounds; each round pings the watchdog.", _at_least(1)),
-    Setting(A, "tuning", "nics", Kind.STRLIST, [],
-            "Serving NICs whose IRQs, queues and steering are tuned; a bond stands for its "
-            "slaves ([]: every NIC backed by a device)."),
-    Setting(A, "tuning", "housekeeping_cpus", Kind.OPT_STR, "",
-            "CPUs for everything but the shards: other IRQs, the cache, the supervisor "
-            "(\"\": every online CPU not in engine.cpus).", _cpu_list),
-    Setting(A, "tuning", "hugepage_size", Kind.STR, "2M",
-            "Huge page size reserved for the shards.", _one_of("2M", "1G")),
-    Setting(A, "tuning", "hugepages_per_shard", Kind.SIZE, 256 * 1024**2,
-            "Huge page memory reserved per shard, on the shard's NUMA node (0: none).",
-            _at_least(0)),
-    Setting(A, "tuning", "sysctl", Kind.STRLIST, [],
-            "\"key=value\" sysctl settings on top of the latency profile (a later one wins)."),
-    Setting(A, "tuning", "busy_poll_us", Kind.INT, 0,
-            "net.core.busy_poll and busy_read in microseconds, when the engine busy-polls its "
-            "sockets (0: off).", _at_least(0)),
-    Setting(A, "tuning", "governor", Kind.STR, "performance",
-            "CPU frequency governor of the shard CPUs, where the host has cpufreq.",
-            _one_of("performance", "schedutil", "ondemand", "conservative", "powersave",
-                    "userspace")),
-    Setting(A, "tuning", "thp", Kind.STR, "madvise",
-            "Transparent huge pages mode.", _one_of("always", "madvise", "never")),
-    Setting(A, "tuning", "local_port_range", Kind.STR, "32768-60999",
-            "Ports the kernel picks for this host's own connections (to the origin, DNS): "
-            "adpop tune sets net.ipv4.ip_local_port_range to it and the XDP filter lets "
-            "replies in on it. Keep it clear of the ports this host listens on.", _port_range),
-    Setting(A, "tuning", "drift_check", Kind.BOOL, True,
-            "The supervisor re-verifies the tuning (periodically and on device events) and "
-            "repairs drift through adpop-tune.service."),
-    Setting(A, "tuning", "drift_interval", Kind.DURATION, 60,
-            "Between periodic drift checks.", _at_least(1)),
-    Setting(A, "tuning", "repairs_per_hour", Kind.INT, 6,
-            "Most drift repairs in any hour; drift beyond it is counted and reported, not "
-            "fought.", _at_least(0)),
-    Setting(A, "xdp", "nics", Kind.STRLIST, [],
-            "NICs the filter is attached to ([]: the serving NICs of tuning.nics, or every NIC "
-            "backed by a device)."),
-    Setting(A, "xdp", "object", Kind.PATH, "/usr/lib/adpop/filter.bpf.o",
-            "The compiled filter program."),
-    Setting(A, "xdp", "pin_dir", Kind.PATH, "/sys/fs/bpf/adpop",
-            "bpffs folder where the filter's maps are pinned (kept across re-attaches)."),
-    Setting(A, "xdp", "rate_pps", Kind.INT, 0,
-            "Packets per second allowed from one source address (0: no rate limit).",
-            _at_least(0)),
-    Setting(A, "xdp", "burst", Kind.INT, 100,
-            "Packets one source may send at once above its rate.", _at_least(1)),
-    Setting(A, "xdp", "enforce_ports", Kind.BOOL, True,
-            "Drop TCP and UDP to destination ports not on the allowlists."),
-    Setting(A, "xdp", "allow_tcp_ports", Kind.STRLIST, ["22", "80", "443", "8080"],
-            "TCP destination ports (\"N\" or \"N-M\") that pass."),
-    Setting(A, "xdp", "allow_udp_ports", Kind.STRLIST, ["68"],
-            "UDP destination ports (\"N\" or \"N-M\") that pass (68: the DHCP client's "
-            "leases)."),
-    Setting(A, "xdp", "drop_fragments", Kind.BOOL, False, "Drop IPv4 and IPv6 fragments."),
-    Setting(A, "xdp", "blocklist", Kind.OPT_PATH, "",
-            "File of CIDRs (one per line, # comments) loaded at every attach."),
-    # --- origin (the central publisher) ---
-    Setting(ORG, "snapshot", "signing_keys", Kind.STRLIST, ["keys"],
-            "Ed25519 private keys (.key files, or folders of them) that sign every published "
-            "manifest, one signature each; relative paths are under origin.state_dir."),
-    Setting(ORG, "snapshot", "target_group", Kind.STR, "default",
-            "Target group written into manifests built with this configuration.", _identifier),
-    Setting(ORG, "snapshot", "ttl", Kind.DURATION, 7 * 86400,
-            "How long a published snapshot stays valid; PoPs refuse it after that.",
-            _at_least(60)),
-    Setting(ORG, "origin", "listen", Kind.STR, "127.0.0.1:8700",
-            "HOST:PORT the origin's HTTP API listens on.", _one_listen),
-    Setting(ORG, "origin", "state_dir", Kind.PATH, "/var/lib/adpop-origin",
-            "Where the origin keeps its campaign database (origin.sqlite) and published payloads."),
-    Setting(ORG, "origin", "push_token_file", Kind.OPT_PATH, "",
-            "File (mode 0600) holding the bearer token sent with push notices (the one the "
-            "PoPs' sync.push_token_file holds); relative paths are under origin.state_dir "
-            "(\"\": none)."),
-    Setting(ORG, "origin", "push_parallelism", Kind.INT, 16,
-            "Push notices in flight at once.", _at_least(1)),
-    Setting(ORG, "rollout", "canaries", Kind.STRLIST, [],
-            "PoP ids that get each new version first; a failure among them halts the rollout."),
-    Setting(ORG, "rollout", "percent", Kind.INT, 25,
-            "Share of the remaining PoPs in the second stage, before all of them, in percent.",
-            _between(1, 100)),
-    Setting(ORG, "rollout", "stage_timeout", Kind.DURATION, 120,
-            "How long a stage waits for its PoPs to report success before the rollout halts.",
-            _at_least(1)),
-)
+
+def setting(kind: Kind, default: T, help: str,
+            check: Callable[[T], str | None] | None = None) -> T:
+    """One field of a section class, with what the table needs in its metadata: the value
+    kind (parser and formatter), the help (the shipped file's comment) and the check (the
+    fix when a value is out of bounds). Typed as its value so that mypy sees `int`, not a
+    Field, and so checks the readers."""
+    meta = {"kind": kind, "help": help, "check": check, "default": default}
+    if isinstance(default, list):
+        # A list default is shared by every instance unless copied; frozen stops rebinding,
+        # not appending.
+        made: T = field(default_factory=functools.partial(list, default), metadata=meta)
+        return made
+    plain: T = field(default=default, metadata=meta)
+    return plain
+
+
+@dataclass(frozen=True)
+class PopSettings:
+    """[pop] of the appliance."""
+
+    target_group: str = setting(
+        Kind.STR, "default",
+        "Snapshot target group this PoP serves; snapshots for other groups are refused.",
+        _identifier)
+    id: str = setting(
+        Kind.STR, "pop-1",
+        "This PoP's name at the origin (fleet table, rollout stages, reports).",
+        _identifier)
+
+
+@dataclass(frozen=True)
+class PathsSettings:
+    """[paths] of the appliance."""
+
+    state_dir: str = setting(
+        Kind.PATH, "/var/lib/adpop",
+        "Where the PoP keeps its state: snapshots/<version>/, the current link, "
+        "the high-water mark.")
+
+
+@dataclass(frozen=True)
+class SnapshotSettings:
+    """[snapshot] of the appliance."""
+
+    trust: list[str] = setting(
+        Kind.STRLIST, ["trust"],
+        "Ed25519 public keys (.pub files, or folders of them) whose signatures are trusted; "
+        "relative paths are under paths.state_dir.")
+    signature_threshold: int = setting(
+        Kind.INT, 1,
+        "Distinct trusted keys that must sign a manifest before it is believed.",
+        _at_least(1))
+    clock_skew: int = setting(
+        Kind.DURATION, 300,
+        "Slack allowed between this PoP's clock and the origin's when checking expiry.",
+        _at_least(0))
+    max_manifest_bytes: int = setting(
+        Kind.SIZE, 64 * 1024,
+        "Largest manifest accepted; checked before the manifest is parsed.",
+        _at_least(256))
+    max_payload_bytes: int = setting(
+        Kind.SIZE, 4 * 1024**3,
+        "Largest payload accepted; checked against the manifest before anything is read.",
+        _at_least(1024))
+    nesting_limit: int = setting(
+        Kind.INT, 16,
+        "Cap'n Proto nesting limit when reading a payload (the schema nests 7 deep).",
+        _at_least(8))
+    keep_versions: int = setting(
+        Kind.INT, 5,
+        "Snapshot versions kept on disk, the active one included (room to roll back).",
+        _at_least(2))
+    max_jump_percent: int = setting(
+        Kind.INT, 50,
+        "Hold a snapshot whose campaign count or payload size moves more than this percentage "
+        "from the active one, unless its manifest allows the jump (0: no hold).",
+        _at_least(0))
+    max_ecpm_micros: int = setting(
+        Kind.INT, 10_000 * 1_000_000,
+        "Refuse a snapshot with a campaign bidding above this eCPM (micros of the currency "
+        "unit): a generated file can be signed and still wrong.",
+        _at_least(1))
+    max_budget_daily_micros: int = setting(
+        Kind.INT, 10_000_000 * 1_000_000,
+        "Refuse a snapshot with a campaign whose daily budget is above this (micros).",
+        _at_least(1))
+
+
+@dataclass(frozen=True)
+class SyncSettings:
+    """[sync] of the appliance."""
+
+    origin_url: str = setting(
+        Kind.STR, "http://127.0.0.1:8700",
+        "Base URL of the origin this PoP registers with, polls and fetches snapshots from.",
+        _http_url)
+    poll_interval: int = setting(
+        Kind.DURATION, 30,
+        "Anti-entropy poll: a missed push notice is caught up within this long.",
+        _at_least(1))
+    push_listen: str = setting(
+        Kind.OPT_STR, "127.0.0.1:8701",
+        "HOST:PORT where push notices from the origin arrive (\"\" for polling only).",
+        _optional_one_listen)
+    push_token_file: str = setting(
+        Kind.OPT_PATH, "",
+        "File (mode 0600) holding the bearer token a push notice must carry; relative paths "
+        "are under paths.state_dir (\"\": notices are not authenticated; they only trigger "
+        "a fetch, whose manifest is verified anyway).")
+    fetch_timeout: int = setting(
+        Kind.DURATION, 120,
+        "Deadline for fetching one snapshot (manifest and payload); a slower origin is "
+        "dropped and tried again at the next notice or poll.",
+        _at_least(1))
+    health_window: int = setting(
+        Kind.DURATION, 10,
+        "After activation, how long the engine must stay healthy before success is "
+        "reported; a failure inside it reverts to the previous version.",
+        _at_least(0))
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """[engine] of the appliance."""
+
+    admin_socket: str = setting(
+        Kind.OPT_PATH, "",
+        "The engine's admin socket, told to load each activated snapshot (\"\": no engine).")
+    binary: str = setting(
+        Kind.PATH, "/usr/lib/adpop/adpop-engine",
+        "The engine binary the supervisor runs in dev mode.")
+    unit: str = setting(
+        Kind.STR, "adpop-engine.service",
+        "The engine's systemd unit, watched and restarted in appliance mode.",
+        _unit_name)
+    listen: str = setting(
+        Kind.STR, "127.0.0.1:8080",
+        "Addresses the engine serves ad requests on: HOST:PORT or [IPV6]:PORT, "
+        "comma-separated; \"[::]:8080\" takes IPv4 and IPv6.",
+        _listen)
+    metrics_listen: str = setting(
+        Kind.OPT_STR, "127.0.0.1:9180",
+        "The one address serving the engine's /metrics (never the serving addresses); "
+        "keep it on loopback or a management network (\"\": no metrics).",
+        _optional_listen)
+    shards: int = setting(
+        Kind.INT, 1,
+        "Serving threads, one per CPU.",
+        _between(1, 1024))
+    cpus: str = setting(
+        Kind.OPT_STR, "",
+        "CPUs to pin the shards to, e.g. \"2-5\" (\"\": unpinned); in the appliance "
+        "also the engine unit's CPUAffinity, the cache getting the other CPUs.",
+        _cpu_list)
+    idle_poll_us: int = setting(
+        Kind.INT, 0,
+        "Microseconds a shard polls after its last event before it sleeps (0: sleep at "
+        "once); worth it when shards have their own cores. Only a busy shard polls: one "
+        "that waited for over a quarter of the last 100 ms sleeps at once.",
+        _at_least(0))
+    token_key: str = setting(
+        Kind.PATH, "engine/token.key",
+        "Secret signing tracking URLs (made at first start when missing); relative paths "
+        "are under paths.state_dir.")
+    spool: str = setting(
+        Kind.PATH, "engine/spool",
+        "Folder of the engine's event spool segments; relative paths are under "
+        "paths.state_dir.")
+    spool_warn_bytes: int = setting(
+        Kind.SIZE, 256 * 1024**2,
+        "Closed spool segments past this many bytes make the supervisor report degraded "
+        "(nothing ships them yet, so they only grow).",
+        _at_least(1024**2))
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """[cache] of the appliance."""
+
+    address: str = setting(
+        Kind.STR, "127.0.0.1:6379",
+        "HOST:PORT of the local cache (Dragonfly or redis-server).",
+        _one_listen)
+    memory: int = setting(
+        Kind.SIZE, 256 * 1024**2,
+        "Memory limit of the cache (its maxmemory; in the appliance the unit's MemoryMax is "
+        "a quarter above it).",
+        _at_least(1024**2))
+    password_file: str = setting(
+        Kind.PATH, "secrets/cache.password",
+        "File (mode 0600) holding the password the cache requires of every client, made at "
+        "first start when missing; only the supervisor and the parts it runs read it. "
+        "Relative paths are under paths.state_dir.")
+    binary: str = setting(
+        Kind.PATH, "redis-server",
+        "The cache server the supervisor runs in dev mode.")
+    unit: str = setting(
+        Kind.OPT_STR, "",
+        "The cache's systemd unit, watched and restarted in appliance mode (\"\": "
+        "dragonfly.service when /usr/bin/dragonfly is installed, else adpop-redis.service, "
+        "as the units' own conditions choose).",
+        _optional_unit_name)
+
+
+@dataclass(frozen=True)
+class SupervisorSettings:
+    """[supervisor] of the appliance."""
+
+    mode: str = setting(
+        Kind.STR, "appliance",
+        "appliance: the parts run as their own systemd units; dev: the supervisor runs "
+        "them as its child processes.",
+        _one_of("appliance", "dev"))
+    control_socket: str = setting(
+        Kind.PATH, "/run/adpop/control.sock",
+        "Unix socket of the control API (mode 0660); relative paths are under "
+        "paths.state_dir.")
+    operator_group: str = setting(
+        Kind.OPT_STR, "adpop-ops",
+        "Group that owns the control socket, so its members may use it (\"\": the "
+        "supervisor's own group).",
+        _group_name)
+    ready_timeout: int = setting(
+        Kind.DURATION, 120,
+        "Time to reach serving before the supervisor reports ready in a degraded state "
+        "that says what is missing.",
+        _at_least(1))
+    health_interval: int = setting(
+        Kind.DURATION, 1,
+        "Between health rounds; each round pings the watchdog.",
+        _at_least(1))
+
+
+@dataclass(frozen=True)
+class TuningSettings:
+    """[tuning] of the appliance."""
+
+    nics: list[str] = setting(
+        Kind.STRLIST, [],
+        "Serving NICs whose IRQs, queues and steering are tuned; a bond stands for its "
+        "slaves ([]: every NIC backed by a device).")
+    housekeeping_cpus: str = setting(
+        Kind.OPT_STR, "",
+        "CPUs for everything but the shards: other IRQs, the cache, the supervisor "
+        "(\"\": every online CPU not in engine.cpus).",
+        _cpu_list)
+    hugepage_size: str = setting(
+        Kind.STR, "2M",
+        "Huge page size reserved for the shards.",
+        _one_of("2M", "1G"))
+    hugepages_per_shard: int = setting(
+        Kind.SIZE, 256 * 1024**2,
+        "Huge page memory reserved per shard, on the shard's NUMA node (0: none).",
+        _at_least(0))
+    sysctl: list[str] = setting(
+        Kind.STRLIST, [],
+        "\"key=value\" sysctl settings on top of the latency profile (a later one wins).")
+    busy_poll_us: int = setting(
+        Kind.INT, 0,
+        "net.core.busy_poll and busy_read in microseconds, when the engine busy-polls its "
+        "sockets (0: off).",
+        _at_least(0))
+    governor: str = setting(
+        Kind.STR, "performance",
+        "CPU frequency governor of the shard CPUs, where the host has cpufreq.",
+        _one_of("performance", "schedutil", "ondemand", "conservative", "powersave",
+        "userspace"))
+    thp: str = setting(
+        Kind.STR, "madvise",
+        "Transparent huge pages mode.",
+        _one_of("always", "madvise", "never"))
+    local_port_range: str = setting(
+        Kind.STR, "32768-60999",
+        "Ports the kernel picks for this host's own connections (to the origin, DNS): "
+        "adpop tune sets net.ipv4.ip_local_port_range to it and the XDP filter lets "
+        "replies in on it. Keep it clear of the ports this host listens on.",
+        _port_range)
+    drift_check: bool = setting(
+        Kind.BOOL, True,
+        "The supervisor re-verifies the tuning (periodically and on device events) and "
+        "repairs drift through adpop-tune.service.")
+    drift_interval: int = setting(
+        Kind.DURATION, 60,
+        "Between periodic drift checks.",
+        _at_least(1))
+    repairs_per_hour: int = setting(
+        Kind.INT, 6,
+        "Most drift repairs in any hour; drift beyond it is counted and reported, not "
+        "fought.",
+        _at_least(0))
+
+
+@dataclass(frozen=True)
+class XdpSettings:
+    """[xdp] of the appliance."""
+
+    nics: list[str] = setting(
+        Kind.STRLIST, [],
+        "NICs the filter is attached to ([]: the serving NICs of tuning.nics, or every NIC "
+        "backed by a device).")
+    object: str = setting(
+        Kind.PATH, "/usr/lib/adpop/filter.bpf.o",
+        "The compiled filter program.")
+    pin_dir: str = setting(
+        Kind.PATH, "/sys/fs/bpf/adpop",
+        "bpffs folder where the filter's maps are pinned (kept across re-attaches).")
+    rate_pps: int = setting(
+        Kind.INT, 0,
+        "Packets per second allowed from one source address (0: no rate limit).",
+        _at_least(0))
+    burst: int = setting(
+        Kind.INT, 100,
+        "Packets one source may send at once above its rate.",
+        _at_least(1))
+    enforce_ports: bool = setting(
+        Kind.BOOL, True,
+        "Drop TCP and UDP to destination ports not on the allowlists.")
+    allow_tcp_ports: list[str] = setting(
+        Kind.STRLIST, ["22", "80", "443", "8080"],
+        "TCP destination ports (\"N\" or \"N-M\") that pass.")
+    allow_udp_ports: list[str] = setting(
+        Kind.STRLIST, ["68"],
+        "UDP destination ports (\"N\" or \"N-M\") that pass (68: the DHCP client's "
+        "leases).")
+    drop_fragments: bool = setting(
+        Kind.BOOL, False,
+        "Drop IPv4 and IPv6 fragments.")
+    blocklist: str = setting(
+        Kind.OPT_PATH, "",
+        "File of CIDRs (one per line, # comments) loaded at every attach.")
+
+
+@dataclass(frozen=True)
+class OriginSnapshotSettings:
+    """[snapshot] of the origin."""
+
+    signing_keys: list[str] = setting(
+        Kind.STRLIST, ["keys"],
+        "Ed25519 private keys (.key files, or folders of them) that sign every published "
+        "manifest, one signature each; relative paths are under origin.state_dir.")
+    target_group: str = setting(
+        Kind.STR, "default",
+        "Target group written into manifests built with this configuration.",
+        _identifier)
+    ttl: int = setting(
+        Kind.DURATION, 7 * 86400,
+        "How long a published snapshot stays valid; PoPs refuse it after that.",
+        _at_least(60))
+
+
+@dataclass(frozen=True)
+class OriginSettings:
+    """[origin] of the origin."""
+
+    listen: str = setting(
+        Kind.STR, "127.0.0.1:8700",
+        "HOST:PORT the origin's HTTP API listens on.",
+        _one_listen)
+    state_dir: str = setting(
+        Kind.PATH, "/var/lib/adpop-origin",
+        "Where the origin keeps its campaign database (origin.sqlite) and published payloads.")
+    push_token_file: str = setting(
+        Kind.OPT_PATH, "",
+        "File (mode 0600) holding the bearer token sent with push notices (the one the "
+        "PoPs' sync.push_token_file holds); relative paths are under origin.state_dir "
+        "(\"\": none).")
+    push_parallelism: int = setting(
+        Kind.INT, 16,
+        "Push notices in flight at once.",
+        _at_least(1))
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """[rollout] of the origin."""
+
+    canaries: list[str] = setting(
+        Kind.STRLIST, [],
+        "PoP ids that get each new version first; a failure among them halts the rollout.")
+    percent: int = setting(
+        Kind.INT, 25,
+        "Share of the remaining PoPs in the second stage, before all of them, in percent.",
+        _between(1, 100))
+    stage_timeout: int = setting(
+        Kind.DURATION, 120,
+        "How long a stage waits for its PoPs to report success before the rollout halts.",
+        _at_least(1))
+
+
+@dataclass(frozen=True)
+class ApplianceConfig:
+    """The PoP's configuration (`appliance.toml`): one frozen class per section."""
+
+    pop: PopSettings = field(default_factory=PopSettings)
+    paths: PathsSettings = field(default_factory=PathsSettings)
+    snapshot: SnapshotSettings = field(default_factory=SnapshotSettings)
+    sync: SyncSettings = field(default_factory=SyncSettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    supervisor: SupervisorSettings = field(default_factory=SupervisorSettings)
+    tuning: TuningSettings = field(default_factory=TuningSettings)
+    xdp: XdpSettings = field(default_factory=XdpSettings)
+
+
+@dataclass(frozen=True)
+class OriginConfig:
+    """The origin's configuration (`origin.toml`)."""
+
+    snapshot: OriginSnapshotSettings = field(default_factory=OriginSnapshotSettings)
+    origin: OriginSettings = field(default_factory=OriginSettings)
+    rollout: RolloutSettings = field(default_factory=RolloutSettings)
+
+
+Config = ApplianceConfig | OriginConfig
+ConfigT = TypeVar("ConfigT", ApplianceConfig, OriginConfig)
+TOPS: dict[Scope, type[ApplianceConfig] | type[OriginConfig]] = {
+    Scope.APPLIANCE: ApplianceConfig, Scope.ORIGIN: OriginConfig}
+
+
+def _section_classes(scope: Scope) -> dict[str, type]:
+    """Section name -> its class, in file order (the top class's field order)."""
+    return {f.name: cast(type, f.default_factory) for f in dataclasses.fields(TOPS[scope])}
+
+
+def _table() -> tuple[Setting, ...]:
+    rows: list[Setting] = []
+    for scope in Scope:
+        for section, cls in _section_classes(scope).items():
+            for f in dataclasses.fields(cls):
+                m = f.metadata
+                rows.append(Setting(scope, section, f.name, m["kind"], m["default"], m["help"],
+                                    m["check"]))
+    return tuple(rows)
+
+
+SETTINGS: tuple[Setting, ...] = _table()
+"""Every setting of both scopes, read off the section classes: what the TOML reader, `config
+check`, `config dump` and the shipped files use."""
+
+
 
 _UNITS_DURATION = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _UNITS_SIZE = {"": 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4}
@@ -418,7 +659,7 @@ class ValueProblem(Exception):
     """A value could not be parsed as its setting's kind; the message is the fix."""
 
 
-def parse_duration(value: Any) -> int:
+def parse_duration(value: object) -> int:
     """Seconds from an integer or a string such as "30s", "5m", "12h", "7d", "2w"."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -429,7 +670,7 @@ def parse_duration(value: Any) -> int:
     raise ValueProblem('write a duration such as 30 (seconds), "30s", "5m", "12h" or "7d"')
 
 
-def parse_size(value: Any) -> int:
+def parse_size(value: object) -> int:
     """Bytes from an integer or a string such as "64KiB", "2GiB"."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -454,7 +695,7 @@ def format_size(size: int) -> str:
     return str(size)
 
 
-def _parse_value(kind: Kind, value: Any) -> Any:
+def _parse_value(kind: Kind, value: object) -> Value:
     if kind in (Kind.STR, Kind.PATH):
         if not isinstance(value, str) or not value:
             raise ValueProblem(f"write a non-empty quoted {kind.value}")
@@ -474,7 +715,7 @@ def _parse_value(kind: Kind, value: Any) -> Any:
     if kind is Kind.STRLIST:
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise ValueProblem('write a list of non-empty quoted strings, e.g. ["a", "b"]')
-        return list(value)
+        return [str(v) for v in value]
     if kind is Kind.DURATION:
         return parse_duration(value)
     if kind is Kind.SIZE:
@@ -482,34 +723,23 @@ def _parse_value(kind: Kind, value: Any) -> Any:
     raise AssertionError(kind)
 
 
-def _format_value(kind: Kind, value: Any) -> str:
-    if kind in (Kind.STR, Kind.PATH, Kind.OPT_STR, Kind.OPT_PATH):
-        return _toml_string(value)
-    if kind is Kind.INT:
-        return str(value)
-    if kind is Kind.BOOL:
-        return "true" if value else "false"
-    if kind is Kind.STRLIST:
+def _format_value(kind: Kind, value: Value) -> str:
+    if isinstance(value, list):
         return "[" + ", ".join(_toml_string(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return _toml_string(value)
     if kind is Kind.DURATION:
         return _toml_string(format_duration(value))
     if kind is Kind.SIZE:
         return _toml_string(format_size(value))
-    raise AssertionError(kind)
+    return str(value)
 
 
 def _toml_string(text: str) -> str:
     escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
     return f'"{escaped}"'
-
-
-def default(scope: Scope, section: str, key: str) -> Any:
-    """A setting's default, for code that needs it outside a loaded configuration (offline
-    tooling, library defaults): the table stays the one place defaults live."""
-    for setting in SETTINGS:
-        if setting.scope is scope and setting.section == section and setting.key == key:
-            return setting.default
-    raise KeyError(f"no setting {section}.{key} in the {scope.value} scope")
 
 
 def settings_for(scope: Scope) -> tuple[Setting, ...]:
@@ -521,22 +751,6 @@ def _sections(scope: Scope) -> dict[str, list[Setting]]:
     for setting in settings_for(scope):
         sections.setdefault(setting.section, []).append(setting)
     return sections
-
-
-@functools.cache
-def _classes(scope: Scope) -> type:
-    """Frozen dataclasses for one scope: a top class whose attributes are section classes.
-    Made on first use: each costs an exec() of generated methods, and every boot-time
-    program (generator, tune, XDP, supervisor) needs only the appliance's."""
-    top_fields: list[tuple[str, type, Any]] = []
-    for section, settings in _sections(scope).items():
-        cls = dataclasses.make_dataclass(
-            f"{scope.value.title()}{section.title()}Settings",
-            [(s.key, object) for s in settings],
-            frozen=True,
-        )
-        top_fields.append((section, cls, field()))
-    return dataclasses.make_dataclass(f"{scope.value.title()}Config", top_fields, frozen=True)
 
 
 @dataclass(frozen=True)
@@ -554,7 +768,7 @@ class Problem:
 
 @dataclass
 class _Layered:
-    values: dict[tuple[str, str], Any] = field(default_factory=dict)
+    values: dict[tuple[str, str], Value] = field(default_factory=dict)
     sources: list[Path] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
 
@@ -612,8 +826,9 @@ def _read_file(path: Path, scope: Scope, into: _Layered) -> None:
                                              f"value {value!r} is out of bounds", fix))
                 continue
             slot = (section, key)
-            if setting.kind is Kind.STRLIST and slot in into.values:
-                into.values[slot] = into.values[slot] + parsed
+            earlier = into.values.get(slot)
+            if isinstance(earlier, list) and isinstance(parsed, list):
+                into.values[slot] = earlier + parsed
             else:
                 into.values[slot] = parsed
 
@@ -657,13 +872,13 @@ def _check_together(scope: Scope, layered: _Layered) -> None:
         return
     defaults = {(s.section, s.key): s.default for s in SETTINGS if s.scope is scope}
 
-    def value(section: str, key: str) -> Any:
+    def value(section: str, key: str) -> Value:
         return layered.values.get((section, key), defaults[(section, key)])
 
     if value("supervisor", "mode") != "dev":
         return
     for section in ("engine", "cache"):
-        binary = value(section, "binary")
+        binary = str(value(section, "binary"))
         if not _executable(binary):
             layered.problems.append(Problem(
                 str(layered.sources[-1]), f"{section}.binary",
@@ -678,21 +893,27 @@ def under(base: str | Path, path: str | Path) -> Path:
     return Path(base) / path
 
 
-def replace_value(config: Any, section: str, key: str, value: Any) -> Any:
+def replace_value(config: ConfigT, section: str, key: str, value: Value) -> ConfigT:
     """`config` with one setting replaced (a command-line override)."""
     return replace(config, **{section: replace(getattr(config, section), **{key: value})})
 
 
-def with_state(config: Any, state: str | Path | None) -> Any:
+def with_state(config: ConfigT, state: str | Path | None) -> ConfigT:
     """`config` with its state directory moved to `state` (the --state flag), if given."""
     if not state:
         return config
-    if hasattr(config, "paths"):
+    if isinstance(config, ApplianceConfig):
         return replace(config, paths=replace(config.paths, state_dir=str(state)))
     return replace(config, origin=replace(config.origin, state_dir=str(state)))
 
 
-def load(scope: Scope, path: Path | None = None) -> Any:
+@overload
+def load(scope: Literal[Scope.APPLIANCE], path: Path | None = None) -> ApplianceConfig: ...
+@overload
+def load(scope: Literal[Scope.ORIGIN], path: Path | None = None) -> OriginConfig: ...
+@overload
+def load(scope: Scope, path: Path | None = None) -> Config: ...
+def load(scope: Scope, path: Path | None = None) -> Config:
     """The effective configuration: defaults, then `path`, then its drop-ins.
 
     Raises ConfigError listing every problem found, so the operator fixes them in one pass.
@@ -711,30 +932,33 @@ def load(scope: Scope, path: Path | None = None) -> Any:
     return build(scope, layered.values)
 
 
-def build(scope: Scope, values: dict[tuple[str, str], Any] | None = None) -> Any:
-    """A config object of `scope` from defaults overridden by `values`."""
+@overload
+def build(scope: Literal[Scope.APPLIANCE],
+          values: dict[tuple[str, str], Value] | None = None) -> ApplianceConfig: ...
+@overload
+def build(scope: Literal[Scope.ORIGIN],
+          values: dict[tuple[str, str], Value] | None = None) -> OriginConfig: ...
+@overload
+def build(scope: Scope, values: dict[tuple[str, str], Value] | None = None) -> Config: ...
+def build(scope: Scope, values: dict[tuple[str, str], Value] | None = None) -> Config:
+    """A config object of `scope` from its defaults overridden by `values` (already parsed
+    and checked)."""
     values = values or {}
-    top_cls = _classes(scope)
-    sections: dict[str, Any] = {}
-    for f in dataclasses.fields(top_cls):
-        section_cls: Any = f.type
-        kwargs = {
-            s.key: values.get((s.section, s.key), s.default)
-            for s in _sections(scope)[f.name]
-        }
-        sections[f.name] = section_cls(**kwargs)
-    return top_cls(**sections)
+    sections = {
+        section: cls(**{key: value for (sec, key), value in values.items() if sec == section})
+        for section, cls in _section_classes(scope).items()}
+    return TOPS[scope](**sections)
 
 
-def dump(config: Any, scope: Scope) -> str:
+def dump(config: Config, scope: Scope) -> str:
     """The configuration as TOML, each setting preceded by its help as a comment."""
     lines: list[str] = [f"# adpop {scope.value} configuration. Drop-ins: "
                         f"{scope.value}.d/*.toml (later wins; lists append)."]
     for section, settings in _sections(scope).items():
         lines.append("")
         lines.append(f"[{section}]")
-        for setting in settings:
-            value = getattr(getattr(config, section), setting.key)
-            lines.append(f"# {setting.help}")
-            lines.append(f"{setting.key} = {_format_value(setting.kind, value)}")
+        for one in settings:
+            value = getattr(getattr(config, section), one.key)
+            lines.append(f"# {one.help}")
+            lines.append(f"{one.key} = {_format_value(one.kind, value)}")
     return "\n".join(lines) + "\n"

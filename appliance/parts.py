@@ -5,7 +5,6 @@ import it on the way, which is on the boot's critical path (seconds under TCG)."
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from appliance import config as cfg
 from appliance.snapshot import CURRENT_LINK
@@ -14,18 +13,18 @@ from appliance.snapshot import CURRENT_LINK
 APPLIANCE_ENGINE_SOCKET = "/run/adpop-engine/admin.sock"
 
 
-def state_path(appliance: Any, path: str) -> Path:
+def state_path(appliance: cfg.ApplianceConfig, path: str) -> Path:
     return cfg.under(appliance.paths.state_dir, path)
 
 
-def engine_socket(appliance: Any) -> Path:
+def engine_socket(appliance: cfg.ApplianceConfig) -> Path:
     """The engine's admin socket: as configured, else the engine unit's runtime directory
     (appliance) or `engine.sock` in the state directory (dev)."""
     default = "engine.sock" if appliance.supervisor.mode == "dev" else APPLIANCE_ENGINE_SOCKET
     return state_path(appliance, appliance.engine.admin_socket or default)
 
 
-def engine_argv(appliance: Any) -> list[str]:
+def engine_argv(appliance: cfg.ApplianceConfig) -> list[str]:
     """The engine's command line from the configuration alone, touching no file: what the
     generator writes into adpop-engine.service and what the dev-mode child runs. The engine
     makes a missing token key (32 random bytes, mode 0600) and spool folder itself."""
@@ -45,7 +44,7 @@ def engine_argv(appliance: Any) -> list[str]:
     return argv + (["--cpus", e.cpus] if e.cpus else [])
 
 
-def engine_command(appliance: Any) -> list[str]:
+def engine_command(appliance: cfg.ApplianceConfig) -> list[str]:
     """engine_argv, with the folders the engine's key and spool go in made first: the
     dev-mode child and `adpop engine run` have no StateDirectory= to make them."""
     e = appliance.engine
@@ -54,5 +53,5 @@ def engine_command(appliance: Any) -> list[str]:
     return engine_argv(appliance)
 
 
-def control_socket(appliance: Any) -> Path:
+def control_socket(appliance: cfg.ApplianceConfig) -> Path:
     return state_path(appliance, appliance.supervisor.control_socket)

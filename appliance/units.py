@@ -25,9 +25,9 @@ drop-ins stale; the supervisor compares them at its start (stale()) and reloads.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from appliance import cache, cpulist
+from appliance.config import ApplianceConfig
 from appliance.parts import engine_argv
 
 ENGINE_UNIT = "adpop-engine.service"
@@ -55,7 +55,7 @@ def exec_start(argv: list[str]) -> str:
     return "ExecStart=\nExecStart=" + " ".join(quote(arg) for arg in argv) + "\n"
 
 
-def drop_ins(appliance: Any, online: frozenset[int]) -> dict[str, str]:
+def drop_ins(appliance: ApplianceConfig, online: frozenset[int]) -> dict[str, str]:
     """Unit name → drop-in text, from the configuration and the online CPUs."""
     header = "# Written by adpop-generator from /etc/adpop; edit the configuration, not this.\n"
     engine_cpus = cpulist.parse(appliance.engine.cpus) & online

@@ -81,7 +81,7 @@ async def notice_to_active(work: Path, port: int, previous: bundle.Bundle, round
         appliance = cfg.load(cfg.Scope.APPLIANCE, pop_config(work, f"pop-{port}-{r}", port))
         store = SnapshotStore(state)
         store.install(previous.manifest.version, previous.manifest_bytes, previous.payload)
-        agent = SyncAgent(appliance, store)
+        agent = SyncAgent.from_config(appliance, store)
         async with ClientSession() as session:
             agent.session = session
             started = time.monotonic()

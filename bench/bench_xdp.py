@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from appliance import config as cfg
@@ -91,7 +92,8 @@ def main() -> None:
         config.write_text(f'[xdp]\npin_dir = "{pin_dir}"\nallow_udp_ports = ["9999"]\n'
                           f'rate_pps = 1000000000\nburst = 1000\n')
         appliance = cfg.load(cfg.Scope.APPLIANCE, config)
-        flt = Filter(appliance)
+        ports = appliance.tuning.local_port_range
+        flt = Filter(appliance.xdp, ports)
         obj, prog = flt._load()
         try:
             started = time.monotonic()
@@ -109,12 +111,12 @@ def main() -> None:
                 "drop malformed": p.eth(p.ETH_IP, p.ipv4("198.18.1.3", p.TCP, p.tcp(80)[:8])),
             }
             results = {name: ns_per_packet(prog, packet) for name, packet in cases.items()}
-            rate = Settings.from_config(cfg.replace_value(appliance, "xdp", "rate_pps", 1))
+            rate = Settings.from_config(replace(appliance.xdp, rate_pps=1), ports)
             flt.write_settings(rate)
             results["drop rate"] = ns_per_packet(prog, p.eth(p.ETH_IP, p.ipv4(
                 "198.18.1.4", p.UDP, p.udp(9999))))
-            frags = cfg.replace_value(appliance, "xdp", "drop_fragments", True)
-            flt.write_settings(Settings.from_config(frags))
+            frags = replace(appliance.xdp, drop_fragments=True)
+            flt.write_settings(Settings.from_config(frags, ports))
             results["drop fragment"] = ns_per_packet(prog, p.eth(p.ETH_IP, p.ipv4(
                 "198.18.1.5", p.TCP, p.tcp(80), frag=0x2000)))
         finally:
@@ -136,7 +138,7 @@ def main() -> None:
             sh("ip", "link", "set", OUTER, "up")
             sh("ip", "netns", "exec", NS, "ip", "addr", "add", "198.18.0.1/24", "dev", INNER)
             sh("ip", "netns", "exec", NS, "ip", "link", "set", INNER, "up")
-            flt.write_settings(Settings.from_config(appliance))
+            flt.write_settings(Settings.from_config(appliance.xdp, ports))
             without = veth_pps(flood)
             # Attached by the CLI in its own process: setns would move this one.
             attached = sh(sys.executable, "-m", "appliance.cli", "xdp", "attach", "--nic", INNER,

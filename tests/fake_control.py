@@ -13,13 +13,28 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from appliance.supervisor.schema import (
+    Cache,
+    Diff,
+    Events,
+    LogLine,
+    Snapshots,
+    Status,
+    Tuning,
+    Xdp,
+)
+
 NOW = 1_790_000_000.0  # the fixed "now" of the snapshot tests
 
-STATUS: dict[str, Any] = {
+# Typed by the control API's schema, so mypy holds the fake to what the supervisor sends (and
+# tests/test_control_schema.py checks the decoded answers too).
+STATUS: Status = {
     "ready": True, "summary": "serving v12", "degraded": None, "pop": "pop-fra-1",
     "mode": "appliance",
     "snapshot": {"version": 12, "sha256": "9c1ceff91dcb8277aa", "activated": NOW - 3720},
-    "sync": {"version": 12, "state": "active", "error": "", "origin_problem": ""},
+    "sync": {"version": 12, "sha256": "9c1ceff91dcb8277aa", "activated": NOW - 3720,
+             "state": "active", "error": "", "origin_problem": "", "failed_version": 0,
+             "pinned": 0, "refused": {}},
     "draining": False,
     "components": {
         "engine": {"ok": True, "reason": "", "pid": 4242, "requests_per_second": 151234.0,
@@ -33,12 +48,12 @@ STATUS: dict[str, Any] = {
                "drift": {"sysctl vm.swappiness": 2}, "repairs": 1, "repairs_skipped": 0,
                "udev_events": 3, "irqbalance": "not running", "error": ""},
 }
-SNAPSHOTS = {"active": 12, "snapshots": [
+SNAPSHOTS: Snapshots = {"active": 12, "snapshots": [
     {"version": v, "sha256": f"{v:02d}" + "ab" * 31, "bytes": 1000 * v,
      "created": NOW - 86400 + v * 60, "campaigns": 100_000 + v,
      "activated": NOW - 3720 if v == 12 else None, "active": v == 12,
      "state": "active" if v == 12 else "retained"} for v in (9, 10, 11, 12)]}
-TUNING = {"status": STATUS["tuning"], "knobs": [
+TUNING: Tuning = {"status": STATUS["tuning"], "knobs": [
     {"name": "hugepages node0 2M", "group": "hugepages", "current": "512", "desired": "512",
      "status": "ok", "why": ""},
     {"name": "sysctl vm.swappiness", "group": "sysctl", "current": "60", "desired": "10",
@@ -47,7 +62,8 @@ TUNING = {"status": STATUS["tuning"], "knobs": [
      "why": "virtio2-input.0 → shard CPU (queue 0)"},
     {"name": "irq 40 eth0", "group": "irq", "current": "0-3", "desired": "3",
      "status": "kernel-owned", "why": ""}]}
-XDP = {"loaded": True, "pin_dir": "/sys/fs/bpf/adpop", "attached": {"eth0": {"mode": "native"}},
+XDP: Xdp = {"loaded": True, "pin_dir": "/sys/fs/bpf/adpop",
+       "attached": {"eth0": {"mode": "native"}},
        "blocklist": {"ipv4": 100_000, "ipv6": 12},
        "counters": {"pass": {"packets": 9_876_543, "bytes": 5_000_000_000},
                     "blocked": {"packets": 12_345, "bytes": 740_700},
@@ -57,16 +73,20 @@ XDP = {"loaded": True, "pin_dir": "/sys/fs/bpf/adpop", "attached": {"eth0": {"mo
                     "fragment": {"packets": 0, "bytes": 0}},
        "top": [{"source": "198.18.7.7", "drops": 6789}, {"source": "198.18.5.1", "drops": 4000}],
        "rate_pps": 20000, "burst": 100}
-EVENTS = {"closed_segments": 3, "backlog_bytes": 1_572_864}
-CACHE = {"address": "127.0.0.1:6379", **STATUS["components"]["cache"]}
-LOGS = [{"time": NOW - 60 + i, "level": level, "component": component, "message": message}
+EVENTS: Events = {"closed_segments": 3, "backlog_bytes": 1_572_864}
+CACHE: Cache = {"address": "127.0.0.1:6379", "ok": True, "reason": "", "ping_ms": 0.12,
+                 "used_memory": 52428800, "max_memory": 268435456, "evicted_keys": 3,
+                 "connected_clients": 4}
+LOGS: list[LogLine] = [
+    {"time": NOW - 60 + i, "level": level, "component": component, "message": message}
         for i, (level, component, message) in enumerate([
             ("info", "supervisor", "ready: serving v12"),
             ("warning", "tuning", "tuning drift (sysctl vm.swappiness) after interval; repairing"),
             ("info", "tuning", "repair: adpop-tune.service re-applied the tuning"),
             ("info", "control", "control: sync now by uid 1000"),
             ("info", "sync", "v12 active")])]
-DIFF = {"from": 11, "to": 12, "added": ["camp-9"], "removed": [], "changed": ["camp-1", "camp-2"]}
+DIFF: Diff = {"from": 11, "to": 12, "added": ["camp-9"], "removed": [],
+              "changed": ["camp-1", "camp-2"]}
 
 
 @pytest.fixture

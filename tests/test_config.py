@@ -31,7 +31,7 @@ def test_defaults_come_from_the_table() -> None:
 def test_config_is_frozen() -> None:
     config = cfg.load(cfg.Scope.APPLIANCE)
     with pytest.raises(AttributeError):
-        config.snapshot.keep_versions = 3
+        config.snapshot.keep_versions = 3  # type: ignore[misc]  # the point: refused
 
 
 def test_dropins_later_wins_and_lists_append(tmp_path: Path) -> None:
@@ -144,6 +144,10 @@ def test_shipped_files_hold_every_setting_with_a_comment(scope: cfg.Scope) -> No
             assert lines[i - 1].startswith("# "), f"{section}.{key} has no comment"
             seen.add(f"{section}.{key}")
     assert seen == {s.name for s in cfg.settings_for(scope)}
+    # Derived from the section classes, never edited apart from them.
+    assert path.read_text() == cfg.dump(cfg.build(scope), scope), (
+        f"config/{scope.value}.toml is stale; regenerate it with "
+        f"`adpop config dump --kind {scope.value} > config/{scope.value}.toml`")
 
 
 def test_duration_and_size_parsers() -> None:

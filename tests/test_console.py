@@ -15,6 +15,7 @@ from textual.widgets import DataTable, Static
 from tests.fake_control import NOW, FakeControl
 from tui.actions import ACTIONS
 from tui.app import ConfirmScreen, ConsoleApp, PromptScreen
+from tui.keys import KEYS, KeyMapError, check
 
 pytestmark = pytest.mark.unit
 
@@ -168,7 +169,7 @@ def test_read_only_hides_every_write(fake: FakeControl) -> None:
     async def scenario(pilot: Pilot[None]) -> None:
         for action in ACTIONS:
             if action.writes:
-                await pilot.press(action.key)
+                await pilot.press(KEYS[action.name][0])
                 await pilot.pause()
                 assert not isinstance(app.screen, ConfirmScreen | PromptScreen)
         assert not fake.writes
@@ -404,3 +405,11 @@ def test_ctrl_c_quits(fake: FakeControl) -> None:
         assert app.return_code == 0 and not app.is_running
 
     run(app, scenario)
+
+
+def test_every_action_has_a_key_and_every_key_one_action() -> None:
+    check(KEYS)
+    with pytest.raises(KeyMapError, match="'s' is bound to both 'pause' and 'sync_now'"):
+        check({**KEYS, "pause": ("s",)})
+    with pytest.raises(KeyMapError, match="'drain' has no key"):
+        check({name: keys for name, keys in KEYS.items() if name != "drain"})

@@ -97,6 +97,7 @@ class World:
     origin: FakeOrigin
     store: SnapshotStore
     agent: SyncAgent
+    appliance: cfg.ApplianceConfig
 
     def publish(self, version: int, campaigns: CampaignSet, *, keys: list[SigningKey] | None
                 = None, group: str = "default", created: int = NOW,
@@ -138,10 +139,11 @@ def world_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
             path.write_text("\n".join(toml) + "\n")
             appliance = cfg.load(cfg.Scope.APPLIANCE, path)
             store = SnapshotStore(tmp_path / "state")
-            agent = SyncAgent(appliance, store, clock=lambda: NOW)
+            agent = SyncAgent.from_config(appliance, store, clock=lambda: NOW)
             async with ClientSession() as session:
                 agent.session = session
-                yield World(tmp_path, load_signing_key(key_path), origin, store, agent)
+                yield World(tmp_path, load_signing_key(key_path), origin, store, agent,
+                            appliance)
 
     yield make
 
@@ -500,7 +502,7 @@ def test_a_1gib_sync_never_stalls_the_event_loop(world_factory: Any, small: Camp
             # the checks and the install run: the part that used to block the loop.
             (w.store.root / f".partial-{manifest.payload_sha256}").write_bytes(payload)
             w.agent.pushed = sign(manifest, [w.key])
-            interval = float(w.agent.cfg.supervisor.health_interval)
+            interval = float(w.appliance.supervisor.health_interval)
             worst, done = 0.0, asyncio.Event()
 
             async def ticker() -> None:
@@ -537,7 +539,7 @@ def test_an_operators_rollback_pins_until_a_newer_version(world_factory: Any,
             await w.agent.attempt()
             assert "pinned by operator" in await roll_back(w.store, None, None)
             w.agent.adopt_current()
-            for agent in (w.agent, SyncAgent(w.agent.cfg, w.store, clock=lambda: NOW)):
+            for agent in (w.agent, SyncAgent.from_config(w.appliance, w.store, clock=lambda: NOW)):
                 agent.session = w.agent.session
                 await agent.attempt()  # the origin still offers v2
                 report = agent.state.report()
@@ -588,7 +590,7 @@ def test_a_version_on_trial_is_checking_until_its_window_passes(world_factory: A
             w.publish(2, campaigns(22))
             manifest = await w.agent.sync_once()  # stored and switched, then "killed"
             assert manifest is not None and w.store.trial() is not None
-            restarted = SyncAgent(w.agent.cfg, w.store, clock=lambda: NOW)
+            restarted = SyncAgent.from_config(w.appliance, w.store, clock=lambda: NOW)
             restarted.session = w.agent.session
             assert restarted.state.state == "checking" and restarted.state.version == 2
             await restarted.attempt()
@@ -609,11 +611,11 @@ def test_the_push_token_lives_in_a_0600_file_of_its_own(tmp_path: Path) -> None:
     appliance = cfg.load(cfg.Scope.APPLIANCE, path)
     store = SnapshotStore(tmp_path / "state")
     with pytest.raises(secrets.SecretError) as refused:
-        SyncAgent(appliance, store)
+        SyncAgent.from_config(appliance, store)
     assert refused.value.line() == (f"secret file {token} (sync.push_token_file) is readable "
                                     f"by others (mode 0644) (hint: chmod 600 {token})")
     token.chmod(0o600)
-    assert SyncAgent(appliance, store).push_token == "s3cret"
+    assert SyncAgent.from_config(appliance, store).push_token == "s3cret"
     # A token written into the configuration itself is refused, with the way out.
     path.write_text('[sync]\npush_token = "s3cret"\n')
     problems = [p.line() for p in cfg.check_files([path], cfg.Scope.APPLIANCE)]

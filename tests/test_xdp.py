@@ -54,7 +54,7 @@ class Loaded:
 
     def __init__(self, config: Path) -> None:
         self.appliance = cfg.load(cfg.Scope.APPLIANCE, config)
-        self.filter = Filter(self.appliance)
+        self.filter = Filter(self.appliance.xdp, self.appliance.tuning.local_port_range)
         self.obj, self.prog = self.filter._load()
         self.settings()
 
@@ -63,7 +63,8 @@ class Loaded:
 
         for key, value in changes.items():
             self.appliance = cfg.replace_value(self.appliance, "xdp", key, value)
-        self.filter.write_settings(Settings.from_config(self.appliance))
+        self.filter.write_settings(Settings.from_config(
+            self.appliance.xdp, self.appliance.tuning.local_port_range))
 
     def run(self, packet: bytes) -> tuple[int, str]:
         before = self.filter.counters()

@@ -1,13 +1,13 @@
 """`adpop console`: the operator's Textual console over the supervisor's control API.
 
 Collection runs in a worker thread (tui.collector) and hands each round to the UI, which
-renders it unless paused; tables are updated cell by cell so the cursor stays put. Every key,
-palette entry and help line comes from tui.actions.ACTIONS.
+renders it unless paused; tables are updated cell by cell so the cursor stays put. Every
+footer entry, palette entry and help line comes from tui.actions.ACTIONS, every key from
+tui.keys.KEYS, and each tab renders itself from the round (tui.tabs).
 """
 
 from __future__ import annotations
 
-import collections
 import ipaddress
 import time
 from collections.abc import Callable, Iterable
@@ -18,7 +18,7 @@ from textual import work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.command import DiscoveryHit, Hit, Hits, Provider
-from textual.containers import Grid, Horizontal, Vertical
+from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen, Screen
 from textual.widgets import (
     Button,
@@ -26,48 +26,19 @@ from textual.widgets import (
     Footer,
     Input,
     Label,
-    Sparkline,
     Static,
     TabbedContent,
-    TabPane,
 )
 from textual.worker import get_current_worker
 
-from appliance.supervisor.client import ControlError, stale_for, sync_line
+from appliance.supervisor.client import ControlError, stale_for
 from appliance.tuning.knobs import NOT_AS_DESIRED
-from tui.actions import ACTIONS, Action, by_name, label
+from tui.actions import ACTIONS, Action, by_name
 from tui.collector import Round, collect, write
+from tui.keys import KEYS, label
+from tui.tabs import TABS, RoundTab, View, age, sort_key
 
-HISTORY = 300  # samples kept for the graphs (5 minutes at the default refresh)
 MIN_REFRESH, MAX_REFRESH = 0.25, 30.0
-TABS = ("overview", "snapshots", "tuning", "xdp", "logs")
-
-
-def _age(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-# A tile's level: "ok", "warn" (amber: a state an operator chose, such as draining or a pin),
-# "bad" or "off" (not run here).
-MARKS = {"ok": "[green]ok[/]", "warn": "[#ffa500]NOTE[/]", "bad": "[red]FAIL[/]",
-         "off": "[dim]off[/]"}
-
-
-def _level(ok: bool | None) -> str:
-    return {True: "ok", False: "bad", None: "off"}[ok]
-
-
-def _sort_key(cell: Any) -> tuple[int, float, str]:
-    """Numbers (with thousands commas, a leading v) sort as numbers, before text."""
-    text = str(cell).replace(",", "").removeprefix("v")
-    try:
-        return (0, float(text), "")
-    except ValueError:
-        return (1, 0.0, str(cell))
 
 
 # --- modal screens ---------------------------------------------------------------------------
@@ -196,11 +167,12 @@ class ActionCommands(Provider):
 class ConsoleApp(App[None]):
     TITLE = "adpop console"
     CSS_PATH = "app.tcss"  # beside this file
+    # From the key map: each action's first key (in the footer when the action says so), and
+    # its other keys quietly, before any widget sees them.
     BINDINGS: ClassVar[list[Binding | tuple[str, str] | tuple[str, str, str]]] = [
-        *(Binding(a.key, a.name, a.title, show=a.key not in ("plus", "minus", "1", "2", "3", "4",
-                                                             "5") and not a.name.startswith("sort"))
-          for a in ACTIONS),
-        *(Binding(a.also, a.name, a.title, show=False, priority=True) for a in ACTIONS if a.also)]
+        *(Binding(KEYS[a.name][0], a.name, a.title, show=a.footer) for a in ACTIONS),
+        *(Binding(key, a.name, a.title, show=False, priority=True)
+          for a in ACTIONS for key in KEYS[a.name][1:])]
     COMMANDS = App.COMMANDS | {ActionCommands}
 
     def __init__(self, socket_path: str, read_only: bool = False, refresh: float = 1.0,
@@ -212,58 +184,24 @@ class ConsoleApp(App[None]):
         self.clock = clock
         self.sub_title = title or socket_path
         self.paused = False
-        self.filter_text = ""
         self.latest: Round | None = None
         self.rounds = 0
         self.connected: bool | None = None
         self.last_good: float | None = None  # monotonic time of the last answered round
         self.shown_stale = False  # whether the tiles are greyed out now
-        self.sorting: dict[str, tuple[int, bool]] = {}  # table id -> (column, reverse)
-        self.rps: collections.deque[float] = collections.deque(maxlen=HISTORY)
-        self.p99: collections.deque[float] = collections.deque(maxlen=HISTORY)
+        # The filter, the sort orders and the graphs' history: what the tabs render with.
+        self.view = View(clock)
 
     # --- layout ----------------------------------------------------------------------------
 
     def compose(self) -> ComposeResult:
         yield Static("connecting...", id="banner")
         with TabbedContent(initial="overview"):
-            with TabPane("Overview", id="overview"):
-                with Grid(id="tiles"):
-                    for name in ("engine", "cache", "xdp", "tuning", "sync"):
-                        yield Static(name, id=f"tile-{name}", classes="tile")
-                with Horizontal():
-                    with Vertical(classes="graph"):
-                        yield Label("requests per second", id="rps-label")
-                        yield Sparkline([], id="rps")
-                    with Vertical(classes="graph"):
-                        yield Label("p99 latency (us)", id="p99-label")
-                        yield Sparkline([], id="p99")
-                yield Static("", id="facts")
-            with TabPane("Snapshots", id="snapshots"):
-                yield self._table("snapshots-table", ("version", "hash", "campaigns", "created",
-                                                      "activated", "state"))
-                yield Static("", id="snapshot-diff")
-            with TabPane("Tuning", id="tuning"):
-                yield Static("", id="tuning-summary")
-                yield self._table("tuning-table", ("knob", "status", "current", "desired",
-                                                   "drift"))
-            with TabPane("XDP", id="xdp"):
-                yield Static("", id="xdp-summary")
-                with Horizontal():
-                    yield self._table("xdp-counters", ("reason", "packets", "bytes"))
-                    yield self._table("xdp-top", ("source", "drops"))
-            with TabPane("Logs", id="logs"):
-                yield self._table("logs-table", ("time", "level", "component", "message"))
+            for tab in TABS:
+                yield tab()
         # Disabled while hidden, so it never takes the keys meant for the actions.
         yield Input(placeholder="filter (Escape clears)", id="filter", disabled=True)
         yield Footer()
-
-    @staticmethod
-    def _table(table_id: str, columns: Iterable[str]) -> DataTable[str]:
-        table: DataTable[str] = DataTable(id=table_id, cursor_type="row", zebra_stripes=True)
-        for column in columns:
-            table.add_column(column, key=column)
-        return table
 
     def on_mount(self) -> None:
         self.collect_loop()
@@ -291,8 +229,8 @@ class ConsoleApp(App[None]):
             self.latest = result
             self.last_good = time.monotonic()
             engine = result.status.get("components", {}).get("engine", {})
-            self.rps.append(float(engine.get("requests_per_second", 0.0)))
-            self.p99.append(float(engine.get("latency_us", {}).get("p99", 0.0)))
+            self.view.rps.append(float(engine.get("requests_per_second", 0.0)))
+            self.view.p99.append(float(engine.get("latency_us", {}).get("p99", 0.0)))
         self.render_banner(result)
         if not self.paused and self.latest is not None:
             self.render_all(self.latest)
@@ -315,7 +253,7 @@ class ConsoleApp(App[None]):
         if not stale and not self.shown_stale:
             return  # the common case, every second: nothing to repaint
         self.shown_stale = bool(stale)
-        note = f"updated {_age(stale)} ago" if stale else ""
+        note = f"updated {age(stale)} ago" if stale else ""
         for widget in (*self.query(".tile"), *self.query(".graph")):
             widget.set_class(bool(stale), "stale")
             # Assigned only when it changes: every assignment repaints the widget, and this
@@ -332,175 +270,24 @@ class ConsoleApp(App[None]):
                          f"retrying every {self.refresh_s:g} s")
         else:
             banner.remove_class("down")
-            status = self.latest.status if self.latest else {}
-            parts.append(f"{status.get('pop', '?')}: "
-                         f"{'ready' if status.get('ready') else 'NOT ready'} - "
-                         f"{status.get('summary', '')}")
+            if self.latest is None:
+                parts.append("waiting for the supervisor's first answer")
+            else:
+                status = self.latest.status
+                parts.append(f"{status['pop']}: {'ready' if status['ready'] else 'NOT ready'}"
+                             f" - {status['summary']}")
         parts.append(f"refresh {self.refresh_s:g} s")
         if self.paused:
             parts.append("PAUSED (collecting)")
         if self.read_only:
             parts.append("read-only")
-        if self.filter_text:
-            parts.append(f"filter: {self.filter_text}")
+        if self.view.filter_text:
+            parts.append(f"filter: {self.view.filter_text}")
         banner.update(" | ".join(parts))
 
     def render_all(self, r: Round) -> None:
-        self.render_overview(r)
-        self.render_snapshots(r)
-        self.render_tuning(r)
-        self.render_xdp(r)
-        self.render_logs(r)
-
-    def _tile(self, name: str, level: str, lines: list[str]) -> None:
-        tile = self.query_one(f"#tile-{name}", Static)
-        tile.set_class(level == "bad", "bad")
-        tile.set_class(level == "warn", "warn")
-        tile.update(f"[b]{name}[/b] {MARKS[level]}\n" + "\n".join(lines))
-
-    def render_overview(self, r: Round) -> None:
-        components = r.status.get("components", {})
-        # The spool is the engine's: its backlog past the warning turns the engine tile red
-        # (the banner's summary carries the whole reason).
-        events = r.status.get("events", {})
-        for name in ("engine", "cache", "xdp"):
-            comp = components.get(name)
-            if comp is None:
-                self._tile(name, "off", ["not run here (dev mode)"])
-                continue
-            lines = [comp.get("reason") or ""]
-            if name == "engine":
-                lines = [f"{comp.get('requests_per_second', 0):,.0f} req/s",
-                         f"{comp.get('connections', 0)} connections",
-                         comp.get("reason") or ("draining" if comp.get("draining") else "")]
-                if events.get("ok") is False:
-                    lines.append(f"spool backlog {events.get('backlog_bytes', 0) / 2**20:,.0f} "
-                                 "MiB")
-                    self._tile(name, "bad", lines)
-                    continue
-                if comp.get("ok") and comp.get("draining"):
-                    self._tile(name, "warn", lines)  # drained on purpose: amber, not red
-                    continue
-            elif name == "xdp":
-                lines = [", ".join(f"{nic} {mode or 'detached'}" for nic, mode in
-                                   (comp.get("attached") or {}).items()) or "no NICs",
-                         comp.get("reason") or ""]
-            elif name == "cache":
-                lines = [f"ping {comp.get('ping_ms', 0):.2f} ms",
-                         f"{comp.get('used_memory', 0) / 2**20:.1f} MiB used",
-                         comp.get("reason") or f"{comp.get('evicted_keys', 0)} evicted"]
-            self._tile(name, _level(bool(comp.get("ok"))), lines)
-        tuning = r.status.get("tuning", {})
-        if not tuning.get("enabled"):
-            self._tile("tuning", "off", ["left alone (dev mode)"])
-        else:
-            drifting = tuning.get("drifting", [])
-            self._tile("tuning", _level(not drifting and not tuning.get("error")),
-                       [f"{len(drifting)} drifting", f"{tuning.get('repairs', 0)} repairs",
-                        tuning.get("error", "")])
-        sync = r.status.get("sync", {})
-        level, text = sync_line(sync)
-        self._tile("sync", level, [f"v{sync.get('version', 0)} {sync.get('state', '')}", text]
-                   if level != "ok" else [text])
-        self.query_one("#rps", Sparkline).data = list(self.rps)
-        self.query_one("#p99", Sparkline).data = list(self.p99)
-        last_rps = self.rps[-1] if self.rps else 0.0
-        last_p99 = self.p99[-1] if self.p99 else 0.0
-        self.query_one("#rps-label", Label).update(f"requests per second: {last_rps:,.0f}")
-        self.query_one("#p99-label", Label).update(f"p99 latency: {last_p99:,.0f} us")
-        snap = r.status.get("snapshot", {})
-        activated = snap.get("activated") or 0
-        age = _age(self.clock() - activated) if activated else "-"
-        counters = r.xdp.get("counters") or {}
-        drops = ", ".join(f"{k} {v['packets']:,}" for k, v in counters.items() if k != "pass")
-        self.query_one("#facts", Static).update(
-            f"snapshot [b]v{snap.get('version') or '-'}[/b] {str(snap.get('sha256', ''))[:16]}"
-            f"  active for {age}\n"
-            f"drops by reason: {drops or 'filter not loaded'}\n"
-            f"event backlog: {r.events.get('closed_segments', 0)} closed segments, "
-            f"{r.events.get('backlog_bytes', 0):,} bytes")
-
-    def _sync_table(self, table_id: str, rows: list[tuple[str, list[str]]]) -> None:
-        """Updates cells in place (the cursor stays), adds new rows, removes gone ones."""
-        table = self.query_one(f"#{table_id}", DataTable)
-        wanted = self.filter_text.lower()
-        rows = [(k, cells) for k, cells in rows
-                if not wanted or wanted in " ".join(cells).lower()]
-        keys = [column.key for column in table.columns.values()]
-        present = {row_key.value for row_key in table.rows if row_key.value is not None}
-        fresh = {key for key, _ in rows}
-        # On the last line: new lines follow into view; moved up: the view stays.
-        following = table.row_count == 0 or table.cursor_row >= table.row_count - 1
-        added = False
-        for key in present - fresh:
-            table.remove_row(key)
-        for key, cells in rows:
-            if key in present:
-                for column, value in zip(keys, cells, strict=True):
-                    if table.get_cell(key, column) != value:
-                        table.update_cell(key, column, value)
-            else:
-                table.add_row(*cells, key=key)
-                added = True
-        if table_id in self.sorting:
-            index, reverse = self.sorting[table_id]
-            table.sort(keys[index], key=_sort_key, reverse=reverse)
-        elif table_id == "logs-table" and added and following:
-            table.move_cursor(row=table.row_count - 1, animate=False)
-            table.scroll_end(animate=False)
-
-    def render_snapshots(self, r: Round) -> None:
-        rows = []
-        for s in reversed(r.snapshots.get("snapshots", [])):
-            activated = s.get("activated")
-            rows.append((str(s["version"]), [
-                f"v{s['version']}", s["sha256"][:16], f"{s.get('campaigns', 0):,}",
-                time.strftime("%Y-%m-%d %H:%M", time.gmtime(s["created"])),
-                _age(self.clock() - activated) + " ago" if activated else "-",
-                s.get("state", "active" if s.get("active") else "retained")]))
-        self._sync_table("snapshots-table", rows)
-
-    def render_tuning(self, r: Round) -> None:
-        status = r.tuning.get("status", {})
-        knobs = r.tuning.get("knobs", [])
-        drift_counts = status.get("drift", {})
-        summary = ("[b]drift watch on[/b]: " + f"{len(status.get('drifting', []))} drifting, "
-                   f"{status.get('repairs', 0)} repairs, irqbalance {status.get('irqbalance')}"
-                   if status.get("enabled") else f"drift watch off: {status.get('reason', '')}")
-        changes = sum(1 for k in knobs if k["status"] in NOT_AS_DESIRED)
-        self.query_one("#tuning-summary", Static).update(
-            f"{summary}\n{changes} of {len(knobs)} knobs differ from the plan"
-            + (f"\n[red]{r.tuning['error']}[/]" if r.tuning.get("error") else ""))
-        self._sync_table("tuning-table", [
-            (k["name"], [k["name"], k["status"], _one_line(k["current"]),
-                         _one_line(k["desired"]), str(drift_counts.get(k["name"], 0))])
-            for k in knobs])
-
-    def render_xdp(self, r: Round) -> None:
-        x = r.xdp
-        if not x.get("loaded"):
-            self.query_one("#xdp-summary", Static).update(
-                f"filter {x.get('reason', 'not loaded')}")
-        else:
-            attached = ", ".join(f"{nic} ({v.get('mode')})"
-                                 for nic, v in (x.get("attached") or {}).items())
-            blocked = x.get("blocklist", {})
-            self.query_one("#xdp-summary", Static).update(
-                f"attached: {attached or 'nowhere'} | blocklist: {blocked.get('ipv4', 0):,} "
-                f"IPv4 + {blocked.get('ipv6', 0):,} IPv6 | rate {x.get('rate_pps') or 'off'}")
-        self._sync_table("xdp-counters", [
-            (reason, [reason, f"{c['packets']:,}", f"{c['bytes']:,}"])
-            for reason, c in (x.get("counters") or {}).items()])
-        self._sync_table("xdp-top", [(t["source"], [t["source"], f"{t['drops']:,}"])
-                                     for t in x.get("top") or []])
-
-    def render_logs(self, r: Round) -> None:
-        rows = []
-        for n, line in enumerate(r.logs):
-            stamp = time.strftime("%H:%M:%S", time.gmtime(line["time"]))
-            rows.append((f"{line['time']:.6f}-{n}", [stamp, line["level"], line["component"],
-                                                       line["message"]]))
-        self._sync_table("logs-table", rows)
+        for tab in self.query(RoundTab):
+            tab.show(r, self.view)
 
     # --- the action table --------------------------------------------------------------------
 
@@ -547,10 +334,10 @@ class ConsoleApp(App[None]):
         if table is None or table.id is None or column >= len(table.columns):
             self.notify(f"no column {column + 1} to sort here", severity="warning")
             return
-        reverse = self.sorting.get(table.id) == (column, False)  # the same key again: reverse
-        self.sorting[table.id] = (column, reverse)
+        reverse = self.view.sorting.get(table.id) == (column, False)  # the same key again: reverse
+        self.view.sorting[table.id] = (column, reverse)
         keys = list(table.columns)
-        table.sort(keys[column], key=_sort_key, reverse=reverse)
+        table.sort(keys[column], key=sort_key, reverse=reverse)
         name = table.columns[keys[column]].label
         self.notify(f"sorted by {name}, {'descending' if reverse else 'ascending'}")
 
@@ -576,7 +363,7 @@ class ConsoleApp(App[None]):
 
     def on_input_changed(self, event: Input.Changed) -> None:
         if event.input.id == "filter":
-            self.filter_text = event.value.strip()
+            self.view.filter_text = event.value.strip()
             if self.latest is not None and not self.paused:
                 self.render_all(self.latest)
             self.render_banner()
@@ -665,10 +452,10 @@ class ConsoleApp(App[None]):
     @work(thread=True, group="write")
     def rollback_diff(self, active: int, target: int) -> None:
         """Reads what the rollback would undo (off the UI thread), then asks."""
-        from appliance.supervisor.client import call
+        from appliance.supervisor import client
 
         try:
-            d = call(self.socket_path, "GET", f"/v1/snapshots/diff?version={target}")
+            d = client.diff(self.socket_path, target)
             # What v{active} added, the rollback removes, and the other way round.
             change = (f"v{active} added {len(d['added'])}, removed {len(d['removed'])} and "
                       f"changed {len(d['changed'])} campaigns against v{target}; a rollback "
@@ -723,10 +510,3 @@ class ConsoleApp(App[None]):
                 return
             self.send("/v1/xdp/unblock", {"cidrs": [cidr]})
         self.push_screen(PromptScreen("Unblock which range?", "198.18.0.0/15"), asked)
-
-
-def _one_line(value: Any) -> str:
-    if value is None:
-        return "-"
-    text = str(value).splitlines()[0] if str(value) else ""
-    return text if len(text) <= 40 else text[:37] + "..."

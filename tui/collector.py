@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from appliance.supervisor.client import ControlError, call
+from appliance.supervisor import client
+from appliance.supervisor.client import ControlError
+from appliance.supervisor.schema import Events, LogLine, Snapshots, Status, Tuning, Xdp
 
 LOG_LINES = 500
 
@@ -19,29 +21,30 @@ class Round:
     at: float
     ok: bool
     error: str = ""
-    status: dict[str, Any] = field(default_factory=dict)
-    snapshots: dict[str, Any] = field(default_factory=dict)
-    tuning: dict[str, Any] = field(default_factory=dict)
-    xdp: dict[str, Any] = field(default_factory=dict)
-    events: dict[str, Any] = field(default_factory=dict)
-    logs: list[dict[str, Any]] = field(default_factory=list)
+    # A round that failed holds empty answers (the console shows its error, not them), so
+    # each field keeps its one type from the schema.
+    status: Status = field(default_factory=lambda: cast(Status, {}))
+    snapshots: Snapshots = field(default_factory=lambda: cast(Snapshots, {}))
+    tuning: Tuning = field(default_factory=lambda: cast(Tuning, {}))
+    xdp: Xdp = field(default_factory=lambda: cast(Xdp, {}))
+    events: Events = field(default_factory=lambda: cast(Events, {}))
+    logs: list[LogLine] = field(default_factory=list)
 
 
 def collect(socket_path: str) -> Round:
     try:
         return Round(
             at=time.time(), ok=True,
-            status=call(socket_path, "GET", "/v1/status"),
-            snapshots=call(socket_path, "GET", "/v1/snapshots"),
-            tuning=call(socket_path, "GET", "/v1/tuning"),
-            xdp=call(socket_path, "GET", "/v1/xdp"),
-            events=call(socket_path, "GET", "/v1/events"),
-            logs=call(socket_path, "GET", f"/v1/logs?lines={LOG_LINES}")["lines"])
+            status=client.status(socket_path),
+            snapshots=client.snapshots(socket_path),
+            tuning=client.tuning(socket_path),
+            xdp=client.xdp(socket_path),
+            events=client.events(socket_path),
+            logs=client.logs(socket_path, LOG_LINES)["lines"])
     except ControlError as exc:
         return Round(at=time.time(), ok=False, error=exc.message)
 
 
 def write(socket_path: str, route: str, body: dict[str, Any] | None = None) -> str:
     """A write; its message, or raises ControlError with the supervisor's."""
-    answer = call(socket_path, "POST", route, body)
-    return str(answer.get("message", "done"))
+    return client.write(socket_path, route, body).get("message") or "done"

@@ -30,9 +30,9 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from appliance import secrets
+from appliance.config import CacheSettings
 from appliance.errors import AdpopError
 
 PING_TIMEOUT = 1.0
@@ -116,7 +116,7 @@ def dragonfly_argv(binary: str, address: str, memory: int, folder: Path,
             "--snapshot_cron=*/5 * * * *", f"--proactor_threads={threads}", "--logtostderr"]
 
 
-def server_argv(server: str, binary: str, cache: Any, folder: Path, threads: int,
+def server_argv(server: str, binary: str, cache: CacheSettings, folder: Path, threads: int,
                 secret_dir: str | Path) -> list[str]:
     """The command line of `server` ("dragonfly" or "redis") for the configuration's cache
     section: what `adpop cache run` execs and what the generator writes into the units."""

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from appliance import config as cfg
+from appliance.config import OriginConfig
 from appliance.origin import rollout
 from appliance.origin.db import OriginDB
 from appliance.snapshot import bundle
@@ -21,7 +21,7 @@ class Published:
     stage: str
 
 
-def publish(db: OriginDB, origin: Any, allow_jump: bool = False) -> Published:
+def publish(db: OriginDB, origin: OriginConfig, allow_jump: bool = False) -> Published:
     """The next version from what the store holds now; raises CampaignError on bad campaigns."""
     keys = load_signing_keys(cfg.under(origin.origin.state_dir, k)
                              for k in origin.snapshot.signing_keys)

@@ -15,8 +15,8 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
+from appliance.config import OriginConfig
 from appliance.origin.db import STAGES, OriginDB, PopRow, VersionRow
 
 
@@ -27,7 +27,7 @@ class Plan:
     stage_timeout: float
 
 
-def plan_from_config(origin: Any) -> Plan:
+def plan_from_config(origin: OriginConfig) -> Plan:
     return Plan(tuple(origin.rollout.canaries), origin.rollout.percent,
                 float(origin.rollout.stage_timeout))
 

@@ -82,18 +82,23 @@ def policy(trust: Sequence[Path], *, threshold: int = 1, target_group: str | Non
                   target_group=target_group, **limits)
 
 
-def policy_from_config(config: Any) -> Policy:
-    """The verification policy an appliance configuration asks for."""
-    snap = config.snapshot
-    return policy([cfg.under(config.paths.state_dir, p) for p in snap.trust],
+def policy_for(snap: cfg.SnapshotSettings, target_group: str, state_dir: str) -> Policy:
+    """The verification policy a PoP's [snapshot] settings ask for; `state_dir` is what
+    relative trust paths are under."""
+    return policy([cfg.under(state_dir, p) for p in snap.trust],
                   threshold=snap.signature_threshold,
-                  target_group=config.pop.target_group, clock_skew=snap.clock_skew,
+                  target_group=target_group, clock_skew=snap.clock_skew,
                   max_manifest_bytes=snap.max_manifest_bytes,
                   max_payload_bytes=snap.max_payload_bytes)
 
 
+def policy_from_config(config: cfg.ApplianceConfig) -> Policy:
+    """The verification policy an appliance configuration asks for."""
+    return policy_for(config.snapshot, config.pop.target_group, config.paths.state_dir)
+
+
 def describe(manifest: Manifest, payload: bytes,
-             nesting_limit: int = cfg.default(cfg.Scope.APPLIANCE, "snapshot", "nesting_limit")
+             nesting_limit: int = cfg.SnapshotSettings.nesting_limit
              ) -> dict[str, Any]:
     """What `snapshot inspect` shows: manifest fields, sizes, counts and index statistics."""
     with open_payload(payload, nesting_limit) as p:

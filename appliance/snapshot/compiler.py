@@ -20,7 +20,7 @@ from typing import Any
 
 import capnp
 
-from appliance.config import Scope, default
+from appliance.config import SnapshotSettings
 from appliance.errors import AdpopError
 from appliance.snapshot.model import (
     ATTRIBUTES,
@@ -486,7 +486,7 @@ def _write_index(msg: Any, conjunctions: _Conjunctions) -> tuple[int, int, int, 
 
 @contextmanager
 def open_payload(data: bytes | mmap.mmap,
-                 nesting_limit: int = default(Scope.APPLIANCE, "snapshot", "nesting_limit")
+                 nesting_limit: int = SnapshotSettings.nesting_limit
                  ) -> Iterator[Any]:
     """A reader over payload bytes, with traversal and nesting limits.
 

@@ -28,7 +28,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from appliance.config import Scope, default
+from appliance.config import SnapshotSettings
 from appliance.errors import AdpopError
 
 MANIFEST_NAME = "manifest.json"
@@ -245,9 +245,9 @@ class Policy:
     schema_id: str = ""
     target_group: str | None = None  # None: any group (offline tooling)
     # The limits' defaults are the settings' (appliance/config.py): one place.
-    clock_skew: int = default(Scope.APPLIANCE, "snapshot", "clock_skew")
-    max_manifest_bytes: int = default(Scope.APPLIANCE, "snapshot", "max_manifest_bytes")
-    max_payload_bytes: int = default(Scope.APPLIANCE, "snapshot", "max_payload_bytes")
+    clock_skew: int = SnapshotSettings.clock_skew
+    max_manifest_bytes: int = SnapshotSettings.max_manifest_bytes
+    max_payload_bytes: int = SnapshotSettings.max_payload_bytes
 
 
 def verify_manifest(data: bytes, policy: Policy, now: float | None = None) -> Manifest:

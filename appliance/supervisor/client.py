@@ -6,9 +6,11 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-from typing import Any
+from typing import Any, cast
 
 from appliance.errors import AdpopError
+from appliance.supervisor import schema
+from appliance.supervisor.schema import Status, SyncReport
 
 TIMEOUT = 15.0
 
@@ -29,7 +31,7 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def sync_line(sync: dict[str, Any]) -> tuple[str, str]:
+def sync_line(sync: SyncReport) -> tuple[str, str]:
     """What sync is doing, for `adpop status` and the console: ("ok" | "warn" | "bad", text).
     An operator's rollback is a choice, shown as a pin, never as a failure."""
     if sync.get("pinned"):
@@ -41,7 +43,7 @@ def sync_line(sync: dict[str, Any]) -> tuple[str, str]:
     return "ok", f"v{sync.get('version', 0)} {sync.get('state', '')}".strip()
 
 
-def stale_for(status: dict[str, Any], now: float) -> float:
+def stale_for(status: Status, now: float) -> float:
     """Seconds the supervisor's own figures are past due: its last health round is older
     than two health intervals (0 while fresh). A hung health loop must not look live."""
     checked, interval = status.get("checked_at"), status.get("health_interval")
@@ -73,3 +75,44 @@ def call(path: str, method: str, route: str, body: dict[str, Any] | None = None
         err = answer.get("error", {})
         raise ControlError(f"{err.get('code', resp.status)}: {err.get('message', answer)}")
     return answer
+
+
+# Typed reads, one per route the CLI and the console read: what each answers is declared in
+# schema.ANSWERS, and tests/test_control_schema.py holds the supervisor to it, so the casts
+# below state a checked fact.
+
+def status(path: str) -> Status:
+    return cast(Status, call(path, "GET", "/v1/status"))
+
+
+def snapshots(path: str) -> schema.Snapshots:
+    return cast(schema.Snapshots, call(path, "GET", "/v1/snapshots"))
+
+
+def tuning(path: str) -> schema.Tuning:
+    return cast(schema.Tuning, call(path, "GET", "/v1/tuning"))
+
+
+def xdp(path: str) -> schema.Xdp:
+    return cast(schema.Xdp, call(path, "GET", "/v1/xdp"))
+
+
+def events(path: str) -> schema.Events:
+    return cast(schema.Events, call(path, "GET", "/v1/events"))
+
+
+def logs(path: str, lines: int) -> schema.Logs:
+    return cast(schema.Logs, call(path, "GET", f"/v1/logs?lines={lines}"))
+
+
+def diff(path: str, version: int) -> schema.Diff:
+    return cast(schema.Diff, call(path, "GET", f"/v1/snapshots/diff?version={version}"))
+
+
+def cache(path: str) -> schema.Cache:
+    return cast(schema.Cache, call(path, "GET", "/v1/cache"))
+
+
+def write(path: str, route: str, body: dict[str, Any] | None = None) -> schema.WriteResult:
+    """A POST to one of the write routes; raises ControlError with the supervisor's message."""
+    return cast(schema.WriteResult, call(path, "POST", route, body))

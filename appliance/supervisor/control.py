@@ -231,7 +231,8 @@ class ControlServer:
         # The console asks every second; counting the blocklist walks every key (100k
         # syscalls), so the count is redone at most every BLOCKLIST_RECOUNT seconds and after
         # this API's own block and unblock. Counters and top sources are always fresh.
-        flt = Filter(self.supervisor.cfg)
+        c = self.supervisor.cfg
+        flt = Filter(c.xdp, c.tuning.local_port_range)
         now = time.monotonic()
         if flt.pinned() and (self.blocked is None or now - self.blocked[0] > BLOCKLIST_RECOUNT):
             self.blocked = (now, flt.blocked())
@@ -253,7 +254,8 @@ class ControlServer:
             return error(400, "bad_request", '"cidrs" must be a list of CIDR strings')
         nets = [parse_cidr(c) for c in cidrs]  # every one checked before any is written
         self._write(request, f"{'block' if block else 'unblock'} {', '.join(cidrs)}")
-        flt = Filter(self.supervisor.cfg)
+        c = self.supervisor.cfg
+        flt = Filter(c.xdp, c.tuning.local_port_range)
         count = await asyncio.to_thread(flt.block if block else flt.unblock, nets)
         self.blocked = None  # recounted at the next read
         verb = "blocked" if block else "unblocked"

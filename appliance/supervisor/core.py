@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from aiohttp import ClientError
 
 from appliance import cache, cpulist, spool, units
+from appliance.config import ApplianceConfig
 from appliance.errors import AdpopError
 from appliance.parts import engine_command, engine_socket, state_path
 from appliance.snapshot.store import SnapshotStore
@@ -35,7 +36,7 @@ from appliance.supervisor.components import (
 )
 from appliance.supervisor.notify import Context, RecentLines, notify, watchdog_interval
 from appliance.sync.agent import SyncAgent, roll_back
-from appliance.sync.engine import EngineAdmin
+from appliance.sync.engine import EngineAdmin, judge
 from appliance.tuning.drift import DriftWatcher
 from appliance.tuning.host import Host
 from appliance.xdp import Filter
@@ -64,7 +65,8 @@ class Server(Protocol):
 
 
 class Supervisor:
-    def __init__(self, appliance: Any, store: SnapshotStore, context: Context | None = None,
+    def __init__(self, appliance: ApplianceConfig, store: SnapshotStore,
+                 context: Context | None = None,
                  recent: RecentLines | None = None,
                  components: list[Component] | None = None,
                  tuning: DriftWatcher | None = None, keep_parts: bool = False) -> None:
@@ -77,7 +79,7 @@ class Supervisor:
         self.context = context or Context()
         self.recent = recent or RecentLines()
         self.admin = EngineAdmin(self.cfg.engine.admin_socket)
-        self.agent = SyncAgent(self.cfg, store)
+        self.agent = SyncAgent.from_config(self.cfg, store)
         self.keep_parts = keep_parts
         # Made at the first start (dev mode; adpop-secrets.service in the appliance, which
         # this repeats harmlessly), read by the cache's probe.
@@ -142,7 +144,7 @@ class Supervisor:
 
     async def _xdp_health(self) -> Health:
         def look() -> Health:
-            flt = Filter(self.cfg)
+            flt = Filter(self.cfg.xdp, self.cfg.tuning.local_port_range)
             nics = list(self.cfg.xdp.nics) or Host().serving_nics(list(self.cfg.tuning.nics))
             modes = flt.attached_now(nics)
             missing = [nic for nic, mode in modes.items() if not mode]
@@ -169,18 +171,19 @@ class Supervisor:
                    "latency_us": status.get("latency_us", {}),
                    "connections": status.get("connections", 0),
                    "draining": status.get("draining", False)}
-        if active is not None and version != active:
-            return Health(False, await self._reconcile(version, active), details)
+        verdict = judge(status, active)
+        if not verdict.ok and active is not None and version != active:
+            return Health(False, await self._reconcile(verdict.reason, active), details)
         if self.draining and not status.get("draining"):
             await self.admin.call("POST", "/drain")  # a restarted engine is drained again
-        return Health(True, "draining" if status.get("draining") else "", details)
+        return Health(verdict.ok, verdict.reason, details)
 
-    async def _reconcile(self, serving: int, active: int) -> str:
+    async def _reconcile(self, reason: str, active: int) -> str:
         """The engine serves another version than `current` names (a crash between the two,
-        or a load that never reached it): it is told to load `current`; when it refuses,
-        the active version's files are checked and a damaged one replaced. A health window
-        in progress owns the engine: it loads and judges the version itself."""
-        reason = f"engine serves v{serving}, v{active} is active"
+        or a load that never reached it; `reason` says which): it is told to load `current`;
+        when it refuses, the active version's files are checked and a damaged one replaced.
+        A health window in progress owns the engine: it loads and judges the version
+        itself."""
         # The trial is marked before `current` switches (in sync's thread): a round between
         # the switch and the window's start must leave the engine to the window too.
         if self.agent.state.state == "checking" or self.store.trial() is not None:

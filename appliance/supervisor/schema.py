@@ -119,6 +119,20 @@ class SnapshotInfo(TypedDict):
     activated: float
 
 
+class SyncReport(TypedDict):
+    """What sync reports: to the origin (POST /status) and in the supervisor's status."""
+
+    version: int
+    sha256: str
+    activated: float
+    state: str
+    error: str
+    origin_problem: str  # why the origin cannot be registered with ("" once it can)
+    failed_version: int
+    pinned: int  # the version an operator rolled back to, kept until the next publish
+    refused: dict[str, int]
+
+
 class Status(TypedDict):
     ready: bool
     summary: str
@@ -126,7 +140,7 @@ class Status(TypedDict):
     pop: str
     mode: str
     snapshot: SnapshotInfo
-    sync: dict[str, Any]
+    sync: SyncReport
     draining: bool
     components: dict[str, dict[str, Any]]
     tuning: dict[str, Any]

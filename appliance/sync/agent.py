@@ -19,12 +19,17 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
 from appliance import httpguard, secrets
-from appliance.config import under
+from appliance.config import (
+    ApplianceConfig,
+    PopSettings,
+    SnapshotSettings,
+    SyncSettings,
+    under,
+)
 from appliance.errors import AdpopError
 from appliance.snapshot import bundle
 from appliance.snapshot.compiler import PayloadError, open_payload
@@ -38,6 +43,7 @@ from appliance.snapshot.manifest import (
     verify_payload_bytes,
 )
 from appliance.snapshot.store import SnapshotStore
+from appliance.supervisor.schema import SyncReport
 from appliance.sync.engine import EngineAdmin, EngineHealth
 from appliance.sync.fetch import fetch_manifest, fetch_payload
 
@@ -67,7 +73,7 @@ class SyncState:
     refused: collections.Counter[str] = field(default_factory=collections.Counter)
     last_logged: str = ""
 
-    def report(self) -> dict[str, Any]:
+    def report(self) -> SyncReport:
         return {"version": self.version, "sha256": self.sha256, "activated": self.activated,
                 "state": self.state, "error": self.error, "origin_problem": self.origin_problem,
                 "failed_version": self.failed_version, "pinned": self.pinned,
@@ -75,21 +81,28 @@ class SyncState:
 
 
 class SyncAgent:
-    def __init__(self, appliance: Any, store: SnapshotStore, *,
+    """Keeps the store on the newest snapshot the origin offers and this PoP's policy accepts.
+
+    Takes only what it reads: its own [sync] section, the [snapshot] limits and trust, the
+    PoP's [pop] identity, the state folder trust paths are under, and the engine's admin
+    socket ("" when there is no engine to tell)."""
+
+    def __init__(self, sync: SyncSettings, snapshot: SnapshotSettings, pop: PopSettings,
+                 store: SnapshotStore, *, state_dir: str, engine_socket: str = "",
                  health: Callable[[], Awaitable[str]] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
-        self.cfg = appliance
+        self.sync, self.snap, self.pop = sync, snapshot, pop
+        self.state_dir = state_dir
         self.store = store
         self.policy: Policy | None = None
         self.clock = clock
         self.health = health
         # With an engine, activation tells it to load and the window watches it.
-        socket_path = appliance.engine.admin_socket
-        self.engine = EngineHealth(EngineAdmin(socket_path)) if socket_path else None
+        self.engine = EngineHealth(EngineAdmin(engine_socket)) if engine_socket else None
         self.state = SyncState()
-        token_file = appliance.sync.push_token_file
+        token_file = sync.push_token_file
         # Read once: a token file that cannot be used stops the start with its one line.
-        self.push_token = secrets.read(under(appliance.paths.state_dir, token_file),
+        self.push_token = secrets.read(under(state_dir, token_file),
                                        "sync.push_token_file") if token_file else ""
         self.load_policy()
         self.wake = asyncio.Event()
@@ -100,11 +113,21 @@ class SyncAgent:
         self.changing = asyncio.Lock()
         self.adopt_current()
 
+    @classmethod
+    def from_config(cls, appliance: ApplianceConfig, store: SnapshotStore, *,
+                    health: Callable[[], Awaitable[str]] | None = None,
+                    clock: Callable[[], float] = time.time) -> SyncAgent:
+        """The agent an appliance configuration describes (its admin socket as configured:
+        "" runs without an engine)."""
+        a = appliance
+        return cls(a.sync, a.snapshot, a.pop, store, state_dir=a.paths.state_dir,
+                   engine_socket=a.engine.admin_socket, health=health, clock=clock)
+
     def load_policy(self) -> Policy | None:
         """The trust policy; None (and the reason in state.error) while no trusted key can be
         read: a freshly flashed PoP without its identity still runs and says what it needs."""
         try:
-            self.policy = bundle.policy_from_config(self.cfg)
+            self.policy = bundle.policy_for(self.snap, self.pop.target_group, self.state_dir)
         except AdpopError as exc:
             self.state.error = (f"no trusted origin key ({exc.message}); give the PoP its "
                                 "identity with `adpop flash --config` or `adpop pop trust`")
@@ -131,7 +154,7 @@ class SyncAgent:
 
     @property
     def origin(self) -> str:
-        return str(self.cfg.sync.origin_url).rstrip("/")
+        return str(self.sync.origin_url).rstrip("/")
 
     # --- one sync ----------------------------------------------------------------------
 
@@ -140,13 +163,13 @@ class SyncAgent:
         version activated, or None when there was nothing new. Raises VerifyError on a
         refusal."""
         assert self.session is not None
-        deadline = time.monotonic() + self.cfg.sync.fetch_timeout
+        deadline = time.monotonic() + self.sync.fetch_timeout
         manifest_bytes, self.pushed = self.pushed, None
-        limit = self.cfg.snapshot.max_manifest_bytes
+        limit = self.snap.max_manifest_bytes
         if manifest_bytes is not None and len(manifest_bytes) > limit:
             raise VerifyError(Reason.TOO_LARGE, f"pushed manifest passed {limit} bytes")
         if manifest_bytes is None:
-            url = f"{self.origin}/v1/manifest?pop={self.cfg.pop.id}"
+            url = f"{self.origin}/v1/manifest?pop={self.pop.id}"
             manifest_bytes = await fetch_manifest(self.session, url,
                                                   limit, deadline)
         if manifest_bytes is None:
@@ -224,7 +247,7 @@ class SyncAgent:
         if len(payload) < 16 or int.from_bytes(payload[0:4], "little") != 0:
             raise VerifyError(Reason.CORRUPT_PAYLOAD, "the payload is not one Cap'n Proto segment")
         try:
-            with open_payload(payload, self.cfg.snapshot.nesting_limit) as p:
+            with open_payload(payload, self.snap.nesting_limit) as p:
                 # Structure first: every pointer walked under the traversal and nesting limits.
                 # The compiler writes one segment with no gaps, so the words the pointers reach
                 # are the whole segment but the root pointer; a broken pointer reads as an
@@ -243,7 +266,7 @@ class SyncAgent:
                                       f"{campaigns} campaigns (stats say {p.stats.campaigns}, "
                                       f"limit {MAX_CAMPAIGNS})")
                 # The engine refuses a payload whose campaigns exceed these stats.
-                snap = self.cfg.snapshot
+                snap = self.snap
                 for what, value, limit in (
                         ("eCPM", p.stats.maxEcpmMicros, snap.max_ecpm_micros),
                         ("daily budget", p.stats.maxBudgetDailyMicros,
@@ -254,13 +277,13 @@ class SyncAgent:
                                           f"limit {limit / 1e6:g} (snapshot.max_*_micros)")
         except PayloadError as exc:
             raise VerifyError(Reason.CORRUPT_PAYLOAD, exc.message) from exc
-        limit = self.cfg.snapshot.max_jump_percent
+        limit = self.snap.max_jump_percent
         if current is None or limit == 0 or manifest.allow_jump:
             return
         # The active payload was checked when it came; a map of it gives its counts cheaply.
         with (self.store.path_of(current) / PAYLOAD_NAME).open("rb") as fh, \
                 mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as old, \
-                open_payload(old, self.cfg.snapshot.nesting_limit) as p:
+                open_payload(old, self.snap.nesting_limit) as p:
             old_campaigns, old_size = len(p.campaigns), len(old)
         for what, before, after in (("campaign count", old_campaigns, campaigns),
                                     ("payload size", old_size, len(payload))):
@@ -356,7 +379,7 @@ class SyncAgent:
             problem = await self.engine.start(version)
             if problem:
                 return problem
-        end = time.monotonic() + self.cfg.sync.health_window
+        end = time.monotonic() + self.sync.health_window
         while True:
             for check in (self.engine.check if self.engine else None, self.health):
                 if check is not None:
@@ -419,7 +442,7 @@ class SyncAgent:
     async def report(self) -> None:
         assert self.session is not None
         try:
-            async with self.session.post(f"{self.origin}/v1/pops/{self.cfg.pop.id}/status",
+            async with self.session.post(f"{self.origin}/v1/pops/{self.pop.id}/status",
                                          json=self.state.report(),
                                          timeout=ClientTimeout(total=CALL_TIMEOUT)) as resp:
                 await resp.read()
@@ -430,8 +453,8 @@ class SyncAgent:
         assert self.session is not None
         try:
             async with self.session.post(
-                    f"{self.origin}/v1/pops/{self.cfg.pop.id}/register",
-                    json={"push_url": push_url, "target_group": self.cfg.pop.target_group},
+                    f"{self.origin}/v1/pops/{self.pop.id}/register",
+                    json={"push_url": push_url, "target_group": self.pop.target_group},
                     timeout=ClientTimeout(total=CALL_TIMEOUT)) as resp:
                 ok = resp.status < 300
                 self.state.origin_problem = "" if ok else (
@@ -451,7 +474,7 @@ class SyncAgent:
                                                 "message": "push token missing or wrong"}},
                                      status=401)
         # Read only up to the manifest cap; the manifest is verified like a fetched one.
-        body = await request.content.read(self.cfg.snapshot.max_manifest_bytes + 1)
+        body = await request.content.read(self.snap.max_manifest_bytes + 1)
         self.pushed = body or None
         self.wake.set()
         return web.json_response({"ok": True}, status=202)
@@ -466,12 +489,12 @@ class SyncAgent:
         app.add_routes([web.post("/v1/notify", self.notify)])
         runner = web.AppRunner(app, **httpguard.runner_kwargs(), access_log=None)
         await runner.setup()
-        host, _, port = self.cfg.sync.push_listen.rpartition(":")
+        host, _, port = self.sync.push_listen.rpartition(":")
         try:
             server = await httpguard.start(runner, guard, host.strip("[]"), int(port))
         except OSError as exc:
             await runner.cleanup()
-            line = (f"push listener on {self.cfg.sync.push_listen} not up yet ({exc.strerror}); "
+            line = (f"push listener on {self.sync.push_listen} not up yet ({exc.strerror}); "
                     "polling until it is")
             if self.state.last_logged != line:
                 log.warning("%s", line)
@@ -486,10 +509,10 @@ class SyncAgent:
         try:
             registered = False
             while not stop.is_set():
-                if self.cfg.sync.push_listen and listener is None:
+                if self.sync.push_listen and listener is None:
                     listener = await self._listen_for_pushes()
                     if listener is not None:
-                        push_url = f"http://{self.cfg.sync.push_listen}"
+                        push_url = f"http://{self.sync.push_listen}"
                         registered = False  # registered again, now with the push URL
                 if not registered:
                     registered = await self.register(push_url)
@@ -508,7 +531,7 @@ class SyncAgent:
                 self.wake.clear()
                 waiters = [asyncio.ensure_future(self.wake.wait()),
                            asyncio.ensure_future(stop.wait())]
-                await asyncio.wait(waiters, timeout=self.cfg.sync.poll_interval
+                await asyncio.wait(waiters, timeout=self.sync.poll_interval
                                    if registered else 1.0,
                                    return_when=asyncio.FIRST_COMPLETED)
                 for w in waiters:

@@ -3,9 +3,10 @@ then watched through the health window. An engine that is not up yet (the superv
 it once a first snapshot is active, or again after a crash) is waited for: a version counts
 only once the engine says it serves it.
 
-Healthy means: the admin socket answers, the engine serves the new version, and its error
-rate over the window is not above its rate before the load (with a little slack, and only
-once enough requests came to tell).
+What a healthy engine is, is `judge` below: the one definition the supervisor's health round
+and this health window both use (and the console shows, through the supervisor's status).
+The window adds one check of its own: the error rate over the window is not above the rate
+before the load (with a little slack, and only once enough requests came to tell).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,10 +35,36 @@ ENGINE_WAIT = 60.0
 
 
 @dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    reason: str  # why not, or what an operator should know ("draining"); "" when neither
+
+
+def judge(status: Mapping[str, Any], active: int | None) -> Verdict:
+    """Whether an engine that answered its admin socket with `status` is healthy: its own
+    health (what its /healthz answers: "ok", "draining" or "no snapshot") is ok or draining,
+    and it serves `active` (None: whatever it serves). Draining is an operator's choice: it
+    is healthy, and says so."""
+    health = str(status.get("health", "ok"))
+    if health not in ("ok", "draining"):
+        return Verdict(False, f"engine reports {health}")
+    version = int(status.get("version", 0))
+    if active is not None and version != active:
+        return Verdict(False, f"engine serves v{version}, v{active} is active")
+    return Verdict(True, "draining" if health == "draining" else "")
+
+
+@dataclass(frozen=True)
 class Sample:
     version: int
     requests: int
     errors: int
+
+    @classmethod
+    def of(cls, status: Mapping[str, Any]) -> Sample:
+        errors = status.get("errors", {})
+        return cls(int(status.get("version", 0)), int(status.get("requests", 0)),
+                   sum(int(v) for v in errors.values()) if isinstance(errors, dict) else 0)
 
 
 class EngineAdmin:
@@ -62,10 +90,7 @@ class EngineAdmin:
         return (await self._call("GET", "/status"))[1]
 
     async def sample(self) -> Sample:
-        _, status = await self._call("GET", "/status")
-        errors = status.get("errors", {})
-        return Sample(int(status.get("version", 0)), int(status.get("requests", 0)),
-                      sum(int(v) for v in errors.values()) if isinstance(errors, dict) else 0)
+        return Sample.of(await self.status())
 
     async def load(self) -> str:
         """Tell the engine to load `current`; "" when it did, else why not."""
@@ -123,11 +148,13 @@ class EngineHealth:
 
     async def check(self) -> str:
         try:
-            now = await self.admin.sample()
+            status = await self.admin.status()
         except (TimeoutError, ClientError, OSError) as exc:
             return f"engine stopped answering: {exc or type(exc).__name__}"
-        if now.version != self.expect_version:
-            return f"engine serves v{now.version}, not v{self.expect_version}"
+        verdict = judge(status, self.expect_version)
+        if not verdict.ok:
+            return verdict.reason
+        now = Sample.of(status)
         if self.before is None or self.first is None:
             return ""
         requests = now.requests - self.first.requests

@@ -19,6 +19,7 @@ from typing import Any
 
 import pyudev
 
+from appliance.config import ApplianceConfig
 from appliance.errors import AdpopError
 from appliance.tuning import plan
 from appliance.tuning.host import Host
@@ -31,7 +32,7 @@ EVENT_SUBSYSTEMS = ("net", "pci")
 
 
 class DriftWatcher:
-    def __init__(self, appliance: Any, repair: Callable[[], Awaitable[str]],
+    def __init__(self, appliance: ApplianceConfig, repair: Callable[[], Awaitable[str]],
                  host: Host | None = None, clock: Callable[[], float] = time.monotonic,
                  applied: Callable[[], Awaitable[None]] | None = None) -> None:
         self.cfg = appliance

@@ -81,7 +81,7 @@ class Layout:
         return sorted(set(local or self.shard_cpus))
 
 
-def layout(appliance: Any, host: Host) -> Layout:
+def layout(appliance: config.ApplianceConfig, host: Host) -> Layout:
     online = host.online_cpus()
     pinned = sorted(cpulist.parse(appliance.engine.cpus))
     missing = set(pinned) - online
@@ -100,7 +100,7 @@ def layout(appliance: Any, host: Host) -> Layout:
 LOCAL_PORT_RANGE = "net.ipv4.ip_local_port_range"
 
 
-def sysctl_values(appliance: Any) -> dict[str, str]:
+def sysctl_values(appliance: config.ApplianceConfig) -> dict[str, str]:
     values = dict(LATENCY_PROFILE)
     # Not the profile's wide 1024-65535: the XDP filter lets replies in on this same range,
     # and a range over 8080 or 6379 lets an outbound connection take a listener's port.
@@ -126,7 +126,7 @@ def _sysctl_path(host: Host, key: str) -> Path:
     return host.path("/proc/sys/" + key.replace(".", "/"))
 
 
-def memory_knobs(appliance: Any, host: Host, lay: Layout) -> list[Knob]:
+def memory_knobs(appliance: config.ApplianceConfig, host: Host, lay: Layout) -> list[Knob]:
     t = appliance.tuning
     if not t.hugepages_per_shard:
         return []
@@ -153,7 +153,7 @@ def memory_knobs(appliance: Any, host: Host, lay: Layout) -> list[Knob]:
     return knobs
 
 
-def system_knobs(appliance: Any, host: Host, lay: Layout) -> list[Knob]:
+def system_knobs(appliance: config.ApplianceConfig, host: Host, lay: Layout) -> list[Knob]:
     knobs: list[Knob] = [Knob(f"sysctl {key}", "sysctl", _sysctl_path(host, key), value)
                          for key, value in sysctl_values(appliance).items()]
     thp = host.path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -179,7 +179,7 @@ def system_knobs(appliance: Any, host: Host, lay: Layout) -> list[Knob]:
     return knobs
 
 
-def channel_knobs(appliance: Any, host: Host, nics: list[Nic]) -> list[Knob]:
+def channel_knobs(appliance: config.ApplianceConfig, host: Host, nics: list[Nic]) -> list[Knob]:
     knobs: list[Knob] = []
     for nic in nics:
         most = nic.channels.get("max_combined", 0)
@@ -191,7 +191,8 @@ def channel_knobs(appliance: Any, host: Host, nics: list[Nic]) -> list[Knob]:
     return knobs
 
 
-def nic_knobs(appliance: Any, host: Host, lay: Layout, nics: list[Nic]) -> list[Knob]:
+def nic_knobs(appliance: config.ApplianceConfig, host: Host, lay: Layout,
+              nics: list[Nic]) -> list[Knob]:
     knobs: list[Knob] = []
     use_rps = False
     for nic in nics:
@@ -251,7 +252,7 @@ class Desired:
     knobs: list[Knob]
 
 
-def desired(appliance: Any, host: Host) -> Desired:
+def desired(appliance: config.ApplianceConfig, host: Host) -> Desired:
     lay = layout(appliance, host)
     nics = [host.nic(name) for name in host.serving_nics(list(appliance.tuning.nics))]
     knobs = (memory_knobs(appliance, host, lay) + system_knobs(appliance, host, lay)
@@ -285,7 +286,7 @@ def rows(host: Host, knobs: list[Knob], owned: set[str] | None = None) -> list[d
     return out
 
 
-def report(appliance: Any, host: Host) -> tuple[Desired, list[dict[str, Any]]]:
+def report(appliance: config.ApplianceConfig, host: Host) -> tuple[Desired, list[dict[str, Any]]]:
     """The desired state and every knob's row against the host, kernel-owned ones marked:
     what plan, verify, the drift watcher and the control API all show."""
     want = desired(appliance, host)
@@ -415,7 +416,7 @@ def wait_for_nics(host: Host, timeout: float, settle: Sequence[str] = UDEV_SETTL
             settling.wait()
 
 
-def apply(appliance: Any, host: Host, dry_run: bool = False) -> list[Outcome]:
+def apply(appliance: config.ApplianceConfig, host: Host, dry_run: bool = False) -> list[Outcome]:
     """Writes every knob that differs (queue counts first, then a fresh plan for the IRQs
     they made); journals originals before the first write."""
     journal = Journal(host, Path(appliance.paths.state_dir))
@@ -452,12 +453,12 @@ def _write(host: Host, journal: Journal, knobs: list[Knob]) -> list[Outcome]:
     return out
 
 
-def kernel_owned(appliance: Any, host: Host) -> set[str]:
+def kernel_owned(appliance: config.ApplianceConfig, host: Host) -> set[str]:
     """Knobs the kernel refused at this boot's applies."""
     return Journal(host, Path(appliance.paths.state_dir)).kernel_owned()
 
 
-def rollback(appliance: Any, host: Host) -> list[Outcome]:
+def rollback(appliance: config.ApplianceConfig, host: Host) -> list[Outcome]:
     """Writes back every journaled original of this boot, newest change first, checks each
     reads back as it was, and forgets the journal."""
     journal = Journal(host, Path(appliance.paths.state_dir))
@@ -495,7 +496,7 @@ def load_host(root: str | None) -> Host:
     return host
 
 
-def cmdline(appliance: Any, host: Host) -> str:
+def cmdline(appliance: config.ApplianceConfig, host: Host) -> str:
     """The kernel command line the image boots with: huge pages reserved per node at boot
     (1 GB pages can only be had then), shard CPUs isolated from the scheduler, ticks, RCU
     callbacks and unmanaged IRQs, THP mode."""

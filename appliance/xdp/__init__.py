@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from appliance.config import XdpSettings
 from appliance.errors import AdpopError
 from appliance.ports import parse_ports
 from appliance.xdp import layout, libbpf
@@ -85,11 +86,11 @@ class Settings:
     udp: set[int]
 
     @classmethod
-    def from_config(cls, appliance: Any) -> Settings:
-        x = appliance.xdp
-        # Replies to this host's own connections arrive on the ports adpop tune gives the
-        # kernel for them: one setting, so the two can never disagree.
-        reply = parse_ports([appliance.tuning.local_port_range], "tuning.local_port_range")
+    def from_config(cls, x: XdpSettings, local_ports: str) -> Settings:
+        """`local_ports`: tuning.local_port_range. Replies to this host's own connections
+        arrive on the ports adpop tune gives the kernel for them: one setting, so the two can
+        never disagree."""
+        reply = parse_ports([local_ports], "tuning.local_port_range")
         tcp = parse_ports(x.allow_tcp_ports, "xdp.allow_tcp_ports") | reply
         udp = parse_ports(x.allow_udp_ports, "xdp.allow_udp_ports") | reply
         cost = 1_000_000_000 // x.rate_pps if x.rate_pps else 0
@@ -99,9 +100,9 @@ class Settings:
 
 
 class Filter:
-    def __init__(self, appliance: Any) -> None:
-        self.cfg = appliance
-        self.x = appliance.xdp
+    def __init__(self, xdp: XdpSettings, local_ports: str) -> None:
+        self.x = xdp
+        self.local_ports = local_ports
         self.pin_dir = Path(self.x.pin_dir)
         # bpffs holds only BPF objects: where the filter is attached is noted in /run.
         self.state_file = STATE_DIR / f"{self.pin_dir.name}.json"
@@ -164,7 +165,8 @@ class Filter:
 
     def attach(self, nics: list[str], netns: str = "") -> dict[str, str]:
         """Attaches to every NIC in native mode, else generic; all or none."""
-        settings = Settings.from_config(self.cfg)  # every check before anything changes
+        # Every check before anything changes.
+        settings = Settings.from_config(self.x, self.local_ports)
         blocklist = read_blocklist(Path(self.x.blocklist)) if self.x.blocklist else []
         if netns:
             libbpf.enter_netns(netns)
