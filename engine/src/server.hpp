@@ -1,6 +1,11 @@
 // The serving process: one shard per CPU (pinned thread, own SO_REUSEPORT listener, own
 // edge-triggered epoll loop, own counters), an admin thread on a Unix socket, and the
 // snapshot slot every shard reads without a lock.
+//
+// Where each part lives: engine.cpp (start and stop), shard_loop.cpp (a shard's event loop
+// and connections), routes.cpp (what each path answers), snapshot_slot.cpp (loading, the
+// swap and reclamation), admin.cpp (the admin socket), metrics.cpp (status JSON and
+// /metrics), with counters.hpp, dedup.hpp, net.hpp and response.hpp beside them.
 #pragma once
 
 #include <atomic>
@@ -13,23 +18,17 @@
 #include <vector>
 
 #include "api.hpp"
+#include "counters.hpp"
 #include "decide.hpp"
+#include "dedup.hpp"
 #include "http.hpp"
 #include "json.hpp"
+#include "net.hpp"
 #include "snapshot.hpp"
 #include "spool.hpp"
 #include "token.hpp"
 
 namespace adpop {
-
-// A listening address: IPv4, or IPv6 in brackets; "[::]" listens on both families.
-struct Endpoint {
-  std::string host;
-  std::uint16_t port = 0;
-  std::string text() const;  // 127.0.0.1:8080 or [::1]:8080
-};
-// "HOST:PORT" or "[V6]:PORT" into `out`; false, with `error` naming the problem, else.
-bool parse_endpoint(std::string_view text, Endpoint* out, std::string* error);
 
 struct EngineOptions {
   std::vector<Endpoint> listen{Endpoint{"127.0.0.1", 8080}};
@@ -53,105 +52,6 @@ struct EngineOptions {
   std::uint32_t token_ttl_s = 86400;    // how long impression and click URLs stay valid
   std::uint32_t dedup_window_s = 3600;  // impressions of one request and ad count once
   double budget_share = 1.0;            // this PoP's share of each campaign's daily budget
-};
-
-// Impressions seen recently, shared by all shards without a lock: a fixed open-addressing
-// table of (key, time) claimed with compare-and-swap. Approximate by design: under extreme
-// load an old entry can be overwritten early, never a fresh one.
-class DedupTable {
- public:
-  explicit DedupTable(std::size_t slots_pow2 = 1u << 20);
-  // True if `key` was seen within `window_s` of `now_s`; records it either way.
-  bool seen(std::uint64_t key, std::uint32_t now_s, std::uint32_t window_s);
-
- private:
-  struct Slot {
-    std::atomic<std::uint64_t> key{0};
-    std::atomic<std::uint32_t> time{0};
-  };
-  std::unique_ptr<Slot[]> slots_;
-  std::size_t mask_;
-};
-
-// Counters owned by one shard: written only by its thread (plain relaxed stores, no RMW),
-// read by the admin thread and /metrics.
-struct Counter {
-  std::atomic<std::uint64_t> value{0};
-  void add(std::uint64_t n = 1) {
-    value.store(value.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
-  }
-  std::uint64_t get() const { return value.load(std::memory_order_relaxed); }
-};
-
-// Log-linear latency histogram: 8 sub-buckets per power of two of nanoseconds.
-struct LatencyHistogram {
-  static constexpr int kBuckets = 8 * 40;
-  Counter buckets[kBuckets];
-  Counter sum_ns;  // the exposition's _sum: every recorded duration, exactly
-  static int bucket_of(std::uint64_t ns);
-  static std::uint64_t upper_ns(int bucket);
-  void record(std::uint64_t ns) {
-    buckets[bucket_of(ns)].add();
-    sum_ns.add(ns);
-  }
-};
-
-enum Route : std::uint8_t {
-  kRouteDecideGet,
-  kRouteDecidePost,
-  kRouteImpression,
-  kRouteClick,
-  kRouteHealthz,
-  kRouteMetrics,
-  kRouteOther,
-  kRoutes
-};
-enum ErrorReason : std::uint8_t {
-  kErrBadRequestLine,
-  kErrBadHeader,
-  kErrBadContentLength,
-  kErrHeadersTooLarge,
-  kErrTooManyHeaders,
-  kErrBodyTooLarge,
-  kErrTransferEncoding,
-  kErrBadVersion,
-  kErrTimeout,
-  kErrBadJson,
-  kErrBadField,
-  kErrNotFound,
-  kErrMethod,
-  kErrNoSnapshot,
-  kErrExplainForbidden,
-  kErrConnectionCap,
-  kErrDraining,
-  kErrTokenMalformed,
-  kErrTokenForged,
-  kErrTokenExpired,
-  kErrUnknownAd,
-  kErrFirstByteTimeout,  // connected and never sent a byte within --first-byte-timeout
-  kErrIdleEvicted,       // an idle connection closed to admit a new one at the cap
-  kErrReasons
-};
-const char* error_reason_name(ErrorReason r);
-
-struct alignas(64) ShardStats {
-  Counter requests[kRoutes];
-  Counter errors[kErrReasons];
-  Counter no_fill;  // placements answered without an ad
-  Counter impressions;
-  Counter impressions_duplicate;
-  Counter clicks;
-  Counter caps_rejected;  // cap tokens that were forged, malformed or another user's
-  Counter spool_records;  // gauges mirrored from the shard's Spool after each flush
-  Counter spool_write_errors;
-  Counter spool_dropped;
-  Counter spool_segments_closed;
-  Counter connections_open;  // gauge (owner writes absolute values)
-  Counter connections_total;
-  Counter idle_poll_ns;  // time spent polling with nothing to do (--idle-poll-us)
-  Counter polling;       // gauge: 1 while the shard is busy enough to poll (see Shard::run)
-  LatencyHistogram latency;
-  std::atomic<std::uint64_t> seen_generation{0};
 };
 
 class Engine;
@@ -236,6 +136,13 @@ class Engine {
     *generation = generation_.load(std::memory_order_acquire);
     return current_.load(std::memory_order_acquire);
   }
+  // The engine's own health: "ok", "draining" or "no snapshot". The one definition: /healthz
+  // answers it (200 only for "ok", so a balancer stops sending to a draining engine), the
+  // status JSON reports it, and the supervisor and sync's health window judge by it
+  // (appliance/sync/engine.py, judge).
+  static std::string_view health(const Snapshot* snap, bool draining) {
+    return draining ? "draining" : snap ? "ok" : "no snapshot";
+  }
   std::string status_json();
   std::string metrics_text();
   std::int64_t now_seconds() const;
@@ -243,16 +150,6 @@ class Engine {
   DedupTable& dedup() { return dedup_; }
 
  private:
-  // Every shard's counters summed: collected once, rendered by status_json and metrics_text.
-  struct Totals {
-    std::uint64_t routes[kRoutes] = {};
-    std::uint64_t errors[kErrReasons] = {};
-    std::uint64_t hist[LatencyHistogram::kBuckets] = {};
-    std::uint64_t latency_sum_ns = 0;
-    std::uint64_t requests = 0, no_fill = 0, connections = 0, connections_total = 0;
-    std::uint64_t impressions = 0, duplicates = 0, clicks = 0, caps_rejected = 0;
-    std::uint64_t records = 0, write_errors = 0, dropped = 0, closed = 0, idle_poll_ns = 0, polling = 0;
-  };
   Totals collect() const;
   void admin_loop();
   void handle_admin(int fd);

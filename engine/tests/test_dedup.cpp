@@ -7,7 +7,7 @@
 #include <thread>
 #include <vector>
 
-#include "server.hpp"
+#include "dedup.hpp"
 
 namespace {
 
