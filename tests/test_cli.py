@@ -254,3 +254,11 @@ def test_a_reader_that_goes_away_is_not_a_traceback(tmp_path: Path) -> None:
         assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, \
             (command, result.stderr)
         assert result.stdout.strip() in ("rc=0", "rc=141", "rc=1"), (command, result.stdout)
+
+
+def test_config_kinds_offered_are_the_scopes() -> None:
+    """`--kind` spells the scopes out so that --help need not import the configuration."""
+    from appliance import config as cfg
+    from appliance.cli.settings import SCOPES
+
+    assert tuple(s.value for s in cfg.Scope) == SCOPES

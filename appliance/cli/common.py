@@ -9,10 +9,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from appliance import config as cfg
 from appliance.errors import AdpopError
 
 if TYPE_CHECKING:
+    from appliance import config as cfg
     from appliance.snapshot.store import SnapshotStore
 
 Handler = Callable[[argparse.Namespace], int]
@@ -27,6 +27,8 @@ def utc(ts: int) -> str:
 
 def appliance_config(args: argparse.Namespace) -> cfg.ApplianceConfig:
     """The appliance configuration of --config (defaults without it), moved to --state."""
+    from appliance import config as cfg
+
     return cfg.with_state(
         cfg.load(cfg.Scope.APPLIANCE, Path(args.config) if args.config else None),
         getattr(args, "state", None))

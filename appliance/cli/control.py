@@ -7,18 +7,9 @@ import argparse
 import json
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from appliance.cli.common import (
-    Commands,
-    appliance_flags,
-    control_socket,
-    store_of,
-)
-
-if TYPE_CHECKING:  # for annotations only: each command imports what it runs, so --help is fast
-    pass
-
+from appliance.cli.common import Commands, appliance_flags, control_socket, store_of
 
 
 def cmd_supervisor(args: argparse.Namespace) -> int:

@@ -6,19 +6,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from appliance import config as cfg
-from appliance.cli.common import (
-    Commands,
-    appliance_flags,
-    control_socket,
-)
+from appliance.cli.common import Commands, appliance_flags, control_socket
 from appliance.errors import AdpopError
-
-if TYPE_CHECKING:  # for annotations only: each command imports what it runs, so --help is fast
-    pass
-
 
 
 def cmd_console(args: argparse.Namespace) -> int:
@@ -34,8 +24,11 @@ def cmd_console(args: argparse.Namespace) -> int:
 
     with contextlib.ExitStack() as stack:
         if args.ssh:
-            socket_path = stack.enter_context(forward(args.ssh, args.remote_socket))
-            title = f"{args.ssh}:{args.remote_socket}"
+            from appliance.config import SupervisorSettings
+
+            remote = args.remote_socket or SupervisorSettings.control_socket
+            socket_path = stack.enter_context(forward(args.ssh, remote))
+            title = f"{args.ssh}:{remote}"
         else:
             socket_path = control_socket(args)
             title = socket_path
@@ -84,7 +77,7 @@ def register(commands: Commands) -> None:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--socket", help="the control socket (default: from the configuration)")
     where.add_argument("--ssh", metavar="USER@HOST", help="a remote PoP, through ssh")
-    p.add_argument("--remote-socket", default=cfg.SupervisorSettings.control_socket,
+    p.add_argument("--remote-socket",
                    help="the control socket on the remote PoP")
     p.add_argument("--read-only", action="store_true", help="hide every action that writes")
     p.add_argument("--refresh", type=float, default=1.0, help="seconds between reads")

@@ -9,15 +9,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from appliance import config as cfg
-from appliance.cli.common import (
-    Commands,
-    Handler,
-    existing,
-    utc,
-)
+from appliance.cli.common import Commands, Handler, existing, utc
 
 if TYPE_CHECKING:  # for annotations only: each command imports what it runs, so --help is fast
+    from appliance import config as cfg
     from appliance.origin.db import OriginDB
 
 log = logging.getLogger("adpop")
@@ -25,6 +20,7 @@ log = logging.getLogger("adpop")
 
 def _origin(args: argparse.Namespace, create: bool = True
             ) -> tuple[cfg.OriginConfig, OriginDB]:
+    from appliance import config as cfg
     from appliance.origin.db import OriginDB
 
     origin = cfg.with_state(
@@ -35,6 +31,7 @@ def _origin(args: argparse.Namespace, create: bool = True
 
 
 def cmd_origin_serve(args: argparse.Namespace) -> int:
+    from appliance import config as cfg
     from appliance import secrets
     from appliance.origin import rollout, server
 
@@ -121,6 +118,7 @@ def cmd_origin_fleet(args: argparse.Namespace) -> int:
 
 
 def cmd_origin_keys_init(args: argparse.Namespace) -> int:
+    from appliance import config as cfg
     from appliance.snapshot.manifest import generate_key
 
     origin, _ = _origin(args)

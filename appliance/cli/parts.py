@@ -8,18 +8,9 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from appliance.cli.common import (
-    Commands,
-    appliance_config,
-    appliance_flags,
-    store_of,
-)
+from appliance.cli.common import Commands, appliance_config, appliance_flags, store_of
 from appliance.errors import AdpopError
-
-if TYPE_CHECKING:  # for annotations only: each command imports what it runs, so --help is fast
-    pass
 
 log = logging.getLogger("adpop")
 

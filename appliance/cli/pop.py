@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from appliance import config as cfg
-from appliance.cli.common import (
-    Commands,
-    Handler,
-    appliance_flags,
-    store_of,
-)
+from appliance.cli.common import Commands, Handler, appliance_flags, store_of
 from appliance.cli.snapshot import cmd_snapshot_list
-
-if TYPE_CHECKING:  # for annotations only: each command imports what it runs, so --help is fast
-    pass
-
 
 
 def cmd_pop_trust(args: argparse.Namespace) -> int:
     import shutil
 
+    from appliance import config as cfg
     from appliance.snapshot.manifest import load_trust
 
     appliance, _ = store_of(args)

@@ -7,23 +7,23 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from appliance import config as cfg
-from appliance.cli.common import (
-    Commands,
-)
+from appliance.cli.common import Commands
 
 if TYPE_CHECKING:  # for annotations only: each command imports what it runs, so --help is fast
-    pass
-
+    from appliance import config as cfg
 
 
 def _scope(args: argparse.Namespace, path: Path | None) -> cfg.Scope:
+    from appliance import config as cfg
+
     if args.kind:
         return cfg.Scope(args.kind)
     return cfg.scope_of(path) if path else cfg.Scope.APPLIANCE
 
 
 def cmd_config_dump(args: argparse.Namespace) -> int:
+    from appliance import config as cfg
+
     path = Path(args.config) if args.config else None
     scope = _scope(args, path)
     sys.stdout.write(cfg.dump(cfg.load(scope, path), scope))
@@ -31,6 +31,8 @@ def cmd_config_dump(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
+    from appliance import config as cfg
+
     status = 0
     for name in args.files:
         path = Path(name)
@@ -47,16 +49,21 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return status
 
 
+# config.Scope's values, spelt out: importing the configuration module costs --help more
+# than the rest of the command line (tests/test_cli.py holds the two together).
+SCOPES = ("appliance", "origin")
+
+
 def register(commands: Commands) -> None:
     config = commands.add_parser("config", help="show and check configuration").add_subparsers(
         dest="action", required=True, metavar="ACTION")
     p = config.add_parser("dump", help="print the effective configuration as TOML")
     p.add_argument("--config", help="configuration file (drop-ins in NAME.d/ are applied)")
-    p.add_argument("--kind", choices=[s.value for s in cfg.Scope],
+    p.add_argument("--kind", choices=SCOPES,
                    help="appliance or origin (default: from the file name)")
     p.set_defaults(func=cmd_config_dump)
     p = config.add_parser("check", help="check configuration files; exit 2 listing problems")
     p.add_argument("files", nargs="+", metavar="FILE")
-    p.add_argument("--kind", choices=[s.value for s in cfg.Scope],
+    p.add_argument("--kind", choices=SCOPES,
                    help="appliance or origin (default: from the file name)")
     p.set_defaults(func=cmd_config_check)

@@ -11,18 +11,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from appliance import config as cfg
-from appliance.cli.common import (
-    Commands,
-    appliance_flags,
-    store_of,
-    utc,
-)
+from appliance.cli.common import Commands, appliance_flags, store_of, utc
 from appliance.errors import AdpopError
 
 if TYPE_CHECKING:  # for annotations only: each command imports what it runs, so --help is fast
     from appliance.snapshot.manifest import Policy
-
 
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:
@@ -63,6 +56,7 @@ def _created(args: argparse.Namespace) -> int | None:
 
 
 def cmd_snapshot_build(args: argparse.Namespace) -> int:
+    from appliance import config as cfg
     from appliance.snapshot import bundle
     from appliance.snapshot.manifest import load_signing_keys
     from appliance.snapshot.model import load_campaigns
@@ -90,6 +84,7 @@ def cmd_snapshot_build(args: argparse.Namespace) -> int:
 
 
 def _verify_policy(args: argparse.Namespace) -> Policy:
+    from appliance import config as cfg
     from appliance.snapshot import bundle
 
     if args.config:

@@ -7,19 +7,12 @@ import json
 import os
 from typing import TYPE_CHECKING
 
-from appliance import config as cfg
-from appliance.cli.common import (
-    Commands,
-    appliance_config,
-    appliance_flags,
-    cell,
-    print_rows,
-)
+from appliance.cli.common import Commands, appliance_config, appliance_flags, cell, print_rows
 from appliance.errors import AdpopError
 
 if TYPE_CHECKING:  # for annotations only: each command imports what it runs, so --help is fast
+    from appliance import config as cfg
     from appliance.tuning.host import Host
-
 
 
 def _needs_root(args: argparse.Namespace, what: str) -> None:

@@ -8,19 +8,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from appliance import config as cfg
-from appliance.cli.common import (
-    Commands,
-    appliance_config,
-    appliance_flags,
-)
+from appliance.cli.common import Commands, appliance_config, appliance_flags
 
 if TYPE_CHECKING:  # for annotations only: each command imports what it runs, so --help is fast
+    from appliance import config as cfg
     from appliance.xdp import Filter
 
 
-
 def _xdp(args: argparse.Namespace) -> tuple[cfg.ApplianceConfig, Filter]:
+    from appliance import config as cfg
     from appliance.xdp import Filter
 
     appliance = appliance_config(args)
