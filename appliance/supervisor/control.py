@@ -27,6 +27,7 @@ from aiohttp import ClientError, web
 from appliance.errors import AdpopError
 from appliance.parts import control_socket
 from appliance.snapshot import diff as snapshot_diff
+from appliance.supervisor import schema
 from appliance.supervisor.core import Supervisor
 from appliance.tuning import plan
 from appliance.tuning.host import Host
@@ -54,6 +55,14 @@ ROUTES = (
 
 def error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+def written(message: str, ok: bool = True, drifting: list[str] | None = None) -> web.Response:
+    """A write's answer (schema.WriteResult)."""
+    body: schema.WriteResult = {"ok": ok, "message": message}
+    if drifting is not None:
+        body["drifting"] = drifting
+    return web.json_response(body)
 
 
 def peer_uid(request: web.Request) -> int | None:
@@ -155,11 +164,11 @@ class ControlServer:
             self.campaign_cache[sha] = snapshot_diff.campaigns(payload)
         return self.campaign_cache[sha]
 
-    def _snapshot_rows(self) -> dict[str, Any]:
+    def _snapshot_rows(self) -> schema.Snapshots:
         store = self.supervisor.store
         active = store.current_version()
         sync = self.supervisor.agent.state
-        rows = []
+        rows: list[schema.SnapshotRow] = []
         for version in store.versions():
             manifest = store.manifest(version)
             state = ("active" if version == active else
@@ -199,10 +208,11 @@ class ControlServer:
         s = self.supervisor
         # The backlog the health round counted (each second): the console asks every
         # refresh, and listing the spool folder once per round is enough.
-        return web.json_response({
+        body: schema.Events = {
             "engine": s.engine_status.get("events", {}), "spool": s.engine_status.get("spool", {}),
             "closed_segments": s.backlog.segments, "backlog_bytes": s.backlog.size,
-            "warn_bytes": s.cfg.engine.spool_warn_bytes})
+            "warn_bytes": s.cfg.engine.spool_warn_bytes}
+        return web.json_response(body)
 
     async def logs(self, request: web.Request) -> web.Response:
         try:
@@ -212,7 +222,8 @@ class ControlServer:
         component = request.query.get("component")
         lines = [line for line in self.supervisor.recent.lines
                  if component is None or line["component"] == component]
-        return web.json_response({"lines": lines[-count:] if count > 0 else []})
+        body: schema.Logs = {"lines": lines[-count:] if count > 0 else []}
+        return web.json_response(body)
 
     async def tuning(self, request: web.Request) -> web.Response:
         """The drift watcher's state and every knob's current and desired value."""
@@ -259,7 +270,7 @@ class ControlServer:
         count = await asyncio.to_thread(flt.block if block else flt.unblock, nets)
         self.blocked = None  # recounted at the next read
         verb = "blocked" if block else "unblocked"
-        return web.json_response({"ok": True, "message": f"{verb} {count} of {len(nets)} CIDRs"})
+        return written(f"{verb} {count} of {len(nets)} CIDRs")
 
     async def apply_tuning(self, request: web.Request) -> web.Response:
         s = self.supervisor
@@ -268,11 +279,11 @@ class ControlServer:
         self._write(request, "apply tuning")
         message = await s.tuning.repair()
         drifted = await s.tuning.check("operator apply")
-        return web.json_response({"ok": not drifted, "message": message, "drifting": drifted})
+        return written(message, ok=not drifted, drifting=drifted)
 
     async def sync_now(self, request: web.Request) -> web.Response:
         self._write(request, "sync now")
-        return web.json_response({"ok": True, "message": self.supervisor.sync_now()})
+        return written(self.supervisor.sync_now())
 
     async def rollback(self, request: web.Request) -> web.Response:
         body: dict[str, Any] = {}
@@ -285,14 +296,12 @@ class ControlServer:
         if to is not None and (isinstance(to, bool) or not isinstance(to, int)):
             return error(400, "bad_request", '"to" must be a version number')
         self._write(request, f"rollback to {to if to is not None else 'the previous version'}")
-        return web.json_response({"ok": True, "message": await self.supervisor.rollback(to)})
+        return written(await self.supervisor.rollback(to))
 
     async def drain(self, request: web.Request) -> web.Response:
         self._write(request, "drain")
-        return web.json_response({"ok": True,
-                                  "message": await self.supervisor.set_draining(True)})
+        return written(await self.supervisor.set_draining(True))
 
     async def undrain(self, request: web.Request) -> web.Response:
         self._write(request, "undrain")
-        return web.json_response({"ok": True,
-                                  "message": await self.supervisor.set_draining(False)})
+        return written(await self.supervisor.set_draining(False))

@@ -35,6 +35,7 @@ from appliance.supervisor.components import (
     unit_properties,
 )
 from appliance.supervisor.notify import Context, RecentLines, notify, watchdog_interval
+from appliance.supervisor.schema import Status
 from appliance.sync.agent import SyncAgent, roll_back
 from appliance.sync.engine import EngineAdmin, judge
 from appliance.tuning.drift import DriftWatcher
@@ -287,7 +288,7 @@ class Supervisor:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> Status:
         active = self.store.current_version()
         sync = self.agent.state
         return {

@@ -16,6 +16,8 @@ from typing import Any
 
 from systemd import daemon, journal
 
+from appliance.supervisor.schema import LogLine
+
 RECENT_LINES = 2000
 
 
@@ -57,11 +59,11 @@ class RecentLines(logging.Handler):
 
     def __init__(self) -> None:
         super().__init__()
-        self.lines: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_LINES)
+        self.lines: collections.deque[LogLine] = collections.deque(maxlen=RECENT_LINES)
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append({"time": record.created, "level": record.levelname.lower(),
-                           "component": getattr(record, "component", "supervisor"),
+                           "component": str(getattr(record, "component", "supervisor")),
                            "message": record.getMessage()})
 
 
