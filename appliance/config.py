@@ -91,7 +91,8 @@ def _at_least(low: int) -> Callable[[int], str | None]:
     return check
 
 
-def _identifier(value: str) -> str | None:
+def identifier_fix(value: str) -> str | None:
+    """The fix for a name that cannot be a PoP id or group (None when it can)."""
     if re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", value):
         return None
     return "use 1-63 characters of a-z, 0-9, '.', '_' or '-', starting with a letter or digit"
@@ -233,11 +234,11 @@ class PopSettings:
     target_group: str = setting(
         Kind.STR, "default",
         "Snapshot target group this PoP serves; snapshots for other groups are refused.",
-        _identifier)
+        identifier_fix)
     id: str = setting(
         Kind.STR, "pop-1",
         "This PoP's name at the origin (fleet table, rollout stages, reports).",
-        _identifier)
+        identifier_fix)
 
 
 @dataclass(frozen=True)
@@ -553,7 +554,7 @@ class OriginSnapshotSettings:
     target_group: str = setting(
         Kind.STR, "default",
         "Target group written into manifests built with this configuration.",
-        _identifier)
+        identifier_fix)
     ttl: int = setting(
         Kind.DURATION, 7 * 86400,
         "How long a published snapshot stays valid; PoPs refuse it after that.",

@@ -34,8 +34,10 @@ def cmd_origin_serve(args: argparse.Namespace) -> int:
     from appliance import config as cfg
     from appliance import secrets
     from appliance.origin import rollout, server
+    from appliance.origin.ca import Authority
 
     origin, db = _origin(args)
+    authority = Authority.open(Path(origin.origin.state_dir) / "ca")
     removed = db.clean_leftovers()
     if removed:
         log.warning("removed %d payload files left by interrupted publishes: %s",
@@ -44,7 +46,7 @@ def cmd_origin_serve(args: argparse.Namespace) -> int:
     token = secrets.read(cfg.under(origin.origin.state_dir, token_file),
                          "origin.push_token_file") if token_file else ""
     server.serve(db, rollout.plan_from_config(origin), args.listen or origin.origin.listen,
-                 token, origin.origin.push_parallelism)
+                 token, origin.origin.push_parallelism, authority)
     return 0
 
 
@@ -133,6 +135,39 @@ def cmd_origin_keys_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_origin_pops_enroll(args: argparse.Namespace) -> int:
+    from appliance import config as cfg
+    from appliance.origin import enroll
+
+    _, db = _origin(args)
+    ttl = cfg.parse_duration(args.ttl) if args.ttl else enroll.DEFAULT_TTL
+    made = enroll.token(db, args.name, args.group, ttl)
+    # The token on stdout alone, so `TOKEN=$(adpop origin pops enroll ...)` takes it.
+    print(made)
+    log.info("enrollment token for %s (group %s), valid %s, usable once", args.name,
+             args.group, cfg.format_duration(int(ttl)))
+    return 0
+
+
+def cmd_origin_pops_revoke(args: argparse.Namespace) -> int:
+    from appliance.origin import enroll
+
+    _, db = _origin(args, create=False)
+    print(enroll.revoke(db, args.name))
+    return 0
+
+
+def cmd_origin_pops_list(args: argparse.Namespace) -> int:
+    _, db = _origin(args, create=False)
+    rows = db.identities()
+    if not rows:
+        print("no PoP enrolled; `adpop origin pops enroll NAME` makes a token for one")
+    for pop, group, certs, tokens in rows:
+        state = "enrolled" if certs else "waiting" if tokens else "revoked"
+        print(f"{pop:24} {group:16} {state:9} {certs} certificate(s), {tokens} token(s)")
+    return 0
+
+
 def register(commands: Commands) -> None:
     origin = commands.add_parser("origin", help="the central origin").add_subparsers(
         dest="action", required=True, metavar="ACTION")
@@ -171,3 +206,15 @@ def register(commands: Commands) -> None:
         dest="action", required=True, metavar="ACTION")
     origin_parser("init", "create a signing key where the configuration says, if none",
                   cmd_origin_keys_init, keys_)
+    pops = origin.add_parser("pops", help="PoP identities: enrollment and revocation"
+                             ).add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = origin_parser("enroll", "print a one-time token that enrolls PoP NAME",
+                      cmd_origin_pops_enroll, pops)
+    p.add_argument("name", help="the PoP's id (its certificate's name)")
+    p.add_argument("--group", default="default", help="its target group (default: default)")
+    p.add_argument("--ttl", help="how long the token is valid, e.g. 1h (default: 1d)")
+    p = origin_parser("revoke", "refuse PoP NAME's certificates from now on",
+                      cmd_origin_pops_revoke, pops)
+    p.add_argument("name")
+    origin_parser("list", "enrolled PoPs, and those with a token waiting", cmd_origin_pops_list,
+                  pops)

@@ -39,6 +39,12 @@ CREATE TABLE IF NOT EXISTS pops (
     failures INTEGER NOT NULL DEFAULT 0, last_error TEXT NOT NULL DEFAULT '',
     state TEXT NOT NULL DEFAULT '', failed_version INTEGER NOT NULL DEFAULT 0,
     refused TEXT NOT NULL DEFAULT '{}');
+CREATE TABLE IF NOT EXISTS enrollments (
+    token_sha256 TEXT PRIMARY KEY, pop TEXT NOT NULL, target_group TEXT NOT NULL,
+    created REAL NOT NULL, expires REAL NOT NULL, used REAL NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS certificates (
+    serial TEXT PRIMARY KEY, pop TEXT NOT NULL, target_group TEXT NOT NULL,
+    issued REAL NOT NULL, not_after REAL NOT NULL, revoked REAL NOT NULL DEFAULT 0);
 """
 
 # Rollout stages of a version, in order; "halted" and "done" end it.
@@ -331,6 +337,68 @@ class OriginDB:
                         str(fields.get("state", "")), int(fields.get("failed_version", 0)),
                         json.dumps(refused if isinstance(refused, dict) else {},
                                    sort_keys=True), pop_id))
+
+    # --- identities: enrollment tokens and the certificates they were traded for ---------
+
+    def add_enrollment(self, token_sha256: str, pop: str, group: str, expires: float) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO enrollments (token_sha256, pop, target_group, created, "
+                       "expires) VALUES (?, ?, ?, ?, ?)",
+                       (token_sha256, pop, group, time.time(), expires))
+
+    def take_enrollment(self, token_sha256: str, now: float) -> tuple[str, str]:
+        """The (PoP, group) a token enrolls, marked used in the same transaction: a token
+        works once. Raises OriginError saying why it does not."""
+        with self._tx() as db:
+            row = db.execute("SELECT pop, target_group, expires, used FROM enrollments "
+                             "WHERE token_sha256 = ?", (token_sha256,)).fetchone()
+            if row is None:
+                raise OriginError("unknown enrollment token",
+                                  hint="make one with `adpop origin pops enroll NAME`")
+            pop, group, expires, used = row
+            if used:
+                raise OriginError(f"the enrollment token of {pop} was used already",
+                                  hint="make a new one with `adpop origin pops enroll NAME`")
+            if now >= expires:
+                raise OriginError(f"the enrollment token of {pop} expired",
+                                  hint="make a new one with `adpop origin pops enroll NAME`")
+            db.execute("UPDATE enrollments SET used = ? WHERE token_sha256 = ?",
+                       (now, token_sha256))
+        return str(pop), str(group)
+
+    def add_certificate(self, serial: int, pop: str, group: str, not_after: float) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO certificates (serial, pop, target_group, issued, not_after) "
+                       "VALUES (?, ?, ?, ?, ?)", (str(serial), pop, group, time.time(),
+                                                  not_after))
+
+    def certificate_valid(self, serial: int) -> bool:
+        """Issued by this origin and not revoked."""
+        row = self._db.execute("SELECT revoked FROM certificates WHERE serial = ?",
+                               (str(serial),)).fetchone()
+        return row is not None and not row[0]
+
+    def revoke(self, pop: str) -> tuple[int, int]:
+        """Revokes every certificate of `pop` and drops its unused enrollment tokens; returns
+        how many of each."""
+        with self._tx() as db:
+            certs = db.execute("UPDATE certificates SET revoked = ? WHERE pop = ? AND "
+                               "revoked = 0", (time.time(), pop)).rowcount
+            tokens = db.execute("DELETE FROM enrollments WHERE pop = ? AND used = 0",
+                                (pop,)).rowcount
+        return certs, tokens
+
+    def identities(self) -> list[tuple[str, str, int, int]]:
+        """(PoP, group, valid certificates, unused tokens) for every PoP ever enrolled."""
+        rows = self._db.execute(
+            "SELECT pop, target_group, SUM(revoked = 0), 0 FROM certificates GROUP BY pop "
+            "UNION ALL SELECT pop, target_group, 0, COUNT(*) FROM enrollments WHERE used = 0 "
+            "GROUP BY pop").fetchall()
+        merged: dict[str, tuple[str, str, int, int]] = {}
+        for pop, group, certs, tokens in rows:
+            _, _, c, t = merged.get(pop, (pop, group, 0, 0))
+            merged[pop] = (pop, group, c + int(certs), t + int(tokens))
+        return [merged[k] for k in sorted(merged)]
 
     def pops(self, ids: Sequence[str] | None = None) -> list[PopRow]:
         rows = self._db.execute(

@@ -8,6 +8,10 @@ API (JSON unless said otherwise):
                                    "failed_version"}
 Push notices: POST {push_url}/v1/notify with the manifest of the version the PoP may take.
 - GET  /v1/fleet                  every PoP and every version's rollout stage
+- POST /v1/enroll                 {"token", "public_key"}: a one-time token and the PoP's
+                                  ECDSA P-256 public key (PEM) for its client certificate
+                                  {"pop", "group", "certificate", "ca"} (issue 22: the PoPs
+                                  do not present it yet)
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
 from appliance import httpguard
 from appliance.errors import AdpopError
-from appliance.origin import rollout
+from appliance.origin import enroll, rollout
+from appliance.origin.ca import Authority, CaError
 from appliance.origin.db import OriginDB, PopRow, VersionRow
 
 log = logging.getLogger("adpop.origin")
@@ -49,8 +54,9 @@ def _error(status: int, code: str, message: str) -> web.Response:
 
 class Origin:
     def __init__(self, db: OriginDB, plan: rollout.Plan, push_token: str,
-                 push_parallelism: int) -> None:
+                 push_parallelism: int, authority: Authority | None = None) -> None:
         self.db = db
+        self.authority = authority  # None: this origin enrolls no PoPs
         self.plan = plan
         self.push_token = push_token
         self.push_slots = asyncio.Semaphore(push_parallelism)
@@ -67,6 +73,7 @@ class Origin:
             web.post("/v1/pops/{pop}/register", self.post_register),
             web.post("/v1/pops/{pop}/status", self.post_status),
             web.get("/v1/fleet", self.get_fleet),
+            web.post("/v1/enroll", self.post_enroll),
         ])
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
@@ -127,6 +134,28 @@ class Origin:
             return _error(404, "unknown-pop", exc.line())
         return web.json_response({"ok": True})
 
+    async def post_enroll(self, request: web.Request) -> web.Response:
+        """A token and a public key for a certificate; answered only once the certificate
+        is recorded (a revocation must be able to find it)."""
+        if self.authority is None:
+            return _error(404, "no-enrollment", "this origin has no CA to enroll PoPs with")
+        doc = await self._json(request)
+        presented, key = doc.get("token"), doc.get("public_key")
+        if not isinstance(presented, str) or not isinstance(key, str):
+            return _error(400, "bad-request", 'send {"token": "...", "public_key": "PEM"}')
+        try:
+            done = await asyncio.to_thread(enroll.exchange, self.db, self.authority,
+                                           presented, key.encode())
+        except CaError as exc:
+            return _error(400, "bad-key", exc.line())
+        except AdpopError as exc:
+            log.warning("enrollment refused from %s: %s", request.remote, exc.message)
+            return _error(403, "enrollment-refused", exc.line())
+        log.info("PoP %s enrolled into group %s from %s", done.pop, done.group, request.remote)
+        return web.json_response({"pop": done.pop, "group": done.group,
+                                  "certificate": done.certificate.decode(),
+                                  "ca": done.ca.decode()})
+
     async def get_fleet(self, request: web.Request) -> web.Response:
         return web.json_response(fleet(self.db))
 
@@ -179,9 +208,9 @@ class Origin:
 
 
 def serve(db: OriginDB, plan: rollout.Plan, listen: str, push_token: str,
-          push_parallelism: int) -> None:
+          push_parallelism: int, authority: Authority | None = None) -> None:
     """Serves until SIGTERM or SIGINT; raises AdpopError when `listen` cannot be bound."""
-    origin = Origin(db, plan, push_token, push_parallelism)
+    origin = Origin(db, plan, push_token, push_parallelism, authority)
     started = time.monotonic()
     asyncio.run(_serve(origin, listen))
     log.info("origin stopped after %.0f s", time.monotonic() - started)

@@ -1,0 +1,72 @@
+"""Enrolling PoPs: one-time tokens an operator hands out, traded once for a certificate.
+
+`token(...)` makes a token for a named PoP and group; only its SHA-256 is stored, so a copy of
+the database enrolls nothing. `exchange(...)` takes a token and the public key the PoP made,
+and answers the certificate and the CA's; the token is spent in the same transaction that
+finds it. `revoke(...)` stops a PoP at once: its certificates are refused at the next request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from appliance.config import identifier_fix
+from appliance.errors import AdpopError
+from appliance.origin.ca import Authority, load_public_key
+from appliance.origin.db import OriginDB
+
+TOKEN_PREFIX = "adpop-enroll-"
+DEFAULT_TTL = 24 * 3600
+
+
+class EnrollError(AdpopError):
+    """An enrollment was refused; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    pop: str
+    group: str
+    certificate: bytes  # PEM
+    ca: bytes  # PEM: what the PoP trusts the origin's TLS with from then on
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def token(db: OriginDB, pop: str, group: str, ttl: float = DEFAULT_TTL) -> str:
+    """A new one-time token enrolling `pop` into `group`, valid for `ttl` seconds."""
+    for what, value in (("PoP name", pop), ("group", group)):
+        fix = identifier_fix(value)
+        if fix:
+            raise EnrollError(f"{what} {value!r} is not usable", hint=fix)
+    if ttl <= 0:
+        raise EnrollError("the token's lifetime must be positive", hint="give --ttl 1h")
+    made = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    db.add_enrollment(_digest(made), pop, group, time.time() + ttl)
+    return made
+
+
+def exchange(db: OriginDB, authority: Authority, presented: str, public_key_pem: bytes,
+             now: float | None = None) -> Enrolled:
+    """The certificate a token buys for a PoP's public key; raises EnrollError."""
+    key = load_public_key(public_key_pem)  # a bad key spends no token
+    pop, group = db.take_enrollment(_digest(presented), time.time() if now is None else now)
+    cert = authority.issue_pop(pop, group, key)
+    db.add_certificate(cert.serial_number, pop, group,
+                       cert.not_valid_after_utc.timestamp())
+    return Enrolled(pop, group, cert.public_bytes(Encoding.PEM), authority.pem())
+
+
+def revoke(db: OriginDB, pop: str) -> str:
+    certs, tokens = db.revoke(pop)
+    if not certs and not tokens:
+        raise EnrollError(f"no PoP {pop!r} is enrolled or waiting to enroll",
+                          hint="`adpop origin pops list` shows them")
+    return f"{pop}: {certs} certificate(s) revoked, {tokens} unused token(s) dropped"

@@ -1,0 +1,109 @@
+"""The PoP's identity: its own key pair and the certificate the origin's CA gave it.
+
+At its first start a PoP makes an ECDSA P-256 key (0600, never sent anywhere), presents its
+one-time enrollment token with the public key to the origin's `POST /v1/enroll`, and keeps
+the certificate and the CA certificate it gets back. Files, in `folder`:
+
+- pop.key  the private key (0600)
+- pop.pem  its certificate: the PoP's id (CN) and target group (OU), signed by the CA
+- ca.pem   the origin's CA: what the PoP checks the origin's TLS against
+
+The key is written before the request, so a crash between the two costs only the token (the
+operator makes another); a certificate is written only whole (rename), after it was checked
+to be for this key and signed by the CA that came with it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import ClientError, ClientSession, ClientTimeout
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from appliance import secrets
+from appliance.errors import AdpopError
+from appliance.origin.ca import Identity, identity, key_pem, new_key, public_pem
+
+ENROLL_TIMEOUT = 30.0
+
+
+class IdentityError(AdpopError):
+    """This PoP has no usable identity, or the origin refused to give it one."""
+
+
+@dataclass(frozen=True)
+class Files:
+    key: Path
+    cert: Path
+    ca: Path
+
+    @classmethod
+    def under(cls, folder: Path) -> Files:
+        return cls(folder / "pop.key", folder / "pop.pem", folder / "ca.pem")
+
+    def complete(self) -> bool:
+        return self.key.is_file() and self.cert.is_file() and self.ca.is_file()
+
+
+def load(files: Files) -> Identity:
+    """Who the stored certificate says this PoP is; raises IdentityError."""
+    try:
+        return identity(x509.load_pem_x509_certificate(files.cert.read_bytes()))
+    except (OSError, ValueError, AdpopError) as exc:
+        raise IdentityError(f"no usable PoP certificate at {files.cert}: {exc}",
+                            hint="enroll again with a new token from "
+                                 "`adpop origin pops enroll NAME`") from exc
+
+
+def _write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+async def enroll(origin_url: str, token: str, folder: Path) -> Identity:
+    """Trades `token` for this PoP's certificate; returns the identity it names. A PoP that
+    has one already keeps it (a token given again is not spent)."""
+    files = Files.under(folder)
+    if files.complete():
+        return load(files)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not files.key.exists():
+        secrets.write(files.key, key_pem(new_key()).decode())
+    key = serialization.load_pem_private_key(
+        secrets.read(files.key, "the PoP's private key").encode() + b"\n", None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise IdentityError(f"{files.key} is not an ECDSA key",
+                            hint=f"remove {files.key}; the next start makes a new one")
+    mine = public_pem(key)
+    body = {"token": token, "public_key": mine.decode()}
+    try:
+        async with ClientSession(timeout=ClientTimeout(total=ENROLL_TIMEOUT)) as session, \
+                session.post(f"{origin_url.rstrip('/')}/v1/enroll", json=body) as resp:
+            answer = await resp.json(content_type=None)
+    except (ClientError, TimeoutError, ValueError) as exc:
+        raise IdentityError(f"cannot enroll at {origin_url}: {exc or type(exc).__name__}",
+                            hint="check sync.origin_url and that the origin runs") from exc
+    if resp.status != 200 or not isinstance(answer, dict):
+        message = answer.get("error", {}).get("message") if isinstance(answer, dict) else None
+        raise IdentityError(f"the origin refused the enrollment: {message or resp.status}",
+                            hint="make a new token with `adpop origin pops enroll NAME`")
+    try:
+        cert = x509.load_pem_x509_certificate(str(answer["certificate"]).encode())
+        ca = x509.load_pem_x509_certificate(str(answer["ca"]).encode())
+        cert.verify_directly_issued_by(ca)
+    except (KeyError, ValueError, TypeError, InvalidSignature) as exc:
+        raise IdentityError(f"the origin answered no usable certificate: {exc}",
+                            hint="check that sync.origin_url is this fleet's origin") from exc
+    if cert.public_key().public_bytes(serialization.Encoding.PEM,
+                                      serialization.PublicFormat.SubjectPublicKeyInfo) != mine:
+        raise IdentityError("the origin's certificate is not for this PoP's key",
+                            hint="check that sync.origin_url is this fleet's origin")
+    _write(files.ca, ca.public_bytes(serialization.Encoding.PEM))
+    _write(files.cert, cert.public_bytes(serialization.Encoding.PEM))
+    return identity(cert)
