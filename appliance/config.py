@@ -325,6 +325,15 @@ class SyncSettings:
         "Deadline for fetching one snapshot (manifest and payload); a slower origin is "
         "dropped and tried again at the next notice or poll.",
         _at_least(1))
+    enrollment_token_file: str = setting(
+        Kind.OPT_PATH, "",
+        "File (mode 0600) holding the one-time token this PoP enrolls with at its first start "
+        "(`adpop origin pops enroll`); needed once, for an https:// origin. Relative paths are "
+        "under paths.state_dir (\"\": none).")
+    identity_dir: str = setting(
+        Kind.PATH, "identity",
+        "Folder of this PoP's key, certificate and the origin's CA (pop.key 0600, pop.pem, "
+        "ca.pem), made at enrollment; relative paths are under paths.state_dir.")
     health_window: int = setting(
         Kind.DURATION, 10,
         "After activation, how long the engine must stay healthy before success is "
@@ -581,6 +590,24 @@ class OriginSettings:
         Kind.INT, 16,
         "Push notices in flight at once.",
         _at_least(1))
+    tls: str = setting(
+        Kind.STR, "off",
+        "How the API speaks TLS: private-ca (a server certificate from the origin's own CA "
+        "for origin.tls_hosts; PoPs get the CA when they enroll), files (origin.tls_cert and "
+        "origin.tls_key), off (plain HTTP, for loopback development). With TLS, PoP routes "
+        "take the PoP's id from its client certificate.",
+        _one_of("private-ca", "files", "off"))
+    tls_hosts: list[str] = setting(
+        Kind.STRLIST, ["127.0.0.1", "localhost"],
+        "Names and addresses the private-ca server certificate is for (what PoPs connect to).")
+    tls_cert: str = setting(
+        Kind.OPT_PATH, "",
+        "The server certificate chain (PEM) when origin.tls = \"files\"; relative paths are "
+        "under origin.state_dir.")
+    tls_key: str = setting(
+        Kind.OPT_PATH, "",
+        "Its private key (PEM, mode 0600) when origin.tls = \"files\"; relative paths are "
+        "under origin.state_dir.")
 
 
 @dataclass(frozen=True)
@@ -868,13 +895,23 @@ def _executable(value: str) -> bool:
 def _check_together(scope: Scope, layered: _Layered) -> None:
     """Checks one setting's value cannot make alone: in dev mode the supervisor runs
     engine.binary and cache.binary itself, so they must be executables (in the appliance
-    the units name their own)."""
-    if scope is not Scope.APPLIANCE or not layered.sources:
+    the units name their own); an origin serving TLS from files needs both files named."""
+    if not layered.sources:
         return
     defaults = {(s.section, s.key): s.default for s in SETTINGS if s.scope is scope}
 
     def value(section: str, key: str) -> Value:
         return layered.values.get((section, key), defaults[(section, key)])
+
+    if scope is Scope.ORIGIN:
+        if value("origin", "tls") == "files":
+            for key in ("tls_cert", "tls_key"):
+                if not value("origin", key):
+                    layered.problems.append(Problem(
+                        str(layered.sources[-1]), f"origin.{key}",
+                        "empty while origin.tls = \"files\"",
+                        "give the PEM file's path, or set origin.tls = \"private-ca\""))
+        return
 
     if value("supervisor", "mode") != "dev":
         return

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -103,13 +104,15 @@ class Guard:
         return make
 
 
-async def start(runner: web.AppRunner, guard: Guard, host: str, port: int) -> asyncio.Server:
-    """Listens on host:port with the guard's cap; `runner` must be set up with
-    `runner_kwargs()`."""
+async def start(runner: web.AppRunner, guard: Guard, host: str, port: int,
+                tls: ssl.SSLContext | None = None) -> asyncio.Server:
+    """Listens on host:port with the guard's cap (and TLS when given: a handshake must end
+    within HEADER_TIMEOUT too); `runner` must be set up with `runner_kwargs()`."""
     assert runner.server is not None
     loop = asyncio.get_running_loop()
     return await loop.create_server(guard.factory(runner.server), host, port,
-                                    reuse_address=True, backlog=BACKLOG)
+                                    reuse_address=True, backlog=BACKLOG, ssl=tls,
+                                    ssl_handshake_timeout=HEADER_TIMEOUT if tls else None)
 
 
 def runner_kwargs() -> dict[str, Any]:

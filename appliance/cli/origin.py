@@ -46,7 +46,8 @@ def cmd_origin_serve(args: argparse.Namespace) -> int:
     token = secrets.read(cfg.under(origin.origin.state_dir, token_file),
                          "origin.push_token_file") if token_file else ""
     server.serve(db, rollout.plan_from_config(origin), args.listen or origin.origin.listen,
-                 token, origin.origin.push_parallelism, authority)
+                 token, origin.origin.push_parallelism, authority,
+                 server.server_context(origin.origin, authority))
     return 0
 
 
@@ -138,10 +139,12 @@ def cmd_origin_keys_init(args: argparse.Namespace) -> int:
 def cmd_origin_pops_enroll(args: argparse.Namespace) -> int:
     from appliance import config as cfg
     from appliance.origin import enroll
+    from appliance.origin.ca import Authority
 
-    _, db = _origin(args)
+    origin, db = _origin(args)
     ttl = cfg.parse_duration(args.ttl) if args.ttl else enroll.DEFAULT_TTL
-    made = enroll.token(db, args.name, args.group, ttl)
+    authority = Authority.open(Path(origin.origin.state_dir) / "ca")
+    made = enroll.token(db, args.name, args.group, ttl, authority.fingerprint())
     # The token on stdout alone, so `TOKEN=$(adpop origin pops enroll ...)` takes it.
     print(made)
     log.info("enrollment token for %s (group %s), valid %s, usable once", args.name,

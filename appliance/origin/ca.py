@@ -124,6 +124,11 @@ class Authority:
     def pem(self) -> bytes:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
+    def fingerprint(self) -> str:
+        """SHA-256 of the CA certificate (hex): what an enrollment token pins, so a PoP
+        sends its token only to an origin that proves it holds this CA."""
+        return fingerprint(self.cert)
+
     def _leaf(self, subject: x509.Name, public_key: ec.EllipticCurvePublicKey,
               usage: x509.ObjectIdentifier,
               names: Sequence[x509.GeneralName] = ()) -> x509.Certificate:
@@ -183,3 +188,13 @@ def identity(cert: x509.Certificate) -> Identity:
         raise CaError("the certificate names no PoP (one CN and one OU expected)",
                       hint="enroll the PoP: `adpop origin pops enroll NAME`")
     return Identity(str(cn[0].value), str(ou[0].value), cert.serial_number)
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def split(token: str) -> tuple[str, str]:
+    """An enrollment token's parts: (the secret, the CA fingerprint it pins or "")."""
+    secret, _, pinned = token.partition(".")
+    return secret, pinned

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from appliance.config import identifier_fix
 from appliance.errors import AdpopError
-from appliance.origin.ca import Authority, load_public_key
+from appliance.origin.ca import Authority, load_public_key, split
 from appliance.origin.db import OriginDB
 
 TOKEN_PREFIX = "adpop-enroll-"
@@ -40,8 +40,11 @@ def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def token(db: OriginDB, pop: str, group: str, ttl: float = DEFAULT_TTL) -> str:
-    """A new one-time token enrolling `pop` into `group`, valid for `ttl` seconds."""
+def token(db: OriginDB, pop: str, group: str, ttl: float = DEFAULT_TTL,
+          ca_fingerprint: str = "") -> str:
+    """A new one-time token enrolling `pop` into `group`, valid for `ttl` seconds. After a
+    dot it carries the CA's fingerprint: the PoP checks the origin against it before it
+    sends the token anywhere."""
     for what, value in (("PoP name", pop), ("group", group)):
         fix = identifier_fix(value)
         if fix:
@@ -50,14 +53,16 @@ def token(db: OriginDB, pop: str, group: str, ttl: float = DEFAULT_TTL) -> str:
         raise EnrollError("the token's lifetime must be positive", hint="give --ttl 1h")
     made = TOKEN_PREFIX + secrets.token_urlsafe(32)
     db.add_enrollment(_digest(made), pop, group, time.time() + ttl)
-    return made
+    return f"{made}.{ca_fingerprint}" if ca_fingerprint else made
+
 
 
 def exchange(db: OriginDB, authority: Authority, presented: str, public_key_pem: bytes,
              now: float | None = None) -> Enrolled:
     """The certificate a token buys for a PoP's public key; raises EnrollError."""
     key = load_public_key(public_key_pem)  # a bad key spends no token
-    pop, group = db.take_enrollment(_digest(presented), time.time() if now is None else now)
+    secret, _ = split(presented)
+    pop, group = db.take_enrollment(_digest(secret), time.time() if now is None else now)
     cert = authority.issue_pop(pop, group, key)
     db.add_certificate(cert.serial_number, pop, group,
                        cert.not_valid_after_utc.timestamp())

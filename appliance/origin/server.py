@@ -12,6 +12,12 @@ Push notices: POST {push_url}/v1/notify with the manifest of the version the PoP
                                   ECDSA P-256 public key (PEM) for its client certificate
                                   {"pop", "group", "certificate", "ca"} (issue 22: the PoPs
                                   do not present it yet)
+- GET  /v1/ca                     the CA certificate (PEM): public, checked by the PoP
+                                  against the fingerprint its enrollment token pins
+
+With TLS (origin.tls), the PoP routes (manifest, payload, register, status) need a client
+certificate from the origin's CA that is not revoked, and take the PoP's id and group from
+it: a PoP registers, reports and fetches only as itself. Every answer carries HSTS.
 """
 
 from __future__ import annotations
@@ -21,23 +27,32 @@ import json
 import logging
 import random
 import signal
+import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
-from appliance import httpguard
+from appliance import httpguard, secrets
+from appliance.config import OriginSettings, under
 from appliance.errors import AdpopError
 from appliance.origin import enroll, rollout
-from appliance.origin.ca import Authority, CaError
+from appliance.origin.ca import Authority, CaError, Identity, identity
 from appliance.origin.db import OriginDB, PopRow, VersionRow
 
 log = logging.getLogger("adpop.origin")
 
 PUSH_ATTEMPTS = 4
 LOOP_SECONDS = 0.05
+# Paths whose callers must prove they are an enrolled PoP when the origin speaks TLS.
+POP_ROUTES = ("/v1/manifest", "/v1/payload/", "/v1/pops/")
+HSTS = "max-age=31536000"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# The enrolled PoP a request came from (TLS only): set by Origin._identify.
+CALLER = web.RequestKey("caller", Identity)
 # Open connections at most (lowered to fit the descriptor limit): a fleet's PoPs, their
 # payload downloads and operators fit; a flood of idle sockets does not lock them out.
 MAX_CONNECTIONS = 4096
@@ -54,9 +69,11 @@ def _error(status: int, code: str, message: str) -> web.Response:
 
 class Origin:
     def __init__(self, db: OriginDB, plan: rollout.Plan, push_token: str,
-                 push_parallelism: int, authority: Authority | None = None) -> None:
+                 push_parallelism: int, authority: Authority | None = None,
+                 tls: bool = False) -> None:
         self.db = db
         self.authority = authority  # None: this origin enrolls no PoPs
+        self.tls = tls  # PoP routes then need the PoP's certificate
         self.plan = plan
         self.push_token = push_token
         self.push_slots = asyncio.Semaphore(push_parallelism)
@@ -67,7 +84,9 @@ class Origin:
 
     def app(self, guard: httpguard.Guard | None = None) -> web.Application:
         app = (guard or httpguard.Guard(MAX_CONNECTIONS)).app(client_max_size=64 * 1024)
+        app.middlewares.append(self._identify)
         app.add_routes([
+            web.get("/v1/ca", self.get_ca),
             web.get("/v1/manifest", self.get_manifest),
             web.get("/v1/payload/{sha256}", self.get_payload),
             web.post("/v1/pops/{pop}/register", self.post_register),
@@ -89,8 +108,56 @@ class Origin:
         if self.session:
             await self.session.close()
 
+    @web.middleware
+    async def _identify(self, request: web.Request,
+                        handler: Handler) -> web.StreamResponse:
+        if not self.tls:
+            return await handler(request)
+        if request.path.startswith(POP_ROUTES):
+            refused = self._peer(request)
+            if isinstance(refused, web.Response):
+                refused.headers["Strict-Transport-Security"] = HSTS
+                return refused
+            request[CALLER] = refused
+        response = await handler(request)
+        response.headers["Strict-Transport-Security"] = HSTS
+        return response
+
+    def _peer(self, request: web.Request) -> Identity | web.Response:
+        """The enrolled PoP on the other end of this connection, or the refusal."""
+        tls = request.transport.get_extra_info("ssl_object") if request.transport else None
+        der = tls.getpeercert(binary_form=True) if tls is not None else None
+        if not der:
+            return _error(401, "no-certificate", "this route needs the PoP's client "
+                          "certificate; enroll it with `adpop origin pops enroll NAME`")
+        from cryptography import x509
+
+        try:
+            who = identity(x509.load_der_x509_certificate(der))
+        except (ValueError, AdpopError) as exc:
+            return _error(403, "bad-certificate", str(exc))
+        if not self.db.certificate_valid(who.serial):
+            log.warning("refused PoP %s: certificate %x revoked or unknown", who.pop, who.serial)
+            return _error(403, "revoked", f"the certificate of {who.pop} is revoked")
+        return who
+
+    @staticmethod
+    def _as(request: web.Request, pop: str) -> web.Response | None:
+        """A refusal when the caller's certificate names another PoP than `pop`."""
+        who: Identity | None = request.get(CALLER)
+        if who is not None and who.pop != pop:
+            return _error(403, "not-yours", f"{who.pop} may report only about itself, "
+                          f"not about {pop[:64]!r}")
+        return None
+
+    async def get_ca(self, request: web.Request) -> web.Response:
+        if self.authority is None:
+            return _error(404, "no-ca", "this origin has no CA")
+        return web.Response(body=self.authority.pem(), content_type="application/x-pem-file")
+
     async def get_manifest(self, request: web.Request) -> web.StreamResponse:
-        pop = request.query.get("pop", "")
+        who: Identity | None = request.get(CALLER)
+        pop = who.pop if who is not None else request.query.get("pop", "")
         version = rollout.assigned_version(pop, self.db.versions(), self.db.pops(), self.plan)
         body = self.db.manifest(version) if version else None
         if body is None:
@@ -120,13 +187,20 @@ class Origin:
         return doc
 
     async def post_register(self, request: web.Request) -> web.Response:
-        doc = await self._json(request)
         pop = request.match_info["pop"]
-        self.db.register(pop, str(doc.get("push_url", "")), str(doc.get("target_group", "")))
+        if refused := self._as(request, pop):
+            return refused
+        doc = await self._json(request)
+        who: Identity | None = request.get(CALLER)
+        # An enrolled PoP's group is the one its certificate names, not what it says.
+        group = who.group if who is not None else str(doc.get("target_group", ""))
+        self.db.register(pop, str(doc.get("push_url", "")), group)
         log.info("PoP %s registered (push %s)", pop, doc.get("push_url") or "-")
         return web.json_response({"ok": True})
 
     async def post_status(self, request: web.Request) -> web.Response:
+        if refused := self._as(request, request.match_info["pop"]):
+            return refused
         doc = await self._json(request)
         try:
             self.db.report(request.match_info["pop"], doc)
@@ -207,16 +281,43 @@ class Origin:
                     pop, version, PUSH_ATTEMPTS, detail)
 
 
+def server_context(settings: OriginSettings, authority: Authority) -> ssl.SSLContext | None:
+    """The API's TLS as origin.tls says (None: plain HTTP): TLS 1.2 at least, and a client
+    certificate from the CA asked for (optional: enrollment comes without one)."""
+    if settings.tls == "off":
+        return None
+    if settings.tls == "private-ca":
+        key, cert = authority.issue_server(settings.tls_hosts)
+        folder = Path(settings.state_dir) / "ca"
+        secrets.write(folder / "server.key", key.decode())
+        (folder / "server.pem").write_bytes(cert)
+        cert_file, key_file = folder / "server.pem", folder / "server.key"
+    else:
+        cert_file = under(settings.state_dir, settings.tls_cert)
+        key_file = under(settings.state_dir, settings.tls_key)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise AdpopError(f"cannot load the origin's TLS certificate {cert_file}: {exc}",
+                         hint="check origin.tls_cert and origin.tls_key") from exc
+    ctx.load_verify_locations(cadata=authority.pem().decode())
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    return ctx
+
+
 def serve(db: OriginDB, plan: rollout.Plan, listen: str, push_token: str,
-          push_parallelism: int, authority: Authority | None = None) -> None:
+          push_parallelism: int, authority: Authority | None = None,
+          tls: ssl.SSLContext | None = None) -> None:
     """Serves until SIGTERM or SIGINT; raises AdpopError when `listen` cannot be bound."""
-    origin = Origin(db, plan, push_token, push_parallelism, authority)
+    origin = Origin(db, plan, push_token, push_parallelism, authority, tls=tls is not None)
     started = time.monotonic()
-    asyncio.run(_serve(origin, listen))
+    asyncio.run(_serve(origin, listen, tls))
     log.info("origin stopped after %.0f s", time.monotonic() - started)
 
 
-async def _serve(origin: Origin, listen: str) -> None:
+async def _serve(origin: Origin, listen: str, tls: ssl.SSLContext | None = None) -> None:
     loop = asyncio.get_running_loop()
     httpguard.quiet_floods(loop)
     guard = httpguard.Guard(MAX_CONNECTIONS)
@@ -224,7 +325,7 @@ async def _serve(origin: Origin, listen: str) -> None:
     await runner.setup()
     host, _, port = listen.rpartition(":")
     try:
-        server = await httpguard.start(runner, guard, host.strip("[]"), int(port))
+        server = await httpguard.start(runner, guard, host.strip("[]"), int(port), tls)
     except OSError as exc:
         await runner.cleanup()
         raise AdpopError(f"the origin cannot listen on {listen}: {exc.strerror}",

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import mmap
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aiohttp import ClientError, ClientSession, ClientTimeout, web
+from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
 
 from appliance import httpguard, secrets
 from appliance.config import (
@@ -44,6 +46,7 @@ from appliance.snapshot.manifest import (
 )
 from appliance.snapshot.store import SnapshotStore
 from appliance.supervisor.schema import SyncReport
+from appliance.sync import identity
 from appliance.sync.engine import EngineAdmin, EngineHealth
 from appliance.sync.fetch import fetch_manifest, fetch_payload
 
@@ -55,6 +58,7 @@ MAX_CAMPAIGNS = 10_000_000
 # Registration and status reports are small: an origin that does not answer them within this
 # long is treated as unreachable (the session has no overall deadline, fetches set their own).
 CALL_TIMEOUT = 10.0
+IDENTITY_RETRY = 5.0  # between enrollment attempts while the origin cannot be reached
 PUSH_CONNECTIONS = 64  # only the origin pushes; room for its retries, not for a flood
 
 
@@ -502,8 +506,44 @@ class SyncAgent:
             return None
         return runner, server
 
+    async def _client_tls(self) -> ssl.SSLContext:
+        """This PoP's client TLS for an https:// origin: its certificate, enrolled for first
+        with the token of sync.enrollment_token_file when it has none yet."""
+        files = identity.Files.under(under(self.state_dir, self.sync.identity_dir))
+        if not files.complete():
+            token_file = self.sync.enrollment_token_file
+            if not token_file:
+                raise identity.IdentityError(
+                    "this PoP has no certificate for the origin and no enrollment token",
+                    hint="give it one: `adpop origin pops enroll NAME` on the origin, into "
+                         "the file sync.enrollment_token_file names")
+            token = secrets.read(under(self.state_dir, token_file), "sync.enrollment_token_file")
+            who = await identity.enroll(self.origin, token, files.key.parent)
+            log.info("enrolled at %s as %s (group %s)", self.origin, who.pop, who.group)
+        return identity.context(files)
+
+    async def _open_session(self, stop: asyncio.Event) -> ClientSession | None:
+        """The session to the origin (None once `stop` is set first): over TLS with this
+        PoP's certificate for an https:// origin, retried every few seconds while the PoP
+        cannot get one, saying why in state.origin_problem."""
+        timeout = ClientTimeout(total=None, sock_connect=5)
+        if not self.origin.startswith("https://"):
+            return ClientSession(timeout=timeout)
+        while not stop.is_set():
+            try:
+                tls = await self._client_tls()
+            except AdpopError as exc:
+                self.state.origin_problem = exc.line()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), IDENTITY_RETRY)
+                continue
+            return ClientSession(timeout=timeout, connector=TCPConnector(ssl=tls))
+        return None
+
     async def run(self, stop: asyncio.Event) -> None:
-        self.session = ClientSession(timeout=ClientTimeout(total=None, sock_connect=5))
+        self.session = await self._open_session(stop)
+        if self.session is None:
+            return
         listener: tuple[web.AppRunner, asyncio.Server] | None = None
         push_url = ""
         try:

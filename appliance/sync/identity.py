@@ -16,6 +16,7 @@ to be for this key and signed by the CA that came with it.
 from __future__ import annotations
 
 import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from appliance import secrets
 from appliance.errors import AdpopError
-from appliance.origin.ca import Identity, identity, key_pem, new_key, public_pem
+from appliance.origin.ca import (
+    Identity,
+    fingerprint,
+    identity,
+    key_pem,
+    new_key,
+    public_pem,
+    split,
+)
 
 ENROLL_TIMEOUT = 30.0
 
@@ -60,6 +69,36 @@ def load(files: Files) -> Identity:
                                  "`adpop origin pops enroll NAME`") from exc
 
 
+async def _pinned(session: ClientSession, base: str, token: str) -> ssl.SSLContext:
+    """A TLS context trusting only the origin's CA, once its fingerprint is the one the
+    token pins."""
+    _, pinned = split(token)
+    if not pinned:
+        raise IdentityError("the enrollment token pins no CA, and the origin speaks TLS",
+                            hint="make the token with `adpop origin pops enroll NAME` on "
+                                 "this origin")
+    # Unverified on purpose: what comes back is checked against the pin before any use.
+    async with session.get(f"{base}/v1/ca", ssl=False) as resp:
+        ca_pem = await resp.read()
+    try:
+        ca = x509.load_pem_x509_certificate(ca_pem)
+    except ValueError as exc:
+        raise IdentityError(f"{base} answered no CA certificate",
+                            hint="check that sync.origin_url is this fleet's origin") from exc
+    if fingerprint(ca) != pinned:
+        raise IdentityError(f"the CA of {base} is not the one the enrollment token names",
+                            hint="check sync.origin_url; the token was not sent")
+    return ssl.create_default_context(cadata=ca_pem.decode())
+
+
+def context(files: Files) -> ssl.SSLContext:
+    """The PoP's client TLS: it trusts only the origin's CA and shows its certificate."""
+    ctx = ssl.create_default_context(cafile=str(files.ca))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(files.cert, files.key)
+    return ctx
+
+
 def _write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
@@ -82,11 +121,17 @@ async def enroll(origin_url: str, token: str, folder: Path) -> Identity:
                             hint=f"remove {files.key}; the next start makes a new one")
     mine = public_pem(key)
     body = {"token": token, "public_key": mine.decode()}
+    base = origin_url.rstrip("/")
     try:
-        async with ClientSession(timeout=ClientTimeout(total=ENROLL_TIMEOUT)) as session, \
-                session.post(f"{origin_url.rstrip('/')}/v1/enroll", json=body) as resp:
-            answer = await resp.json(content_type=None)
-    except (ClientError, TimeoutError, ValueError) as exc:
+        async with ClientSession(timeout=ClientTimeout(total=ENROLL_TIMEOUT)) as session:
+            # Over TLS the token goes only to an origin whose certificate the pinned CA
+            # signed: the CA is fetched first (public), checked against the token's pin,
+            # and the enrollment request verifies the origin with it.
+            tls = await _pinned(session, base, token) if base.startswith("https://") else None
+            async with session.post(f"{base}/v1/enroll", json=body,
+                                    ssl=tls if tls is not None else True) as resp:
+                answer = await resp.json(content_type=None)
+    except (ClientError, TimeoutError, ValueError, ssl.SSLError) as exc:
         raise IdentityError(f"cannot enroll at {origin_url}: {exc or type(exc).__name__}",
                             hint="check sync.origin_url and that the origin runs") from exc
     if resp.status != 200 or not isinstance(answer, dict):

@@ -1,0 +1,223 @@
+"""The origin over TLS with PoP identities (issue 22, steps 1 and 5, part): a PoP enrolls with
+its token, then syncs a signed snapshot over mutual TLS; requests without a certificate, with
+a revoked one, with another CA's, or speaking for another PoP are refused and change nothing.
+Real TLS on loopback: the origin's own server, aiohttp clients and the PoP's SyncAgent."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiohttp import ClientOSError, ClientSession, ServerDisconnectedError, web
+
+from appliance import config as cfg
+from appliance import httpguard
+from appliance.origin import enroll
+from appliance.origin.ca import Authority, key_pem, new_key, public_pem
+from appliance.origin.db import OriginDB
+from appliance.origin.rollout import Plan
+from appliance.origin.server import Origin, server_context
+from appliance.snapshot import bundle, synth
+from appliance.snapshot.manifest import generate_key, load_signing_key
+from appliance.snapshot.model import parse_documents
+from appliance.snapshot.store import SnapshotStore
+from appliance.sync import identity
+from appliance.sync.agent import SyncAgent
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Tls:
+    url: str
+    db: OriginDB
+    authority: Authority
+    tmp: Path
+
+    def client(self, pop: str, group: str = "default") -> ssl.SSLContext:
+        """A client context holding a fresh certificate for `pop` from this origin's CA."""
+        key = new_key()
+        done = enroll.exchange(self.db, self.authority, enroll.token(self.db, pop, group),
+                               public_pem(key))
+        folder = self.tmp / f"client-{pop}-{len(list(self.tmp.glob('client-*')))}"
+        folder.mkdir()
+        (folder / "pop.key").write_bytes(key_pem(key))
+        (folder / "pop.pem").write_bytes(done.certificate)
+        (folder / "ca.pem").write_bytes(done.ca)
+        return identity.context(identity.Files.under(folder))
+
+    def anonymous(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cadata=self.authority.pem().decode())
+
+
+@asynccontextmanager
+async def origin_over_tls(tmp: Path) -> AsyncIterator[Tls]:
+    state = tmp / "origin"
+    db, authority = OriginDB(state), Authority.open(state / "ca")
+    settings = cfg.OriginSettings(state_dir=str(state), tls="private-ca")
+    ctx = server_context(settings, authority)
+    assert ctx is not None
+    server = Origin(db, Plan((), 25, 120), push_token="", push_parallelism=2,
+                    authority=authority, tls=True)
+    guard = httpguard.Guard(64)
+    runner = web.AppRunner(server.app(guard), **httpguard.runner_kwargs())
+    await runner.setup()
+    listening = await httpguard.start(runner, guard, "127.0.0.1", 0, ctx)
+    port = listening.sockets[0].getsockname()[1]
+    try:
+        yield Tls(f"https://127.0.0.1:{port}", db, authority, tmp)
+    finally:
+        listening.close()
+        await runner.cleanup()
+
+
+def publish(tls: Tls, version: int) -> bundle.Bundle:
+    key_path, _ = generate_key(tls.tmp / "signing")
+    built = bundle.build(parse_documents(synth.generate(20, seed=version)), version,
+                         [load_signing_key(key_path)], ttl=86400, target_group="default")
+    tls.db.add_version(version, built.manifest_bytes, built.payload,
+                       built.manifest.payload_sha256, 20, 0, "done")
+    return built
+
+
+def test_a_pop_enrolls_and_syncs_over_mutual_tls(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with origin_over_tls(tmp_path) as tls:
+            publish(tls, 1)
+            state = tmp_path / "pop"
+            token_file = state / "enroll.token"
+            state.mkdir()
+            token_file.write_text(enroll.token(tls.db, "pop-1", "default",
+                                               ca_fingerprint=tls.authority.fingerprint()))
+            token_file.chmod(0o600)
+            appliance = cfg.build(cfg.Scope.APPLIANCE, {
+                ("paths", "state_dir"): str(state), ("sync", "origin_url"): tls.url,
+                ("sync", "enrollment_token_file"): "enroll.token",
+                ("snapshot", "trust"): [str(tmp_path / "signing")],
+                ("sync", "health_window"): 0})
+            agent = SyncAgent.from_config(appliance, SnapshotStore(state))
+            stop = asyncio.Event()
+            session = await agent._open_session(stop)
+            assert session is not None, agent.state.origin_problem
+            agent.session = session
+            try:
+                assert await agent.register(""), agent.state.origin_problem
+                await agent.attempt()
+                assert agent.store.current_version() == 1, agent.state.error
+            finally:
+                await session.close()
+            assert [p.id for p in tls.db.pops()] == ["pop-1"]
+            assert tls.db.pops()[0].version == 1, "the PoP reported over mutual TLS"
+
+    asyncio.run(scenario())
+
+
+def test_forged_and_anonymous_requests_are_refused_and_change_nothing(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with origin_over_tls(tmp_path) as tls:
+            built = publish(tls, 1)
+            honest = tls.client("pop-a")
+            async with ClientSession() as s:
+                ok = await s.post(f"{tls.url}/v1/pops/pop-a/register",
+                                  json={"push_url": "", "target_group": "eu"}, ssl=honest)
+                assert ok.status == 200
+                assert ok.headers["Strict-Transport-Security"].startswith("max-age=")
+                # Its group is the certificate's, whatever it claims.
+                assert tls.db.pops()[0].target_group == "default"
+                before = tls.db.pops()
+
+                attempts = {
+                    "no certificate: manifest": s.get(f"{tls.url}/v1/manifest?pop=pop-a",
+                                                      ssl=tls.anonymous()),
+                    "no certificate: payload": s.get(
+                        f"{tls.url}/v1/payload/{built.manifest.payload_sha256}",
+                        ssl=tls.anonymous()),
+                    "no certificate: register": s.post(
+                        f"{tls.url}/v1/pops/pop-a/register", json={"push_url": "x"},
+                        ssl=tls.anonymous()),
+                    "no certificate: status": s.post(
+                        f"{tls.url}/v1/pops/pop-a/status", json={"version": 999},
+                        ssl=tls.anonymous()),
+                    "another PoP's id: status": s.post(
+                        f"{tls.url}/v1/pops/pop-b/status", json={"version": 999},
+                        ssl=honest),
+                    "another PoP's id: register": s.post(
+                        f"{tls.url}/v1/pops/pop-b/register",
+                        json={"push_url": "https://198.18.0.9"}, ssl=honest),
+                    "a 4000-character id": s.post(
+                        f"{tls.url}/v1/pops/{'x' * 4000}/status", json={"version": 1},
+                        ssl=honest),
+                }
+                for what, request in attempts.items():
+                    resp = await request
+                    assert resp.status in (401, 403), (what, resp.status, await resp.text())
+
+                # Revoked: refused at its next request.
+                revoked = tls.client("pop-r")
+                first = await s.post(f"{tls.url}/v1/pops/pop-r/register", json={},
+                                     ssl=revoked)
+                assert first.status == 200
+                enroll.revoke(tls.db, "pop-r")
+                again = await s.post(f"{tls.url}/v1/pops/pop-r/status", json={"version": 5},
+                                     ssl=revoked)
+                assert again.status == 403
+                assert (await again.json())["error"]["code"] == "revoked"
+                assert [p for p in tls.db.pops() if p.id == "pop-a"] == [
+                    p for p in before if p.id == "pop-a"]
+                assert not [p for p in tls.db.pops() if p.id in ("pop-b", "x" * 4000)]
+
+                # Another CA's certificate for the same name: the handshake fails.
+                stranger = Authority.open(tmp_path / "stranger")
+                other = new_key()
+                forged = stranger.issue_pop("pop-a", "default", other.public_key())
+                from cryptography.hazmat.primitives.serialization import Encoding
+
+                (tmp_path / "forged.pem").write_bytes(forged.public_bytes(Encoding.PEM))
+                (tmp_path / "forged.key").write_bytes(key_pem(other))
+                ctx = tls.anonymous()
+                ctx.load_cert_chain(tmp_path / "forged.pem", tmp_path / "forged.key")
+                with pytest.raises((ssl.SSLError, ClientOSError, ServerDisconnectedError)):
+                    resp = await s.post(f"{tls.url}/v1/pops/pop-a/status",
+                                        json={"version": 999}, ssl=ctx)
+                    await resp.read()
+
+            # Plain HTTP to the TLS port gets no answer from the API.
+            plain = tls.url.replace("https://", "http://")
+            async with ClientSession() as s:
+                with pytest.raises((ServerDisconnectedError, ClientOSError)):
+                    resp = await s.post(f"{plain}/v1/pops/pop-a/status", json={"version": 7})
+                    await resp.read()
+            assert tls.db.pops()[0].version == 0
+
+    asyncio.run(scenario())
+
+
+def test_the_pop_sends_its_token_only_to_the_ca_it_pins(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with origin_over_tls(tmp_path) as tls:
+            stranger = Authority.open(tmp_path / "stranger")
+            made = enroll.token(tls.db, "pop-1", "default",
+                                ca_fingerprint=stranger.fingerprint())
+            with pytest.raises(identity.IdentityError, match="not the one the enrollment"):
+                await identity.enroll(tls.url, made, tmp_path / "pop")
+            # The token was not sent, so it still works with the right pin.
+            secret = made.partition(".")[0]
+            right = f"{secret}.{tls.authority.fingerprint()}"
+            who = await identity.enroll(tls.url, right, tmp_path / "pop")
+            assert who.pop == "pop-1"
+            with pytest.raises(identity.IdentityError, match="pins no CA"):
+                await identity.enroll(tls.url, secret, tmp_path / "other")
+
+    asyncio.run(scenario())
+
+
+def test_tls_from_files_needs_both_files(tmp_path: Path) -> None:
+    path = tmp_path / "origin.toml"
+    path.write_text('[origin]\ntls = "files"\ntls_cert = "server.pem"\n')
+    (problem,) = cfg.check_files([path], cfg.Scope.ORIGIN)
+    assert problem.key == "origin.tls_key" and "private-ca" in problem.fix
