@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from appliance.supervisor import client
 from appliance.supervisor.client import ControlError
-from appliance.supervisor.schema import Events, LogLine, Snapshots, Status, Tuning, Xdp
+
+if TYPE_CHECKING:  # annotations only: the schema is for type checkers and tests
+    from appliance.supervisor.schema import Events, LogLine, Snapshots, Status, Tuning, Xdp
 
 LOG_LINES = 500
 
@@ -23,11 +25,11 @@ class Round:
     error: str = ""
     # A round that failed holds empty answers (the console shows its error, not them), so
     # each field keeps its one type from the schema.
-    status: Status = field(default_factory=lambda: cast(Status, {}))
-    snapshots: Snapshots = field(default_factory=lambda: cast(Snapshots, {}))
-    tuning: Tuning = field(default_factory=lambda: cast(Tuning, {}))
-    xdp: Xdp = field(default_factory=lambda: cast(Xdp, {}))
-    events: Events = field(default_factory=lambda: cast(Events, {}))
+    status: Status = field(default_factory=lambda: cast("Status", {}))
+    snapshots: Snapshots = field(default_factory=lambda: cast("Snapshots", {}))
+    tuning: Tuning = field(default_factory=lambda: cast("Tuning", {}))
+    xdp: Xdp = field(default_factory=lambda: cast("Xdp", {}))
+    events: Events = field(default_factory=lambda: cast("Events", {}))
     logs: list[LogLine] = field(default_factory=list)
 
 

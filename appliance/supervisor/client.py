@@ -6,11 +6,13 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from appliance.errors import AdpopError
-from appliance.supervisor import schema
-from appliance.supervisor.schema import Status, SyncReport
+
+if TYPE_CHECKING:  # annotations only: the schema is for type checkers and tests
+    from appliance.supervisor import schema
+    from appliance.supervisor.schema import Status, SyncReport
 
 TIMEOUT = 15.0
 
@@ -82,37 +84,37 @@ def call(path: str, method: str, route: str, body: dict[str, Any] | None = None
 # below state a checked fact.
 
 def status(path: str) -> Status:
-    return cast(Status, call(path, "GET", "/v1/status"))
+    return cast("Status", call(path, "GET", "/v1/status"))
 
 
 def snapshots(path: str) -> schema.Snapshots:
-    return cast(schema.Snapshots, call(path, "GET", "/v1/snapshots"))
+    return cast("schema.Snapshots", call(path, "GET", "/v1/snapshots"))
 
 
 def tuning(path: str) -> schema.Tuning:
-    return cast(schema.Tuning, call(path, "GET", "/v1/tuning"))
+    return cast("schema.Tuning", call(path, "GET", "/v1/tuning"))
 
 
 def xdp(path: str) -> schema.Xdp:
-    return cast(schema.Xdp, call(path, "GET", "/v1/xdp"))
+    return cast("schema.Xdp", call(path, "GET", "/v1/xdp"))
 
 
 def events(path: str) -> schema.Events:
-    return cast(schema.Events, call(path, "GET", "/v1/events"))
+    return cast("schema.Events", call(path, "GET", "/v1/events"))
 
 
 def logs(path: str, lines: int) -> schema.Logs:
-    return cast(schema.Logs, call(path, "GET", f"/v1/logs?lines={lines}"))
+    return cast("schema.Logs", call(path, "GET", f"/v1/logs?lines={lines}"))
 
 
 def diff(path: str, version: int) -> schema.Diff:
-    return cast(schema.Diff, call(path, "GET", f"/v1/snapshots/diff?version={version}"))
+    return cast("schema.Diff", call(path, "GET", f"/v1/snapshots/diff?version={version}"))
 
 
 def cache(path: str) -> schema.Cache:
-    return cast(schema.Cache, call(path, "GET", "/v1/cache"))
+    return cast("schema.Cache", call(path, "GET", "/v1/cache"))
 
 
 def write(path: str, route: str, body: dict[str, Any] | None = None) -> schema.WriteResult:
     """A POST to one of the write routes; raises ControlError with the supervisor's message."""
-    return cast(schema.WriteResult, call(path, "POST", route, body))
+    return cast("schema.WriteResult", call(path, "POST", route, body))

@@ -20,18 +20,20 @@ import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import ClientError, web
 
 from appliance.errors import AdpopError
 from appliance.parts import control_socket
 from appliance.snapshot import diff as snapshot_diff
-from appliance.supervisor import schema
 from appliance.supervisor.core import Supervisor
 from appliance.tuning import plan
 from appliance.tuning.host import Host
 from appliance.xdp import Filter, parse_cidr
+
+if TYPE_CHECKING:  # annotations only: the schema is for type checkers and tests
+    from appliance.supervisor import schema
 
 log = logging.getLogger("adpop.supervisor")
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import ClientError
 
@@ -35,12 +35,14 @@ from appliance.supervisor.components import (
     unit_properties,
 )
 from appliance.supervisor.notify import Context, RecentLines, notify, watchdog_interval
-from appliance.supervisor.schema import Status
 from appliance.sync.agent import SyncAgent, roll_back
 from appliance.sync.engine import EngineAdmin, judge
 from appliance.tuning.drift import DriftWatcher
 from appliance.tuning.host import Host
 from appliance.xdp import Filter
+
+if TYPE_CHECKING:  # annotations only: the schema is for type checkers and tests
+    from appliance.supervisor.schema import Status
 
 log = logging.getLogger("adpop.supervisor")
 

@@ -12,11 +12,13 @@ import logging
 import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from systemd import daemon, journal
 
-from appliance.supervisor.schema import LogLine
+if TYPE_CHECKING:  # annotations only: the schema is for type checkers and tests
+    from appliance.supervisor.schema import LogLine
+
 
 RECENT_LINES = 2000
 

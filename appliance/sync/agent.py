@@ -21,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
 
@@ -45,10 +46,11 @@ from appliance.snapshot.manifest import (
     verify_payload_bytes,
 )
 from appliance.snapshot.store import SnapshotStore
-from appliance.supervisor.schema import SyncReport
-from appliance.sync import identity
 from appliance.sync.engine import EngineAdmin, EngineHealth
 from appliance.sync.fetch import fetch_manifest, fetch_payload
+
+if TYPE_CHECKING:  # annotations only: the schema is for type checkers and tests
+    from appliance.supervisor.schema import SyncReport
 
 log = logging.getLogger("adpop.sync")
 
@@ -509,6 +511,8 @@ class SyncAgent:
     async def _client_tls(self) -> ssl.SSLContext:
         """This PoP's client TLS for an https:// origin: its certificate, enrolled for first
         with the token of sync.enrollment_token_file when it has none yet."""
+        from appliance.sync import identity  # here: x509 is for https:// origins only
+
         files = identity.Files.under(under(self.state_dir, self.sync.identity_dir))
         if not files.complete():
             token_file = self.sync.enrollment_token_file
