@@ -87,10 +87,13 @@ class Authority:
         """The CA kept in `folder` (ca.key 0600, ca.pem), made there the first time."""
         key_path, cert_path = folder / "ca.key", folder / "ca.pem"
         if not key_path.exists():
+            # The certificate first and the key last, each written whole: a crash between
+            # leaves no key, so the next start makes both again instead of a key without
+            # its certificate.
             key = new_key()
+            secrets.write(cert_path, cls._self_signed(key).public_bytes(
+                serialization.Encoding.PEM).decode())
             secrets.write(key_path, key_pem(key).decode())
-            cert_path.write_bytes(cls._self_signed(key).public_bytes(
-                serialization.Encoding.PEM))
         try:
             loaded = serialization.load_pem_private_key(
                 secrets.read(key_path, "the origin's CA key").encode() + b"\n", None)

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
+from cryptography import x509
 
 from appliance import httpguard, secrets
 from appliance.config import OriginSettings, under
@@ -130,8 +131,6 @@ class Origin:
         if not der:
             return _error(401, "no-certificate", "this route needs the PoP's client "
                           "certificate; enroll it with `adpop origin pops enroll NAME`")
-        from cryptography import x509
-
         try:
             who = identity(x509.load_der_x509_certificate(der))
         except (ValueError, AdpopError) as exc:

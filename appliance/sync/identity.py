@@ -9,13 +9,12 @@ the certificate and the CA certificate it gets back. Files, in `folder`:
 - ca.pem   the origin's CA: what the PoP checks the origin's TLS against
 
 The key is written before the request, so a crash between the two costs only the token (the
-operator makes another); a certificate is written only whole (rename), after it was checked
-to be for this key and signed by the CA that came with it.
+operator makes another); a certificate is written only whole (secrets.write), after it was
+checked to be for this key and signed by the CA that came with it.
 """
 
 from __future__ import annotations
 
-import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,12 +98,6 @@ def context(files: Files) -> ssl.SSLContext:
     return ctx
 
 
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 async def enroll(origin_url: str, token: str, folder: Path) -> Identity:
     """Trades `token` for this PoP's certificate; returns the identity it names. A PoP that
     has one already keeps it (a token given again is not spent)."""
@@ -149,6 +142,8 @@ async def enroll(origin_url: str, token: str, folder: Path) -> Identity:
                                       serialization.PublicFormat.SubjectPublicKeyInfo) != mine:
         raise IdentityError("the origin's certificate is not for this PoP's key",
                             hint="check that sync.origin_url is this fleet's origin")
-    _write(files.ca, ca.public_bytes(serialization.Encoding.PEM))
-    _write(files.cert, cert.public_bytes(serialization.Encoding.PEM))
+    # Whole and fsynced (secrets.write), the certificate last: it is what marks the identity
+    # complete.
+    secrets.write(files.ca, ca.public_bytes(serialization.Encoding.PEM).decode())
+    secrets.write(files.cert, cert.public_bytes(serialization.Encoding.PEM).decode())
     return identity(cert)
