@@ -304,7 +304,7 @@ class SyncSettings:
     """[sync] of the appliance."""
 
     origin_url: str = setting(
-        Kind.STR, "http://127.0.0.1:8700",
+        Kind.STR, "https://127.0.0.1:8700",
         "Base URL of the origin this PoP registers with, polls and fetches snapshots from.",
         _http_url)
     poll_interval: int = setting(
@@ -315,21 +315,22 @@ class SyncSettings:
         Kind.OPT_STR, "127.0.0.1:8701",
         "HOST:PORT where push notices from the origin arrive (\"\" for polling only).",
         _optional_one_listen)
-    push_token_file: str = setting(
-        Kind.OPT_PATH, "",
-        "File (mode 0600) holding the bearer token a push notice must carry; relative paths "
-        "are under paths.state_dir (\"\": notices are not authenticated; they only trigger "
-        "a fetch, whose manifest is verified anyway).")
+    push_address: str = setting(
+        Kind.OPT_STR, "",
+        "HOST:PORT the origin reaches push_listen at, sent once when the PoP enrolls (\"\": "
+        "push_listen itself). Over TLS the origin pushes only there, to this PoP's "
+        "certificate; moving it means enrolling again.",
+        _optional_one_listen)
     fetch_timeout: int = setting(
         Kind.DURATION, 120,
         "Deadline for fetching one snapshot (manifest and payload); a slower origin is "
         "dropped and tried again at the next notice or poll.",
         _at_least(1))
     enrollment_token_file: str = setting(
-        Kind.OPT_PATH, "",
+        Kind.OPT_PATH, "enroll-token",
         "File (mode 0600) holding the one-time token this PoP enrolls with at its first start "
-        "(`adpop origin pops enroll`); needed once, for an https:// origin. Relative paths are "
-        "under paths.state_dir (\"\": none).")
+        "(`adpop origin pops enroll NAME --out FILE`, or `adpop flash --enrollment-token`); "
+        "needed once, for an https:// origin. Relative paths are under paths.state_dir.")
     identity_dir: str = setting(
         Kind.PATH, "identity",
         "Folder of this PoP's key, certificate and the origin's CA (pop.key 0600, pop.pem, "
@@ -581,17 +582,12 @@ class OriginSettings:
     state_dir: str = setting(
         Kind.PATH, "/var/lib/adpop-origin",
         "Where the origin keeps its campaign database (origin.sqlite) and published payloads.")
-    push_token_file: str = setting(
-        Kind.OPT_PATH, "",
-        "File (mode 0600) holding the bearer token sent with push notices (the one the "
-        "PoPs' sync.push_token_file holds); relative paths are under origin.state_dir "
-        "(\"\": none).")
     push_parallelism: int = setting(
         Kind.INT, 16,
         "Push notices in flight at once.",
         _at_least(1))
     tls: str = setting(
-        Kind.STR, "off",
+        Kind.STR, "private-ca",
         "How the API speaks TLS: private-ca (a server certificate from the origin's own CA "
         "for origin.tls_hosts; PoPs get the CA when they enroll), files (origin.tls_cert and "
         "origin.tls_key), off (plain HTTP, for loopback development). With TLS, PoP routes "

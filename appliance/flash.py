@@ -149,6 +149,31 @@ class SiteConfig:
 
     text: str
     keys: dict[str, bytes]  # file name → .pub contents
+    token_path: str  # where on the appliance the PoP looks for its enrollment token
+
+
+@dataclass(frozen=True)
+class Token:
+    """A one-time enrollment token for the image: the PoP enrolls with it at first boot."""
+
+    text: str
+
+    @classmethod
+    def read(cls, path: Path) -> Token:
+        from appliance import secrets
+        from appliance.origin.ca import split
+        from appliance.origin.enroll import TOKEN_PREFIX
+
+        try:
+            text = secrets.read(path, "--enrollment-token")
+        except secrets.SecretError as exc:
+            raise FlashError(exc.message, hint=exc.hint) from exc
+        secret, pinned = split(text)
+        if not secret.startswith(TOKEN_PREFIX) or len(pinned) != 64:
+            raise FlashError(f"--enrollment-token {path} holds no enrollment token that "
+                             "pins the origin's CA",
+                             hint="make one with `adpop origin pops enroll NAME --out FILE`")
+        return cls(text)
 
 
 def site_config(path: Path) -> SiteConfig:
@@ -173,6 +198,7 @@ def site_config(path: Path) -> SiteConfig:
             except KeyFileError as exc:
                 raise FlashError(f"--config {path}: {exc.message}", hint=exc.hint) from exc
             keys[key.name] = key.read_bytes()
+    token_path = str(cfg.under(layered.paths.state_dir, layered.sync.enrollment_token_file))
     text = path.read_text()
     if keys:
         # On the appliance the keys sit in the default trust folder, so the drop-in's own
@@ -183,7 +209,7 @@ def site_config(path: Path) -> SiteConfig:
         if isinstance(snapshot, dict) and "trust" in snapshot:
             del snapshot["trust"]
         text = tomlkit.dumps(document)
-    return SiteConfig(text, keys)
+    return SiteConfig(text, keys, token_path)
 
 
 def _root_offset(device_path: str) -> int:
@@ -200,7 +226,7 @@ def _debugfs(target: str, command: str) -> None:
         raise FlashError(f"debugfs {command!r}: {result.stderr.strip()}")
 
 
-def write_site(device_path: str, site: SiteConfig) -> None:
+def write_site(device_path: str, site: SiteConfig, token: Token | None = None) -> None:
     target = f"{device_path}?offset={_root_offset(device_path)}"
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "site.toml"
@@ -210,6 +236,12 @@ def write_site(device_path: str, site: SiteConfig) -> None:
             key = Path(tmp) / name
             key.write_bytes(data)
             _debugfs(target, f"write {key} {TRUST_DIR}/{name}")
+        if token is not None:
+            staged = Path(tmp) / "enroll-token"
+            staged.write_text(token.text + "\n")
+            _debugfs(target, f"write {staged} {site.token_path}")
+            # Readable by root only, as the supervisor's secrets.read insists.
+            _debugfs(target, f"set_inode_field {site.token_path} mode 0100600")
 
 
 _last_progress = [0.0]
@@ -226,11 +258,17 @@ def _progress(label: str, done: int, total: int, started: float) -> None:
 
 
 def flash(image: Path, device_path: str, config: Path | None = None, yes: bool = False,
-          ask: Callable[[str], str] = input) -> dict[str, Any]:
+          ask: Callable[[str], str] = input, enrollment_token: Path | None = None
+          ) -> dict[str, Any]:
     if not image.is_file():
         raise FlashError(f"image {image} does not exist", hint="`make image` builds one")
     total = image.stat().st_size
+    token = Token.read(enrollment_token) if enrollment_token else None
     site = site_config(config) if config else None
+    if token is not None and site is None:
+        raise FlashError("--enrollment-token needs --config: the token enrolls the PoP the "
+                         "site configuration names, at the origin it names",
+                         hint="give --config FILE with [pop] id and [sync] origin_url")
     check_target(device_path, total)
     if not yes:
         name = Path(device_path).name
@@ -267,7 +305,7 @@ def flash(image: Path, device_path: str, config: Path | None = None, yes: bool =
                          f"({check.hexdigest()[:16]} vs {digest.hexdigest()[:16]})",
                          hint="the disk may be failing; try another")
     if site is not None:
-        write_site(device_path, site)
+        write_site(device_path, site, token)
     with open(device_path, "rb") as fh:
         try:
             fcntl.ioctl(fh, BLKRRPART)
@@ -277,4 +315,5 @@ def flash(image: Path, device_path: str, config: Path | None = None, yes: bool =
     return {"device": device_path, "bytes": total, "sha256": digest.hexdigest(),
             "config": str(config) if config else None,
             "keys": sorted(site.keys) if site else [],
+            "enrollment_token": site.token_path if site and token else None,
             "seconds": round(time.monotonic() - started, 1)}

@@ -23,7 +23,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -39,6 +39,7 @@ STOP_WAIT = 15.0
 RESTART_FIRST, RESTART_MAX = 1.0, 30.0  # backoff between restarts of a process that died
 STABLE_AFTER = 60.0  # running this long and the backoff starts over
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
+ENROLL_TOKEN = "enroll-token"  # under the PoP's state folder
 
 
 class UpError(AdpopError):
@@ -108,23 +109,23 @@ def _write_private(path: Path, text: str) -> None:
         out.write(text)
 
 
-def _write_configs(state: Path, port: int, chosen: Mapping[str, int] | None = None
-                   ) -> tuple[Path, Path, dict[str, Any]]:
-    """`chosen`: ports the operator fixed ("origin", "push", "cache"); the rest are free."""
+def _write_configs(state: Path, port: int, chosen: Mapping[str, int] | None = None,
+                   origin_hosts: Sequence[str] = ()) -> tuple[Path, Path, dict[str, Any]]:
+    """`chosen`: ports the operator fixed ("origin", "push", "cache"); the rest are free.
+    `origin_hosts`: names the origin's TLS certificate is for besides the loopback ones."""
+    hosts = json.dumps(["127.0.0.1", "localhost", *origin_hosts])
     chosen = chosen or {}
     _handed_out.update({port, *chosen.values()})  # checked free by the caller
     origin_port, push_port, cache_port = (chosen.get(name) or free_port()
                                           for name in ("origin", "push", "cache"))
     metrics_port = free_port()
-    # One push token, in a file of its own that both configurations name.
-    token_file = state / "push-token"
-    _write_private(token_file, os.urandom(16).hex() + "\n")
     origin_toml, pop_toml = state / "origin.toml", state / "appliance.toml"
     _write_private(origin_toml, f"""# written by `adpop up`
 [origin]
 listen = "127.0.0.1:{origin_port}"
 state_dir = "{state / 'origin'}"
-push_token_file = "{token_file}"
+tls = "private-ca"
+tls_hosts = {hosts}
 
 [rollout]
 stage_timeout = "1m"
@@ -138,9 +139,9 @@ id = "pop-local"
 state_dir = "{state / 'pop'}"
 
 [sync]
-origin_url = "http://127.0.0.1:{origin_port}"
+origin_url = "https://127.0.0.1:{origin_port}"
 push_listen = "127.0.0.1:{push_port}"
-push_token_file = "{token_file}"
+enrollment_token_file = "{ENROLL_TOKEN}"
 poll_interval = "5s"
 health_window = "2s"
 
@@ -165,16 +166,22 @@ ready_timeout = "1m"
     return origin_toml, pop_toml, ports
 
 
-def prepare(state: Path, campaigns: Path, port: int, chosen: Mapping[str, int] | None = None
-            ) -> tuple[Path, Path, dict[str, Any]]:
+def prepare(state: Path, campaigns: Path, port: int, chosen: Mapping[str, int] | None = None,
+            origin_hosts: Sequence[str] = ()) -> tuple[Path, Path, dict[str, Any]]:
     """Writes both configurations under `state`, gives the origin a signing key that the PoP
     trusts, imports `campaigns` and publishes version 1 (once). Returns the origin's and the
     PoP's configuration files and the ports they use."""
     (state / "logs").mkdir(parents=True, exist_ok=True)
-    origin_toml, pop_toml, ports = _write_configs(state, port, chosen)
+    origin_toml, pop_toml, ports = _write_configs(state, port, chosen, origin_hosts)
     _run(_adpop("origin", "keys", "init", "--config", str(origin_toml)), "origin keys init")
     pub = next((state / "origin" / "keys").glob("*.pub"))
     _run(_adpop("pop", "trust", str(pub), "--config", str(pop_toml)), "pop trust")
+    if not (state / "pop" / "identity" / "pop.pem").exists():
+        # The PoP enrolls itself at its first start with a token made here, as a flashed
+        # PoP does with the one `adpop flash` put in: nothing to configure by hand.
+        _run(_adpop("origin", "pops", "enroll", "pop-local", "--ttl", "1h", "--out",
+                    str(state / "pop" / ENROLL_TOKEN), "--config", str(origin_toml)),
+             "origin pops enroll")
     _run(_adpop("origin", "campaigns", "import", str(campaigns), "--config", str(origin_toml)),
          "campaign import")
     if not list((state / "origin" / "payloads").glob("*.capnp")):
@@ -227,7 +234,7 @@ def up(state: Path, campaigns: Path | None, port: int,
             "control_socket": control,
             "status": f"{_command_name()} status --socket {control}",
             "console": f"{_command_name()} console --socket {control}",
-            "origin_url": f"http://127.0.0.1:{ports['origin']}",
+            "origin_url": f"https://127.0.0.1:{ports['origin']}",
             "ports": ports,
             "pids": {"origin": keeper.children["origin"].pid,
                      "supervisor": keeper.children["supervisor"].pid,

@@ -23,7 +23,9 @@ from appliance.up import SAMPLE_CAMPAIGNS, free_port, prepare
 REPO = Path(__file__).resolve().parent.parent
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
-GUEST_ORIGIN = "http://10.0.2.100:8700"
+GUEST_HOST = "10.0.2.100"  # the origin as the guest sees it (a guestfwd to this host)
+GUEST_ORIGIN = f"https://{GUEST_HOST}:8700"
+GUEST_POP = "pop-vm-1"
 BOOT_WAIT = 240.0
 READY_MARK = "loaded units listed"  # adpop-banner.service's last line on the console
 # Console lines that end each phase of a boot, timed from power-on by the host's clock:
@@ -69,22 +71,26 @@ class ConsoleWatch:
 
 def site_config(folder: Path, pub: Path, origin_url: str = GUEST_ORIGIN) -> Path:
     config = folder / "site.toml"
-    config.write_text(f'[pop]\nid = "pop-vm-1"\n[sync]\norigin_url = "{origin_url}"\n'
+    config.write_text(f'[pop]\nid = "{GUEST_POP}"\n[sync]\norigin_url = "{origin_url}"\n'
                       f'push_listen = ""\npoll_interval = "3s"\nhealth_window = "2s"\n'
                       f'[snapshot]\ntrust = ["{pub}"]\n')
     return config
 
 
-def flashed_copy(image: Path, size: int, folder: Path, config: Path) -> Path:
-    """The image written by `adpop flash --config` onto a loop device over a file."""
+def flashed_copy(image: Path, size: int, folder: Path, config: Path,
+                 token: Path | None = None) -> Path:
+    """The image written by `adpop flash --config [--enrollment-token]` onto a loop device
+    over a file."""
     disk = folder / "disk.raw"
     with open(disk, "wb") as fh:
         fh.truncate(size)
     loop = subprocess.run(["losetup", "-P", "-f", "--show", str(disk)], capture_output=True,
                           text=True, check=True).stdout.strip()
     try:
+        token_args = ["--enrollment-token", str(token)] if token else []
         result = subprocess.run([sys.executable, "-m", "appliance.cli", "flash", str(image),
-                                 "--device", loop, "--config", str(config), "--yes"],
+                                 "--device", loop, "--config", str(config), *token_args,
+                                 "--yes"],
                                 cwd=REPO, capture_output=True, text=True, check=False)
         if result.returncode:
             raise BootError(f"flash failed: {result.stderr.strip()[-500:]}")
@@ -96,15 +102,21 @@ def flashed_copy(image: Path, size: int, folder: Path, config: Path) -> Path:
 def boot_and_serve(image: Path, size: int, folder: Path) -> Booted:
     """An origin on this host with the sample campaigns, the image flashed with a site
     config pointing at it, a UEFI boot; returns when POST /v1/decide gave an ad."""
-    origin_toml, _, ports = prepare(folder / "origin-side", SAMPLE_CAMPAIGNS, free_port())
+    origin_toml, _, ports = prepare(folder / "origin-side", SAMPLE_CAMPAIGNS, free_port(),
+                                    origin_hosts=[GUEST_HOST])
     pub = next((folder / "origin-side" / "origin" / "keys").glob("*.pub"))
+    # The flashed PoP enrolls itself at first boot with a token made for it here.
+    token = folder / "enroll-token"
+    subprocess.run([sys.executable, "-m", "appliance.cli", "origin", "pops", "enroll",
+                    GUEST_POP, "--out", str(token), "--config", str(origin_toml)], cwd=REPO,
+                   check=True, capture_output=True)
     origin = subprocess.Popen([sys.executable, "-m", "appliance.cli", "origin", "serve",
                                "--config", str(origin_toml)], cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     qemu = None
     watch: ConsoleWatch | None = None
     try:
-        disk = flashed_copy(image, size, folder, site_config(folder, pub))
+        disk = flashed_copy(image, size, folder, site_config(folder, pub), token)
         vars_copy = folder / "OVMF_VARS.fd"
         shutil.copy2(OVMF_VARS, vars_copy)
         port, serial = free_port(), folder / "serial.log"

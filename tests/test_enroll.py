@@ -118,7 +118,7 @@ def test_the_enroll_route_answers_a_certificate_once(origin: tuple[OriginDB, Aut
     made = enroll.token(db, "pop-1", "default")
 
     async def scenario() -> None:
-        server = Origin(db, Plan((), 25, 120), push_token="", push_parallelism=2,
+        server = Origin(db, Plan((), 25, 120), push_parallelism=2,
                         authority=authority)
         async with TestClient(TestServer(server.app())) as client:
             body = {"token": made, "public_key": public_pem(new_key()).decode()}
@@ -235,7 +235,7 @@ def test_a_pop_enrolls_itself_once_and_keeps_its_key_private(
     folder = tmp_path / "pop" / "identity"
 
     async def scenario() -> None:
-        server = Origin(db, Plan((), 25, 120), push_token="", push_parallelism=2,
+        server = Origin(db, Plan((), 25, 120), push_parallelism=2,
                         authority=authority)
         async with TestServer(server.app()) as test_server:
             url = str(test_server.make_url("")).rstrip("/")

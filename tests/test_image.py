@@ -181,11 +181,11 @@ def adpop(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=600, check=False)
 
 
-def debugfs_cat(device: str, path: str) -> str:
+def debugfs_cat(device: str, path: str, command: str = "cat") -> str:
     table = json.loads(subprocess.run(["sfdisk", "-J", device], capture_output=True,
                                       text=True, check=True).stdout)["partitiontable"]
     start = next(p["start"] for p in table["partitions"] if p.get("name") == "root") * 512
-    return subprocess.run(["debugfs", "-R", f"cat {path}", f"{device}?offset={start}"],
+    return subprocess.run(["debugfs", "-R", f"{command} {path}", f"{device}?offset={start}"],
                           capture_output=True, text=True, check=True).stdout
 
 
@@ -198,9 +198,12 @@ def test_flash_writes_verifies_and_configures(image: dict[str, Any], loops: Any,
     pub = tmp_path / "origin-key.pub"  # flash takes only what parses as an Ed25519 key
     pub.write_bytes(generated.read_bytes())
     config = boot.site_config(tmp_path, pub)
+    token = tmp_path / "enroll-token"
+    token.write_text(f"adpop-enroll-{'x' * 43}.{'ab' * 32}\n")
+    token.chmod(0o600)
     loop = loops(image["bytes"] + 8 * 2**20)
     result = adpop("flash", str(image["path"]), "--device", loop.device, "--config",
-                   str(config), "--yes")
+                   str(config), "--enrollment-token", str(token), "--yes")
     assert result.returncode == 0, result.stderr
     assert f"verified sha256 {image['sha256'][:16]}" in result.stdout
     theirs = json.loads(subprocess.run(["sfdisk", "-J", loop.device], capture_output=True,
@@ -213,6 +216,9 @@ def test_flash_writes_verifies_and_configures(image: dict[str, Any], loops: Any,
     site = debugfs_cat(loop.device, "/etc/adpop/appliance.d/50-site.toml")
     assert 'id = "pop-vm-1"' in site and "trust" not in site
     assert debugfs_cat(loop.device, "/var/lib/adpop/trust/origin-key.pub") == pub.read_text()
+    # The token where the PoP looks for it at first boot, readable by root only.
+    assert debugfs_cat(loop.device, "/var/lib/adpop/enroll-token") == token.read_text()
+    assert "Mode:  0600" in debugfs_cat(loop.device, "/var/lib/adpop/enroll-token", "stat")
 
 
 def digest(path: str, size: int) -> str:
@@ -243,6 +249,10 @@ def test_flash_refusals_write_nothing(image: dict[str, Any], loops: Any,
     bad = tmp_path / "bad.toml"
     bad.write_text('[pop]\nid = "Not Valid!"\n')
     refused("--config", big.device, yes=True, config=bad)
+    loose = tmp_path / "enroll-token"
+    loose.write_text(f"adpop-enroll-{'x' * 43}.{'ab' * 32}\n")
+    loose.chmod(0o644)
+    refused("readable by others", big.device, yes=True, enrollment_token=loose)
     # A disk with a mounted file system (on the whole disk: this kernel makes no partition
     # devices for loop disks).
     subprocess.run(["mkfs.ext4", "-q", big.device], check=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -44,14 +45,12 @@ class Fleet:
         self.tmp = tmp
         self.port = free_port()
         key, _ = generate_key(tmp / "keys")
-        token = tmp / "push-token"
-        token.write_text("e2e-token\n")
-        token.chmod(0o600)
         self.origin_conf = tmp / "origin.toml"
+        # TLS from the origin's private CA (the default): the PoPs enroll, then speak mutual
+        # TLS, and push notices go to their enrolled addresses.
         self.origin_conf.write_text(
             f'[snapshot]\nsigning_keys = ["{key}"]\nttl = "1d"\n'
             f'[origin]\nlisten = "127.0.0.1:{self.port}"\nstate_dir = "{tmp / "origin"}"\n'
-            f'push_token_file = "{tmp / "push-token"}"\n'
             f'[rollout]\ncanaries = ["pop-a"]\npercent = 50\nstage_timeout = "60s"\n')
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.confs: dict[str, Path] = {}
@@ -71,12 +70,13 @@ class Fleet:
 
     def pop_conf(self, name: str, engine_socket: str = "") -> Path:
         conf = self.tmp / f"{name}.toml"
+        adpop("origin", "pops", "enroll", name, "--out", str(self.tmp / name / "enroll-token"),
+              "--config", str(self.origin_conf))
         conf.write_text(
             f'[pop]\nid = "{name}"\n[paths]\nstate_dir = "{self.tmp / name}"\n'
             f'[snapshot]\ntrust = ["{self.tmp / "keys"}"]\n'
-            f'[sync]\norigin_url = "http://127.0.0.1:{self.port}"\npoll_interval = "2s"\n'
+            f'[sync]\norigin_url = "https://127.0.0.1:{self.port}"\npoll_interval = "2s"\n'
             f'push_listen = "127.0.0.1:{free_port()}"\n'
-            f'push_token_file = "{self.tmp / "push-token"}"\n'
             f'health_window = 1\n'
             f'[engine]\nadmin_socket = "{engine_socket}"\n')
         self.confs[name] = conf
@@ -86,7 +86,8 @@ class Fleet:
         self.start(name, ["pop", "sync", "--config", str(self.confs[name])])
 
     def fleet(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v1/fleet", timeout=5) as r:
+        with urllib.request.urlopen(f"https://127.0.0.1:{self.port}/v1/fleet", timeout=5,
+                                    context=origin_tls(self.tmp / "origin")) as r:
             doc: dict[str, Any] = json.loads(r.read())
             return doc
 
@@ -106,6 +107,11 @@ class Fleet:
 
     def publish(self) -> None:
         adpop("origin", "publish", "--config", str(self.origin_conf))
+
+
+def origin_tls(state: Path) -> ssl.SSLContext:
+    """A client trusting the origin's private CA (kept under its state folder)."""
+    return ssl.create_default_context(cafile=str(state / "ca" / "ca.pem"))
 
 
 def engine_version(admin: Path) -> int:
@@ -218,6 +224,8 @@ def test_shipped_configs_work_together_on_loopback_with_no_edits(tmp_path: Path)
     adpop("origin", "campaigns", "import", str(REPO / "config" / "campaigns"), *origin)
     (pub,) = (o_state / "keys").glob("*.pub")
     adpop("pop", "trust", str(pub), *pop)
+    # The one step TLS adds: a token, where the shipped sync.enrollment_token_file looks.
+    adpop("origin", "pops", "enroll", "pop-1", "--out", str(p_state / "enroll-token"), *origin)
     procs = [subprocess.Popen([*ADPOP, "origin", "serve", *origin], cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
              subprocess.Popen([*ADPOP, "pop", "sync", *pop], cwd=REPO,
@@ -226,7 +234,8 @@ def test_shipped_configs_work_together_on_loopback_with_no_edits(tmp_path: Path)
         deadline = time.monotonic() + 30
         while True:  # the PoP has registered with the origin on the default ports
             try:
-                with urllib.request.urlopen("http://127.0.0.1:8700/v1/fleet", timeout=2) as r:
+                with urllib.request.urlopen("https://127.0.0.1:8700/v1/fleet", timeout=2,
+                                            context=origin_tls(o_state)) as r:
                     if json.loads(r.read())["pops"]:
                         break
             except OSError:

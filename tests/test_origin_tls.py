@@ -21,7 +21,7 @@ from appliance.origin import enroll
 from appliance.origin.ca import Authority, key_pem, new_key, public_pem
 from appliance.origin.db import OriginDB
 from appliance.origin.rollout import Plan
-from appliance.origin.server import Origin, server_context
+from appliance.origin.server import Origin, push_context, server_context
 from appliance.snapshot import bundle, synth
 from appliance.snapshot.manifest import generate_key, load_signing_key
 from appliance.snapshot.model import parse_documents
@@ -38,18 +38,24 @@ class Tls:
     db: OriginDB
     authority: Authority
     tmp: Path
+    origin: Origin
 
-    def client(self, pop: str, group: str = "default") -> ssl.SSLContext:
-        """A client context holding a fresh certificate for `pop` from this origin's CA."""
+    def files(self, pop: str, group: str = "default", push_address: str = ""
+              ) -> identity.Files:
+        """A fresh key and certificate for `pop` from this origin's CA, as a PoP keeps them."""
         key = new_key()
         done = enroll.exchange(self.db, self.authority, enroll.token(self.db, pop, group),
-                               public_pem(key))
+                               public_pem(key), push_address)
         folder = self.tmp / f"client-{pop}-{len(list(self.tmp.glob('client-*')))}"
         folder.mkdir()
         (folder / "pop.key").write_bytes(key_pem(key))
         (folder / "pop.pem").write_bytes(done.certificate)
         (folder / "ca.pem").write_bytes(done.ca)
-        return identity.context(identity.Files.under(folder))
+        return identity.Files.under(folder)
+
+    def client(self, pop: str, group: str = "default") -> ssl.SSLContext:
+        """A client context holding a fresh certificate for `pop` from this origin's CA."""
+        return identity.context(self.files(pop, group))
 
     def anonymous(self) -> ssl.SSLContext:
         return ssl.create_default_context(cadata=self.authority.pem().decode())
@@ -62,22 +68,23 @@ async def origin_over_tls(tmp: Path) -> AsyncIterator[Tls]:
     settings = cfg.OriginSettings(state_dir=str(state), tls="private-ca")
     ctx = server_context(settings, authority)
     assert ctx is not None
-    server = Origin(db, Plan((), 25, 120), push_token="", push_parallelism=2,
-                    authority=authority, tls=True)
+    server = Origin(db, Plan((), 25, 120), push_parallelism=2, authority=authority,
+                    push_tls=push_context(authority, state / "ca"))
     guard = httpguard.Guard(64)
     runner = web.AppRunner(server.app(guard), **httpguard.runner_kwargs())
     await runner.setup()
     listening = await httpguard.start(runner, guard, "127.0.0.1", 0, ctx)
     port = listening.sockets[0].getsockname()[1]
     try:
-        yield Tls(f"https://127.0.0.1:{port}", db, authority, tmp)
+        yield Tls(f"https://127.0.0.1:{port}", db, authority, tmp, server)
     finally:
         listening.close()
         await runner.cleanup()
 
 
 def publish(tls: Tls, version: int) -> bundle.Bundle:
-    key_path, _ = generate_key(tls.tmp / "signing")
+    keys = sorted((tls.tmp / "signing").glob("*.key"))
+    key_path = keys[0] if keys else generate_key(tls.tmp / "signing")[0]
     built = bundle.build(parse_documents(synth.generate(20, seed=version)), version,
                          [load_signing_key(key_path)], ttl=86400, target_group="default")
     tls.db.add_version(version, built.manifest_bytes, built.payload,

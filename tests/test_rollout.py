@@ -110,7 +110,7 @@ def test_payloads_are_immutable_with_etag_and_range(tmp_path: Path) -> None:
     db.add_version(1, b'{"m": 1}', payload, sha, 1, 0, "done")
 
     async def scenario() -> None:
-        origin = Origin(db, PLAN, push_token="", push_parallelism=2)
+        origin = Origin(db, PLAN, push_parallelism=2)
         async with TestClient(TestServer(origin.app())) as client:
             whole = await client.get(f"/v1/payload/{sha}")
             assert whole.status == 200 and await whole.read() == payload
@@ -208,7 +208,7 @@ def test_publish_killed_midway_three_times_leaves_nothing_after_the_next_start(
 
 def test_origin_database_and_up_configs_are_owner_only(tmp_path: Path) -> None:
     """Issue 20, case 8: origin.sqlite (and its WAL), and the two configurations `adpop up`
-    writes with the push token in them, are 0600, also when an older run left them 0644."""
+    writes, are 0600, also when an older run left them 0644."""
     from appliance.up import _write_configs
 
     (tmp_path / "origin").mkdir()
@@ -221,6 +221,6 @@ def test_origin_database_and_up_configs_are_owner_only(tmp_path: Path) -> None:
     origin_toml, pop_toml, _ = _write_configs(tmp_path, 18080)
     for path in (origin_toml, pop_toml):
         assert path.stat().st_mode & 0o777 == 0o600, path
-        # The token itself is in a 0600 file of its own, which both name.
-        assert f'push_token_file = "{tmp_path / "push-token"}"' in path.read_text()
-    assert (tmp_path / "push-token").stat().st_mode & 0o777 == 0o600
+    # No shared push token any more (issue 22): the PoP enrolls with a token in a 0600 file.
+    assert 'enrollment_token_file = "enroll-token"' in pop_toml.read_text()
+    assert "push_token" not in origin_toml.read_text() + pop_toml.read_text()

@@ -600,27 +600,27 @@ def test_a_version_on_trial_is_checking_until_its_window_passes(world_factory: A
     run(scenario())
 
 
-def test_the_push_token_lives_in_a_0600_file_of_its_own(tmp_path: Path) -> None:
-    """Case 8: the token sat in appliance.toml and origin.toml, both 0644."""
-    token = tmp_path / "push-token"
-    token.write_text("s3cret\n")
+def test_the_enrollment_token_lives_in_a_0600_file_of_its_own(tmp_path: Path) -> None:
+    """Case 8 (then the push token): a secret sat in appliance.toml, 0644. The push token is
+    gone (issue 22: notices are mutual TLS); the enrollment token keeps the rule."""
+    token = tmp_path / "enroll-token"
+    token.write_text("adpop-enroll-s3cret.ab\n")
     token.chmod(0o644)
     path = tmp_path / "appliance.toml"
     path.write_text(f'[paths]\nstate_dir = "{tmp_path / "state"}"\n'
-                    f'[sync]\npush_token_file = "{token}"\n')
-    appliance = cfg.load(cfg.Scope.APPLIANCE, path)
-    store = SnapshotStore(tmp_path / "state")
+                    f'[sync]\norigin_url = "https://127.0.0.1:9"\n'
+                    f'enrollment_token_file = "{token}"\n')
+    agent = SyncAgent.from_config(cfg.load(cfg.Scope.APPLIANCE, path),
+                                  SnapshotStore(tmp_path / "state"))
     with pytest.raises(secrets.SecretError) as refused:
-        SyncAgent.from_config(appliance, store)
-    assert refused.value.line() == (f"secret file {token} (sync.push_token_file) is readable "
-                                    f"by others (mode 0644) (hint: chmod 600 {token})")
-    token.chmod(0o600)
-    assert SyncAgent.from_config(appliance, store).push_token == "s3cret"
-    # A token written into the configuration itself is refused, with the way out.
-    path.write_text('[sync]\npush_token = "s3cret"\n')
+        asyncio.run(agent._client_tls())
+    assert refused.value.line() == (f"secret file {token} (sync.enrollment_token_file) is "
+                                    f"readable by others (mode 0644) (hint: chmod 600 {token})")
+    # The old push token setting is refused with the way out, not silently ignored.
+    path.write_text('[sync]\npush_token_file = "/etc/adpop/push-token"\n')
     problems = [p.line() for p in cfg.check_files([path], cfg.Scope.APPLIANCE)]
-    assert problems == [f"{path}: sync.push_token: unknown key; fix: did you mean "
-                        "'sync.push_token_file'?"]
+    assert len(problems) == 1 and problems[0].startswith(
+        f"{path}: sync.push_token_file: unknown key"), problems
 
 
 def test_an_operators_rollback_inside_a_health_window_stands(world_factory: Any,

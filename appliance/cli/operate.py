@@ -57,11 +57,15 @@ def cmd_flash(args: argparse.Namespace) -> int:
         raise AdpopError("--device given without an image to write",
                          hint="adpop flash images/out/adpop-VERSION.raw --device DEV")
     result = flash.flash(Path(args.image), args.device,
-                         Path(args.config) if args.config else None, yes=args.yes)
+                         Path(args.config) if args.config else None, yes=args.yes,
+                         enrollment_token=Path(args.enrollment_token)
+                         if args.enrollment_token else None)
     print(f"wrote {result['bytes']:,} bytes to {result['device']} in {result['seconds']} s, "
           f"verified sha256 {result['sha256'][:16]}"
           + (f"; site config {result['config']} with {len(result['keys'])} origin keys"
-             if result["config"] else ""))
+             if result["config"] else "")
+          + (f"; enrollment token at {result['enrollment_token']} (used at first boot)"
+             if result["enrollment_token"] else ""))
     return 0
 
 
@@ -88,6 +92,9 @@ def register(commands: Commands) -> None:
                    help="the .raw image (images/out/adpop-VERSION.raw); none: list the disks")
     p.add_argument("--device", help="the whole disk to write (none: list the candidates)")
     p.add_argument("--config", help="the site's configuration drop-in (PoP id, origin, keys)")
+    p.add_argument("--enrollment-token", metavar="FILE",
+                   help="a token from `adpop origin pops enroll NAME --out FILE` (mode "
+                        "0600): the PoP enrolls itself with it at first boot")
     p.add_argument("--yes", action="store_true", help="do not ask to type the device name")
     p.add_argument("--json", action="store_true", help="list candidates as JSON")
     p.set_defaults(func=cmd_flash)

@@ -31,8 +31,6 @@ def _origin(args: argparse.Namespace, create: bool = True
 
 
 def cmd_origin_serve(args: argparse.Namespace) -> int:
-    from appliance import config as cfg
-    from appliance import secrets
     from appliance.origin import rollout, server
     from appliance.origin.ca import Authority
 
@@ -42,11 +40,8 @@ def cmd_origin_serve(args: argparse.Namespace) -> int:
     if removed:
         log.warning("removed %d payload files left by interrupted publishes: %s",
                     len(removed), ", ".join(path.name for path in removed))
-    token_file = origin.origin.push_token_file
-    token = secrets.read(cfg.under(origin.origin.state_dir, token_file),
-                         "origin.push_token_file") if token_file else ""
     server.serve(db, rollout.plan_from_config(origin), args.listen or origin.origin.listen,
-                 token, origin.origin.push_parallelism, authority,
+                 origin.origin.push_parallelism, authority,
                  server.server_context(origin.origin, authority))
     return 0
 
@@ -145,8 +140,15 @@ def cmd_origin_pops_enroll(args: argparse.Namespace) -> int:
     ttl = cfg.parse_duration(args.ttl) if args.ttl else enroll.DEFAULT_TTL
     authority = Authority.open(Path(origin.origin.state_dir) / "ca")
     made = enroll.token(db, args.name, args.group, ttl, authority.fingerprint())
-    # The token on stdout alone, so `TOKEN=$(adpop origin pops enroll ...)` takes it.
-    print(made)
+    if args.out:
+        from appliance import secrets
+
+        # Straight into a 0600 file (the PoP's sync.enrollment_token_file, or one for
+        # `adpop flash --enrollment-token`): it never shows on a terminal.
+        secrets.write(Path(args.out), made + "\n")
+    else:
+        # The token on stdout alone, so `TOKEN=$(adpop origin pops enroll ...)` takes it.
+        print(made)
     log.info("enrollment token for %s (group %s), valid %s, usable once", args.name,
              args.group, cfg.format_duration(int(ttl)))
     return 0
@@ -216,6 +218,8 @@ def register(commands: Commands) -> None:
     p.add_argument("name", help="the PoP's id (its certificate's name)")
     p.add_argument("--group", default="default", help="its target group (default: default)")
     p.add_argument("--ttl", help="how long the token is valid, e.g. 1h (default: 1d)")
+    p.add_argument("--out", metavar="FILE", help="write the token to FILE (mode 0600) "
+                   "instead of printing it")
     p = origin_parser("revoke", "refuse PoP NAME's certificates from now on",
                       cmd_origin_pops_revoke, pops)
     p.add_argument("name")

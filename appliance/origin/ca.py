@@ -29,6 +29,13 @@ from appliance.errors import AdpopError
 CA_DAYS = 3650
 LEAF_DAYS = 397  # what browsers accept for a server; PoPs re-enroll well within it
 CA_NAME = "adpop origin CA"
+# The subject of the certificate the origin shows when it pushes a notice to a PoP. It has a
+# space, which no PoP id may have, so no enrolled PoP can pass for the origin.
+ORIGIN_PUSH_NAME = "adpop origin push"
+# A PoP's certificate also names it as a server, under this reserved top-level domain: the
+# origin pushes to the address the PoP enrolled with and checks this name, so an address
+# that some other PoP answers on fails the handshake.
+POP_DOMAIN = "pops.adpop.invalid"
 
 
 class CaError(AdpopError):
@@ -133,7 +140,7 @@ class Authority:
         return fingerprint(self.cert)
 
     def _leaf(self, subject: x509.Name, public_key: ec.EllipticCurvePublicKey,
-              usage: x509.ObjectIdentifier,
+              usage: Sequence[x509.ObjectIdentifier],
               names: Sequence[x509.GeneralName] = ()) -> x509.Certificate:
         now = _now()
         builder = (x509.CertificateBuilder()
@@ -143,7 +150,7 @@ class Authority:
                    .not_valid_after(now + dt.timedelta(days=LEAF_DAYS))
                    .add_extension(x509.BasicConstraints(ca=False, path_length=None),
                                   critical=True)
-                   .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+                   .add_extension(x509.ExtendedKeyUsage(list(usage)), critical=False)
                    .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
                        self.key.public_key()), critical=False))
         if names:
@@ -153,10 +160,22 @@ class Authority:
 
     def issue_pop(self, pop: str, group: str, public_key: ec.EllipticCurvePublicKey
                   ) -> x509.Certificate:
-        """A client certificate for PoP `pop` of `group`, for the key it made itself."""
+        """The certificate of PoP `pop` of `group`, for the key it made itself: a client
+        certificate towards the origin, and its push listener's server certificate (named
+        pop_host(pop))."""
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, pop),
                              x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, group)])
-        return self._leaf(subject, public_key, ExtendedKeyUsageOID.CLIENT_AUTH)
+        return self._leaf(subject, public_key, (ExtendedKeyUsageOID.CLIENT_AUTH,
+                                                ExtendedKeyUsageOID.SERVER_AUTH),
+                          [x509.DNSName(pop_host(pop))])
+
+    def issue_push_client(self) -> tuple[bytes, bytes]:
+        """A key and certificate (both PEM) the origin pushes notices with: the only
+        client a PoP's push listener takes."""
+        key = new_key()
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ORIGIN_PUSH_NAME)])
+        cert = self._leaf(subject, key.public_key(), (ExtendedKeyUsageOID.CLIENT_AUTH,))
+        return key_pem(key), cert.public_bytes(serialization.Encoding.PEM)
 
     def issue_server(self, hosts: Sequence[str]) -> tuple[bytes, bytes]:
         """A key and certificate (both PEM) for the origin's own TLS on `hosts` (names or
@@ -171,7 +190,7 @@ class Authority:
                 names.append(x509.DNSName(host))
         key = new_key()
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])
-        cert = self._leaf(subject, key.public_key(), ExtendedKeyUsageOID.SERVER_AUTH, names)
+        cert = self._leaf(subject, key.public_key(), (ExtendedKeyUsageOID.SERVER_AUTH,), names)
         return key_pem(key), cert.public_bytes(serialization.Encoding.PEM)
 
     def signed(self, cert: x509.Certificate) -> bool:
@@ -191,6 +210,18 @@ def identity(cert: x509.Certificate) -> Identity:
         raise CaError("the certificate names no PoP (one CN and one OU expected)",
                       hint="enroll the PoP: `adpop origin pops enroll NAME`")
     return Identity(str(cn[0].value), str(ou[0].value), cert.serial_number)
+
+
+def pop_host(pop: str) -> str:
+    """The server name in PoP `pop`'s certificate."""
+    return f"{pop}.{POP_DOMAIN}"
+
+
+def is_origin(cert: x509.Certificate) -> bool:
+    """Whether a certificate (already verified against the CA) is the origin's push
+    certificate."""
+    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return len(cn) == 1 and cn[0].value == ORIGIN_PUSH_NAME
 
 
 def fingerprint(cert: x509.Certificate) -> str:

@@ -44,8 +44,11 @@ CREATE TABLE IF NOT EXISTS enrollments (
     created REAL NOT NULL, expires REAL NOT NULL, used REAL NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS certificates (
     serial TEXT PRIMARY KEY, pop TEXT NOT NULL, target_group TEXT NOT NULL,
-    issued REAL NOT NULL, not_after REAL NOT NULL, revoked REAL NOT NULL DEFAULT 0);
+    issued REAL NOT NULL, not_after REAL NOT NULL, revoked REAL NOT NULL DEFAULT 0,
+    push_address TEXT NOT NULL DEFAULT '');
 """
+# Columns added after a table first shipped: (table, column, its definition).
+_ADDED = (("certificates", "push_address", "TEXT NOT NULL DEFAULT ''"),)
 
 # Rollout stages of a version, in order; "halted" and "done" end it.
 STAGES = ("canary", "percent", "all", "done")
@@ -125,6 +128,10 @@ class OriginDB:
                                        check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(_SCHEMA)
+            for table, column, definition in _ADDED:
+                have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
         except (OSError, sqlite3.Error) as exc:
             raise OriginError(f"cannot open the origin database under {state_dir}: {exc}",
                               hint="set origin.state_dir (or --state) to a writable folder"
@@ -366,11 +373,18 @@ class OriginDB:
                        (now, token_sha256))
         return str(pop), str(group)
 
-    def add_certificate(self, serial: int, pop: str, group: str, not_after: float) -> None:
+    def add_certificate(self, serial: int, pop: str, group: str, not_after: float,
+                        push_address: str = "") -> None:
         with self._tx() as db:
-            db.execute("INSERT INTO certificates (serial, pop, target_group, issued, not_after) "
-                       "VALUES (?, ?, ?, ?, ?)", (str(serial), pop, group, time.time(),
-                                                  not_after))
+            db.execute("INSERT INTO certificates (serial, pop, target_group, issued, not_after, "
+                       "push_address) VALUES (?, ?, ?, ?, ?, ?)",
+                       (str(serial), pop, group, time.time(), not_after, push_address))
+
+    def push_address(self, serial: int) -> str:
+        """The HOST:PORT a certificate was enrolled with for push notices ("": none)."""
+        row = self._db.execute("SELECT push_address FROM certificates WHERE serial = ? AND "
+                               "revoked = 0", (str(serial),)).fetchone()
+        return str(row[0]) if row else ""
 
     def certificate_valid(self, serial: int) -> bool:
         """Issued by this origin and not revoked."""
@@ -386,6 +400,8 @@ class OriginDB:
                                "revoked = 0", (time.time(), pop)).rowcount
             tokens = db.execute("DELETE FROM enrollments WHERE pop = ? AND used = 0",
                                 (pop,)).rowcount
+            # No more push notices to it either: its address came with its certificate.
+            db.execute("UPDATE pops SET push_url = '' WHERE id = ?", (pop,))
         return certs, tokens
 
     def identities(self) -> list[tuple[str, str, int, int]]:

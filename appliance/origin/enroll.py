@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from appliance.config import identifier_fix
+from appliance.config import identifier_fix, listen_addresses
 from appliance.errors import AdpopError
 from appliance.origin.ca import Authority, load_public_key, split
 from appliance.origin.db import OriginDB
@@ -56,16 +56,34 @@ def token(db: OriginDB, pop: str, group: str, ttl: float = DEFAULT_TTL,
     return f"{made}.{ca_fingerprint}" if ca_fingerprint else made
 
 
+def push_address_fix(address: str) -> str | None:
+    """The fix for an address the origin cannot push to (None when it can, or is "")."""
+    if not address:
+        return None
+    try:
+        ((host, _),) = listen_addresses(address)
+    except ValueError as exc:
+        return str(exc)
+    if host in ("0.0.0.0", "::"):
+        return (f"{address} is where the PoP listens, not where the origin reaches it; set "
+                "sync.push_address to the PoP's reachable HOST:PORT")
+    return None
+
 
 def exchange(db: OriginDB, authority: Authority, presented: str, public_key_pem: bytes,
-             now: float | None = None) -> Enrolled:
-    """The certificate a token buys for a PoP's public key; raises EnrollError."""
-    key = load_public_key(public_key_pem)  # a bad key spends no token
+             push_address: str = "", now: float | None = None) -> Enrolled:
+    """The certificate a token buys for a PoP's public key; raises EnrollError. The push
+    notices of the PoP go to `push_address` (HOST:PORT, "": it polls only) for as long as
+    the certificate lasts: no later request can move them."""
+    key = load_public_key(public_key_pem)  # a bad key or address spends no token
+    fix = push_address_fix(push_address)
+    if fix:
+        raise EnrollError(f"push address {push_address[:64]!r} is not usable", hint=fix)
     secret, _ = split(presented)
     pop, group = db.take_enrollment(_digest(secret), time.time() if now is None else now)
     cert = authority.issue_pop(pop, group, key)
     db.add_certificate(cert.serial_number, pop, group,
-                       cert.not_valid_after_utc.timestamp())
+                       cert.not_valid_after_utc.timestamp(), push_address)
     return Enrolled(pop, group, cert.public_bytes(Encoding.PEM), authority.pem())
 
 

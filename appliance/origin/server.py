@@ -3,21 +3,26 @@
 API (JSON unless said otherwise):
 - GET  /v1/manifest?pop=ID       the manifest of the newest version this PoP may take (204: none)
 - GET  /v1/payload/SHA256         the payload bytes: immutable, ETag, Range
-- POST /v1/pops/ID/register       {"push_url", "target_group"}
+- POST /v1/pops/ID/register       {"push_url", "target_group"} (without TLS only: over
+                                  TLS both come from the PoP's enrollment)
 - POST /v1/pops/ID/status         {"version", "sha256", "activated", "state", "error",
                                    "failed_version"}
-Push notices: POST {push_url}/v1/notify with the manifest of the version the PoP may take.
 - GET  /v1/fleet                  every PoP and every version's rollout stage
-- POST /v1/enroll                 {"token", "public_key"}: a one-time token and the PoP's
-                                  ECDSA P-256 public key (PEM) for its client certificate
-                                  {"pop", "group", "certificate", "ca"} (issue 22: the PoPs
-                                  do not present it yet)
+- POST /v1/enroll                 {"token", "public_key", "push_address"}: a one-time
+                                  token, the PoP's ECDSA P-256 public key (PEM) and the
+                                  HOST:PORT its push listener is reached at; answers
+                                  {"pop", "group", "certificate", "ca"}
 - GET  /v1/ca                     the CA certificate (PEM): public, checked by the PoP
                                   against the fingerprint its enrollment token pins
 
 With TLS (origin.tls), the PoP routes (manifest, payload, register, status) need a client
 certificate from the origin's CA that is not revoked, and take the PoP's id and group from
 it: a PoP registers, reports and fetches only as itself. Every answer carries HSTS.
+
+Push notices: POST {push_url}/v1/notify with the manifest of the version the PoP may take.
+Over TLS they go to the address the PoP enrolled with, the origin shows its push
+certificate (the only client a PoP's listener takes) and checks that the listener's
+certificate is that PoP's: no registration can redirect them, and no secret is shared.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from appliance import httpguard, secrets
 from appliance.config import OriginSettings, under
 from appliance.errors import AdpopError
 from appliance.origin import enroll, rollout
-from appliance.origin.ca import Authority, CaError, Identity, identity
+from appliance.origin.ca import Authority, CaError, Identity, identity, pop_host
 from appliance.origin.db import OriginDB, PopRow, VersionRow
 
 log = logging.getLogger("adpop.origin")
@@ -69,14 +74,15 @@ def _error(status: int, code: str, message: str) -> web.Response:
 
 
 class Origin:
-    def __init__(self, db: OriginDB, plan: rollout.Plan, push_token: str,
-                 push_parallelism: int, authority: Authority | None = None,
-                 tls: bool = False) -> None:
+    def __init__(self, db: OriginDB, plan: rollout.Plan, push_parallelism: int,
+                 authority: Authority | None = None,
+                 push_tls: ssl.SSLContext | None = None) -> None:
         self.db = db
         self.authority = authority  # None: this origin enrolls no PoPs
-        self.tls = tls  # PoP routes then need the PoP's certificate
+        # With TLS the PoP routes need the PoP's certificate, and pushes go out with this.
+        self.push_tls = push_tls
+        self.tls = push_tls is not None
         self.plan = plan
-        self.push_token = push_token
         self.push_slots = asyncio.Semaphore(push_parallelism)
         self.notified: dict[str, int] = {}  # PoP id -> newest version a notice went out for
         self.pushes: set[asyncio.Task[None]] = set()  # held so they are not collected mid-flight
@@ -191,10 +197,15 @@ class Origin:
             return refused
         doc = await self._json(request)
         who: Identity | None = request.get(CALLER)
-        # An enrolled PoP's group is the one its certificate names, not what it says.
-        group = who.group if who is not None else str(doc.get("target_group", ""))
-        self.db.register(pop, str(doc.get("push_url", "")), group)
-        log.info("PoP %s registered (push %s)", pop, doc.get("push_url") or "-")
+        if who is not None:
+            # An enrolled PoP's group and push address are the ones it enrolled with, not
+            # what it says now.
+            address = self.db.push_address(who.serial)
+            group, push_url = who.group, f"https://{address}" if address else ""
+        else:
+            group, push_url = str(doc.get("target_group", "")), str(doc.get("push_url", ""))
+        self.db.register(pop, push_url, group)
+        log.info("PoP %s registered (push %s)", pop, push_url or "-")
         return web.json_response({"ok": True})
 
     async def post_status(self, request: web.Request) -> web.Response:
@@ -214,13 +225,18 @@ class Origin:
             return _error(404, "no-enrollment", "this origin has no CA to enroll PoPs with")
         doc = await self._json(request)
         presented, key = doc.get("token"), doc.get("public_key")
-        if not isinstance(presented, str) or not isinstance(key, str):
-            return _error(400, "bad-request", 'send {"token": "...", "public_key": "PEM"}')
+        address = doc.get("push_address", "")
+        if not isinstance(presented, str) or not isinstance(key, str) or \
+                not isinstance(address, str):
+            return _error(400, "bad-request", 'send {"token": "...", "public_key": "PEM", '
+                          '"push_address": "HOST:PORT"}')
         try:
             done = await asyncio.to_thread(enroll.exchange, self.db, self.authority,
-                                           presented, key.encode())
+                                           presented, key.encode(), address)
         except CaError as exc:
             return _error(400, "bad-key", exc.line())
+        except enroll.EnrollError as exc:
+            return _error(400, "bad-push-address", exc.line())
         except AdpopError as exc:
             log.warning("enrollment refused from %s: %s", request.remote, exc.message)
             return _error(403, "enrollment-refused", exc.line())
@@ -257,9 +273,11 @@ class Origin:
                 task.add_done_callback(self.pushes.discard)
 
     async def _push(self, pop: str, url: str, version: int) -> None:
-        headers = {"Authorization": f"Bearer {self.push_token}"} if self.push_token else {}
-        headers["Content-Type"] = "application/json"
+        headers = {"Content-Type": "application/json"}
         manifest = self.db.manifest(version) or b""
+        # Over TLS the listener must prove it is this PoP: its certificate names pop_host.
+        tls: dict[str, Any] = {"ssl": self.push_tls, "server_hostname": pop_host(pop)} \
+            if url.startswith("https://") and self.push_tls is not None else {}
         for attempt in range(PUSH_ATTEMPTS):
             try:
                 async with self.push_slots:
@@ -267,11 +285,11 @@ class Origin:
                     # The notice carries the manifest itself: the PoP verifies its signature
                     # and needs no round trip for it; the channel is never what it trusts.
                     async with self.session.post(f"{url}/v1/notify", data=manifest,
-                                                 headers=headers) as resp:
+                                                 headers=headers, **tls) as resp:
                         if resp.status < 300:
                             return
                         detail = f"HTTP {resp.status}"
-            except (TimeoutError, ClientError) as exc:
+            except (TimeoutError, ClientError, ssl.SSLError) as exc:
                 detail = str(exc) or type(exc).__name__
             # Exponential backoff with full jitter, so a fleet that was down does not come
             # back to a thundering herd of retries.
@@ -306,11 +324,24 @@ def server_context(settings: OriginSettings, authority: Authority) -> ssl.SSLCon
     return ctx
 
 
-def serve(db: OriginDB, plan: rollout.Plan, listen: str, push_token: str,
-          push_parallelism: int, authority: Authority | None = None,
-          tls: ssl.SSLContext | None = None) -> None:
+def push_context(authority: Authority, folder: Path) -> ssl.SSLContext:
+    """The TLS the origin pushes with: it trusts only its CA (PoPs' listeners show the
+    certificates it issued) and shows its push certificate, made anew at each start."""
+    key, cert = authority.issue_push_client()
+    secrets.write(folder / "push.key", key.decode())
+    secrets.write(folder / "push.pem", cert.decode())
+    ctx = ssl.create_default_context(cadata=authority.pem().decode())
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(folder / "push.pem", folder / "push.key")
+    return ctx
+
+
+def serve(db: OriginDB, plan: rollout.Plan, listen: str, push_parallelism: int,
+          authority: Authority | None = None, tls: ssl.SSLContext | None = None) -> None:
     """Serves until SIGTERM or SIGINT; raises AdpopError when `listen` cannot be bound."""
-    origin = Origin(db, plan, push_token, push_parallelism, authority, tls=tls is not None)
+    push_tls = push_context(authority, Path(db.state_dir) / "ca") \
+        if tls is not None and authority is not None else None
+    origin = Origin(db, plan, push_parallelism, authority, push_tls)
     started = time.monotonic()
     asyncio.run(_serve(origin, listen, tls))
     log.info("origin stopped after %.0f s", time.monotonic() - started)

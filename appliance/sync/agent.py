@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import mmap
 import ssl
@@ -50,6 +51,7 @@ from appliance.sync.engine import EngineAdmin, EngineHealth
 from appliance.sync.fetch import fetch_manifest, fetch_payload
 
 if TYPE_CHECKING:  # annotations only: the schema is for type checkers and tests
+    from appliance.origin.ca import Identity
     from appliance.supervisor.schema import SyncReport
 
 log = logging.getLogger("adpop.sync")
@@ -106,10 +108,8 @@ class SyncAgent:
         # With an engine, activation tells it to load and the window watches it.
         self.engine = EngineHealth(EngineAdmin(engine_socket)) if engine_socket else None
         self.state = SyncState()
-        token_file = sync.push_token_file
-        # Read once: a token file that cannot be used stops the start with its one line.
-        self.push_token = secrets.read(under(state_dir, token_file),
-                                       "sync.push_token_file") if token_file else ""
+        # The push listener's TLS, once this PoP has its certificate (https:// origins).
+        self.listener_tls: ssl.SSLContext | None = None
         self.load_policy()
         self.wake = asyncio.Event()
         self.pushed: bytes | None = None  # a manifest a push notice carried, not yet taken
@@ -474,16 +474,27 @@ class SyncAgent:
     # --- the loop: push notices and the anti-entropy poll -------------------------------
 
     async def notify(self, request: web.Request) -> web.Response:
-        token = self.push_token
-        if token and request.headers.get("Authorization") != f"Bearer {token}":
-            return web.json_response({"error": {"code": "unauthorized",
-                                                "message": "push token missing or wrong"}},
-                                     status=401)
+        if self.listener_tls is not None and not self._from_origin(request):
+            return web.json_response({"error": {"code": "not-the-origin", "message":
+                                                "only the origin's push certificate may "
+                                                "send notices here"}}, status=403)
         # Read only up to the manifest cap; the manifest is verified like a fetched one.
         body = await request.content.read(self.snap.max_manifest_bytes + 1)
         self.pushed = body or None
         self.wake.set()
         return web.json_response({"ok": True}, status=202)
+
+    @staticmethod
+    def _from_origin(request: web.Request) -> bool:
+        """Whether the client showed the origin's push certificate (TLS has checked it
+        against the CA already: it refuses a handshake without one)."""
+        from cryptography import x509  # here: x509 is for https:// origins only
+
+        from appliance.origin.ca import is_origin
+
+        tls = request.transport.get_extra_info("ssl_object") if request.transport else None
+        der = tls.getpeercert(binary_form=True) if tls is not None else None
+        return der is not None and is_origin(x509.load_der_x509_certificate(der))
 
     async def _listen_for_pushes(self) -> tuple[web.AppRunner, asyncio.Server] | None:
         """The push listener, or None while its address cannot be bound (the supervisor
@@ -497,7 +508,8 @@ class SyncAgent:
         await runner.setup()
         host, _, port = self.sync.push_listen.rpartition(":")
         try:
-            server = await httpguard.start(runner, guard, host.strip("[]"), int(port))
+            server = await httpguard.start(runner, guard, host.strip("[]"), int(port),
+                                           self.listener_tls)
         except OSError as exc:
             await runner.cleanup()
             line = (f"push listener on {self.sync.push_listen} not up yet ({exc.strerror}); "
@@ -515,16 +527,35 @@ class SyncAgent:
 
         files = identity.Files.under(under(self.state_dir, self.sync.identity_dir))
         if not files.complete():
-            token_file = self.sync.enrollment_token_file
-            if not token_file:
+            token_file = under(self.state_dir, self.sync.enrollment_token_file)
+            if not self.sync.enrollment_token_file or not token_file.exists():
                 raise identity.IdentityError(
-                    "this PoP has no certificate for the origin and no enrollment token",
-                    hint="give it one: `adpop origin pops enroll NAME` on the origin, into "
-                         "the file sync.enrollment_token_file names")
-            token = secrets.read(under(self.state_dir, token_file), "sync.enrollment_token_file")
-            who = await identity.enroll(self.origin, token, files.key.parent)
-            log.info("enrolled at %s as %s (group %s)", self.origin, who.pop, who.group)
+                    "this PoP has no certificate for the origin and no enrollment token"
+                    + (f" at {token_file}" if self.sync.enrollment_token_file else ""),
+                    hint="make one on the origin: `adpop origin pops enroll NAME --out FILE`, "
+                         "and put it where sync.enrollment_token_file says (mode 0600)")
+            token = secrets.read(token_file, "sync.enrollment_token_file")
+            address = (self.sync.push_address or self.sync.push_listen) \
+                if self.sync.push_listen else ""
+            who = await identity.enroll(self.origin, token, files.key.parent, address)
+            log.info("enrolled at %s as %s (group %s, push notices to %s)", self.origin,
+                     who.pop, who.group, address or "nowhere: polling only")
+            # Spent: nothing is left for a copy of the disk to find.
+            token_file.unlink(missing_ok=True)
+        self._adopt(identity.load(files))
+        self.listener_tls = identity.listener_context(files)
         return identity.context(files)
+
+    def _adopt(self, who: Identity) -> None:
+        """Takes the id and group the certificate names: the origin knows this PoP by them,
+        whatever the configuration says (a difference is logged once)."""
+        if (who.pop, who.group) == (self.pop.id, self.pop.target_group):
+            return
+        log.warning("this PoP's certificate names it %s in group %s; the configuration says "
+                    "%s in %s: using the certificate's", who.pop, who.group, self.pop.id,
+                    self.pop.target_group)
+        self.pop = dataclasses.replace(self.pop, id=who.pop, target_group=who.group)
+        self.load_policy()
 
     async def _open_session(self, stop: asyncio.Event) -> ClientSession | None:
         """The session to the origin (None once `stop` is set first): over TLS with this
@@ -556,7 +587,8 @@ class SyncAgent:
                 if self.sync.push_listen and listener is None:
                     listener = await self._listen_for_pushes()
                     if listener is not None:
-                        push_url = f"http://{self.sync.push_listen}"
+                        scheme = "https" if self.listener_tls is not None else "http"
+                        push_url = f"{scheme}://{self.sync.push_listen}"
                         registered = False  # registered again, now with the push URL
                 if not registered:
                     registered = await self.register(push_url)

@@ -87,20 +87,37 @@ async def _pinned(session: ClientSession, base: str, token: str) -> ssl.SSLConte
     if fingerprint(ca) != pinned:
         raise IdentityError(f"the CA of {base} is not the one the enrollment token names",
                             hint="check sync.origin_url; the token was not sent")
-    return ssl.create_default_context(cadata=ca_pem.decode())
+    ctx = ssl.create_default_context()  # the system's CAs, for an origin with a public
+    ctx.load_verify_locations(cadata=ca_pem.decode())  # certificate, and its own CA
+    return ctx
 
 
 def context(files: Files) -> ssl.SSLContext:
-    """The PoP's client TLS: it trusts only the origin's CA and shows its certificate."""
-    ctx = ssl.create_default_context(cafile=str(files.ca))
+    """The PoP's client TLS: it shows its certificate and trusts the origin's CA (a
+    private-ca origin) and the system's (an origin with a public certificate)."""
+    ctx = ssl.create_default_context()
+    ctx.load_verify_locations(cafile=str(files.ca))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(files.cert, files.key)
     return ctx
 
 
-async def enroll(origin_url: str, token: str, folder: Path) -> Identity:
-    """Trades `token` for this PoP's certificate; returns the identity it names. A PoP that
-    has one already keeps it (a token given again is not spent)."""
+def listener_context(files: Files) -> ssl.SSLContext:
+    """The push listener's TLS: the PoP's certificate, and a client certificate from the
+    origin's CA required (the notice handler then checks it is the origin's)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(files.cert, files.key)
+    ctx.load_verify_locations(cafile=str(files.ca))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+async def enroll(origin_url: str, token: str, folder: Path,
+                 push_address: str = "") -> Identity:
+    """Trades `token` for this PoP's certificate; returns the identity it names. The
+    origin's push notices go to `push_address` (HOST:PORT, "": none) from then on. A PoP
+    that has a certificate already keeps it (a token given again is not spent)."""
     files = Files.under(folder)
     if files.complete():
         return load(files)
@@ -113,7 +130,7 @@ async def enroll(origin_url: str, token: str, folder: Path) -> Identity:
         raise IdentityError(f"{files.key} is not an ECDSA key",
                             hint=f"remove {files.key}; the next start makes a new one")
     mine = public_pem(key)
-    body = {"token": token, "public_key": mine.decode()}
+    body = {"token": token, "public_key": mine.decode(), "push_address": push_address}
     base = origin_url.rstrip("/")
     try:
         async with ClientSession(timeout=ClientTimeout(total=ENROLL_TIMEOUT)) as session:
