@@ -65,6 +65,9 @@ class Guard:
         self.busy: set[asyncio.BaseTransport] = set()
         self.evicted = 0
         self.refused = 0
+        # Paths whose handlers read (and time) their bodies themselves, after checking who
+        # asks: what is not read for them here is not bounded by client_max_size either.
+        self.streamed: tuple[str, ...] = ()
 
     def app(self, **kwargs: Any) -> web.Application:
         return web.Application(middlewares=[self._middleware], **kwargs)
@@ -77,7 +80,7 @@ class Guard:
         if transport is not None:
             self.busy.add(transport)
         try:
-            if request.can_read_body:
+            if request.can_read_body and not request.path.startswith(self.streamed):
                 try:
                     async with asyncio.timeout(BODY_TIMEOUT):
                         await request.read()  # kept by aiohttp for the handler

@@ -40,6 +40,7 @@ RESTART_FIRST, RESTART_MAX = 1.0, 30.0  # backoff between restarts of a process 
 STABLE_AFTER = 60.0  # running this long and the backoff starts over
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
 ENROLL_TOKEN = "enroll-token"  # under the PoP's state folder
+OPERATOR_TOKEN = "operator-token"  # under the state folder: an admin's, for the demo
 
 
 class UpError(AdpopError):
@@ -176,6 +177,14 @@ def prepare(state: Path, campaigns: Path, port: int, chosen: Mapping[str, int] |
     _run(_adpop("origin", "keys", "init", "--config", str(origin_toml)), "origin keys init")
     pub = next((state / "origin" / "keys").glob("*.pub"))
     _run(_adpop("pop", "trust", str(pub), "--config", str(pop_toml)), "pop trust")
+    if not (state / OPERATOR_TOKEN).exists():
+        # An admin token for the remote form of every `adpop origin` command
+        # (--origin URL --token-file FILE). A token lost with its file is replaced.
+        subprocess.run(_adpop("origin", "tokens", "revoke", "operator", "--config",
+                              str(origin_toml)), capture_output=True, check=False, cwd=REPO)
+        _run(_adpop("origin", "tokens", "create", "operator", "--role", "admin", "--out",
+                    str(state / OPERATOR_TOKEN), "--config", str(origin_toml)),
+             "origin tokens create")
     if not (state / "pop" / "identity" / "pop.pem").exists():
         # The PoP enrolls itself at its first start with a token made here, as a flashed
         # PoP does with the one `adpop flash` put in: nothing to configure by hand.
@@ -247,7 +256,9 @@ def up(state: Path, campaigns: Path | None, port: int,
               f"  try:     {info['example']}\n"
               f"  status:  {info['status']}\n"
               f"  console: {info['console']}\n"
-              f"  origin:  {info['origin_url']}  (adpop origin ... --config {origin_toml})\n"
+              f"  origin:  {info['origin_url']}  (adpop origin ... --config {origin_toml}, "
+              f"or from anywhere: --origin {info['origin_url']} --token-file "
+              f"{state / OPERATOR_TOKEN})\n"
               f"  logs:    {state / 'logs'}/   details: {state / 'up.json'}\n"
               "Ctrl-C stops everything.", flush=True)
         while True:

@@ -139,9 +139,13 @@ def fan_out(work: Path, key_path: Path, pops: int, publishes: int, tls: bool) ->
                 cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         fleet_url = f"{'https' if tls else 'http'}://127.0.0.1:{port}/v1/fleet"
         context = origin_ca(work / name) if tls else None
+        token = subprocess.run([*ADPOP, "origin", "tokens", "create", "bench", "--config",
+                                str(conf)], cwd=REPO, check=True, capture_output=True,
+                               text=True).stdout.strip()
+        request = urllib.request.Request(fleet_url, headers={"Authorization": f"Bearer {token}"})
 
         def fleet() -> list[dict[str, Any]]:
-            with urllib.request.urlopen(fleet_url, timeout=5, context=context) as resp:
+            with urllib.request.urlopen(request, timeout=5, context=context) as resp:
                 pops_: list[dict[str, Any]] = json.loads(resp.read())["pops"]
                 return pops_
 

@@ -12,6 +12,7 @@ import json
 import os
 import select
 import signal
+import ssl
 import struct
 import threading
 import time
@@ -99,9 +100,12 @@ def engine_version(up: Up) -> int:
 def origin_view(up: Up) -> dict[str, Any]:
     """The origin's record of this PoP (what it was told)."""
     info = json.loads((up.state / "up.json").read_text())
-    conn = http.client.HTTPConnection("127.0.0.1", info["ports"]["origin"], timeout=10)
+    tls = ssl.create_default_context(cafile=str(up.state / "origin" / "ca" / "ca.pem"))
+    conn = http.client.HTTPSConnection("127.0.0.1", info["ports"]["origin"], timeout=10,
+                                       context=tls)
+    token = (up.state / "operator-token").read_text().strip()
     try:
-        conn.request("GET", "/v1/fleet")
+        conn.request("GET", "/v1/fleet", headers={"Authorization": f"Bearer {token}"})
         doc = json.loads(conn.getresponse().read())
     finally:
         conn.close()

@@ -52,6 +52,9 @@ class Fleet:
             f'[snapshot]\nsigning_keys = ["{key}"]\nttl = "1d"\n'
             f'[origin]\nlisten = "127.0.0.1:{self.port}"\nstate_dir = "{tmp / "origin"}"\n'
             f'[rollout]\ncanaries = ["pop-a"]\npercent = 50\nstage_timeout = "60s"\n')
+        # What /v1/fleet needs: an operator token with the read role.
+        adpop("origin", "tokens", "create", "e2e", "--role", "read", "--out",
+              str(tmp / "operator-token"), "--config", str(self.origin_conf))
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.confs: dict[str, Path] = {}
 
@@ -86,7 +89,8 @@ class Fleet:
         self.start(name, ["pop", "sync", "--config", str(self.confs[name])])
 
     def fleet(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"https://127.0.0.1:{self.port}/v1/fleet", timeout=5,
+        with urllib.request.urlopen(read_fleet(f"https://127.0.0.1:{self.port}",
+                                               self.tmp / "operator-token"), timeout=5,
                                     context=origin_tls(self.tmp / "origin")) as r:
             doc: dict[str, Any] = json.loads(r.read())
             return doc
@@ -107,6 +111,11 @@ class Fleet:
 
     def publish(self) -> None:
         adpop("origin", "publish", "--config", str(self.origin_conf))
+
+
+def read_fleet(base: str, token: Path) -> urllib.request.Request:
+    return urllib.request.Request(f"{base}/v1/fleet", headers={
+        "Authorization": f"Bearer {token.read_text().strip()}"})
 
 
 def origin_tls(state: Path) -> ssl.SSLContext:
@@ -226,6 +235,8 @@ def test_shipped_configs_work_together_on_loopback_with_no_edits(tmp_path: Path)
     adpop("pop", "trust", str(pub), *pop)
     # The one step TLS adds: a token, where the shipped sync.enrollment_token_file looks.
     adpop("origin", "pops", "enroll", "pop-1", "--out", str(p_state / "enroll-token"), *origin)
+    token = tmp_path / "operator-token"
+    adpop("origin", "tokens", "create", "looker", "--out", str(token), *origin)
     procs = [subprocess.Popen([*ADPOP, "origin", "serve", *origin], cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
              subprocess.Popen([*ADPOP, "pop", "sync", *pop], cwd=REPO,
@@ -234,8 +245,8 @@ def test_shipped_configs_work_together_on_loopback_with_no_edits(tmp_path: Path)
         deadline = time.monotonic() + 30
         while True:  # the PoP has registered with the origin on the default ports
             try:
-                with urllib.request.urlopen("https://127.0.0.1:8700/v1/fleet", timeout=2,
-                                            context=origin_tls(o_state)) as r:
+                with urllib.request.urlopen(read_fleet("https://127.0.0.1:8700", token),
+                                            timeout=2, context=origin_tls(o_state)) as r:
                     if json.loads(r.read())["pops"]:
                         break
             except OSError:

@@ -189,7 +189,7 @@ def test_ready_degraded_after_the_timeout_says_what_is_missing(
         stop(supervisor)
     status = ready["STATUS"]
     assert status.startswith("degraded (no snapshot): ")
-    assert "no verified snapshot yet (origin http://127.0.0.1:" in status
+    assert "no verified snapshot yet (origin https://127.0.0.1:" in status
     assert "not reachable" in status
     assert "engine waits for a first verified snapshot" in status
 

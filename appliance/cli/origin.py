@@ -7,9 +7,10 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from appliance.cli.common import Commands, Handler, existing, utc
+from appliance.errors import AdpopError
 
 if TYPE_CHECKING:  # for annotations only: each command imports what it runs, so --help is fast
     from appliance import config as cfg
@@ -30,8 +31,49 @@ def _origin(args: argparse.Namespace, create: bool = True
     return origin, OriginDB(Path(origin.origin.state_dir))
 
 
+def _call(args: argparse.Namespace, name: str, params: dict[str, str] | None = None,
+          body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Runs operator action `name`: through the API with --origin URL (or $ADPOP_ORIGIN),
+    else on this host's database (the bootstrap; recorded as local:USER)."""
+    import getpass
+    import os
+
+    from appliance.origin import ops
+
+    op = ops.BY_NAME[name]
+    url = getattr(args, "origin", None) or os.environ.get("ADPOP_ORIGIN", "")
+    if url:
+        from appliance.origin.client import OriginClient
+
+        return OriginClient(url, _token(args)).call(op, params or {}, body or {})
+    from appliance.origin.ca import Authority
+
+    origin, db = _origin(args, create=op.writes)
+    authority = Authority.open(Path(origin.origin.state_dir) / "ca")
+    try:
+        return ops.run(op, ops.Context(db, origin, authority), f"local:{getpass.getuser()}",
+                       params or {}, body or {})
+    finally:
+        db.close()
+
+
+def _token(args: argparse.Namespace) -> str:
+    import os
+
+    from appliance import secrets
+
+    if args.token_file:
+        return secrets.read(Path(args.token_file), "--token-file")
+    token = os.environ.get("ADPOP_TOKEN", "")
+    if not token:
+        raise AdpopError("--origin needs an operator token",
+                         hint="give --token-file FILE (mode 0600) or set ADPOP_TOKEN; an admin "
+                              "makes one with `adpop origin tokens create NAME --role ROLE`")
+    return token
+
+
 def cmd_origin_serve(args: argparse.Namespace) -> int:
-    from appliance.origin import rollout, server
+    from appliance.origin import server
     from appliance.origin.ca import Authority
 
     origin, db = _origin(args)
@@ -40,68 +82,64 @@ def cmd_origin_serve(args: argparse.Namespace) -> int:
     if removed:
         log.warning("removed %d payload files left by interrupted publishes: %s",
                     len(removed), ", ".join(path.name for path in removed))
-    server.serve(db, rollout.plan_from_config(origin), args.listen or origin.origin.listen,
-                 origin.origin.push_parallelism, authority,
+    server.serve(db, origin, args.listen or origin.origin.listen, authority,
                  server.server_context(origin.origin, authority))
     return 0
 
 
 def cmd_origin_import(args: argparse.Namespace) -> int:
-    _, db = _origin(args)
-    campaign_set = db.import_dir(Path(args.folder))
-    print(f"imported {args.folder}: the store now holds {len(campaign_set.campaigns)} campaigns")
+    from appliance.origin.db import folder_documents
+
+    # Read here, sent whole: the origin validates them with what it stores.
+    documents = dict(folder_documents(Path(args.folder)))
+    done = _call(args, "campaigns.import", body={"documents": documents})
+    print(f"imported {args.folder}: the store now holds {done['campaigns']} campaigns")
     return 0
 
 
 def cmd_origin_list(args: argparse.Namespace) -> int:
-    _, db = _origin(args, create=False)
-    rows = db.campaigns()
+    rows = _call(args, "campaigns.list")["campaigns"]
     if not rows:
         print("no campaigns; import some with `adpop origin campaigns import DIR`")
         return 0
     print(f"{'campaign':24} {'advertiser':16} {'state':7} document")
     for row in rows:
-        print(f"{row.id:24} {row.advertiser:16} {'paused' if row.paused else 'live':7} "
-              f"{row.document}")
+        print(f"{row['id']:24} {row['advertiser']:16} "
+              f"{'paused' if row['paused'] else 'live':7} {row['document']}")
     return 0
 
 
 def cmd_origin_pause(args: argparse.Namespace) -> int:
-    _, db = _origin(args)
-    db.set_paused(args.id, args.action == "pause")
+    _call(args, f"campaigns.{args.action}", {"id": args.id})
     print(f"{args.id} {'paused' if args.action == 'pause' else 'resumed'}; "
           f"`adpop origin publish` sends the change to the fleet")
     return 0
 
 
 def cmd_origin_publish(args: argparse.Namespace) -> int:
-    from appliance.origin.publish import publish
-
-    origin, db = _origin(args)
-    started = time.monotonic()
-    done = publish(db, origin, allow_jump=args.allow_jump)
-    print(f"published v{done.version}: {done.campaigns} campaigns, {done.length} bytes, sha256 "
-          f"{done.sha256[:16]}…, rollout stage {done.stage} "
-          f"({time.monotonic() - started:.2f}s)")
+    done = _call(args, "publish", body={"allow_jump": args.allow_jump})
+    print(f"published v{done['version']}: {done['campaigns']} campaigns, {done['length']} "
+          f"bytes, sha256 {done['sha256'][:16]}…, rollout stage {done['stage']} "
+          f"({done['seconds']:.2f}s)")
     return 0
 
 
 def cmd_origin_rollout(args: argparse.Namespace) -> int:
-    _, db = _origin(args, create=False)
-    pops = db.pops()
+    if args.action != "status":
+        done = _call(args, f"rollout.{args.action}", {"version": str(args.version)})
+        print(f"v{done['version']}: stage {done['stage']}"
+              + (f" ({done['halted']})" if done["halted"] else ""))
+        return 0
+    info = _call(args, "rollout.status")
     print(f"{'version':>7}  {'campaigns':>9}  {'stage':8} {'on':>5}  halted")
-    for v in db.versions():
-        on = sum(1 for p in pops if p.version >= v.version)
-        print(f"{v.version:>7}  {v.campaigns:>9}  {v.stage:8} {on:>2}/{len(pops):<2}  "
-              f"{v.halted or '-'}")
+    for v in info["versions"]:
+        print(f"{v['version']:>7}  {v['campaigns']:>9}  {v['stage']:8} "
+              f"{v['on']:>2}/{info['pops']:<2}  {v['halted'] or '-'}")
     return 0
 
 
 def cmd_origin_fleet(args: argparse.Namespace) -> int:
-    from appliance.origin.server import fleet
-
-    _, db = _origin(args, create=False)
-    info = fleet(db)
+    info = _call(args, "fleet")
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return 0
@@ -131,45 +169,68 @@ def cmd_origin_keys_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_origin_pops_enroll(args: argparse.Namespace) -> int:
-    from appliance import config as cfg
-    from appliance.origin import enroll
-    from appliance.origin.ca import Authority
-
-    origin, db = _origin(args)
-    ttl = cfg.parse_duration(args.ttl) if args.ttl else enroll.DEFAULT_TTL
-    authority = Authority.open(Path(origin.origin.state_dir) / "ca")
-    made = enroll.token(db, args.name, args.group, ttl, authority.fingerprint())
+def _secret_out(args: argparse.Namespace, secret: str) -> None:
+    """A token into a 0600 file (never on a terminal), or alone on stdout so that
+    `TOKEN=$(adpop origin … )` takes it."""
     if args.out:
         from appliance import secrets
 
-        # Straight into a 0600 file (the PoP's sync.enrollment_token_file, or one for
-        # `adpop flash --enrollment-token`): it never shows on a terminal.
-        secrets.write(Path(args.out), made + "\n")
+        secrets.write(Path(args.out), secret + "\n")
     else:
-        # The token on stdout alone, so `TOKEN=$(adpop origin pops enroll ...)` takes it.
-        print(made)
-    log.info("enrollment token for %s (group %s), valid %s, usable once", args.name,
-             args.group, cfg.format_duration(int(ttl)))
+        print(secret)
+
+
+def cmd_origin_pops_enroll(args: argparse.Namespace) -> int:
+    from appliance import config as cfg
+
+    done = _call(args, "pops.enroll", {"name": args.name},
+                 {"group": args.group, "ttl": args.ttl or ""})
+    _secret_out(args, done["token"])
+    log.info("enrollment token for %s (group %s), valid %s, usable once", done["pop"],
+             done["group"], cfg.format_duration(int(done["ttl"])))
     return 0
 
 
 def cmd_origin_pops_revoke(args: argparse.Namespace) -> int:
-    from appliance.origin import enroll
-
-    _, db = _origin(args, create=False)
-    print(enroll.revoke(db, args.name))
+    print(_call(args, "pops.revoke", {"name": args.name})["result"])
     return 0
 
 
 def cmd_origin_pops_list(args: argparse.Namespace) -> int:
-    _, db = _origin(args, create=False)
-    rows = db.identities()
+    rows = _call(args, "pops.list")["pops"]
     if not rows:
         print("no PoP enrolled; `adpop origin pops enroll NAME` makes a token for one")
-    for pop, group, certs, tokens in rows:
+    for row in rows:
+        certs, tokens = row["certificates"], row["tokens"]
         state = "enrolled" if certs else "waiting" if tokens else "revoked"
-        print(f"{pop:24} {group:16} {state:9} {certs} certificate(s), {tokens} token(s)")
+        print(f"{row['pop']:24} {row['group']:16} {state:9} {certs} certificate(s), "
+              f"{tokens} token(s)")
+    return 0
+
+
+def cmd_origin_tokens(args: argparse.Namespace) -> int:
+    if args.action == "create":
+        done = _call(args, "tokens.create", {"name": args.name}, {"role": args.role})
+        _secret_out(args, done["token"])
+        log.info("operator token for %s (role %s); only its digest is kept", done["operator"],
+                 done["role"])
+    elif args.action == "revoke":
+        _call(args, "tokens.revoke", {"name": args.name})
+        print(f"operator {args.name}: token revoked")
+    else:
+        rows = _call(args, "tokens.list")["operators"]
+        for row in rows:
+            state = f"revoked {utc(int(row['revoked']))}" if row["revoked"] else "live"
+            print(f"{row['name']:24} {row['role']:8} made {utc(int(row['created']))}  {state}")
+        if not rows:
+            print("no operator tokens; `adpop origin tokens create NAME --role admin`")
+    return 0
+
+
+def cmd_origin_audit(args: argparse.Namespace) -> int:
+    for row in _call(args, "audit")["actions"]:
+        print(f"{utc(int(row['at']))}  {row['operator']:20} {row['action']:18} "
+              f"{row['target'] or '-':16} {row['outcome']}")
     return 0
 
 
@@ -177,19 +238,33 @@ def register(commands: Commands) -> None:
     origin = commands.add_parser("origin", help="the central origin").add_subparsers(
         dest="action", required=True, metavar="ACTION")
 
-    def origin_parser(name: str, help_text: str, func: Handler,
-                      sub: Commands = origin) -> argparse.ArgumentParser:
+    def origin_parser(name: str, help_text: str, func: Handler, sub: Commands = origin,
+                      remote: bool = True) -> argparse.ArgumentParser:
+        """`remote`: an operator's action, run from anywhere through the origin's API."""
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", help="origin configuration file")
         p.add_argument("--state", help="state folder (overrides origin.state_dir)")
-        p.set_defaults(func=func)
+        p.set_defaults(func=func, origin=None, token_file=None)
+        if remote:
+            p.add_argument("--origin", metavar="URL",
+                           help="the origin's API (default: $ADPOP_ORIGIN; none: this "
+                                "host's database, for bootstrap)")
+            p.add_argument("--token-file", metavar="FILE",
+                           help="the operator token, mode 0600 (default: $ADPOP_TOKEN)")
         return p
 
+    def group(name: str, help_text: str) -> Commands:
+        return origin.add_parser(name, help=help_text).add_subparsers(
+            dest="action", required=True, metavar="ACTION")
+
+    def out(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--out", metavar="FILE", help="write the token to FILE (mode 0600) "
+                       "instead of printing it")
+
     p = origin_parser("serve", "run the origin's HTTP API, rollouts and push notices",
-                      cmd_origin_serve)
+                      cmd_origin_serve, remote=False)
     p.add_argument("--listen", help="HOST:PORT (overrides origin.listen)")
-    camps = origin.add_parser("campaigns", help="the campaign store").add_subparsers(
-        dest="action", required=True, metavar="ACTION")
+    camps = group("campaigns", "the campaign store")
     p = origin_parser("import", "validate a folder of campaign files and store it",
                       cmd_origin_import, camps)
     p.add_argument("folder")
@@ -202,26 +277,41 @@ def register(commands: Commands) -> None:
                       cmd_origin_publish)
     p.add_argument("--allow-jump", action="store_true",
                    help="vouch for a big change in campaign count or size")
-    roll = origin.add_parser("rollout", help="rollouts").add_subparsers(
-        dest="action", required=True, metavar="ACTION")
+    roll = group("rollout", "rollouts")
     origin_parser("status", "where each version's rollout stands", cmd_origin_rollout, roll)
+    for verb, what in (("halt", "stop version V going to more PoPs"),
+                       ("resume", "start version V's rollout again from its first stage"),
+                       ("release", "send version V to every PoP now")):
+        p = origin_parser(verb, what, cmd_origin_rollout, roll)
+        p.add_argument("version", type=int)
     p = origin_parser("fleet", "registered PoPs and what they serve", cmd_origin_fleet)
     p.add_argument("--json", action="store_true")
-    keys_ = origin.add_parser("keys", help="the origin's signing keys").add_subparsers(
-        dest="action", required=True, metavar="ACTION")
+    keys_ = group("keys", "the origin's signing keys")
     origin_parser("init", "create a signing key where the configuration says, if none",
-                  cmd_origin_keys_init, keys_)
-    pops = origin.add_parser("pops", help="PoP identities: enrollment and revocation"
-                             ).add_subparsers(dest="action", required=True, metavar="ACTION")
+                  cmd_origin_keys_init, keys_, remote=False)
+    pops = group("pops", "PoP identities: enrollment and revocation")
     p = origin_parser("enroll", "print a one-time token that enrolls PoP NAME",
                       cmd_origin_pops_enroll, pops)
     p.add_argument("name", help="the PoP's id (its certificate's name)")
     p.add_argument("--group", default="default", help="its target group (default: default)")
     p.add_argument("--ttl", help="how long the token is valid, e.g. 1h (default: 1d)")
-    p.add_argument("--out", metavar="FILE", help="write the token to FILE (mode 0600) "
-                   "instead of printing it")
+    out(p)
     p = origin_parser("revoke", "refuse PoP NAME's certificates from now on",
                       cmd_origin_pops_revoke, pops)
     p.add_argument("name")
     origin_parser("list", "enrolled PoPs, and those with a token waiting", cmd_origin_pops_list,
                   pops)
+    tokens = group("tokens", "operator tokens and their roles")
+    p = origin_parser("create", "print a new token for operator NAME", cmd_origin_tokens,
+                      tokens)
+    p.add_argument("name")
+    p.add_argument("--role", choices=("read", "publish", "admin"), default="read",
+                   help="read: look; publish: campaigns, publish, rollouts; admin: also "
+                        "PoPs and tokens (default: read)")
+    out(p)
+    p = origin_parser("revoke", "refuse operator NAME's token from now on", cmd_origin_tokens,
+                      tokens)
+    p.add_argument("name")
+    origin_parser("list", "operator tokens (names and roles; never the tokens)",
+                  cmd_origin_tokens, tokens)
+    origin_parser("audit", "every write: who, what, and how it ended", cmd_origin_audit)

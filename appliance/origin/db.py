@@ -15,7 +15,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -46,12 +46,26 @@ CREATE TABLE IF NOT EXISTS certificates (
     serial TEXT PRIMARY KEY, pop TEXT NOT NULL, target_group TEXT NOT NULL,
     issued REAL NOT NULL, not_after REAL NOT NULL, revoked REAL NOT NULL DEFAULT 0,
     push_address TEXT NOT NULL DEFAULT '');
+CREATE TABLE IF NOT EXISTS operators (
+    name TEXT PRIMARY KEY, role TEXT NOT NULL, token_sha256 TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL, revoked REAL NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY, at REAL NOT NULL, operator TEXT NOT NULL, action TEXT NOT NULL,
+    target TEXT NOT NULL, outcome TEXT NOT NULL);
 """
 # Columns added after a table first shipped: (table, column, its definition).
 _ADDED = (("certificates", "push_address", "TEXT NOT NULL DEFAULT ''"),)
 
 # Rollout stages of a version, in order; "halted" and "done" end it.
 STAGES = ("canary", "percent", "all", "done")
+
+
+def folder_documents(folder: Path) -> list[tuple[str, dict[str, Any]]]:
+    """The campaign documents in `folder`, named by their path inside it: importing the
+    folder again replaces its files. As JSON holds them (TOML's dates as ISO strings), so
+    they travel to the API and are stored alike."""
+    return [(_relative(name, folder), json.loads(json.dumps(doc, default=_iso)))
+            for name, doc in read_documents(folder)]
 
 
 def _relative(name: str, folder: Path) -> str:
@@ -122,7 +136,11 @@ class OriginDB:
             # The database holds what the fleet trusts the origin with (PoP registrations,
             # rollout state): readable by its owner only. SQLite gives the -wal and -shm
             # files the database file's mode.
-            os.close(os.open(database, os.O_WRONLY | os.O_CREAT, 0o600))
+            # Created only when missing: closing any descriptor of the file would drop the
+            # POSIX locks another connection of this process holds on it (the API runs
+            # operators' actions on connections of their own).
+            if not database.exists():
+                os.close(os.open(database, os.O_WRONLY | os.O_CREAT, 0o600))
             os.chmod(database, 0o600)
             self._db = sqlite3.connect(database, isolation_level=None,
                                        check_same_thread=False)
@@ -158,8 +176,11 @@ class OriginDB:
         A document with the name of a stored one replaces it. Nothing is stored unless the
         whole resulting set validates.
         """
-        # Keyed by the path inside the folder: importing the folder again replaces its files.
-        incoming = [(_relative(name, folder), doc) for name, doc in read_documents(folder)]
+        return self.import_documents(folder_documents(folder))
+
+    def import_documents(self, incoming: Sequence[tuple[str, dict[str, Any]]]
+                         ) -> CampaignSet:
+        """import_dir for documents already read (an operator's import over the API)."""
         stored = {name: doc for name, doc in self._documents()}
         stored.update(dict(incoming))
         campaign_set = parse_documents(sorted(stored.items()))  # raises CampaignError
@@ -353,9 +374,12 @@ class OriginDB:
                        "expires) VALUES (?, ?, ?, ?, ?)",
                        (token_sha256, pop, group, time.time(), expires))
 
-    def take_enrollment(self, token_sha256: str, now: float) -> tuple[str, str]:
-        """The (PoP, group) a token enrolls, marked used in the same transaction: a token
-        works once. Raises OriginError saying why it does not."""
+    def take_enrollment(self, token_sha256: str, now: float,
+                        issue: Callable[[str, str], tuple[int, float, str]]) -> tuple[str, str]:
+        """The (PoP, group) a token enrolls. In one transaction the token is marked used and
+        the certificate `issue(pop, group)` makes ((serial, not after, push address)) is
+        recorded: a token works once, and a crash spends it only with its certificate.
+        Raises OriginError saying why it does not work."""
         with self._tx() as db:
             row = db.execute("SELECT pop, target_group, expires, used FROM enrollments "
                              "WHERE token_sha256 = ?", (token_sha256,)).fetchone()
@@ -369,16 +393,13 @@ class OriginDB:
             if now >= expires:
                 raise OriginError(f"the enrollment token of {pop} expired",
                                   hint="make a new one with `adpop origin pops enroll NAME`")
-            db.execute("UPDATE enrollments SET used = ? WHERE token_sha256 = ?",
-                       (now, token_sha256))
-        return str(pop), str(group)
-
-    def add_certificate(self, serial: int, pop: str, group: str, not_after: float,
-                        push_address: str = "") -> None:
-        with self._tx() as db:
+            serial, not_after, push_address = issue(str(pop), str(group))
             db.execute("INSERT INTO certificates (serial, pop, target_group, issued, not_after, "
                        "push_address) VALUES (?, ?, ?, ?, ?, ?)",
                        (str(serial), pop, group, time.time(), not_after, push_address))
+            db.execute("UPDATE enrollments SET used = ? WHERE token_sha256 = ?",
+                       (now, token_sha256))
+        return str(pop), str(group)
 
     def push_address(self, serial: int) -> str:
         """The HOST:PORT a certificate was enrolled with for push notices ("": none)."""
@@ -415,6 +436,46 @@ class OriginDB:
             _, _, c, t = merged.get(pop, (pop, group, 0, 0))
             merged[pop] = (pop, group, c + int(certs), t + int(tokens))
         return [merged[k] for k in sorted(merged)]
+
+    # --- operators: their tokens (hashed) and what they did ------------------------------
+
+    def add_operator(self, name: str, role: str, token_sha256: str) -> None:
+        with self._tx() as db:
+            found = db.execute("SELECT revoked FROM operators WHERE name = ?",
+                               (name,)).fetchone()
+            if found is not None and not found[0]:
+                raise OriginError(f"operator {name!r} has a token already",
+                                  hint=f"revoke it first: `adpop origin tokens revoke {name}`")
+            db.execute("INSERT OR REPLACE INTO operators (name, role, token_sha256, created) "
+                       "VALUES (?, ?, ?, ?)", (name, role, token_sha256, time.time()))
+
+    def operator(self, token_sha256: str) -> tuple[str, str] | None:
+        """(name, role) of the live token with this digest."""
+        row = self._db.execute("SELECT name, role FROM operators WHERE token_sha256 = ? AND "
+                               "revoked = 0", (token_sha256,)).fetchone()
+        return (str(row[0]), str(row[1])) if row else None
+
+    def revoke_operator(self, name: str) -> bool:
+        with self._tx() as db:
+            return db.execute("UPDATE operators SET revoked = ? WHERE name = ? AND "
+                              "revoked = 0", (time.time(), name)).rowcount > 0
+
+    def operators(self) -> list[tuple[str, str, float, float]]:
+        """(name, role, created, revoked) of every operator token."""
+        return [(str(n), str(r), float(c), float(v)) for n, r, c, v in self._db.execute(
+            "SELECT name, role, created, revoked FROM operators ORDER BY name")]
+
+    def log_action(self, operator: str, action: str, target: str, outcome: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO audit (at, operator, action, target, outcome) "
+                       "VALUES (?, ?, ?, ?, ?)",
+                       (time.time(), operator, action, target[:200], outcome[:500]))
+
+    def audit(self, limit: int = 100) -> list[tuple[float, str, str, str, str]]:
+        """The newest `limit` actions, oldest first: (at, operator, action, target, outcome)."""
+        rows = self._db.execute("SELECT at, operator, action, target, outcome FROM audit "
+                                "ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [(float(a), str(o), str(c), str(t), str(r)) for a, o, c, t, r in reversed(rows)]
 
     def pops(self, ids: Sequence[str] | None = None) -> list[PopRow]:
         rows = self._db.execute(

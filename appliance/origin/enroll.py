@@ -13,6 +13,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from appliance.config import identifier_fix, listen_addresses
@@ -80,11 +81,15 @@ def exchange(db: OriginDB, authority: Authority, presented: str, public_key_pem:
     if fix:
         raise EnrollError(f"push address {push_address[:64]!r} is not usable", hint=fix)
     secret, _ = split(presented)
-    pop, group = db.take_enrollment(_digest(secret), time.time() if now is None else now)
-    cert = authority.issue_pop(pop, group, key)
-    db.add_certificate(cert.serial_number, pop, group,
-                       cert.not_valid_after_utc.timestamp(), push_address)
-    return Enrolled(pop, group, cert.public_bytes(Encoding.PEM), authority.pem())
+    issued: list[x509.Certificate] = []
+
+    def issue(pop: str, group: str) -> tuple[int, float, str]:
+        cert = authority.issue_pop(pop, group, key)
+        issued.append(cert)
+        return cert.serial_number, cert.not_valid_after_utc.timestamp(), push_address
+
+    pop, group = db.take_enrollment(_digest(secret), time.time() if now is None else now, issue)
+    return Enrolled(pop, group, issued[0].public_bytes(Encoding.PEM), authority.pem())
 
 
 def revoke(db: OriginDB, pop: str) -> str:

@@ -7,7 +7,6 @@ API (JSON unless said otherwise):
                                   TLS both come from the PoP's enrollment)
 - POST /v1/pops/ID/status         {"version", "sha256", "activated", "state", "error",
                                    "failed_version"}
-- GET  /v1/fleet                  every PoP and every version's rollout stage
 - POST /v1/enroll                 {"token", "public_key", "push_address"}: a one-time
                                   token, the PoP's ECDSA P-256 public key (PEM) and the
                                   HOST:PORT its push listener is reached at; answers
@@ -18,6 +17,9 @@ API (JSON unless said otherwise):
 With TLS (origin.tls), the PoP routes (manifest, payload, register, status) need a client
 certificate from the origin's CA that is not revoked, and take the PoP's id and group from
 it: a PoP registers, reports and fetches only as itself. Every answer carries HSTS.
+
+Operators' routes (ops.OPS: GET /v1/fleet, /v1/ops/…) need an operator token whose role
+allows the action; every write is recorded with the operator's name and its outcome.
 
 Push notices: POST {push_url}/v1/notify with the manifest of the version the PoP may take.
 Over TLS they go to the address the PoP enrolled with, the origin shows its push
@@ -35,7 +37,6 @@ import signal
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +44,9 @@ from aiohttp import ClientError, ClientSession, ClientTimeout, web
 from cryptography import x509
 
 from appliance import httpguard, secrets
-from appliance.config import OriginSettings, under
+from appliance.config import OriginConfig, OriginSettings, Scope, build, under
 from appliance.errors import AdpopError
-from appliance.origin import enroll, rollout
+from appliance.origin import enroll, ops, rollout
 from appliance.origin.ca import Authority, CaError, Identity, identity, pop_host
 from appliance.origin.db import OriginDB, PopRow, VersionRow
 
@@ -59,14 +60,19 @@ HSTS = "max-age=31536000"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # The enrolled PoP a request came from (TLS only): set by Origin._identify.
 CALLER = web.RequestKey("caller", Identity)
+OPS_MAX_BODY = 256 * 1024 * 1024  # a campaign import as JSON; only an operator's is read
+OPS_BODY_TIMEOUT = 300.0  # time an operator's upload may take
 # Open connections at most (lowered to fit the descriptor limit): a fleet's PoPs, their
 # payload downloads and operators fit; a flood of idle sockets does not lock them out.
 MAX_CONNECTIONS = 4096
 
 
-def fleet(db: OriginDB) -> dict[str, Any]:
-    return {"pops": [asdict(p) for p in db.pops()],
-            "versions": [asdict(v) for v in db.versions()]}
+def _group(manifest: bytes) -> str:
+    """The target group a stored manifest names ("" when it cannot be read)."""
+    try:
+        return str(json.loads(manifest)["signed"]["target_group"])
+    except (ValueError, KeyError, TypeError):
+        return ""
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
@@ -76,8 +82,11 @@ def _error(status: int, code: str, message: str) -> web.Response:
 class Origin:
     def __init__(self, db: OriginDB, plan: rollout.Plan, push_parallelism: int,
                  authority: Authority | None = None,
-                 push_tls: ssl.SSLContext | None = None) -> None:
+                 push_tls: ssl.SSLContext | None = None,
+                 config: OriginConfig | None = None) -> None:
         self.db = db
+        # What operators' actions (publish) read: the origin's whole configuration.
+        self.config = config or build(Scope.ORIGIN, {("origin", "state_dir"): str(db.state_dir)})
         self.authority = authority  # None: this origin enrolls no PoPs
         # With TLS the PoP routes need the PoP's certificate, and pushes go out with this.
         self.push_tls = push_tls
@@ -90,7 +99,9 @@ class Origin:
         self.loop_task: asyncio.Task[None] | None = None
 
     def app(self, guard: httpguard.Guard | None = None) -> web.Application:
-        app = (guard or httpguard.Guard(MAX_CONNECTIONS)).app(client_max_size=64 * 1024)
+        guard = guard or httpguard.Guard(MAX_CONNECTIONS)
+        guard.streamed = ("/v1/ops/",)  # read by _operator_route, once the caller is known
+        app = guard.app(client_max_size=64 * 1024)
         app.middlewares.append(self._identify)
         app.add_routes([
             web.get("/v1/ca", self.get_ca),
@@ -98,9 +109,10 @@ class Origin:
             web.get("/v1/payload/{sha256}", self.get_payload),
             web.post("/v1/pops/{pop}/register", self.post_register),
             web.post("/v1/pops/{pop}/status", self.post_status),
-            web.get("/v1/fleet", self.get_fleet),
             web.post("/v1/enroll", self.post_enroll),
         ])
+        for op in ops.OPS:
+            app.router.add_route(op.method, op.path, self._operator_route(op))
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
         return app
@@ -165,15 +177,24 @@ class Origin:
         pop = who.pop if who is not None else request.query.get("pop", "")
         version = rollout.assigned_version(pop, self.db.versions(), self.db.pops(), self.plan)
         body = self.db.manifest(version) if version else None
-        if body is None:
+        # An enrolled PoP gets only what its group is assigned.
+        if body is None or (who is not None and _group(body) != who.group):
             return web.Response(status=204)
         return web.Response(body=body, content_type="application/json",
                             headers={"X-Adpop-Version": str(version)})
 
     async def get_payload(self, request: web.Request) -> web.StreamResponse:
-        path = self.db.payload_path(request.match_info["sha256"])
+        sha256 = request.match_info["sha256"]
+        path = self.db.payload_path(sha256)
         if path is None:
             return _error(404, "no-such-payload", "no payload with that SHA-256")
+        who: Identity | None = request.get(CALLER)
+        if who is not None:
+            version = next((v.version for v in self.db.versions() if v.sha256 == sha256), 0)
+            manifest = self.db.manifest(version) if version else None
+            if manifest is None or _group(manifest) != who.group:
+                return _error(403, "not-your-group", f"that payload is not for group "
+                              f"{who.group}, {who.pop}'s")
         # Named by its hash, so it never changes: caches may keep it for good.
         return web.FileResponse(path, headers={"Cache-Control": "public, max-age=31536000, "
                                                                 "immutable"})
@@ -198,6 +219,11 @@ class Origin:
         doc = await self._json(request)
         who: Identity | None = request.get(CALLER)
         if who is not None:
+            claimed = doc.get("target_group", who.group)
+            if claimed != who.group:
+                return _error(403, "not-your-group", f"{who.pop} is enrolled in group "
+                              f"{who.group}, not {str(claimed)[:64]!r}; enroll it again to "
+                              "move it")
             # An enrolled PoP's group and push address are the ones it enrolled with, not
             # what it says now.
             address = self.db.push_address(who.serial)
@@ -231,8 +257,9 @@ class Origin:
             return _error(400, "bad-request", 'send {"token": "...", "public_key": "PEM", '
                           '"push_address": "HOST:PORT"}')
         try:
-            done = await asyncio.to_thread(enroll.exchange, self.db, self.authority,
-                                           presented, key.encode(), address)
+            # On this loop's thread and connection: one ECDSA signature, and a transaction
+            # that must not interleave with another on the same connection.
+            done = enroll.exchange(self.db, self.authority, presented, key.encode(), address)
         except CaError as exc:
             return _error(400, "bad-key", exc.line())
         except enroll.EnrollError as exc:
@@ -245,8 +272,61 @@ class Origin:
                                   "certificate": done.certificate.decode(),
                                   "ca": done.ca.decode()})
 
-    async def get_fleet(self, request: web.Request) -> web.Response:
-        return web.json_response(fleet(self.db))
+    def _operator_route(self, op: ops.Op) -> Handler:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            params = dict(request.match_info)
+            try:
+                operator, role = ops.authenticate(self.db,
+                                                  request.headers.get("Authorization", ""))
+                ops.permit(op, ops.Context(self.db, self.config, self.authority), operator,
+                           role, params)
+            except ops.Refused as exc:
+                log.warning("%s refused from %s: %s", op.name, request.remote, exc.message)
+                return _error(exc.status, "unauthorized" if exc.status == 401 else "forbidden",
+                              exc.line())
+            # Read only once the caller is known, and only up to the cap: a campaign import
+            # is large, an anonymous body is not read at all.
+            raw = bytearray()
+            try:
+                async with asyncio.timeout(OPS_BODY_TIMEOUT):
+                    while op.writes and len(raw) <= OPS_MAX_BODY:
+                        chunk = await request.content.read(1 << 20)
+                        if not chunk:
+                            break
+                        raw += chunk
+            except TimeoutError:
+                return _error(408, "too-slow", f"the body did not arrive within "
+                              f"{OPS_BODY_TIMEOUT:.0f} s")
+            if len(raw) > OPS_MAX_BODY:
+                return _error(413, "too-large", f"the body passed {OPS_MAX_BODY} bytes")
+            try:
+                answer = await asyncio.to_thread(self._run_op, op, operator, params, bytes(raw))
+            except ops.OpsError as exc:
+                return _error(exc.status, "refused", exc.line())
+            except AdpopError as exc:
+                return _error(409, "refused", exc.line())
+            if op.writes:
+                log.info("%s by %s (%s): ok", op.name, operator, ",".join(params.values()))
+            return web.json_response(answer)
+
+        return handle
+
+    def _run_op(self, op: ops.Op, operator: str, params: dict[str, str],
+                raw: bytes) -> ops.Json:
+        """Runs in a thread, on a connection of its own (a publish compiles for seconds;
+        the API and the rollout loop go on meanwhile)."""
+        try:
+            body = json.loads(raw) if raw.strip() else {}
+        except ValueError as exc:
+            raise ops.OpsError(f"the body is not JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise ops.OpsError("the body must be a JSON object")
+        db = OriginDB(self.db.state_dir)
+        try:
+            return ops.run(op, ops.Context(db, self.config, self.authority), operator,
+                           params, body)
+        finally:
+            db.close()
 
     # --- rollouts and push notices -----------------------------------------------------
 
@@ -336,12 +416,13 @@ def push_context(authority: Authority, folder: Path) -> ssl.SSLContext:
     return ctx
 
 
-def serve(db: OriginDB, plan: rollout.Plan, listen: str, push_parallelism: int,
-          authority: Authority | None = None, tls: ssl.SSLContext | None = None) -> None:
+def serve(db: OriginDB, config: OriginConfig, listen: str, authority: Authority | None = None,
+          tls: ssl.SSLContext | None = None) -> None:
     """Serves until SIGTERM or SIGINT; raises AdpopError when `listen` cannot be bound."""
     push_tls = push_context(authority, Path(db.state_dir) / "ca") \
         if tls is not None and authority is not None else None
-    origin = Origin(db, plan, push_parallelism, authority, push_tls)
+    origin = Origin(db, rollout.plan_from_config(config), config.origin.push_parallelism,
+                    authority, push_tls, config)
     started = time.monotonic()
     asyncio.run(_serve(origin, listen, tls))
     log.info("origin stopped after %.0f s", time.monotonic() - started)

@@ -568,6 +568,8 @@ class SyncAgent:
             try:
                 tls = await self._client_tls()
             except AdpopError as exc:
+                if self.state.origin_problem != exc.line():
+                    log.warning("no identity for the origin yet: %s", exc.line())
                 self.state.origin_problem = exc.line()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), IDENTITY_RETRY)

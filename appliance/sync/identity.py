@@ -142,7 +142,8 @@ async def enroll(origin_url: str, token: str, folder: Path,
                                     ssl=tls if tls is not None else True) as resp:
                 answer = await resp.json(content_type=None)
     except (ClientError, TimeoutError, ValueError, ssl.SSLError) as exc:
-        raise IdentityError(f"cannot enroll at {origin_url}: {exc or type(exc).__name__}",
+        raise IdentityError(f"origin {origin_url} not reachable to enroll: "
+                            f"{exc or type(exc).__name__}",
                             hint="check sync.origin_url and that the origin runs") from exc
     if resp.status != 200 or not isinstance(answer, dict):
         message = answer.get("error", {}).get("message") if isinstance(answer, dict) else None
