@@ -14,12 +14,14 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 from tuf.api import exceptions
+from tuf.api._payload import Targets
 from tuf.api.metadata import Metadata
-from tuf.ngclient import Updater
 from tuf.ngclient.fetcher import FetcherInterface
+from tuf.ngclient.updater import Updater
 
 from appliance.origin.tuf_repo import Repository, TufError
 
@@ -86,7 +88,7 @@ def test_a_rotated_targets_key_is_followed_and_the_retired_one_refused(
 
     # The retired (compromised) key signs a targets file listing a bad target; even with the
     # online keys in the attacker's hands too, the PoP refuses it.
-    targets = Metadata.from_bytes(repo.load("targets").to_bytes())
+    targets = cast(Metadata[Targets], Metadata.from_bytes(repo.load("targets").to_bytes()))
     targets.signed.targets.clear()
     targets.signed.version += 1
     targets.signatures.clear()

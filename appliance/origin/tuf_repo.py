@@ -195,16 +195,21 @@ class Repository:
         """Lists `path` as a target with its length, hash and custom fields (signed by the
         targets key), then new snapshot and timestamp; returns the targets version."""
         clock = time.time() if now is None else now
-        root = self.root()
+        return self._next_targets(self.root(), clock, TargetFile(
+            length, {"sha256": sha256}, path, {"custom": custom}))
+
+    def _next_targets(self, root: Root, now: float, add: TargetFile | None = None) -> int:
+        """The next targets version (with `add` listed), signed by the key `root` names,
+        then new snapshot and timestamp; returns the targets version."""
         targets = cast(Metadata[Targets], self.load("targets"))
-        targets.signed.targets[path] = TargetFile(length, {"sha256": sha256}, path,
-                                                  {"custom": custom})
+        if add is not None:
+            targets.signed.targets[add.path] = add
         targets.signed.version += 1
-        targets.signed.expires = _expiry("targets", clock)
+        targets.signed.expires = _expiry("targets", now)
         targets.signatures.clear()
         targets.sign(self._signer_for(root, "targets"))
         self._save(targets)
-        self._save_online(root, targets.signed.version, clock)
+        self._save_online(root, targets.signed.version, now)
         return targets.signed.version
 
     def refresh_online(self, now: float | None = None) -> bool:
@@ -275,12 +280,6 @@ class Repository:
         self._save(staged)
         self.staged.unlink()
         # Each role signs anew with the keys the new root names; PoPs refuse the old ones.
-        root = staged.signed
-        targets = cast(Metadata[Targets], self.load("targets"))
-        targets.signed.version += 1
-        targets.signed.expires = _expiry("targets", now)
-        targets.signatures.clear()
-        targets.sign(self._signer_for(root, "targets"))
-        self._save(targets)
-        self._save_online(root, targets.signed.version, now)
-        return f"root v{root.version} in force; targets, snapshot and timestamp signed anew"
+        self._next_targets(staged.signed, now)
+        return (f"root v{staged.signed.version} in force; targets, snapshot and timestamp "
+                "signed anew")
