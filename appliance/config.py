@@ -255,14 +255,11 @@ class PathsSettings:
 class SnapshotSettings:
     """[snapshot] of the appliance."""
 
-    trust: list[str] = setting(
-        Kind.STRLIST, ["trust"],
-        "Ed25519 public keys (.pub files, or folders of them) whose signatures are trusted; "
-        "relative paths are under paths.state_dir.")
-    signature_threshold: int = setting(
-        Kind.INT, 1,
-        "Distinct trusted keys that must sign a manifest before it is believed.",
-        _at_least(1))
+    trust_root: str = setting(
+        Kind.PATH, "trust/root.json",
+        "The origin's TUF root.json this PoP trusts from the start (put in by the image, "
+        "`adpop flash` or `adpop pop trust FILE`); key rotations are followed from it. "
+        "Relative paths are under paths.state_dir.")
     clock_skew: int = setting(
         Kind.DURATION, 300,
         "Slack allowed between this PoP's clock and the origin's when checking expiry.",
@@ -557,10 +554,15 @@ class XdpSettings:
 class OriginSnapshotSettings:
     """[snapshot] of the origin."""
 
-    signing_keys: list[str] = setting(
-        Kind.STRLIST, ["keys"],
-        "Ed25519 private keys (.key files, or folders of them) that sign every published "
-        "manifest, one signature each; relative paths are under origin.state_dir.")
+    root_keys: int = setting(
+        Kind.INT, 3,
+        "Root keys the origin's TUF repository is made with (`adpop origin keys init`); "
+        "keep all but the running origin's share offline.",
+        _at_least(1))
+    root_threshold: int = setting(
+        Kind.INT, 2,
+        "Root keys that must sign a new root (a key rotation) before PoPs follow it.",
+        _at_least(1))
     target_group: str = setting(
         Kind.STR, "default",
         "Target group written into manifests built with this configuration.",
@@ -907,6 +909,12 @@ def _check_together(scope: Scope, layered: _Layered) -> None:
                         str(layered.sources[-1]), f"origin.{key}",
                         "empty while origin.tls = \"files\"",
                         "give the PEM file's path, or set origin.tls = \"private-ca\""))
+        keys, threshold = value("snapshot", "root_keys"), value("snapshot", "root_threshold")
+        if isinstance(keys, int) and isinstance(threshold, int) and threshold > keys:
+            layered.problems.append(Problem(
+                str(layered.sources[-1]), "snapshot.root_threshold",
+                f"{threshold} is more than the {keys} root keys",
+                "lower it to snapshot.root_keys or fewer"))
         return
 
     if value("supervisor", "mode") != "dev":

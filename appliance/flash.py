@@ -5,8 +5,9 @@ mounted partitions). It refuses, in one line and before writing anything: a devi
 not a whole-disk block device, the disk holding the running root, a disk with a mounted
 partition, a disk smaller than the image, and (without --yes) a device name the operator did
 not type back. It writes with a progress line, reads the written bytes back and compares
-SHA-256, puts the operator's configuration drop-in (and the origin keys it names) into the
-image's root file system with debugfs (no mount), and re-reads the partition table.
+SHA-256, puts the operator's configuration drop-in (with the origin's TUF root.json it names)
+and an enrollment token into the image's root file system with debugfs (no mount), and
+re-reads the partition table.
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ import tomlkit
 
 from appliance import config as cfg
 from appliance.errors import AdpopError
-from appliance.snapshot.manifest import KeyFileError, load_trust
 
 BLKGETSIZE64 = 0x80081272
 BLKRRPART = 0x125F
 CHUNK = 4 * 1024 * 1024
 DROP_IN = "/etc/adpop/appliance.d/50-site.toml"
 TRUST_DIR = "/var/lib/adpop/trust"
+ROOT_NAME = "root.json"  # in TRUST_DIR: the default snapshot.trust_root
 
 
 class FlashError(AdpopError):
@@ -148,7 +149,7 @@ class SiteConfig:
     """The operator's drop-in, checked, with the origin keys it names."""
 
     text: str
-    keys: dict[str, bytes]  # file name → .pub contents
+    keys: dict[str, bytes]  # file name in TRUST_DIR → contents (the TUF root.json)
     token_path: str  # where on the appliance the PoP looks for its enrollment token
 
 
@@ -177,38 +178,36 @@ class Token:
 
 
 def site_config(path: Path) -> SiteConfig:
-    """Checks the drop-in as the appliance will read it; collects its trust keys (each .pub
-    file it names, or those in a folder it names) for the image's trust folder."""
+    """Checks the drop-in as the appliance will read it; takes the origin's TUF root.json it
+    names (snapshot.trust_root) for the image's trust folder."""
+    from appliance.sync.trust import TrustError, check_root
+
     try:
         layered = cfg.load(cfg.Scope.APPLIANCE, path)
     except cfg.ConfigError as exc:
         raise FlashError(f"--config {path}: {exc.message}", hint=exc.hint) from exc
     keys: dict[str, bytes] = {}
-    for entry in layered.snapshot.trust:
-        source = (path.parent / entry) if not Path(entry).is_absolute() else Path(entry)
-        if entry == "trust" and not source.exists():
-            continue  # the default, relative to the PoP's state directory
-        files = sorted(source.glob("*.pub")) if source.is_dir() else [source]
-        for key in files:
-            if not key.is_file():
-                raise FlashError(f"--config {path}: trusted key {key} does not exist",
-                                 hint="name the origin's .pub files in snapshot.trust")
-            try:
-                load_trust([key])  # only what the PoP will accept goes into the image
-            except KeyFileError as exc:
-                raise FlashError(f"--config {path}: {exc.message}", hint=exc.hint) from exc
-            keys[key.name] = key.read_bytes()
-    token_path = str(cfg.under(layered.paths.state_dir, layered.sync.enrollment_token_file))
     text = path.read_text()
-    if keys:
-        # On the appliance the keys sit in the default trust folder, so the drop-in's own
-        # snapshot.trust goes; tomlkit edits the document and keeps every comment and the
-        # layout of the rest (a line filter broke multi-line lists).
-        document = tomlkit.parse(text)
-        snapshot = document.get("snapshot")
-        if isinstance(snapshot, dict) and "trust" in snapshot:
-            del snapshot["trust"]
+    document = tomlkit.parse(text)
+    snapshot = document.get("snapshot")
+    if isinstance(snapshot, dict) and "trust_root" in snapshot:
+        entry = layered.snapshot.trust_root
+        source = (path.parent / entry) if not Path(entry).is_absolute() else Path(entry)
+        if not source.is_file():
+            raise FlashError(f"--config {path}: trusted root {source} does not exist",
+                             hint="name the origin's root.json in snapshot.trust_root "
+                                  "(`adpop origin keys init` prints where it is)")
+        try:
+            check_root(source.read_bytes(), str(source))  # only what the PoP will accept
+        except TrustError as exc:
+            raise FlashError(f"--config {path}: {exc.message}", hint=exc.hint) from exc
+        keys[ROOT_NAME] = source.read_bytes()
+        # On the appliance the root sits where the default says, so the drop-in's own
+        # snapshot.trust_root goes; tomlkit edits the document and keeps every comment and
+        # the layout of the rest.
+        del snapshot["trust_root"]
         text = tomlkit.dumps(document)
+    token_path = str(cfg.under(layered.paths.state_dir, layered.sync.enrollment_token_file))
     return SiteConfig(text, keys, token_path)
 
 

@@ -169,14 +169,14 @@ ready_timeout = "1m"
 
 def prepare(state: Path, campaigns: Path, port: int, chosen: Mapping[str, int] | None = None,
             origin_hosts: Sequence[str] = ()) -> tuple[Path, Path, dict[str, Any]]:
-    """Writes both configurations under `state`, gives the origin a signing key that the PoP
-    trusts, imports `campaigns` and publishes version 1 (once). Returns the origin's and the
-    PoP's configuration files and the ports they use."""
+    """Writes both configurations under `state`, makes the origin's TUF repository and has
+    the PoP trust its root, imports `campaigns` and publishes version 1 (once). Returns the
+    origin's and the PoP's configuration files and the ports they use."""
     (state / "logs").mkdir(parents=True, exist_ok=True)
     origin_toml, pop_toml, ports = _write_configs(state, port, chosen, origin_hosts)
     _run(_adpop("origin", "keys", "init", "--config", str(origin_toml)), "origin keys init")
-    pub = next((state / "origin" / "keys").glob("*.pub"))
-    _run(_adpop("pop", "trust", str(pub), "--config", str(pop_toml)), "pop trust")
+    _run(_adpop("pop", "trust", str(root_json(state / "origin")), "--config", str(pop_toml)),
+         "pop trust")
     if not (state / OPERATOR_TOKEN).exists():
         # An admin token for the remote form of every `adpop origin` command
         # (--origin URL --token-file FILE). A token lost with its file is replaced.
@@ -196,6 +196,11 @@ def prepare(state: Path, campaigns: Path, port: int, chosen: Mapping[str, int] |
     if not list((state / "origin" / "payloads").glob("*.capnp")):
         _run(_adpop("origin", "publish", "--config", str(origin_toml)), "publish")
     return origin_toml, pop_toml, ports
+
+
+def root_json(origin_state: Path) -> Path:
+    """The origin's TUF root: what its PoPs are given to trust."""
+    return origin_state / "tuf" / "metadata" / "root.json"
 
 
 class _Stop(Exception):

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +33,14 @@ from aiohttp import ClientSession
 from appliance import config as cfg
 from appliance.origin.ca import Authority
 from appliance.origin.db import OriginDB
+from appliance.origin.publish import list_manifest
+from appliance.origin.tuf_repo import Repository
 from appliance.snapshot import bundle, synth
-from appliance.snapshot.manifest import generate_key, load_signing_key
+from appliance.snapshot.manifest import SigningKey, generate_key, load_signing_key
 from appliance.snapshot.model import parse_documents
 from appliance.snapshot.store import SnapshotStore
 from appliance.sync.agent import SyncAgent
-from appliance.up import free_port
+from appliance.up import free_port, root_json
 from bench.common import wait_http
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,17 +55,19 @@ def origin_with(work: Path, name: str, bundles: list[bundle.Bundle], extra: str 
     plain HTTP."""
     state = work / name
     db = OriginDB(state)
+    repo = Repository.open(state / "tuf")
     if campaigns is not None:
         db.import_dir(campaigns)
     for b in bundles:
         db.add_version(b.manifest.version, b.manifest_bytes, b.payload,
-                       b.manifest.payload_sha256, b.stats.campaigns, b.manifest.created, "done")
+                       b.manifest.payload_sha256, b.stats.campaigns, b.manifest.created, "done",
+                       vouch=partial(list_manifest, repo, b.manifest_bytes))
     db.close()
     if tls:
         Authority.open(state / "ca")  # made now, so its certificate is there to trust
     port = free_port()
     conf = work / f"{name}.toml"
-    conf.write_text(f'[snapshot]\nsigning_keys = []\n[origin]\nlisten = "127.0.0.1:{port}"\n'
+    conf.write_text(f'[origin]\nlisten = "127.0.0.1:{port}"\n'
                     f'state_dir = "{state}"\ntls = "{"private-ca" if tls else "off"}"\n{extra}')
     proc = subprocess.Popen([*ADPOP, "origin", "serve", "--config", str(conf)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -75,22 +80,24 @@ def origin_ca(state: Path) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(state / "ca" / "ca.pem"))
 
 
-def pop_config(work: Path, name: str, port: int, push: str = "", tls: bool = False) -> Path:
+def pop_config(work: Path, name: str, origin: str, port: int, push: str = "",
+               tls: bool = False) -> Path:
     conf = work / f"{name}.toml"
     conf.write_text(f'[pop]\nid = "{name}"\n[paths]\nstate_dir = "{work / name}"\n'
-                    f'[snapshot]\ntrust = ["{work / "keys"}"]\n'
+                    f'[snapshot]\ntrust_root = "{root_json(work / origin)}"\n'
                     f'[sync]\norigin_url = "{"https" if tls else "http"}://127.0.0.1:{port}"\n'
                     f'push_listen = "{push}"\nhealth_window = 0\npoll_interval = "30s"\n')
     return conf
 
 
-async def notice_to_active(work: Path, port: int, previous: bundle.Bundle, rounds: int
-                           ) -> list[float]:
+async def notice_to_active(work: Path, origin: str, port: int, previous: bundle.Bundle,
+                           rounds: int                           ) -> list[float]:
     """An update, as a PoP sees it: `previous` active, the origin's newer version taken."""
     times = []
     for r in range(rounds):
         state = work / f"pop-{port}-{r}"
-        appliance = cfg.load(cfg.Scope.APPLIANCE, pop_config(work, f"pop-{port}-{r}", port))
+        appliance = cfg.load(cfg.Scope.APPLIANCE, pop_config(work, f"pop-{port}-{r}", origin,
+                                                                    port))
         store = SnapshotStore(state)
         store.install(previous.manifest.version, previous.manifest_bytes, previous.payload)
         agent = SyncAgent.from_config(appliance, store)
@@ -114,8 +121,8 @@ def floor_seconds(payload: Path, work: Path) -> float:
     return elapsed
 
 
-def fan_out(work: Path, key_path: Path, pops: int, publishes: int, tls: bool) -> list[float]:
-    keys = [load_signing_key(key_path)]
+def fan_out(work: Path, keys: list[SigningKey], pops: int, publishes: int, tls: bool
+            ) -> list[float]:
     documents = synth.generate(1000, seed=5)
     synth.write(documents, work / "fan-campaigns")
     first = bundle.build(parse_documents(documents), 1, keys, ttl=86400, target_group="default")
@@ -123,8 +130,6 @@ def fan_out(work: Path, key_path: Path, pops: int, publishes: int, tls: bool) ->
     proc, port, conf = origin_with(work, name, [first],
                                    "[rollout]\ncanaries = []\npercent = 100\n",
                                    work / "fan-campaigns", tls)
-    conf.write_text(conf.read_text().replace("signing_keys = []",
-                                             f'signing_keys = ["{key_path}"]'))
     children = []
     try:
         for i in range(pops):
@@ -135,7 +140,7 @@ def fan_out(work: Path, key_path: Path, pops: int, publishes: int, tls: bool) ->
                                cwd=REPO, check=True, capture_output=True)
             children.append(subprocess.Popen(
                 [*ADPOP, "pop", "sync", "--config",
-                 str(pop_config(work, pop, port, f"127.0.0.1:{free_port()}", tls))],
+                 str(pop_config(work, pop, name, port, f"127.0.0.1:{free_port()}", tls))],
                 cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         fleet_url = f"{'https' if tls else 'http'}://127.0.0.1:{port}/v1/fleet"
         context = origin_ca(work / name) if tls else None
@@ -194,7 +199,8 @@ def main() -> None:
                                             target_group="default") for v in (1, 2))
             proc, port, _ = origin_with(work, f"origin-{size}", [previous, built])
             try:
-                times = asyncio.run(notice_to_active(work, port, previous, args.rounds))
+                times = asyncio.run(notice_to_active(work, f"origin-{size}", port, previous,
+                                                     args.rounds))
             finally:
                 proc.terminate()
                 proc.wait(timeout=20)
@@ -205,7 +211,7 @@ def main() -> None:
                   f"{floor * 1000:>12.0f} ms")
         print("  goal: p50 <= 100 ms at 100k campaigns (compile excluded)")
         for tls in (False, True):
-            samples = sorted(fan_out(work, key_path, args.pops, args.rounds, tls))
+            samples = sorted(fan_out(work, keys, args.pops, args.rounds, tls))
             p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
             label = "mutual TLS:" if tls else "plain HTTP (baseline):"
             print(f"fan-out over {label:23} publish to {args.pops} PoPs active, "

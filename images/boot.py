@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.up import SAMPLE_CAMPAIGNS, free_port, prepare
+from appliance.up import SAMPLE_CAMPAIGNS, free_port, prepare, root_json
 
 REPO = Path(__file__).resolve().parent.parent
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
@@ -69,11 +69,11 @@ class ConsoleWatch:
         return dict(self.seen)
 
 
-def site_config(folder: Path, pub: Path, origin_url: str = GUEST_ORIGIN) -> Path:
+def site_config(folder: Path, root: Path, origin_url: str = GUEST_ORIGIN) -> Path:
     config = folder / "site.toml"
     config.write_text(f'[pop]\nid = "{GUEST_POP}"\n[sync]\norigin_url = "{origin_url}"\n'
                       f'push_listen = ""\npoll_interval = "3s"\nhealth_window = "2s"\n'
-                      f'[snapshot]\ntrust = ["{pub}"]\n')
+                      f'[snapshot]\ntrust_root = "{root}"\n')
     return config
 
 
@@ -104,7 +104,7 @@ def boot_and_serve(image: Path, size: int, folder: Path) -> Booted:
     config pointing at it, a UEFI boot; returns when POST /v1/decide gave an ad."""
     origin_toml, _, ports = prepare(folder / "origin-side", SAMPLE_CAMPAIGNS, free_port(),
                                     origin_hosts=[GUEST_HOST])
-    pub = next((folder / "origin-side" / "origin" / "keys").glob("*.pub"))
+    root = root_json(folder / "origin-side" / "origin")
     # The flashed PoP enrolls itself at first boot with a token made for it here.
     token = folder / "enroll-token"
     subprocess.run([sys.executable, "-m", "appliance.cli", "origin", "pops", "enroll",
@@ -116,7 +116,7 @@ def boot_and_serve(image: Path, size: int, folder: Path) -> Booted:
     qemu = None
     watch: ConsoleWatch | None = None
     try:
-        disk = flashed_copy(image, size, folder, site_config(folder, pub), token)
+        disk = flashed_copy(image, size, folder, site_config(folder, root), token)
         vars_copy = folder / "OVMF_VARS.fd"
         shutil.copy2(OVMF_VARS, vars_copy)
         port, serial = free_port(), folder / "serial.log"

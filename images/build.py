@@ -37,7 +37,7 @@ SELF_MAINTENANCE = ["apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backu
 ESP_MIB = 192
 ALIGN = 1024 * 1024
 IMAGE_CONFIG = """# Written by `make image`: the appliance's own settings. Machine identity (PoP id,
-# origin URL, trust keys, push token) comes from the operator's drop-in (adpop flash --config).
+# origin URL, the origin's TUF root) comes from the operator's drop-in (adpop flash --config).
 [engine]
 listen = "0.0.0.0:8080"
 
@@ -182,7 +182,8 @@ def install_adpop(tree: Path, wheel_dir: Path, dragonfly: Path | None,
     (etc / "appliance.d").mkdir(parents=True, exist_ok=True)
     shutil.copy2(REPO / "config/appliance.toml", etc / "appliance.toml")
     (etc / "appliance.d/00-image.toml").write_text(IMAGE_CONFIG)
-    # `adpop flash --config` puts the origin's public keys here (snapshot.trust's default).
+    # `adpop flash --config` puts the origin's TUF root.json here (snapshot.trust_root's
+    # default).
     (tree / "var/lib/adpop/trust").mkdir(parents=True, exist_ok=True)
     (tree / "etc/systemd/network").mkdir(parents=True, exist_ok=True)
     (tree / "etc/systemd/network/80-dhcp.network").write_text(NETWORK)

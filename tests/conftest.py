@@ -31,6 +31,14 @@ def signing_key(keydir: Path) -> SigningKey:
 
 
 @pytest.fixture(scope="session")
+def tuf_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The root.json of a real TUF repository, for PoPs that need one to trust."""
+    from appliance.origin.tuf_repo import Repository
+
+    return Repository.open(tmp_path_factory.mktemp("origin-tuf")).metadata / "root.json"
+
+
+@pytest.fixture(scope="session")
 def sample_set() -> CampaignSet:
     return load_campaigns(SAMPLE_CAMPAIGNS)
 

@@ -57,14 +57,15 @@ def test_synth_build_verify_inspect_install(tmp_path: Path) -> None:
     assert "version        12" in text
 
     conf = tmp_path / "appliance.toml"
-    conf.write_text(f'[paths]\nstate_dir = "{tmp_path / "state"}"\n'
-                    f'[snapshot]\ntrust = ["{tmp_path / "keys"}"]\n')
-    adpop("snapshot", "install", "--config", str(conf), str(tmp_path / "snap"))
+    conf.write_text(f'[paths]\nstate_dir = "{tmp_path / "state"}"\n')
+    trust = ["--trust", str(tmp_path / "keys")]
+    adpop("snapshot", "install", "--config", str(conf), *trust, str(tmp_path / "snap"))
     assert (tmp_path / "state" / "current").resolve().name == "12"
     listing = adpop("snapshot", "list", "--config", str(conf)).stdout
     assert "high-water 12" in listing
     # The same version again is a replay: refused in one line, nothing changes.
-    again = adpop("snapshot", "install", "--config", str(conf), str(tmp_path / "snap"), ok=False)
+    again = adpop("snapshot", "install", "--config", str(conf), *trust, str(tmp_path / "snap"),
+                  ok=False)
     assert again.returncode == 2
     assert again.stderr.count("\n") == 1
     assert "not above the high-water mark 12" in again.stderr
@@ -153,21 +154,19 @@ def test_flash_lists_disks_without_an_image_and_marks_the_root_disk() -> None:
     assert bad.returncode == 2 and "--device given without an image" in bad.stderr
 
 
-def test_flash_site_config_is_edited_as_toml_and_takes_only_ed25519_keys(tmp_path: Path) -> None:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
+def test_flash_site_config_is_edited_as_toml_and_takes_only_a_tuf_root(tmp_path: Path) -> None:
+    from appliance.flash import ROOT_NAME, FlashError, site_config
+    from appliance.origin.tuf_repo import Repository
 
-    from appliance.flash import FlashError, site_config
-
-    adpop("keys", "generate", "--out", str(tmp_path / "keys"))
-    (pub,) = (tmp_path / "keys").glob("*.pub")
+    repo = Repository.open(tmp_path / "tuf")
+    root = repo.metadata / "root.json"
     site = tmp_path / "site.toml"
     site.write_text(f'# the Frankfurt PoP\n[pop]\nid = "pop-fra-1"  # its name\n\n'
-                    f'[snapshot]\ntrust = [\n  "{pub}",\n  # a second origin key goes here\n]\n'
+                    f'[snapshot]\ntrust_root = "{root}"  # the origin\'s\n'
                     'keep_versions = 4\n\n[sync]\norigin_url = "https://origin.example"\n')
     config = site_config(site)
-    assert list(config.keys) == [pub.name]
-    assert "trust" not in config.text.replace("trusted", "")
+    assert config.keys == {ROOT_NAME: root.read_bytes()}
+    assert "trust_root" not in config.text
     for kept in ("# the Frankfurt PoP", 'id = "pop-fra-1"  # its name', "keep_versions = 4",
                  'origin_url = "https://origin.example"'):
         assert kept in config.text
@@ -175,13 +174,16 @@ def test_flash_site_config_is_edited_as_toml_and_takes_only_ed25519_keys(tmp_pat
 
     assert tomllib.loads(config.text)["snapshot"] == {"keep_versions": 4}
 
-    for name, data in (("notes.pub", b"ed25519 public key bytes stand-in\n"),
-                       ("rsa.pub", rsa.generate_private_key(65537, 2048).public_key()
-                        .public_bytes(serialization.Encoding.PEM,
-                                      serialization.PublicFormat.SubjectPublicKeyInfo))):
-        (tmp_path / name).write_bytes(data)
-        site.write_text(f'[snapshot]\ntrust = ["{tmp_path / name}"]\n')
-        with pytest.raises(FlashError, match=f"{name} is not (a PEM public key|an Ed25519 key)"):
+    targets = repo.metadata / "1.targets.json"
+    unsigned = json.loads(root.read_text())
+    unsigned["signatures"] = []
+    (tmp_path / "unsigned.json").write_text(json.dumps(unsigned))
+    for path, problem in ((tmp_path / "missing.json", "does not exist"),
+                          (targets, "is TUF targets metadata, not a root"),
+                          (tmp_path / "unsigned.json", "not signed by a threshold of its keys"),
+                          (site, "is not TUF root metadata")):
+        site.write_text(f'[snapshot]\ntrust_root = "{path}"\n')
+        with pytest.raises(FlashError, match=problem):
             site_config(site)
 
 

@@ -36,27 +36,27 @@ def test_config_is_frozen() -> None:
 
 def test_dropins_later_wins_and_lists_append(tmp_path: Path) -> None:
     main = write(tmp_path / "appliance.toml",
-                 '[snapshot]\nkeep_versions = 3\ntrust = ["/a"]\nclock_skew = "1m"\n')
+                 '[snapshot]\nkeep_versions = 3\nclock_skew = "1m"\n[xdp]\nnics = ["a0"]\n')
     write(tmp_path / "appliance.d" / "10-site.toml", '[snapshot]\nkeep_versions = 4\n')
     write(tmp_path / "appliance.d" / "20-keys.toml",
-          '[snapshot]\nkeep_versions = 6\ntrust = ["/b"]\n')
+          '[snapshot]\nkeep_versions = 6\n[xdp]\nnics = ["b0"]\n')
     write(tmp_path / "appliance.d" / "README", "not toml, ignored")
     config = cfg.load(cfg.Scope.APPLIANCE, main)
     assert config.snapshot.keep_versions == 6
-    assert config.snapshot.trust == ["/a", "/b"]
+    assert config.xdp.nics == ["a0", "b0"]
     assert config.snapshot.clock_skew == 60
     assert config.pop.target_group == "default"
 
 
 @pytest.mark.parametrize(("text", "key", "fix"), [
-    ("[snapshot]\nthreshold = 2\n", "snapshot.threshold",
-     "did you mean 'snapshot.signature_threshold'?"),
+    ("[snapshot]\ntrust_rot = \"/r.json\"\n", "snapshot.trust_rot",
+     "did you mean 'snapshot.trust_root'?"),
     ("[snapshto]\nkeep_versions = 2\n", "snapshto", "did you mean 'snapshot'?"),
     ("[snapshot]\nkeep_versions = 1\n", "snapshot.keep_versions", "at least 2"),
     ("[snapshot]\nkeep_versions = \"5\"\n", "snapshot.keep_versions", "whole number"),
     ("[snapshot]\nclock_skew = \"5 minutes\"\n", "snapshot.clock_skew", "duration"),
     ("[snapshot]\nmax_payload_bytes = \"2 GB\"\n", "snapshot.max_payload_bytes", "size"),
-    ("[snapshot]\ntrust = \"/etc/adpop/trust\"\n", "snapshot.trust", "list"),
+    ("[xdp]\nnics = \"eth0\"\n", "xdp.nics", "list"),
     ("[pop]\ntarget_group = \"Bad Name\"\n", "pop.target_group", "1-63 characters"),
     ("[pop]\nid = \n", "-", "TOML syntax"),
     ("pop = 3\n", "pop", "[pop] table"),
@@ -111,10 +111,10 @@ def test_check_covers_dropins(tmp_path: Path) -> None:
 
 
 def test_scope_follows_file_name(tmp_path: Path) -> None:
-    origin = write(tmp_path / "origin.toml", "[snapshot]\nsigning_keys = [\"/k\"]\n")
+    origin = write(tmp_path / "origin.toml", "[snapshot]\nroot_keys = 5\n")
     assert cfg.check_files([origin], cfg.scope_of(origin)) == []
     problems = cfg.check_files([origin], cfg.Scope.APPLIANCE)
-    assert problems and problems[0].key == "snapshot.signing_keys"
+    assert problems and problems[0].key == "snapshot.root_keys"
 
 
 def test_dump_round_trips(tmp_path: Path) -> None:

@@ -136,7 +136,7 @@ def test_nspawn_boot_brings_up_adpop_target(image: dict[str, Any], tmp_path: Pat
         journal = inside("journalctl", "-u", "adpop-supervisor", "--no-pager", "-o", "cat")
         assert "configuration changed" not in journal, journal
         status = inside("/usr/bin/adpop", "status")
-        assert "no trusted origin key" in status and "cache    ok" in status
+        assert "no trusted root.json" in status and "cache    ok" in status
     finally:
         nspawn.send_signal(signal.SIGTERM)
         try:
@@ -192,12 +192,10 @@ def debugfs_cat(device: str, path: str, command: str = "cat") -> str:
 @pytest.mark.image
 def test_flash_writes_verifies_and_configures(image: dict[str, Any], loops: Any,
                                               tmp_path: Path) -> None:
-    from appliance.snapshot.manifest import generate_key
+    from appliance.origin.tuf_repo import Repository
 
-    _, generated = generate_key(tmp_path / "keys")
-    pub = tmp_path / "origin-key.pub"  # flash takes only what parses as an Ed25519 key
-    pub.write_bytes(generated.read_bytes())
-    config = boot.site_config(tmp_path, pub)
+    root = Repository.open(tmp_path / "tuf").metadata / "root.json"
+    config = boot.site_config(tmp_path, root)
     token = tmp_path / "enroll-token"
     token.write_text(f"adpop-enroll-{'x' * 43}.{'ab' * 32}\n")
     token.chmod(0o600)
@@ -215,7 +213,7 @@ def test_flash_writes_verifies_and_configures(image: dict[str, Any], loops: Any,
     assert "did not re-read the partition table" not in result.stderr
     site = debugfs_cat(loop.device, "/etc/adpop/appliance.d/50-site.toml")
     assert 'id = "pop-vm-1"' in site and "trust" not in site
-    assert debugfs_cat(loop.device, "/var/lib/adpop/trust/origin-key.pub") == pub.read_text()
+    assert debugfs_cat(loop.device, "/var/lib/adpop/trust/root.json") == root.read_text()
     # The token where the PoP looks for it at first boot, readable by root only.
     assert debugfs_cat(loop.device, "/var/lib/adpop/enroll-token") == token.read_text()
     assert "Mode:  0600" in debugfs_cat(loop.device, "/var/lib/adpop/enroll-token", "stat")

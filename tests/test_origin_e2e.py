@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from appliance.snapshot.manifest import SigningKey, generate_key
+from appliance.snapshot.manifest import SigningKey
 from appliance.snapshot.model import CampaignSet
-from appliance.up import free_port
+from appliance.up import free_port, root_json
 from tests.engine_harness import ENGINE, UnixHTTPConnection, install, running_engine
 
 pytestmark = pytest.mark.integration
@@ -44,14 +44,14 @@ class Fleet:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.port = free_port()
-        key, _ = generate_key(tmp / "keys")
         self.origin_conf = tmp / "origin.toml"
         # TLS from the origin's private CA (the default): the PoPs enroll, then speak mutual
         # TLS, and push notices go to their enrolled addresses.
         self.origin_conf.write_text(
-            f'[snapshot]\nsigning_keys = ["{key}"]\nttl = "1d"\n'
+            f'[snapshot]\nttl = "1d"\n'
             f'[origin]\nlisten = "127.0.0.1:{self.port}"\nstate_dir = "{tmp / "origin"}"\n'
             f'[rollout]\ncanaries = ["pop-a"]\npercent = 50\nstage_timeout = "60s"\n')
+        adpop("origin", "keys", "init", "--config", str(self.origin_conf))
         # What /v1/fleet needs: an operator token with the read role.
         adpop("origin", "tokens", "create", "e2e", "--role", "read", "--out",
               str(tmp / "operator-token"), "--config", str(self.origin_conf))
@@ -77,7 +77,7 @@ class Fleet:
               "--config", str(self.origin_conf))
         conf.write_text(
             f'[pop]\nid = "{name}"\n[paths]\nstate_dir = "{self.tmp / name}"\n'
-            f'[snapshot]\ntrust = ["{self.tmp / "keys"}"]\n'
+            f'[snapshot]\ntrust_root = "{root_json(self.tmp / "origin")}"\n'
             f'[sync]\norigin_url = "https://127.0.0.1:{self.port}"\npoll_interval = "2s"\n'
             f'push_listen = "127.0.0.1:{free_port()}"\n'
             f'health_window = 1\n'
@@ -231,8 +231,7 @@ def test_shipped_configs_work_together_on_loopback_with_no_edits(tmp_path: Path)
     pop = ["--config", pop_conf, "--state", str(p_state)]
     adpop("origin", "keys", "init", *origin)
     adpop("origin", "campaigns", "import", str(REPO / "config" / "campaigns"), *origin)
-    (pub,) = (o_state / "keys").glob("*.pub")
-    adpop("pop", "trust", str(pub), *pop)
+    adpop("pop", "trust", str(root_json(o_state)), *pop)
     # The one step TLS adds: a token, where the shipped sync.enrollment_token_file looks.
     adpop("origin", "pops", "enroll", "pop-1", "--out", str(p_state / "enroll-token"), *origin)
     token = tmp_path / "operator-token"
@@ -284,3 +283,29 @@ def test_pop_rollback_activates_a_retained_version_and_the_engine_loads_it(
                              capture_output=True, text=True, cwd=REPO, check=False)
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1
         assert "no retained version 9" in bad.stderr
+
+
+def test_key_rotations_reach_three_pops_without_touching_them(fleet: Fleet) -> None:
+    """Issue 22's rotation exercise: three PoPs, the targets key rotated and then the root,
+    a publish after each; every PoP serves each new version, following the new root by
+    itself. Nothing on a PoP is touched. (That the retired keys are refused afterwards:
+    test_sync.py's test_unknown_key, test_tuf_repo.py.)"""
+    adpop("origin", "campaigns", "import", str(REPO / "config" / "campaigns"), "--config",
+          str(fleet.origin_conf))
+    fleet.start("origin", ["origin", "serve", "--config", str(fleet.origin_conf)])
+    pops = ("pop-a", "pop-b", "pop-c")
+    for name in pops:
+        fleet.pop_conf(name)
+        fleet.start_pop(name)
+    fleet.wait_for("three registered PoPs", lambda d: len(d["pops"]) == 3)
+    fleet.publish()
+    fleet.wait_for("all on v1", lambda d: versions(d) == dict.fromkeys(pops, 1))
+    for version, role in ((2, "targets"), (3, "root")):
+        said = adpop("origin", "keys", "rotate", role, "--config", str(fleet.origin_conf))
+        assert f"root v{version} in force" in said, said
+        fleet.publish()
+        fleet.wait_for(f"all on v{version} after the {role} rotation",
+                       lambda d, v=version: versions(d) == dict.fromkeys(pops, v))
+    for name in pops:
+        trusted = json.loads((fleet.tmp / name / "tuf" / "root.json").read_text())
+        assert trusted["signed"]["version"] == 3, name

@@ -19,10 +19,11 @@ from appliance import httpguard
 from appliance.origin import enroll
 from appliance.origin.ca import Authority, key_pem, new_key, public_pem
 from appliance.origin.db import OriginDB
+from appliance.origin.publish import list_manifest
 from appliance.origin.rollout import Plan
 from appliance.origin.server import Origin, push_context, server_context
+from appliance.origin.tuf_repo import Repository
 from appliance.snapshot import bundle, synth
-from appliance.snapshot.manifest import generate_key, load_signing_key
 from appliance.snapshot.model import parse_documents
 from appliance.snapshot.store import SnapshotStore
 from appliance.sync import identity
@@ -38,6 +39,11 @@ class Tls:
     authority: Authority
     tmp: Path
     origin: Origin
+
+    @property
+    def repo(self) -> Repository:
+        """The origin's TUF repository (where the origin serves /v1/tuf/ from)."""
+        return Repository.open(self.db.state_dir / "tuf")
 
     def files(self, pop: str, group: str = "default", push_address: str = ""
               ) -> identity.Files:
@@ -82,12 +88,12 @@ async def origin_over_tls(tmp: Path) -> AsyncIterator[Tls]:
 
 
 def publish(tls: Tls, version: int) -> bundle.Bundle:
-    keys = sorted((tls.tmp / "signing").glob("*.key"))
-    key_path = keys[0] if keys else generate_key(tls.tmp / "signing")[0]
-    built = bundle.build(parse_documents(synth.generate(20, seed=version)), version,
-                         [load_signing_key(key_path)], ttl=86400, target_group="default")
+    """Version `version` stored and listed in the origin's TUF targets, as a publish does."""
+    built = bundle.build(parse_documents(synth.generate(20, seed=version)), version, [],
+                         ttl=86400, target_group="default", unsigned=True)
     tls.db.add_version(version, built.manifest_bytes, built.payload,
-                       built.manifest.payload_sha256, 20, 0, "done")
+                       built.manifest.payload_sha256, 20, 0, "done",
+                       vouch=lambda: list_manifest(tls.repo, built.manifest_bytes))
     return built
 
 
@@ -104,7 +110,7 @@ def test_a_pop_enrolls_and_syncs_over_mutual_tls(tmp_path: Path) -> None:
             appliance = cfg.build(cfg.Scope.APPLIANCE, {
                 ("paths", "state_dir"): str(state), ("sync", "origin_url"): tls.url,
                 ("sync", "enrollment_token_file"): "enroll.token",
-                ("snapshot", "trust"): [str(tmp_path / "signing")],
+                ("snapshot", "trust_root"): str(tls.repo.metadata / "root.json"),
                 ("sync", "health_window"): 0})
             agent = SyncAgent.from_config(appliance, SnapshotStore(state))
             stop = asyncio.Event()

@@ -37,7 +37,8 @@ def _agent(tls: Tls, state: Path, push_port: int) -> SyncAgent:
         ("sync", "push_listen"): f"127.0.0.1:{push_port}",
         # Only a push can bring a new version within this test: the poll is an hour away.
         ("sync", "poll_interval"): 3600,
-        ("snapshot", "trust"): [str(tls.tmp / "signing")], ("snapshot", "max_jump_percent"): 0,
+        ("snapshot", "trust_root"): str(tls.repo.metadata / "root.json"),
+        ("snapshot", "max_jump_percent"): 0,
         ("sync", "health_window"): 0})
     return SyncAgent.from_config(appliance, SnapshotStore(state))
 

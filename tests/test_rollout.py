@@ -17,7 +17,6 @@ import pytest
 from appliance.origin import rollout
 from appliance.origin.db import OriginDB, OriginError, PopRow, VersionRow
 from appliance.snapshot import synth
-from appliance.snapshot.manifest import generate_key
 from appliance.up import REPO, free_port
 from tests.fault_harness import kill_when, watching
 
@@ -163,11 +162,10 @@ def test_publish_killed_midway_three_times_leaves_nothing_after_the_next_start(
     """Real kill -9 the moment a publish creates its payload file (inotify), three times:
     SQLite stays whole, `origin serve` removes every leftover at its start, and the next
     publish works."""
-    key, _ = generate_key(tmp_path / "keys")
     conf = tmp_path / "origin.toml"
     port = free_port()
-    conf.write_text(f'[snapshot]\nsigning_keys = ["{key}"]\n[origin]\n'
-                    f'listen = "127.0.0.1:{port}"\nstate_dir = "{tmp_path / "origin"}"\n')
+    conf.write_text(f'[origin]\nlisten = "127.0.0.1:{port}"\n'
+                    f'state_dir = "{tmp_path / "origin"}"\n')
     campaigns = tmp_path / "campaigns"
     synth.write(synth.generate(3000, seed=5), campaigns)
     cli = [sys.executable, "-m", "appliance.cli"]

@@ -223,13 +223,13 @@ class IdleRunner:
 
 def test_watchdog_stops_while_the_health_loop_is_blocked(
         tmp_path: Path, notify_socket: NotifySocket, monkeypatch: pytest.MonkeyPatch,
-        keydir: Path, signing_key: SigningKey) -> None:
+        tuf_root: Path, signing_key: SigningKey) -> None:
     monkeypatch.setenv("NOTIFY_SOCKET", str(notify_socket.path))
     monkeypatch.setenv("WATCHDOG_USEC", "400000")  # a ping every 0.2 s
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
     config = tmp_path / "appliance.toml"
     config.write_text(f'[paths]\nstate_dir = "{tmp_path / "state"}"\n'
-                      f'[snapshot]\ntrust = ["{keydir}"]\n')
+                      f'[snapshot]\ntrust_root = "{tuf_root}"\n')
     appliance = load(Scope.APPLIANCE, config)
     store = SnapshotStore(tmp_path / "state", keep=3)
     release = asyncio.Event()
@@ -311,13 +311,13 @@ def test_logs_reach_journald_with_structured_fields() -> None:
 
 def test_a_spool_backlog_is_degraded_but_ready(
         tmp_path: Path, notify_socket: NotifySocket, monkeypatch: pytest.MonkeyPatch,
-        keydir: Path) -> None:
+        tuf_root: Path) -> None:
     """Closed segments past engine.spool_warn_bytes: degraded with the reason named, in the
     status, STATUS= and the control API's events, while READY=1 still goes out (it serves)."""
     monkeypatch.setenv("NOTIFY_SOCKET", str(notify_socket.path))
     config = tmp_path / "appliance.toml"
     config.write_text(f'[paths]\nstate_dir = "{tmp_path / "state"}"\n'
-                      f'[snapshot]\ntrust = ["{keydir}"]\n'
+                      f'[snapshot]\ntrust_root = "{tuf_root}"\n'
                       '[engine]\nspool = "spool"\nspool_warn_bytes = "4MiB"\n')
     appliance = load(Scope.APPLIANCE, config)
     store = SnapshotStore(tmp_path / "state", keep=3)
@@ -383,11 +383,11 @@ def test_a_part_that_refuses_its_configuration_is_reported_not_restarted(
 
 
 def test_a_sync_loop_that_dies_is_named_and_started_again(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keydir: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tuf_root: Path) -> None:
     """Case 6: a sync loop that ended by itself left the PoP saying ready."""
     config = tmp_path / "appliance.toml"
     config.write_text(f'[paths]\nstate_dir = "{tmp_path / "state"}"\n'
-                      f'[snapshot]\ntrust = ["{keydir}"]\n')
+                      f'[snapshot]\ntrust_root = "{tuf_root}"\n')
     store = SnapshotStore(tmp_path / "state", keep=3)
 
     async def healthy() -> Health:

@@ -8,10 +8,12 @@ refusal, counted once, with `current` unchanged.
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import hashlib
 import json
 import socket
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,18 +21,16 @@ from typing import Any
 
 import pytest
 from aiohttp import ClientSession, web
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from securesystemslib.signer._crypto_signer import CryptoSigner
+from tuf.api.metadata import Metadata
 
 from appliance import config as cfg
 from appliance import secrets
+from appliance.origin.publish import list_manifest
+from appliance.origin.tuf_repo import Repository
 from appliance.snapshot import bundle, synth
-from appliance.snapshot.manifest import (
-    Reason,
-    SigningKey,
-    canonical,
-    generate_key,
-    load_signing_key,
-    sign,
-)
+from appliance.snapshot.manifest import Manifest, Reason, canonical, sign
 from appliance.snapshot.model import CampaignSet, parse_documents
 from appliance.snapshot.store import SnapshotStore
 from appliance.sync.agent import SyncAgent, roll_back
@@ -50,6 +50,13 @@ class FakeOrigin:
     payload: bytes = b""
     payload_handler: Callable[[web.Request], Any] | None = None
     port: int = 0
+    tuf: Path | None = None  # the folder of a real TUF repository's metadata, served as is
+
+    async def get_tuf(self, request: web.Request) -> web.StreamResponse:
+        path = (self.tuf or Path("/nonexistent")) / request.match_info["name"]
+        if "/" in request.match_info["name"] or not path.is_file():
+            return web.Response(status=404)
+        return web.Response(body=path.read_bytes())
 
     async def get_manifest(self, request: web.Request) -> web.Response:
         if self.manifest is None:
@@ -78,6 +85,7 @@ class FakeOrigin:
         app = web.Application()
         app.add_routes([web.get("/v1/manifest", self.get_manifest),
                         web.get("/v1/payload/{sha}", self.get_payload),
+                        web.get("/v1/tuf/{name}", self.get_tuf),
                         web.post("/v1/pops/{pop}/status", self.status),
                         web.post("/v1/pops/{pop}/register", self.register)])
         runner = web.AppRunner(app)
@@ -93,18 +101,24 @@ class FakeOrigin:
 @dataclasses.dataclass
 class World:
     tmp: Path
-    key: SigningKey
     origin: FakeOrigin
     store: SnapshotStore
     agent: SyncAgent
     appliance: cfg.ApplianceConfig
+    repo: Repository  # the origin's TUF repository, real; the PoP trusts its first root
 
-    def publish(self, version: int, campaigns: CampaignSet, *, keys: list[SigningKey] | None
-                = None, group: str = "default", created: int = NOW,
-                allow_jump: bool = False) -> bundle.Bundle:
-        built = bundle.build(campaigns, version, keys or [self.key], ttl=86400,
-                             target_group=group, now=created, allow_jump=allow_jump)
-        self.origin.manifest = built.manifest_bytes
+    def listed(self, manifest: Manifest) -> bytes:
+        """`manifest` as the origin lists it in its TUF targets."""
+        data = sign(manifest, [])
+        list_manifest(self.repo, data)
+        return data
+
+    def publish(self, version: int, campaigns: CampaignSet, *, group: str = "default",
+                created: int = NOW, allow_jump: bool = False) -> bundle.Bundle:
+        """As the origin publishes: an unsigned manifest, listed in the TUF targets."""
+        built = bundle.build(campaigns, version, [], ttl=86400, target_group=group,
+                             now=created, allow_jump=allow_jump, unsigned=True)
+        self.origin.manifest = self.listed(built.manifest)
         self.origin.payload = built.payload
         self.origin.payload_handler = None
         return built
@@ -121,15 +135,14 @@ def small() -> CampaignSet:
 
 @pytest.fixture
 def world_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
-    key_path, _ = generate_key(tmp_path / "keys")
+    repo = Repository.open(tmp_path / "origin-tuf")
 
     @asynccontextmanager
     async def make(**settings: Any) -> AsyncIterator[World]:
-        origin = FakeOrigin()
+        origin = FakeOrigin(tuf=repo.metadata)
         async with origin.running():
             toml = [
-                "[snapshot]", f'trust = ["{tmp_path / "keys"}"]',
-                f"signature_threshold = {settings.get('threshold', 1)}",
+                "[snapshot]", f'trust_root = "{repo.metadata / "1.root.json"}"',
                 "[paths]", f'state_dir = "{tmp_path / "state"}"',
                 "[sync]", f'origin_url = "http://127.0.0.1:{origin.port}"',
                 f"fetch_timeout = {settings.get('fetch_timeout', 5)}", "health_window = 0",
@@ -142,8 +155,7 @@ def world_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
             agent = SyncAgent.from_config(appliance, store, clock=lambda: NOW)
             async with ClientSession() as session:
                 agent.session = session
-                yield World(tmp_path, load_signing_key(key_path), origin, store, agent,
-                            appliance)
+                yield World(tmp_path, origin, store, agent, appliance, repo)
 
     yield make
 
@@ -260,35 +272,102 @@ def test_wrong_target_group(world_factory: Any, small: CampaignSet) -> None:
     run(scenario())
 
 
-def test_bad_signature(world_factory: Any, small: CampaignSet) -> None:
+def test_a_manifest_changed_after_the_origin_listed_it_is_not_listed(
+        world_factory: Any, small: CampaignSet) -> None:
     async def scenario() -> None:
         async with world_factory() as w:
             built = w.publish(1, small)
             doc = json.loads(built.manifest_bytes)
-            doc["signed"]["expires"] += 86400 * 365  # altered after signing
+            doc["signed"]["expires"] += 86400 * 365  # altered after the origin listed it
             w.origin.manifest = canonical(doc)
+            await refused(w, Reason.NOT_LISTED, None)
+    run(scenario())
+
+
+def _latest_targets(w: World) -> Path:
+    return w.repo.metadata / f"{w.repo.load('targets').signed.version}.targets.json"
+
+
+def test_bad_signature(world_factory: Any, small: CampaignSet) -> None:
+    """The targets metadata altered after it was signed."""
+    async def scenario() -> None:
+        async with world_factory() as w:
+            built = w.publish(1, small)
+            targets = json.loads(_latest_targets(w).read_bytes())
+            (listed,) = targets["signed"]["targets"].values()
+            listed["length"] += 1  # and the manifest served to fit it
+            _latest_targets(w).write_text(json.dumps(targets))
+            w.origin.manifest = built.manifest_bytes + b" "
             await refused(w, Reason.BAD_SIGNATURE, None)
     run(scenario())
 
 
-def test_unknown_key(world_factory: Any, small: CampaignSet, tmp_path: Path) -> None:
+def test_unknown_key(world_factory: Any, small: CampaignSet) -> None:
+    """Targets signed by a key the trusted root does not name (a stranger's, or a retired
+    one): no signature counts."""
     async def scenario() -> None:
         async with world_factory() as w:
-            stranger, _ = generate_key(tmp_path / "stranger")
-            w.publish(1, small, keys=[load_signing_key(stranger)])
-            await refused(w, Reason.UNKNOWN_KEY, None)
+            w.publish(1, small)
+            targets = Metadata.from_bytes(_latest_targets(w).read_bytes())
+            targets.signatures.clear()
+            targets.sign(CryptoSigner(Ed25519PrivateKey.generate()))
+            _latest_targets(w).write_bytes(targets.to_bytes())
+            await refused(w, Reason.BAD_SIGNATURE, None)
+            assert "signed by 0/1 keys" in w.agent.state.error
     run(scenario())
 
 
-def test_threshold_not_met_and_a_key_counts_once(world_factory: Any,
-                                                 small: CampaignSet) -> None:
+def test_threshold_not_met(world_factory: Any, small: CampaignSet) -> None:
+    """The root asks two targets keys; one signed."""
     async def scenario() -> None:
-        async with world_factory(threshold=2) as w:
-            built = w.publish(1, small, keys=[w.key])
-            doc = json.loads(built.manifest_bytes)
-            doc["signatures"] = doc["signatures"] * 2  # the same key twice is still one
-            w.origin.manifest = canonical(doc)
+        async with world_factory() as w:
+            root = w.repo.load("root")
+            raised = copy.deepcopy(root.signed)
+            raised.version += 1
+            raised.add_key(w.repo._new_key("targets").public_key, "targets")
+            raised.roles["targets"].threshold = 2
+            md = Metadata(raised)
+            for signer in w.repo._signers("root", raised.roles["root"].keyids):
+                md.sign(signer, append=True)
+            w.repo._save(md)
+            w.publish(1, small)  # signed by one targets key
             await refused(w, Reason.THRESHOLD_NOT_MET, None)
+    run(scenario())
+
+
+def test_a_freeze_of_the_tuf_metadata(world_factory: Any, small: CampaignSet) -> None:
+    """Metadata signed two days ago replayed today: its timestamp has expired."""
+    async def scenario() -> None:
+        async with world_factory() as w:
+            w.publish(1, small)
+            w.repo._save_online(w.repo.root(), w.repo.load("targets").signed.version,
+                                time.time() - 2 * 86400)
+            await refused(w, Reason.EXPIRED, None)
+            assert "TUF metadata expired" in w.agent.state.error
+    run(scenario())
+
+
+def test_a_mix_and_match_of_tuf_metadata(world_factory: Any, small: CampaignSet) -> None:
+    """The snapshot names targets version N; an older targets file is served under it."""
+    async def scenario() -> None:
+        async with world_factory() as w:
+            w.publish(1, small)
+            older = _latest_targets(w).read_bytes()
+            w.publish(2, small)
+            _latest_targets(w).write_bytes(older)
+            await refused(w, Reason.ROLLBACK, None)
+    run(scenario())
+
+
+def test_a_rotated_targets_key_is_followed(world_factory: Any, small: CampaignSet) -> None:
+    async def scenario() -> None:
+        async with world_factory() as w:
+            w.publish(1, small)
+            await w.agent.attempt()
+            assert w.repo.rotate("targets").startswith("root v2 in force")
+            w.publish(2, small)
+            await w.agent.attempt()
+            assert w.store.current_version() == 2 and not w.agent.state.refused
     run(scenario())
 
 
@@ -315,7 +394,7 @@ def test_corrupt_capnp_pointers_signed_anyway(world_factory: Any, small: Campaig
                 payload[offset:offset + 8] = ((0x0FFFFFFF << 2) | 1).to_bytes(8, "little")
             manifest = dataclasses.replace(
                 built.manifest, payload_sha256=hashlib.sha256(payload).hexdigest())
-            w.origin.manifest = sign(manifest, [w.key])  # a bad file that passes its signature
+            w.origin.manifest = w.listed(manifest)  # a bad file the origin vouches for
             w.origin.payload = bytes(payload)
             await refused(w, Reason.CORRUPT_PAYLOAD, None)
     run(scenario())
@@ -408,7 +487,7 @@ def test_a_signed_snapshot_with_an_absurd_price_is_refused(world_factory: Any,
     run(scenario())
 
 
-def test_a_push_carries_the_manifest_and_only_its_signature_is_trusted(
+def test_a_push_carries_the_manifest_and_only_the_tuf_targets_are_trusted(
         world_factory: Any, small: CampaignSet) -> None:
     from aiohttp.test_utils import TestClient, TestServer
 
@@ -423,7 +502,7 @@ def test_a_push_carries_the_manifest_and_only_its_signature_is_trusted(
                 doc["signed"]["version"] = 9  # a forged notice
                 forged = await client.post("/v1/notify", data=canonical(doc))
                 assert forged.status == 202
-                await refused(w, Reason.BAD_SIGNATURE, None)
+                await refused(w, Reason.NOT_LISTED, None)
                 good = await client.post("/v1/notify", data=built.manifest_bytes)
                 assert good.status == 202
                 await w.agent.attempt()
@@ -495,13 +574,13 @@ def test_a_1gib_sync_never_stalls_the_event_loop(world_factory: Any, small: Camp
     async def scenario() -> tuple[float, int]:
         async with world_factory() as w:
             manifest = dataclasses.replace(
-                bundle.build(small, 1, [w.key], ttl=86400, target_group="default",
+                bundle.build(small, 1, [], unsigned=True, ttl=86400, target_group="default",
                              now=NOW).manifest,
                 payload_sha256=hashlib.sha256(payload).hexdigest(), payload_length=len(payload))
             # The bytes are already downloaded (a resumed fetch finds them whole), so only
             # the checks and the install run: the part that used to block the loop.
             (w.store.root / f".partial-{manifest.payload_sha256}").write_bytes(payload)
-            w.agent.pushed = sign(manifest, [w.key])
+            w.agent.pushed = w.listed(manifest)
             interval = float(w.appliance.supervisor.health_interval)
             worst, done = 0.0, asyncio.Event()
 

@@ -62,7 +62,8 @@ def cmd_flash(args: argparse.Namespace) -> int:
                          if args.enrollment_token else None)
     print(f"wrote {result['bytes']:,} bytes to {result['device']} in {result['seconds']} s, "
           f"verified sha256 {result['sha256'][:16]}"
-          + (f"; site config {result['config']} with {len(result['keys'])} origin keys"
+          + (f"; site config {result['config']}"
+             + (" with the origin's TUF root" if result["keys"] else "")
              if result["config"] else "")
           + (f"; enrollment token at {result['enrollment_token']} (used at first boot)"
              if result["enrollment_token"] else ""))

@@ -82,6 +82,13 @@ def cmd_origin_serve(args: argparse.Namespace) -> int:
     if removed:
         log.warning("removed %d payload files left by interrupted publishes: %s",
                     len(removed), ", ".join(path.name for path in removed))
+    from appliance.origin.publish import reconcile, repository
+
+    with db.exclusive():
+        listed = reconcile(db, repository(origin))
+    if listed:
+        log.warning("listed versions %s in the TUF targets: a publish stopped before it did",
+                    ", ".join(map(str, listed)))
     server.serve(db, origin, args.listen or origin.origin.listen, authority,
                  server.server_context(origin.origin, authority))
     return 0
@@ -153,19 +160,23 @@ def cmd_origin_fleet(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_origin_keys_init(args: argparse.Namespace) -> int:
-    from appliance import config as cfg
-    from appliance.snapshot.manifest import generate_key
+def cmd_origin_keys(args: argparse.Namespace) -> int:
+    from appliance.origin.publish import repository
+    from appliance.origin.tuf_repo import Repository
 
-    origin, _ = _origin(args)
-    folder = cfg.under(origin.origin.state_dir, origin.snapshot.signing_keys[0])
-    existing = sorted(folder.glob("*.key")) if folder.is_dir() else []
-    if existing or folder.suffix == ".key":
-        print(f"signing key already there: {existing[0] if existing else folder}")
-        return 0
-    key, pub = generate_key(folder)
-    print(f"signing key {key} (mode 0600)\npublic key  {pub}  <- give this to every PoP: "
-          "`adpop pop trust FILE`")
+    origin, db = _origin(args)
+    with db.exclusive():
+        repo = repository(origin)
+        if args.action == "init":
+            print(f"TUF repository {repo.folder}: root v{repo.root().version}, keys in "
+                  f"{repo.keys} (move all but the origin's share of the root keys offline)\n"
+                  f"root.json   {repo.metadata / 'root.json'}  <- what every PoP trusts "
+                  "first: `adpop pop trust FILE`, or `adpop flash --config` with "
+                  "snapshot.trust_root")
+        elif args.action == "rotate":
+            print(repo.rotate(args.role))
+        else:
+            print(Repository(repo.folder).sign_root(Path(args.key)))
     return 0
 
 
@@ -286,9 +297,16 @@ def register(commands: Commands) -> None:
         p.add_argument("version", type=int)
     p = origin_parser("fleet", "registered PoPs and what they serve", cmd_origin_fleet)
     p.add_argument("--json", action="store_true")
-    keys_ = group("keys", "the origin's signing keys")
-    origin_parser("init", "create a signing key where the configuration says, if none",
-                  cmd_origin_keys_init, keys_, remote=False)
+    keys_ = group("keys", "the TUF repository's keys: what the fleet trusts")
+    origin_parser("init", "make the TUF repository and its keys, if there are none",
+                  cmd_origin_keys, keys_, remote=False)
+    p = origin_parser("rotate", "new keys for ROLE in the next root (the old ones revoked)",
+                      cmd_origin_keys, keys_, remote=False)
+    p.add_argument("role", choices=("root", "targets", "snapshot", "timestamp"))
+    root_ = group("root", "the TUF root")
+    p = origin_parser("sign", "sign the staged root with a root key kept offline",
+                      cmd_origin_keys, root_, remote=False)
+    p.add_argument("--key", required=True, metavar="FILE", help="a root key (.key, 0600)")
     pops = group("pops", "PoP identities: enrollment and revocation")
     p = origin_parser("enroll", "print a one-time token that enrolls PoP NAME",
                       cmd_origin_pops_enroll, pops)

@@ -10,18 +10,18 @@ from appliance.cli.snapshot import cmd_snapshot_list
 
 
 def cmd_pop_trust(args: argparse.Namespace) -> int:
-    import shutil
-
     from appliance import config as cfg
-    from appliance.snapshot.manifest import load_trust
+    from appliance.sync.trust import check_root
 
     appliance, _ = store_of(args)
-    source = Path(args.file)
-    (kid,) = load_trust([source])  # refuses anything but one Ed25519 public key
-    folder = cfg.under(appliance.paths.state_dir, appliance.snapshot.trust[0])
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, folder / f"{kid}.pub")
-    print(f"trusting key {kid}: {folder / f'{kid}.pub'}")
+    data = Path(args.file).read_bytes() if Path(args.file).is_file() else b""
+    version = check_root(data, args.file)  # refuses anything but a self-signed TUF root
+    target = cfg.under(appliance.paths.state_dir, appliance.snapshot.trust_root)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(target)
+    print(f"trusting the origin's TUF root v{version}: {target}")
     return 0
 
 
@@ -81,7 +81,8 @@ def register(commands: Commands) -> None:
     p = pop_parser("sync", "run the PoP side of sync (push listener and poll)", cmd_pop_sync)
     p.add_argument("--once", action="store_true", help="one sync, then exit (1 on a refusal)")
     pop_parser("snapshots", "retained snapshot versions", cmd_snapshot_list)
-    p = pop_parser("trust", "trust a public key (an origin's .pub)", cmd_pop_trust)
+    p = pop_parser("trust", "trust the origin's TUF root.json (what `adpop origin keys init` "
+                   "made)", cmd_pop_trust)
     p.add_argument("file")
     p = pop_parser("rollback", "activate a retained older version", cmd_pop_rollback)
     p.add_argument("--to", type=int, help="version (default: the one below the active)")

@@ -62,9 +62,11 @@ def cmd_snapshot_build(args: argparse.Namespace) -> int:
     from appliance.snapshot.model import load_campaigns
 
     origin = cfg.load(cfg.Scope.ORIGIN, Path(args.config) if args.config else None)
-    keys = load_signing_keys([Path(k) for k in args.key] if args.key else
-                             [cfg.under(origin.origin.state_dir, k)
-                              for k in origin.snapshot.signing_keys])
+    if not args.key:
+        raise AdpopError("no signing key given", hint="pass --key FILE (an Ed25519 .key made "
+                         "by `adpop snapshot keygen`); the origin's publishes are trusted "
+                         "through TUF instead")
+    keys = load_signing_keys([Path(k) for k in args.key])
     ttl = cfg.parse_duration(args.ttl) if args.ttl else origin.snapshot.ttl
     started = time.monotonic()
     campaigns = load_campaigns(Path(args.campaigns))
@@ -87,15 +89,18 @@ def _verify_policy(args: argparse.Namespace) -> Policy:
     from appliance import config as cfg
     from appliance.snapshot import bundle
 
-    if args.config:
-        appliance = cfg.load(cfg.Scope.APPLIANCE, Path(args.config))
-        pol = bundle.policy_from_config(appliance)
-        if not args.trust:
-            return pol
     if not args.trust:
-        raise AdpopError("no trusted keys given", hint="pass --trust PUBFILE_OR_DIR or --config")
+        raise AdpopError("no trusted keys given", hint="pass --trust PUBFILE_OR_DIR")
+    group = args.group
+    limits: dict[str, int] = {}
+    if getattr(args, "config", None):
+        appliance = cfg.load(cfg.Scope.APPLIANCE, Path(args.config))
+        snap = appliance.snapshot
+        group = group or appliance.pop.target_group
+        limits = {"clock_skew": snap.clock_skew, "max_manifest_bytes": snap.max_manifest_bytes,
+                  "max_payload_bytes": snap.max_payload_bytes}
     return bundle.policy([Path(t) for t in args.trust], threshold=args.threshold,
-                         target_group=args.group)
+                         target_group=group, **limits)
 
 
 def cmd_snapshot_verify(args: argparse.Namespace) -> int:
@@ -151,12 +156,11 @@ def cmd_snapshot_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot_install(args: argparse.Namespace) -> int:
-    from appliance.snapshot import bundle
     from appliance.snapshot.manifest import VerifyError, verify_dir
 
-    appliance, store = store_of(args)
+    _, store = store_of(args)
     try:
-        manifest, payload = verify_dir(Path(args.folder), bundle.policy_from_config(appliance))
+        manifest, payload = verify_dir(Path(args.folder), _verify_policy(args))
     except VerifyError as exc:
         print(f"adpop: install refused: {exc.line()}", file=sys.stderr)
         return 2
@@ -209,7 +213,7 @@ def register(commands: Commands) -> None:
     p.add_argument("--trust", action="append", help="trusted .pub file or folder (repeat)")
     p.add_argument("--threshold", type=int, default=1, help="signatures required (default 1)")
     p.add_argument("--group", help="require this target group")
-    p.add_argument("--config", help="appliance configuration: trust, threshold, group, limits")
+    p.add_argument("--config", help="appliance configuration: group and limits")
     p.set_defaults(func=cmd_snapshot_verify)
     p = snap.add_parser("inspect", help="show a snapshot's version, hash, sizes and index")
     p.add_argument("folder")
@@ -217,6 +221,9 @@ def register(commands: Commands) -> None:
     p.set_defaults(func=cmd_snapshot_inspect)
     p = snap.add_parser("install", help="verify a snapshot folder, store it and activate it")
     p.add_argument("folder")
+    p.add_argument("--trust", action="append", help="trusted .pub file or folder (repeat)")
+    p.add_argument("--threshold", type=int, default=1, help="signatures required (default 1)")
+    p.set_defaults(group=None)
     appliance_flags(p, state=False)
     p.set_defaults(func=cmd_snapshot_install)
     p = snap.add_parser("list", help="list stored snapshot versions")

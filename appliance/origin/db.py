@@ -243,8 +243,12 @@ class OriginDB:
         return str(row[0]) if row else ""
 
     def add_version(self, version: int, manifest: bytes, payload: bytes, sha256: str,
-                    campaigns: int, created: int, first_stage: str) -> Path:
-        """Store a published version; its payload file first, so a manifest never lacks it."""
+                    campaigns: int, created: int, first_stage: str,
+                    vouch: Callable[[], None] | None = None) -> Path:
+        """Store a published version; its payload file first, so a manifest never lacks it.
+        `vouch` runs under the publish lock before the version's row appears (listing it in
+        the TUF targets): the rollout loop, which pushes as soon as it sees the row, never
+        sends a PoP to a version it cannot verify yet."""
         path = self.payload_dir / f"{sha256}.capnp"
         with self._publishing(blocking=True):
             if not path.exists():
@@ -260,9 +264,18 @@ class OriginDB:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
+            if vouch is not None:
+                vouch()
             self._insert_version(version, manifest, payload, sha256, campaigns, created,
                                  first_stage)
         return path
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """The publish lock, for other writers of what a publish writes (the TUF
+        repository's re-signing and key rotation)."""
+        with self._publishing(blocking=True):
+            yield
 
     @contextmanager
     def _publishing(self, blocking: bool) -> Iterator[bool]:

@@ -1,15 +1,19 @@
-"""Publishing: compile the stored campaigns, sign them as the next version, start its rollout."""
+"""Publishing: compile the stored campaigns as the next version, list it in the TUF targets
+(what PoPs trust), start its rollout."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
-from appliance import config as cfg
 from appliance.config import OriginConfig
 from appliance.origin import rollout
 from appliance.origin.db import OriginDB
+from appliance.origin.tuf_repo import Repository
 from appliance.snapshot import bundle
-from appliance.snapshot.manifest import load_signing_keys
+from appliance.snapshot.manifest import target_path
 
 
 @dataclass(frozen=True)
@@ -21,17 +25,51 @@ class Published:
     stage: str
 
 
+def repository(origin: OriginConfig) -> Repository:
+    """The origin's TUF repository, made the first time it is needed."""
+    snap = origin.snapshot
+    return Repository.open(Path(origin.origin.state_dir) / "tuf", snap.root_keys,
+                           snap.root_threshold)
+
+
+def list_manifest(repo: Repository, manifest: bytes) -> None:
+    """Lists a stored manifest as a TUF target: its exact bytes are then what PoPs accept."""
+    signed = json.loads(manifest)["signed"]
+    version = int(signed["version"])
+    repo.add_target(target_path(str(signed["target_group"]), version), len(manifest),
+                    hashlib.sha256(manifest).hexdigest(), {"version": version})
+
+
+def reconcile(db: OriginDB, repo: Repository) -> list[int]:
+    """Lists every stored version the targets lack (a publish killed between storing its
+    version and listing it); returns those versions."""
+    listed = set(repo.load("targets").signed.targets)
+    missing = []
+    for row in db.versions():
+        manifest = db.manifest(row.version)
+        if manifest is None:
+            continue
+        group = str(json.loads(manifest)["signed"]["target_group"])
+        if target_path(group, row.version) not in listed:
+            list_manifest(repo, manifest)
+            missing.append(row.version)
+    return missing
+
+
 def publish(db: OriginDB, origin: OriginConfig, allow_jump: bool = False) -> Published:
     """The next version from what the store holds now; raises CampaignError on bad campaigns."""
-    keys = load_signing_keys(cfg.under(origin.origin.state_dir, k)
-                             for k in origin.snapshot.signing_keys)
+    repo = repository(origin)
     plan = rollout.plan_from_config(origin)
     version = db.next_version()
-    built = bundle.build(db.campaign_set(), version, keys, ttl=origin.snapshot.ttl,
+    built = bundle.build(db.campaign_set(), version, [], ttl=origin.snapshot.ttl,
                          target_group=origin.snapshot.target_group,
-                         previous_sha256=db.latest_sha256(), allow_jump=allow_jump)
+                         previous_sha256=db.latest_sha256(), allow_jump=allow_jump,
+                         unsigned=True)
     stage = rollout.first_stage(db.pops(), plan)
+    # Listed, then stored, under the publish lock; reconcile() lists any version that a
+    # publish of an older release stored without it.
     db.add_version(version, built.manifest_bytes, built.payload, built.manifest.payload_sha256,
-                   built.stats.campaigns, built.manifest.created, stage)
+                   built.stats.campaigns, built.manifest.created, stage,
+                   vouch=lambda: list_manifest(repo, built.manifest_bytes))
     return Published(version, built.manifest.payload_sha256, len(built.payload),
                      built.stats.campaigns, stage)

@@ -13,8 +13,10 @@ API (JSON unless said otherwise):
                                   {"pop", "group", "certificate", "ca"}
 - GET  /v1/ca                     the CA certificate (PEM): public, checked by the PoP
                                   against the fingerprint its enrollment token pins
+- GET  /v1/tuf/NAME               TUF metadata (N.root.json, N.targets.json,
+                                  N.snapshot.json, timestamp.json): what PoPs verify with
 
-With TLS (origin.tls), the PoP routes (manifest, payload, register, status) need a client
+With TLS (origin.tls), the PoP routes (manifest, payload, tuf, register, status) need a client
 certificate from the origin's CA that is not revoked, and take the PoP's id and group from
 it: a PoP registers, reports and fetches only as itself. Every answer carries HSTS.
 
@@ -33,6 +35,7 @@ import asyncio
 import json
 import logging
 import random
+import re
 import signal
 import ssl
 import time
@@ -55,7 +58,9 @@ log = logging.getLogger("adpop.origin")
 PUSH_ATTEMPTS = 4
 LOOP_SECONDS = 0.05
 # Paths whose callers must prove they are an enrolled PoP when the origin speaks TLS.
-POP_ROUTES = ("/v1/manifest", "/v1/payload/", "/v1/pops/")
+POP_ROUTES = ("/v1/manifest", "/v1/payload/", "/v1/pops/", "/v1/tuf/")
+TUF_FILE = re.compile(r"(?:[1-9][0-9]{0,9}\.)?(?:root|targets|snapshot|timestamp)\.json")
+TUF_REFRESH = 60.0  # seconds between checks that snapshot and timestamp are fresh enough
 HSTS = "max-age=31536000"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # The enrolled PoP a request came from (TLS only): set by Origin._identify.
@@ -107,6 +112,7 @@ class Origin:
             web.get("/v1/ca", self.get_ca),
             web.get("/v1/manifest", self.get_manifest),
             web.get("/v1/payload/{sha256}", self.get_payload),
+            web.get("/v1/tuf/{name}", self.get_tuf),
             web.post("/v1/pops/{pop}/register", self.post_register),
             web.post("/v1/pops/{pop}/status", self.post_status),
             web.post("/v1/enroll", self.post_enroll),
@@ -198,6 +204,17 @@ class Origin:
         # Named by its hash, so it never changes: caches may keep it for good.
         return web.FileResponse(path, headers={"Cache-Control": "public, max-age=31536000, "
                                                                 "immutable"})
+
+    async def get_tuf(self, request: web.Request) -> web.StreamResponse:
+        """The TUF metadata PoPs verify snapshots with (consistent snapshots: every file but
+        timestamp.json is named by its version and never changes)."""
+        name = request.match_info["name"]
+        path = Path(self.db.state_dir) / "tuf" / "metadata" / name
+        if not TUF_FILE.fullmatch(name) or not path.is_file():
+            return _error(404, "no-such-metadata", f"no TUF metadata {name[:64]!r}")
+        cache = "no-cache" if name in ("timestamp.json", "root.json") else \
+            "public, max-age=31536000, immutable"
+        return web.FileResponse(path, headers={"Cache-Control": cache})
 
     async def _json(self, request: web.Request) -> dict[str, Any]:
         try:
@@ -331,7 +348,14 @@ class Origin:
     # --- rollouts and push notices -----------------------------------------------------
 
     async def _rollout_loop(self) -> None:
+        refreshed = 0.0
         while True:
+            if time.monotonic() - refreshed > TUF_REFRESH:
+                refreshed = time.monotonic()
+                try:
+                    await asyncio.to_thread(self._refresh_tuf)
+                except AdpopError as exc:
+                    log.error("TUF metadata not refreshed: %s", exc.line())
             try:
                 # One read of the tables per tick, again only when a stage moved.
                 versions, pops = self.db.versions(), self.db.pops()
@@ -342,6 +366,15 @@ class Origin:
             except AdpopError as exc:
                 log.error("rollout loop: %s", exc.line())
             await asyncio.sleep(LOOP_SECONDS)
+
+    def _refresh_tuf(self) -> None:
+        """Snapshot and timestamp re-signed before they expire (a PoP would call the origin
+        frozen otherwise)."""
+        from appliance.origin.publish import repository
+
+        with self.db.exclusive():
+            if repository(self.config).refresh_online():
+                log.info("TUF snapshot and timestamp signed anew")
 
     def _notify_due(self, versions: Sequence[VersionRow], pops: Sequence[PopRow]) -> None:
         for pop in pops:

@@ -45,11 +45,12 @@ class Bundle:
 
 def build(campaign_set: CampaignSet, version: int, keys: Sequence[SigningKey], *,
           ttl: int, target_group: str, previous_sha256: str = "",
-          now: int | None = None, allow_jump: bool = False) -> Bundle:
-    """Compile and sign: the whole of turning campaigns into a publishable snapshot."""
+          now: int | None = None, allow_jump: bool = False, unsigned: bool = False) -> Bundle:
+    """Compile and sign: the whole of turning campaigns into a publishable snapshot.
+    `unsigned`: no manifest signature, for the origin, whose TUF targets vouch for it."""
     if version < 1:
         raise BundleError(f"version {version} is not positive", hint="versions start at 1")
-    if not keys:
+    if not keys and not unsigned:
         raise BundleError("no signing key given", hint="pass --key FILE")
     created = int(time.time()) if now is None else now
     payload, stats = compile_payload(campaign_set, version, created)
@@ -82,19 +83,12 @@ def policy(trust: Sequence[Path], *, threshold: int = 1, target_group: str | Non
                   target_group=target_group, **limits)
 
 
-def policy_for(snap: cfg.SnapshotSettings, target_group: str, state_dir: str) -> Policy:
-    """The verification policy a PoP's [snapshot] settings ask for; `state_dir` is what
-    relative trust paths are under."""
-    return policy([cfg.under(state_dir, p) for p in snap.trust],
-                  threshold=snap.signature_threshold,
-                  target_group=target_group, clock_skew=snap.clock_skew,
-                  max_manifest_bytes=snap.max_manifest_bytes,
+def policy_for(snap: cfg.SnapshotSettings, target_group: str) -> Policy:
+    """The checks a PoP's [snapshot] settings ask for besides trust (which TUF gives:
+    sync.trust), for its group."""
+    return Policy(trusted={}, schema_id=schema_id(), target_group=target_group,
+                  clock_skew=snap.clock_skew, max_manifest_bytes=snap.max_manifest_bytes,
                   max_payload_bytes=snap.max_payload_bytes)
-
-
-def policy_from_config(config: cfg.ApplianceConfig) -> Policy:
-    """The verification policy an appliance configuration asks for."""
-    return policy_for(config.snapshot, config.pop.target_group, config.paths.state_dir)
 
 
 def describe(manifest: Manifest, payload: bytes,

@@ -3,7 +3,8 @@ watch it through a health window, report.
 
 Every check refuses with a VerifyError naming its Reason; `current` stays as it was, the
 refusal is counted, logged once and reported to the origin. The checks, cheapest first:
-manifest size cap -> signatures (threshold, keys pinned in config, each key once) -> schema and
+manifest size cap -> the origin's TUF metadata, verified from the trusted root, lists these
+exact manifest bytes (sync/trust.py: signatures, thresholds, expiry, versions) -> schema and
 target group -> expiry with clock-skew slack -> payload size cap -> version above the
 high-water mark -> payload length and hash (before any parsing) -> Cap'n Proto traversal and
 nesting limits -> semantic bounds -> a hold on a big jump in campaigns or size.
@@ -49,6 +50,7 @@ from appliance.snapshot.manifest import (
 from appliance.snapshot.store import SnapshotStore
 from appliance.sync.engine import EngineAdmin, EngineHealth
 from appliance.sync.fetch import fetch_manifest, fetch_payload
+from appliance.sync.trust import Trust
 
 if TYPE_CHECKING:  # annotations only: the schema is for type checkers and tests
     from appliance.origin.ca import Identity
@@ -64,6 +66,7 @@ MAX_CAMPAIGNS = 10_000_000
 CALL_TIMEOUT = 10.0
 IDENTITY_RETRY = 5.0  # between enrollment attempts while the origin cannot be reached
 PUSH_CONNECTIONS = 64  # only the origin pushes; room for its retries, not for a flood
+TUF_DIR = "tuf"  # under paths.state_dir: the TUF metadata this PoP verified
 
 
 @dataclass
@@ -108,8 +111,13 @@ class SyncAgent:
         # With an engine, activation tells it to load and the window watches it.
         self.engine = EngineHealth(EngineAdmin(engine_socket)) if engine_socket else None
         self.state = SyncState()
-        # The push listener's TLS, once this PoP has its certificate (https:// origins).
+        # The push listener's TLS, and the client's, once this PoP has its certificate
+        # (https:// origins).
         self.listener_tls: ssl.SSLContext | None = None
+        self.client_tls: ssl.SSLContext | None = None
+        # What a manifest is believed for: the origin's TUF targets (sync/trust.py).
+        self.trust = Trust(under(state_dir, TUF_DIR), under(state_dir, snapshot.trust_root),
+                           str(sync.origin_url))
         self.load_policy()
         self.wake = asyncio.Event()
         self.pushed: bytes | None = None  # a manifest a push notice carried, not yet taken
@@ -130,13 +138,15 @@ class SyncAgent:
                    engine_socket=a.engine.admin_socket, health=health, clock=clock)
 
     def load_policy(self) -> Policy | None:
-        """The trust policy; None (and the reason in state.error) while no trusted key can be
-        read: a freshly flashed PoP without its identity still runs and says what it needs."""
-        try:
-            self.policy = bundle.policy_for(self.snap, self.pop.target_group, self.state_dir)
-        except AdpopError as exc:
-            self.state.error = (f"no trusted origin key ({exc.message}); give the PoP its "
-                                "identity with `adpop flash --config` or `adpop pop trust`")
+        """The checks besides trust; None (and the reason in state.error) while the PoP has
+        no TUF root to trust: a freshly flashed PoP without it still runs and says what it
+        needs."""
+        problem = self.trust.problem()
+        if problem:
+            self.state.error = problem
+            self.policy = None
+            return None
+        self.policy = bundle.policy_for(self.snap, self.pop.target_group)
         return self.policy
 
     def adopt_current(self) -> None:
@@ -181,7 +191,9 @@ class SyncAgent:
         if manifest_bytes is None:
             return None
         assert self.policy is not None  # attempt() loads it first
-        manifest = verify_manifest(manifest_bytes, self.policy, now=self.clock())
+        # Believed only once the origin's TUF targets list these very bytes.
+        await asyncio.to_thread(self.trust.vouch, manifest_bytes, self.client_tls)
+        manifest = verify_manifest(manifest_bytes, self.policy, now=self.clock(), vouched=True)
         current = self.store.current_version()
         if current is not None and manifest.version == current:
             return None
@@ -544,7 +556,8 @@ class SyncAgent:
             token_file.unlink(missing_ok=True)
         self._adopt(identity.load(files))
         self.listener_tls = identity.listener_context(files)
-        return identity.context(files)
+        self.client_tls = identity.context(files)
+        return self.client_tls
 
     def _adopt(self, who: Identity) -> None:
         """Takes the id and group the certificate names: the origin knows this PoP by them,
