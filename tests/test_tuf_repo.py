@@ -141,3 +141,28 @@ def test_a_freeze_and_a_mix_and_match_are_refused(repo: Repository, tmp_path: Pa
     # The running origin re-signs the online roles once half their life is gone.
     assert repo.refresh_online() and not repo.refresh_online()
     client(repo, tmp_path / "pop-frozen", trusted).refresh()
+
+
+def test_the_targets_keep_the_newest_entries_only(repo: Repository,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("appliance.origin.tuf_repo.MAX_TARGETS", 3)
+    for version in range(1, 6):
+        listed(repo, f"default/{version}.manifest.json", b"v%d" % version)
+    assert list(repo.load("targets").signed.targets) == [
+        "default/3.manifest.json", "default/4.manifest.json", "default/5.manifest.json"]
+
+
+def test_reconcile_lists_what_an_older_origin_published(repo: Repository,
+                                                        tmp_path: Path) -> None:
+    from appliance.origin.db import OriginDB
+    from appliance.origin.publish import reconcile
+    from appliance.snapshot.manifest import Manifest, sign, target_path
+
+    db = OriginDB(tmp_path / "origin")
+    manifest = sign(Manifest("schema", 1, 0, 1, "e" * 64, 7, "", "default"), [])
+    db.add_version(1, manifest, b"payload", "e" * 64, 1, 0, "all")  # no vouch: before TUF
+    assert reconcile(db, repo) == [1]
+    found = client(repo, tmp_path / "pop", repo.root_bytes()).get_targetinfo(
+        target_path("default", 1))
+    assert found is not None and found.hashes["sha256"] == hashlib.sha256(manifest).hexdigest()
+    assert reconcile(db, repo) == [], "listed once"

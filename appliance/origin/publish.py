@@ -11,7 +11,7 @@ from pathlib import Path
 from appliance.config import OriginConfig
 from appliance.origin import rollout
 from appliance.origin.db import OriginDB
-from appliance.origin.tuf_repo import Repository
+from appliance.origin.tuf_repo import MAX_TARGETS, Repository
 from appliance.snapshot import bundle
 from appliance.snapshot.manifest import target_path
 
@@ -41,11 +41,11 @@ def list_manifest(repo: Repository, manifest: bytes) -> None:
 
 
 def reconcile(db: OriginDB, repo: Repository) -> list[int]:
-    """Lists every stored version the targets lack (a publish killed between storing its
-    version and listing it); returns those versions."""
+    """Lists the stored versions the targets lack (published before the origin kept TUF
+    metadata); returns those versions."""
     listed = set(repo.load("targets").signed.targets)
     missing = []
-    for row in db.versions():
+    for row in db.versions()[-MAX_TARGETS:]:  # older ones the targets no longer keep
         manifest = db.manifest(row.version)
         if manifest is None:
             continue

@@ -53,6 +53,7 @@ ONLINE = ("snapshot", "timestamp")
 LIFETIME = {"root": 365 * 86400, "targets": 365 * 86400, "snapshot": 7 * 86400,
             "timestamp": 86400}
 _JSON = JSONSerializer(compact=False)
+MAX_TARGETS = 1000  # entries listed at once, the newest (about 300 bytes each)
 
 
 class TufError(AdpopError):
@@ -203,7 +204,12 @@ class Repository:
         then new snapshot and timestamp; returns the targets version."""
         targets = cast(Metadata[Targets], self.load("targets"))
         if add is not None:
-            targets.signed.targets[add.path] = add
+            listed = targets.signed.targets
+            listed[add.path] = add
+            # PoPs take recent versions only (older ones they keep are in their stores): the
+            # oldest go, so the targets file stays far below what clients accept (5 MB).
+            for path in list(listed)[:max(0, len(listed) - MAX_TARGETS)]:
+                del listed[path]
         targets.signed.version += 1
         targets.signed.expires = _expiry("targets", now)
         targets.signatures.clear()
