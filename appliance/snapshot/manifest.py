@@ -172,7 +172,7 @@ def load_trust(paths: Iterable[Path]) -> dict[str, Ed25519PublicKey]:
                 key = serialization.load_pem_public_key(file.read_bytes())
             except OSError as exc:
                 raise KeyFileError(f"cannot read trusted key {file}: {exc.strerror}",
-                                hint="check snapshot.trust in the configuration") from exc
+                                hint="check the --trust paths") from exc
             except ValueError as exc:
                 raise KeyFileError(f"{file} is not a PEM public key",
                                 hint="use the .pub written by `adpop keys generate`") from exc
