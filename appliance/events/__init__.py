@@ -1,0 +1,1 @@
+"""Events from the PoPs' spools to the origin (issue 23)."""

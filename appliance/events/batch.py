@@ -1,0 +1,82 @@
+"""Batches of spool records as the shipper sends them (issue 23, step 1).
+
+A batch is a run of whole, intact records of one segment, cut greedily up to a size, and
+compressed with zstd. Its id names where its records came from: PoP id, segment name and
+the byte range [start, end) in the segment. Cut from the same offset with the same size, a
+segment always gives the same batches, so a batch sent again after a crash has the id it
+had: the origin acknowledges it again without storing it twice. Records inside the range
+that failed their CRC are not in the batch (the scan counted them).
+
+Payload: the records' frames (u32 length, u32 CRC-32C, body) one after the other, as in
+the segment; the receiver checks each CRC again.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import zstandard
+
+from appliance.spool import Scan
+
+ZSTD_LEVEL = 3  # about 10x on spool records at a few hundred MB/s on one core
+DEFAULT_BATCH_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Batch:
+    pop: str
+    segment: str  # the segment's name without its .spool/.closed suffix: stable as it closes
+    start: int
+    end: int
+    records: int
+    payload: bytes  # zstd of the records' frames
+
+    @property
+    def id(self) -> str:
+        return f"{self.pop}/{self.segment}/{self.start}-{self.end}"
+
+
+def segment_name(file_name: str) -> str:
+    """A segment's name without the suffix its state adds (.spool while open, .closed)."""
+    for suffix in (".closed", ".spool"):
+        if file_name.endswith(suffix):
+            return file_name[: -len(suffix)]
+    return file_name
+
+
+def cut(pop: str, segment: str, data: bytes | memoryview, found: Scan, since: int = 0,
+        max_bytes: int = DEFAULT_BATCH_BYTES) -> Iterator[Batch]:
+    """The batches of the intact records at or after offset `since` (what was acknowledged
+    before), each at most `max_bytes` of frames unless one record alone is larger."""
+    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    run: list[tuple[int, int]] = []
+    size = 0
+    for start, end in (r for r in found.records if r[0] >= since):
+        if run and size + (end - start) > max_bytes:
+            yield _batch(pop, segment, data, run, compressor)
+            run, size = [], 0
+        run.append((start, end))
+        size += end - start
+    if run:
+        yield _batch(pop, segment, data, run, compressor)
+
+
+def _batch(pop: str, segment: str, data: bytes | memoryview, run: list[tuple[int, int]],
+           compressor: zstandard.ZstdCompressor) -> Batch:
+    frames = b"".join(bytes(data[start:end]) for start, end in run)
+    return Batch(pop, segment, run[0][0], run[-1][1], len(run), compressor.compress(frames))
+
+
+def frames(payload: bytes, max_bytes: int) -> bytes:
+    """A batch's frames, decompressed to at most `max_bytes` (a zip bomb stops there);
+    raises zstandard.ZstdError or ValueError."""
+    # Read through a stream, one byte past the limit at most: the size a frame claims is
+    # not believed, and nothing larger is ever held.
+    with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(payload)) as reader:
+        data = reader.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"a batch decompresses past {max_bytes} bytes")
+    return data
