@@ -4,6 +4,7 @@ skipped where the framing holds, a tear never passed; batches with stable ids.""
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import pytest
 import zstandard
@@ -80,3 +81,32 @@ def test_a_batch_that_inflates_past_the_limit_is_refused() -> None:
         frames(bomb, 1 << 20)
     with pytest.raises(zstandard.ZstdError):
         frames(b"not zstd at all", 1 << 20)
+
+
+def test_the_ledger_resumes_where_it_was_acked_and_deletes_only_what_is_acked(
+        tmp_path: Path) -> None:
+    from appliance.events.ledger import Ledger, LedgerError
+
+    data = b"".join(impression(n) for n in range(4))
+    closed = tmp_path / "shard-0-1780000000-1.closed"
+    closed.write_bytes(data)
+    open_one = tmp_path / "shard-1-1780000000-1.spool"
+    open_one.write_bytes(data)
+    ledger = Ledger(tmp_path)
+    name = segment_name(closed.name)
+    assert ledger.acked(name) == 0
+    half = scan(data).records[1][1]
+    ledger.ack(name, half)
+    ledger.ack(name, 1)  # never moves back
+    assert Ledger(tmp_path).acked(name) == half, "durable: a new ledger reads it back"
+    assert not ledger.retire(closed, scan(data).end) and closed.exists()
+    ledger.ack(name, scan(data).end)
+    assert not ledger.retire(open_one, scan(data).end), "an open segment is never deleted"
+    assert ledger.retire(closed, scan(data).end) and not closed.exists()
+    assert Ledger(tmp_path).offsets == {}
+    # An entry whose segment is gone (a crash between delete and write) is dropped.
+    (tmp_path / "shipped.json").write_text('{"gone": 5, "shard-1-1780000000-1": 9}')
+    assert Ledger(tmp_path).offsets == {"shard-1-1780000000-1": 9}
+    (tmp_path / "shipped.json").write_text("[1, 2]")
+    with pytest.raises(LedgerError, match="not a JSON object"):
+        Ledger(tmp_path)
