@@ -17,6 +17,7 @@ import json
 import os
 from pathlib import Path
 
+from appliance.durable import fsync_dir
 from appliance.errors import AdpopError
 from appliance.events.batch import segment_name
 
@@ -62,7 +63,7 @@ class Ledger:
         if not path.name.endswith(".closed") or self.acked(name) < intact_end:
             return False
         path.unlink(missing_ok=True)
-        _sync_dir(self.folder)
+        fsync_dir(self.folder)
         if self.offsets.pop(name, None) is not None:
             self._write()
         return True
@@ -75,15 +76,7 @@ class Ledger:
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, self.path)
-            _sync_dir(self.folder)
+            fsync_dir(self.folder)
         except OSError as exc:
             raise LedgerError(f"cannot write the shipper's ledger {self.path}: {exc.strerror}",
                               hint="free space in the spool folder") from exc
-
-
-def _sync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

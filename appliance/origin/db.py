@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from appliance.durable import fsync_dir
 from appliance.errors import AdpopError
 from appliance.snapshot.model import CampaignSet, parse_documents, read_documents
 
@@ -259,11 +260,7 @@ class OriginDB:
                     out.flush()
                     os.fsync(out.fileno())
                 tmp.replace(path)
-                fd = os.open(self.payload_dir, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                fsync_dir(self.payload_dir)
             if vouch is not None:
                 vouch()
             self._insert_version(version, manifest, payload, sha256, campaigns, created,

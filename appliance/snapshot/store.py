@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.durable import fsync_dir
 from appliance.errors import AdpopError
 from appliance.snapshot import CURRENT_LINK
 from appliance.snapshot.manifest import (
@@ -67,14 +68,6 @@ class Trial:
     version: int
     previous: int | None  # what to go back to when it fails
     tries: int  # windows started for it (a crash inside one makes the next start a retry)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -255,13 +248,13 @@ class SnapshotStore:
             else:
                 _write_file(tmp / PAYLOAD_NAME, payload)
             _write_file(tmp / MANIFEST_NAME, manifest)
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             if final.exists():
                 # Left by a crash between this rename and the high-water update: the same
                 # version, complete. Replace it with what we were given now.
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            _fsync_dir(self.snapshots)
+            fsync_dir(self.snapshots)
             if version > self.high_water():
                 self._write_high_water(version)
                 self.pinned_path.unlink(missing_ok=True)  # a new version ends the pin
@@ -280,7 +273,7 @@ class SnapshotStore:
         tmp.unlink(missing_ok=True)
         os.symlink(f"snapshots/{version}", tmp)
         os.replace(tmp, self.current_link)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         if version > self.high_water():
             # Stored before a crash cut its add() short of the mark: accepted all the same.
             self._write_high_water(version)
@@ -288,7 +281,7 @@ class SnapshotStore:
     def deactivate(self) -> None:
         """No active snapshot (the first one failed and there is none to go back to)."""
         self.current_link.unlink(missing_ok=True)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def install(self, version: int, manifest: bytes, payload: bytes | Path, *,
                 trial: bool = False) -> Path:
@@ -326,7 +319,7 @@ class SnapshotStore:
     def end_trial(self) -> None:
         """No version is on trial any more (proven, reverted or quarantined)."""
         self.trial_path.unlink(missing_ok=True)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def quarantine(self, version: int) -> Path:
         """Moves a stored version aside (never the active one: activate another first)."""
@@ -335,7 +328,7 @@ class SnapshotStore:
         self.quarantine_dir.mkdir(exist_ok=True)
         target = self.quarantine_dir / f"{version}-{time.time_ns()}"
         os.rename(self.path_of(version), target)
-        _fsync_dir(self.snapshots)
+        fsync_dir(self.snapshots)
         aside = sorted(self.quarantine_dir.iterdir(), key=lambda p: p.stat().st_mtime)
         for old in aside[:-QUARANTINE_KEEP]:
             shutil.rmtree(old, ignore_errors=True)
@@ -369,4 +362,4 @@ class SnapshotStore:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
