@@ -13,6 +13,7 @@ faster than RSA-2048 on one core here. The CA key stays in the origin's state fo
 from __future__ import annotations
 
 import datetime as dt
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,6 +227,17 @@ def is_origin(cert: x509.Certificate) -> bool:
 
 def fingerprint(cert: x509.Certificate) -> str:
     return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def pinned_context(ca_pem: bytes, pinned: str) -> ssl.SSLContext | None:
+    """A client context trusting the system's CAs (an origin with a public certificate) and
+    the CA in `ca_pem` (fetched unverified), or None when that CA is not the one a token
+    pins (SHA-256 `pinned`). Raises ValueError when `ca_pem` is no certificate."""
+    if fingerprint(x509.load_pem_x509_certificate(ca_pem)) != pinned:
+        return None
+    ctx = ssl.create_default_context()
+    ctx.load_verify_locations(cadata=ca_pem.decode())
+    return ctx
 
 
 def split(token: str) -> tuple[str, str]:

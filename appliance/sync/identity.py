@@ -29,10 +29,10 @@ from appliance import secrets
 from appliance.errors import AdpopError
 from appliance.origin.ca import (
     Identity,
-    fingerprint,
     identity,
     key_pem,
     new_key,
+    pinned_context,
     public_pem,
     split,
 )
@@ -80,15 +80,13 @@ async def _pinned(session: ClientSession, base: str, token: str) -> ssl.SSLConte
     async with session.get(f"{base}/v1/ca", ssl=False) as resp:
         ca_pem = await resp.read()
     try:
-        ca = x509.load_pem_x509_certificate(ca_pem)
+        ctx = pinned_context(ca_pem, pinned)
     except ValueError as exc:
         raise IdentityError(f"{base} answered no CA certificate",
                             hint="check that sync.origin_url is this fleet's origin") from exc
-    if fingerprint(ca) != pinned:
+    if ctx is None:
         raise IdentityError(f"the CA of {base} is not the one the enrollment token names",
                             hint="check sync.origin_url; the token was not sent")
-    ctx = ssl.create_default_context()  # the system's CAs, for an origin with a public
-    ctx.load_verify_locations(cadata=ca_pem.decode())  # certificate, and its own CA
     return ctx
 
 

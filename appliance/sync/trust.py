@@ -114,6 +114,9 @@ class Trust:
         self.folder = folder
         self.root_file = root_file
         self.base = f"{origin.rstrip('/')}/v1/tuf/"
+        # One connection pool for the agent's life (the TLS context is the session's): each
+        # sync reuses it instead of a new handshake.
+        self._fetcher: tuple[ssl.SSLContext | None, FetcherInterface] | None = None
 
     def problem(self) -> str:
         """What keeps this PoP from trusting anything ("" when it has a root)."""
@@ -136,7 +139,9 @@ class Trust:
         # Once a root is verified here, it (not the flashed one) is where trust starts.
         cached = (self.folder / "root.json").is_file()
         try:
-            updater = Updater(str(self.folder), self.base, fetcher=_fetcher_class()(tls),
+            if self._fetcher is None or self._fetcher[0] is not tls:
+                self._fetcher = (tls, _fetcher_class()(tls))
+            updater = Updater(str(self.folder), self.base, fetcher=self._fetcher[1],
                               bootstrap=None if cached else self.root_file.read_bytes())
             info = updater.get_targetinfo(target_path(group, version))
         except exceptions.ExpiredMetadataError as exc:
