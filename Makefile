@@ -14,7 +14,8 @@ APT_PACKAGES := \
 	cmake g++ capnproto libcapnp-dev libssl-dev libgtest-dev \
 	clang libclang-rt-14-dev redis-server libsystemd-dev libudev1 iproute2 \
 	libbenchmark-dev nginx-light wrk clang-format libbpf-dev \
-	debootstrap e2fsprogs dosfstools mtools fdisk qemu-system-x86 ovmf systemd-container zstd
+	debootstrap e2fsprogs dosfstools mtools fdisk qemu-system-x86 ovmf systemd-container zstd \
+	nats-server
 
 FUZZ_SECONDS ?= 60
 
@@ -93,7 +94,7 @@ $(STAMPS)/apt: Makefile
 $(STAMPS)/venv: pyproject.toml $(STAMPS)/apt
 	@mkdir -p $(STAMPS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,origin]'
 	@touch $@
 
 demo: setup

@@ -388,9 +388,46 @@ class EngineSettings:
         "paths.state_dir.")
     spool_warn_bytes: int = setting(
         Kind.SIZE, 256 * 1024**2,
-        "Closed spool segments past this many bytes make the supervisor report degraded "
-        "(nothing ships them yet, so they only grow).",
+        "Spool segments waiting to ship past this many bytes make the supervisor report "
+        "degraded (the origin is not taking them fast enough, or not at all).",
         _at_least(1024**2))
+
+
+def _nats_urls(value: str) -> str | None:
+    for url in (part.strip() for part in value.split(",")):
+        if not re.fullmatch(r"(nats|tls)://[^\s/:]+(:[0-9]{1,5})?", url):
+            return (f"{url!r} is not a NATS server URL; write nats://HOST:PORT, several "
+                    "comma-separated for a cluster")
+    return None
+
+
+@dataclass(frozen=True)
+class EventsSettings:
+    """[events] of the appliance: shipping the engine's spool to the origin."""
+
+    transport: str = setting(
+        Kind.STR, "http",
+        "How batches reach the origin: http (POST /v1/events with this PoP's certificate) "
+        "or nats (a JetStream stream that the origin's ingest workers consume).",
+        _one_of("http", "nats"))
+    nats_url: str = setting(
+        Kind.STR, "nats://127.0.0.1:4222",
+        "JetStream servers when transport = \"nats\", comma-separated.",
+        _nats_urls)
+    batch_bytes: int = setting(
+        Kind.SIZE, 1024**2,
+        "Largest batch of records sent at once (before compression).",
+        _between(4096, 8 * 1024**2))
+    in_flight_bytes: int = setting(
+        Kind.SIZE, 8 * 1024**2,
+        "Batches sent and not yet acknowledged, at most this many bytes together.",
+        _at_least(4096))
+    spool_max_bytes: int = setting(
+        Kind.SIZE, 1024**3,
+        "Bound on the spool folder (everything not yet shipped). Past it the engine answers "
+        "no-fill with reason spool_full, keeping room for the impressions and clicks of ads "
+        "it already served, and serves again once shipping has made room.",
+        _at_least(4 * 1024**2))
 
 
 @dataclass(frozen=True)
@@ -609,6 +646,31 @@ class OriginSettings:
 
 
 @dataclass(frozen=True)
+class OriginEventsSettings:
+    """[events] of the origin: where PoPs' event batches arrive."""
+
+    transport: str = setting(
+        Kind.STR, "http",
+        "Where batches arrive: http (POST /v1/events only) or nats (also consumed from the "
+        "JetStream stream by events.ingest_workers pull consumers in `adpop origin serve`, "
+        "or in `adpop origin ingest`).",
+        _one_of("http", "nats"))
+    nats_url: str = setting(
+        Kind.STR, "nats://127.0.0.1:4222",
+        "JetStream servers when transport = \"nats\", comma-separated.",
+        _nats_urls)
+    ingest_workers: int = setting(
+        Kind.INT, 2,
+        "Pull consumers storing batches from JetStream, sharing one durable consumer.",
+        _between(1, 64))
+    nats_replicas: int = setting(
+        Kind.INT, 1,
+        "Copies JetStream keeps of each batch (1 for one server, 3 for a three-node "
+        "cluster, which then loses none when a node fails).",
+        _between(1, 5))
+
+
+@dataclass(frozen=True)
 class RolloutSettings:
     """[rollout] of the origin."""
 
@@ -634,6 +696,7 @@ class ApplianceConfig:
     snapshot: SnapshotSettings = field(default_factory=SnapshotSettings)
     sync: SyncSettings = field(default_factory=SyncSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
+    events: EventsSettings = field(default_factory=EventsSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
     supervisor: SupervisorSettings = field(default_factory=SupervisorSettings)
     tuning: TuningSettings = field(default_factory=TuningSettings)
@@ -646,6 +709,7 @@ class OriginConfig:
 
     snapshot: OriginSnapshotSettings = field(default_factory=OriginSnapshotSettings)
     origin: OriginSettings = field(default_factory=OriginSettings)
+    events: OriginEventsSettings = field(default_factory=OriginEventsSettings)
     rollout: RolloutSettings = field(default_factory=RolloutSettings)
 
 

@@ -34,7 +34,8 @@ def engine_argv(appliance: cfg.ApplianceConfig) -> list[str]:
             "--snapshot", str(state_path(appliance, CURRENT_LINK)), "--shards", str(e.shards),
             "--spool", str(state_path(appliance, e.spool)),
             "--token-key", str(state_path(appliance, e.token_key)),
-            "--idle-poll-us", str(e.idle_poll_us)]
+            "--idle-poll-us", str(e.idle_poll_us),
+            "--spool-max-bytes", str(appliance.events.spool_max_bytes)]
     if e.metrics_listen:
         argv += ["--metrics-listen", e.metrics_listen]
     # The tuning reserves huge pages for the shards: the snapshot goes on them when the host

@@ -137,7 +137,9 @@ class _Reader:
         return value
 
 
-def _decode(body: bytes) -> Event:
+def decode(body: bytes) -> Event:
+    """One record's body; raises ValueError, struct.error or IndexError when it is not one
+    (bytes left over included)."""
     r = _Reader(body)
     kind = EventType(r.u8())
     time_ms = r.u64()
@@ -149,15 +151,18 @@ def _decode(body: bytes) -> Event:
             ads = [(r.text(), r.text()) for _ in range(r.u32())]
             fields.append((placement, ads))
     else:
-        fields = [r.text(), r.text(), r.text(), r.u32() | r.u32() << 32]
+        fields = [r.text(), r.text(), r.text(), r.u32() | r.u32() << 32, r.u32()]
+    if r.pos != len(body):
+        raise ValueError(f"{len(body) - r.pos} bytes after the fields of a {kind.name.lower()}")
     return Event(kind, time_ms, tuple(fields))
+
 
 
 def read_segment(path: Path) -> Segment:
     """Every intact record of a segment (see scan)."""
     data = path.read_bytes()
     found = scan(data)
-    return Segment([_decode(data[start + 8:end]) for start, end in found.records],
+    return Segment([decode(data[start + 8:end]) for start, end in found.records],
                    torn_tail=found.torn, bad=found.bad)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -207,7 +207,23 @@ class OverviewTab(RoundTab):
             f"  active for {active_for}\n"
             f"drops by reason: {drops or 'filter not loaded'}\n"
             f"event backlog: {r.events.get('closed_segments', 0)} closed segments, "
-            f"{r.events.get('backlog_bytes', 0):,} bytes")
+            f"{r.events.get('backlog_bytes', 0):,} bytes" + shipping_line(r.events))
+
+
+def shipping_line(events: Mapping[str, Any]) -> str:
+    """The shipper's state in one line: rate, oldest waiting, last acknowledgement, trouble."""
+    ship = events.get("shipping") or {}
+    if not ship:
+        return ""
+    last = ship.get("last_ack") or 0
+    acked = f"last ack {age(time.time() - last)} ago" if last else "nothing acknowledged yet"
+    line = (f"\nshipping: {ship.get('events_per_second', 0):,.0f} events/s, oldest waiting "
+            f"{ship.get('oldest_age_s', 0):.0f} s, {acked}, {ship.get('failures', 0)} failures")
+    if ship.get("retry_in_s"):
+        line += f" [red](retrying: {ship.get('last_error', '')})[/red]"
+    if events.get("shedding"):
+        line += "\n[red]spool full: answering no-fill (spool_full)[/red]"
+    return line
 
 
 class SnapshotsTab(RoundTab):

@@ -61,6 +61,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"  {'sync':8} {dict(ok='ok', warn='PIN', bad='FAIL')[level]:4} {text}")
     for name, comp in status["components"].items():
         print(f"  {name:8} {'ok' if comp['ok'] else 'FAIL':4} {comp.get('reason', '')}")
+    events: dict[str, Any] = dict(status.get("events") or {})
+    if events:
+        ship = events.get("shipping") or {}
+        last = ship.get("last_ack") or 0
+        print(f"  {'events':8} {'ok' if events.get('ok', True) else 'WARN':4} "
+              f"backlog {events.get('closed_segments', 0)} closed segments, "
+              f"{events.get('backlog_bytes', 0):,} bytes"
+              + (f"; shipping {ship.get('events_per_second', 0):,.0f}/s, oldest "
+                 f"{ship.get('oldest_age_s', 0):.0f} s, last ack "
+                 + (f"{time.time() - last:.0f} s ago" if last else "never")
+                 + f", {ship.get('failures', 0)} failures" if ship else "")
+              + (f"; {events['reason']}" if events.get("reason") else ""))
     tuning = status.get("tuning", {})
     if not tuning.get("enabled"):
         print(f"  tuning   off  {tuning.get('reason', '')}")

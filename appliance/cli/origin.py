@@ -245,6 +245,85 @@ def cmd_origin_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_origin_report(args: argparse.Namespace) -> int:
+    from appliance.origin.reports import COLUMNS
+
+    done = _call(args, "report", body={"by": args.by, "since": args.since or "",
+                                       "until": args.until or ""})
+    rows = done["rows"]
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+        return 0
+    if args.format == "csv":
+        import csv
+        import sys
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow((args.by, *COLUMNS[1:]))
+        writer.writerows([["" if row[c] is None else row[c] for c in COLUMNS] for row in rows])
+        return 0
+    if not rows:
+        print("no events in that window")
+        return 0
+
+    def cell(value: Any, column: str) -> str:
+        if value is None:
+            return "-"
+        if column in ("ctr", "fill_rate"):
+            return f"{value:.2%}"
+        return f"{value:,.2f}" if column == "spend" else f"{value:,}"
+
+    widths = [max(len(args.by), *(len(str(r["key"])) for r in rows))] + [11] * 8
+    print("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w)
+                    in enumerate(zip((args.by, *COLUMNS[1:]), widths, strict=True))))
+    for row in rows:
+        print("  ".join(str(row["key"]).ljust(widths[0]) if i == 0
+                        else cell(row[c], c).rjust(widths[i])
+                        for i, c in enumerate(COLUMNS)))
+    return 0
+
+
+def cmd_origin_export(args: argparse.Namespace) -> int:
+    import base64
+
+    from appliance.durable import write_file
+
+    done = _call(args, "events.export", body={"since": args.since or "",
+                                              "until": args.until or ""})
+    data = base64.b64decode(done["data"])
+    write_file(Path(args.out), data)
+    print(f"wrote {len(data):,} bytes of Parquet to {args.out}")
+    return 0
+
+
+def cmd_origin_ingest(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from appliance.events.nats import ingest
+    from appliance.origin.events import open_store
+
+    origin, db = _origin(args, create=False)
+    db.close()
+    events = origin.events
+    store = open_store(origin.origin.state_dir)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        log.info("ingesting from %s with %d workers", events.nats_url, args.workers or
+                 events.ingest_workers)
+        await ingest(store, events.nats_url, args.workers or events.ingest_workers,
+                     events.nats_replicas, stop)
+
+    try:
+        asyncio.run(main())
+    finally:
+        store.close()
+    return 0
+
+
 def register(commands: Commands) -> None:
     origin = commands.add_parser("origin", help="the central origin").add_subparsers(
         dest="action", required=True, metavar="ACTION")
@@ -333,3 +412,22 @@ def register(commands: Commands) -> None:
     origin_parser("list", "operator tokens (names and roles; never the tokens)",
                   cmd_origin_tokens, tokens)
     origin_parser("audit", "every write: who, what, and how it ended", cmd_origin_audit)
+    p = origin_parser("report", "requests, fill, impressions, clicks and spend from the "
+                      "PoPs' events", cmd_origin_report)
+    p.add_argument("--by", default="campaign",
+                   choices=("campaign", "advertiser", "pop", "placement", "hour", "day"))
+    p.add_argument("--since", help="a time (2026-12-01T10:00Z) or how long ago (24h)")
+    p.add_argument("--until", help="the same, for the end (default: now)")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    events_ = group("events", "the event store")
+    p = origin_parser("export", "write the events as Parquet (for ClickHouse, Spark, "
+                      "DuckDB)", cmd_origin_export, events_)
+    p.add_argument("--since", help="a time or how long ago (default: all)")
+    p.add_argument("--until", help="the same, for the end (default: now)")
+    p.add_argument("--format", choices=("parquet",), default="parquet")
+    p.add_argument("--out", required=True, metavar="FILE")
+    p = origin_parser("ingest", "store batches from the NATS JetStream stream "
+                      "(events.transport = \"nats\") while no `serve` holds the store",
+                      cmd_origin_ingest, remote=False)
+    p.add_argument("--workers", type=int, help="pull consumers (default: "
+                   "events.ingest_workers)")

@@ -4,8 +4,9 @@ A batch is a run of whole, intact records of one segment, cut greedily up to a s
 compressed with zstd. Its id names where its records came from: PoP id, segment name and
 the byte range [start, end) in the segment. Cut from the same offset with the same size, a
 segment always gives the same batches, so a batch sent again after a crash has the id it
-had: the origin acknowledges it again without storing it twice. Records inside the range
-that failed their CRC are not in the batch (the scan counted them).
+had: the origin acknowledges it again without storing it twice. A batch never spans a
+record that failed its CRC (the scan counted it): its frames fill [start, end) exactly, so
+the receiver knows each record's offset, which names the record for good.
 
 Payload: the records' frames (u32 length, u32 CRC-32C, body) one after the other, as in
 the segment; the receiver checks each CRC again.
@@ -21,6 +22,8 @@ import zstandard
 
 from appliance.spool import Scan
 
+BATCH_HEADER = "Adpop-Batch"  # the batch id, on POST /v1/events and as the NATS message id
+POP_HEADER = "Adpop-Pop"  # who sends, only where no certificate says it (TLS off, loopback)
 ZSTD_LEVEL = 3  # about 10x on spool records at a few hundred MB/s on one core
 DEFAULT_BATCH_BYTES = 1 << 20
 
@@ -48,26 +51,28 @@ def segment_name(file_name: str) -> str:
 
 
 def cut(pop: str, segment: str, data: bytes | memoryview, found: Scan, since: int = 0,
-        max_bytes: int = DEFAULT_BATCH_BYTES) -> Iterator[Batch]:
+        max_bytes: int = DEFAULT_BATCH_BYTES, base: int = 0) -> Iterator[Batch]:
     """The batches of the intact records at or after offset `since` (what was acknowledged
-    before), each at most `max_bytes` of frames unless one record alone is larger."""
+    before), each at most `max_bytes` of frames unless one record alone is larger. `data`
+    starts at offset `base` of the segment (a window of it): ids carry segment offsets."""
     compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
     run: list[tuple[int, int]] = []
     size = 0
     for start, end in (r for r in found.records if r[0] >= since):
-        if run and size + (end - start) > max_bytes:
-            yield _batch(pop, segment, data, run, compressor)
+        if run and (size + (end - start) > max_bytes or start != run[-1][1]):
+            yield _batch(pop, segment, data, run, compressor, base)
             run, size = [], 0
         run.append((start, end))
         size += end - start
     if run:
-        yield _batch(pop, segment, data, run, compressor)
+        yield _batch(pop, segment, data, run, compressor, base)
 
 
 def _batch(pop: str, segment: str, data: bytes | memoryview, run: list[tuple[int, int]],
-           compressor: zstandard.ZstdCompressor) -> Batch:
+           compressor: zstandard.ZstdCompressor, base: int) -> Batch:
     frames = b"".join(bytes(data[start:end]) for start, end in run)
-    return Batch(pop, segment, run[0][0], run[-1][1], len(run), compressor.compress(frames))
+    return Batch(pop, segment, base + run[0][0], base + run[-1][1], len(run),
+                 compressor.compress(frames))
 
 
 def frames(payload: bytes, max_bytes: int) -> bytes:

@@ -14,10 +14,9 @@ dropped at the next load.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from appliance.durable import fsync_dir
+from appliance.durable import fsync_dir, write_file
 from appliance.errors import AdpopError
 from appliance.events.batch import segment_name
 
@@ -69,14 +68,8 @@ class Ledger:
         return True
 
     def _write(self) -> None:
-        tmp = self.path.with_name(f".{LEDGER}.{os.getpid()}.tmp")
         try:
-            with open(tmp, "w") as out:
-                json.dump(self.offsets, out, sort_keys=True)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, self.path)
-            fsync_dir(self.folder)
+            write_file(self.path, json.dumps(self.offsets, sort_keys=True).encode())
         except OSError as exc:
             raise LedgerError(f"cannot write the shipper's ledger {self.path}: {exc.strerror}",
                               hint="free space in the spool folder") from exc

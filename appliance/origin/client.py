@@ -12,6 +12,7 @@ import ipaddress
 import json
 import ssl
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from urllib.parse import urlsplit
@@ -70,8 +71,9 @@ class OriginClient:
 
     def call(self, op: Op, params: Mapping[str, str], body: Json) -> Json:
         data = json.dumps(body).encode() if op.method != "GET" else None
+        query = "?" + urllib.parse.urlencode(body) if op.method == "GET" and body else ""
         request = urllib.request.Request(
-            f"{self.base}{op.url(params)}", data=data, method=op.method,
+            f"{self.base}{op.url(params)}{query}", data=data, method=op.method,
             headers={"Authorization": f"Bearer {self.token}",
                      "Content-Type": "application/json"})
         try:

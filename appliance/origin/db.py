@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from appliance.durable import fsync_dir
+from appliance.durable import write_file
 from appliance.errors import AdpopError
 from appliance.snapshot.model import CampaignSet, parse_documents, read_documents
 
@@ -254,13 +254,7 @@ class OriginDB:
         with self._publishing(blocking=True):
             if not path.exists():
                 # Durable before the row that names it: a manifest never lacks its payload.
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                with open(tmp, "wb") as out:
-                    out.write(payload)
-                    out.flush()
-                    os.fsync(out.fileno())
-                tmp.replace(path)
-                fsync_dir(self.payload_dir)
+                write_file(path, payload)
             if vouch is not None:
                 vouch()
             self._insert_version(version, manifest, payload, sha256, campaigns, created,

@@ -24,13 +24,16 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from enum import IntEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.config import OriginConfig, identifier_fix, parse_duration
 from appliance.errors import AdpopError
 from appliance.origin import enroll, rollout
 from appliance.origin.ca import Authority, split
 from appliance.origin.db import OriginDB
+
+if TYPE_CHECKING:  # the event store needs the origin's extra: imported when used
+    from appliance.origin.events import EventStore
 
 TOKEN_PREFIX = "adpop-op-"
 Json = dict[str, Any]
@@ -68,6 +71,7 @@ class Context:
     db: OriginDB
     origin: OriginConfig
     authority: Authority | None
+    events: EventStore | None = None  # the running origin's; None: opened read-only here
 
 
 Run = Callable[[Context, Mapping[str, str], Json], Json]
@@ -252,6 +256,39 @@ def _audit(ctx: Context, params: Mapping[str, str], body: Json) -> Json:
                         for a, o, c, t, r in ctx.db.audit()]}
 
 
+def _on_events(ctx: Context, read: Callable[[Any], Json]) -> Json:
+    """`read` on a cursor of the event store: the running origin's, or this host's file
+    opened read-only (which fails, saying so, while an origin holds it)."""
+    from appliance.origin.events import open_store
+
+    store = ctx.events or open_store(ctx.db.state_dir, read_only=True)
+    try:
+        with store.reader() as cursor:
+            return read(cursor)
+    finally:
+        if ctx.events is None:
+            store.close()
+
+
+def _report(ctx: Context, params: Mapping[str, str], body: Json) -> Json:
+    from appliance.origin import reports
+
+    by = _text(body, "by", "campaign")
+    since, until = _text(body, "since", ""), _text(body, "until", "")
+    return _on_events(ctx, lambda cursor: {
+        "by": by, "since": since, "until": until,
+        "rows": reports.report(cursor, by, since, until)})
+
+
+def _export(ctx: Context, params: Mapping[str, str], body: Json) -> Json:
+    from appliance.origin import reports
+
+    since, until = _text(body, "since", ""), _text(body, "until", "")
+    return _on_events(ctx, lambda cursor: {
+        "format": "parquet",
+        "data": reports.encode(reports.export_parquet(cursor, since, until))})
+
+
 OPS: tuple[Op, ...] = (
     Op("fleet", "GET", "/v1/fleet", Role.READ, _fleet),
     Op("campaigns.list", "GET", "/v1/ops/campaigns", Role.READ, _campaigns),
@@ -274,6 +311,8 @@ OPS: tuple[Op, ...] = (
     Op("tokens.create", "POST", "/v1/ops/tokens/{name}", Role.ADMIN, _token_create),
     Op("tokens.revoke", "POST", "/v1/ops/tokens/{name}/revoke", Role.ADMIN, _token_revoke),
     Op("audit", "GET", "/v1/ops/audit", Role.ADMIN, _audit),
+    Op("report", "GET", "/v1/reports", Role.READ, _report),
+    Op("events.export", "GET", "/v1/ops/events/export", Role.READ, _export),
 )
 BY_NAME = {op.name: op for op in OPS}
 

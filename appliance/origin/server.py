@@ -40,6 +40,7 @@ import signal
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -49,16 +50,18 @@ from cryptography import x509
 from appliance import httpguard, secrets
 from appliance.config import OriginConfig, OriginSettings, Scope, build, under
 from appliance.errors import AdpopError
+from appliance.events.batch import BATCH_HEADER, POP_HEADER
 from appliance.origin import enroll, ops, rollout
 from appliance.origin.ca import Authority, CaError, Identity, identity, pop_host
 from appliance.origin.db import OriginDB, PopRow, VersionRow
+from appliance.origin.events import MAX_BODY_BYTES, EventStore, Refused, metrics_text, open_store
 
 log = logging.getLogger("adpop.origin")
 
 PUSH_ATTEMPTS = 4
 LOOP_SECONDS = 0.05
 # Paths whose callers must prove they are an enrolled PoP when the origin speaks TLS.
-POP_ROUTES = ("/v1/manifest", "/v1/payload/", "/v1/pops/", "/v1/tuf/")
+POP_ROUTES = ("/v1/manifest", "/v1/payload/", "/v1/pops/", "/v1/tuf/", "/v1/events")
 TUF_FILE = re.compile(r"(?:[1-9][0-9]{0,9}\.)?(?:root|targets|snapshot|timestamp)\.json")
 TUF_REFRESH = 60.0  # seconds between checks that snapshot and timestamp are fresh enough
 HSTS = "max-age=31536000"
@@ -70,6 +73,7 @@ OPS_BODY_TIMEOUT = 300.0  # time an operator's upload may take
 # Open connections at most (lowered to fit the descriptor limit): a fleet's PoPs, their
 # payload downloads and operators fit; a flood of idle sockets does not lock them out.
 MAX_CONNECTIONS = 4096
+EVENTS_BODY_TIMEOUT = 60.0
 
 
 def _group(manifest: bytes) -> str:
@@ -100,12 +104,16 @@ class Origin:
         self.push_slots = asyncio.Semaphore(push_parallelism)
         self.notified: dict[str, int] = {}  # PoP id -> newest version a notice went out for
         self.pushes: set[asyncio.Task[None]] = set()  # held so they are not collected mid-flight
+        self.events: EventStore | None = None  # opened at start: it holds the file's lock
+        self.ingest_task: asyncio.Task[None] | None = None  # events.transport = "nats"
+        self.ingest_stop = asyncio.Event()
         self.session: ClientSession | None = None
         self.loop_task: asyncio.Task[None] | None = None
 
     def app(self, guard: httpguard.Guard | None = None) -> web.Application:
         guard = guard or httpguard.Guard(MAX_CONNECTIONS)
-        guard.streamed = ("/v1/ops/",)  # read by _operator_route, once the caller is known
+        # Read by their handlers once the caller is known (operators; PoPs' event batches).
+        guard.streamed = ("/v1/ops/", "/v1/events", "/v1/reports")
         app = guard.app(client_max_size=64 * 1024)
         app.middlewares.append(self._identify)
         app.add_routes([
@@ -116,6 +124,8 @@ class Origin:
             web.post("/v1/pops/{pop}/register", self.post_register),
             web.post("/v1/pops/{pop}/status", self.post_status),
             web.post("/v1/enroll", self.post_enroll),
+            web.post("/v1/events", self.post_events),
+            web.get("/metrics", self.get_metrics),
         ])
         for op in ops.OPS:
             app.router.add_route(op.method, op.path, self._operator_route(op))
@@ -124,14 +134,29 @@ class Origin:
         return app
 
     async def _start(self, app: web.Application) -> None:
+        if self.events is None:
+            self.events = await asyncio.to_thread(open_store, self.db.state_dir)
         self.session = ClientSession(timeout=ClientTimeout(total=5))
         self.loop_task = asyncio.create_task(self._rollout_loop())
+        events = self.config.events
+        if events.transport == "nats":
+            from appliance.events.nats import ingest
+
+            self.ingest_task = asyncio.create_task(ingest(
+                self.events, events.nats_url, events.ingest_workers, events.nats_replicas,
+                self.ingest_stop))
 
     async def _stop(self, app: web.Application) -> None:
         if self.loop_task is not None:
             self.loop_task.cancel()
+        self.ingest_stop.set()
+        if self.ingest_task is not None:
+            await asyncio.gather(self.ingest_task, return_exceptions=True)
         if self.session:
             await self.session.close()
+        if self.events is not None:
+            self.events.close()
+            self.events = None
 
     @web.middleware
     async def _identify(self, request: web.Request,
@@ -261,6 +286,42 @@ class Origin:
             return _error(404, "unknown-pop", exc.line())
         return web.json_response({"ok": True})
 
+    async def post_events(self, request: web.Request) -> web.Response:
+        """A batch of a PoP's events (appliance/origin/events.py): answered 200 only once it
+        is committed, or once it was before; a refusal names its reason."""
+        store = self.events
+        if store is None:
+            return _error(503, "starting", "the event store is not open yet")
+        who: Identity | None = request.get(CALLER)
+        # Over TLS the certificate says who sends; without (loopback development) the PoP
+        # names itself, and must be one that registered.
+        pop = who.pop if who is not None else request.headers.get(POP_HEADER, "")
+        if who is None and not self.db.pops([pop]):
+            store.counts.refused["unknown-pop"] += 1
+            return _error(403, "unknown-pop", f"no registered PoP {pop[:64]!r} sends events "
+                          "here")
+        raw = bytearray()
+        try:
+            async with asyncio.timeout(EVENTS_BODY_TIMEOUT):
+                while len(raw) <= MAX_BODY_BYTES:
+                    chunk = await request.content.read(1 << 20)
+                    if not chunk:
+                        break
+                    raw += chunk
+        except TimeoutError:
+            return _error(408, "too-slow", "the batch did not arrive in time")
+        try:
+            done = await asyncio.to_thread(store.store, pop,
+                                           request.headers.get(BATCH_HEADER, ""), bytes(raw))
+        except Refused as exc:
+            log.warning("refused a batch from %s: %s", pop, exc.line())
+            return _error(exc.status, exc.reason, exc.line())
+        return web.json_response(asdict(done))
+
+    async def get_metrics(self, request: web.Request) -> web.Response:
+        text = metrics_text(self.events.counts) if self.events is not None else ""
+        return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
     async def post_enroll(self, request: web.Request) -> web.Response:
         """A token and a public key for a certificate; answered only once the certificate
         is recorded (a revocation must be able to find it)."""
@@ -316,6 +377,9 @@ class Origin:
                               f"{OPS_BODY_TIMEOUT:.0f} s")
             if len(raw) > OPS_MAX_BODY:
                 return _error(413, "too-large", f"the body passed {OPS_MAX_BODY} bytes")
+            if not op.writes:
+                # A read's parameters are its query (GET /v1/reports?by=pop).
+                raw = bytearray(json.dumps(dict(request.query)).encode())
             try:
                 answer = await asyncio.to_thread(self._run_op, op, operator, params, bytes(raw))
             except ops.OpsError as exc:
@@ -340,8 +404,8 @@ class Origin:
             raise ops.OpsError("the body must be a JSON object")
         db = OriginDB(self.db.state_dir)
         try:
-            return ops.run(op, ops.Context(db, self.config, self.authority), operator,
-                           params, body)
+            return ops.run(op, ops.Context(db, self.config, self.authority, self.events),
+                           operator, params, body)
         finally:
             db.close()
 

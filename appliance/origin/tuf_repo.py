@@ -18,7 +18,6 @@ and `timestamp.json`. A root waiting for offline signatures is kept in `staged/r
 from __future__ import annotations
 
 import copy
-import os
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
@@ -44,6 +43,7 @@ from tuf.api.metadata import Metadata
 from tuf.api.serialization.json import JSONSerializer
 
 from appliance import secrets
+from appliance.durable import write_file
 from appliance.errors import AdpopError
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
@@ -67,12 +67,7 @@ def _expiry(role: str, now: float) -> datetime:
 
 def _write(path: Path, data: bytes) -> None:
     """Whole or not at all: a PoP never reads half a metadata file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_file(path, data)
 
 
 class Repository:

@@ -309,6 +309,59 @@ class SystemdUnit:
         return self._config_error
 
 
+class TaskRunner:
+    """A part run as a task on the supervisor's own event loop (the shipper): it lives and
+    dies with the supervisor, and is restarted like any other part when it ends."""
+
+    def __init__(self, name: str, main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+        self.main = main
+        self.description = f"task {name}"
+        self.task: asyncio.Future[None] | None = None
+        self.stopping: asyncio.Event | None = None
+        self._why = ""
+
+    async def start(self) -> None:
+        self.stopping = asyncio.Event()
+        self.task = asyncio.ensure_future(self.main(self.stopping))
+
+    async def stop(self) -> None:
+        if self.task is None or self.stopping is None:
+            return
+        self.stopping.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self.task), STOP_GRACE)
+        except TimeoutError:
+            self.task.cancel()
+        except Exception as exc:  # noqa: BLE001 - how it ended is reported, not raised here
+            self._why = repr(exc)
+        self.task = None
+
+    async def refresh(self) -> None:
+        if self.task is not None and self.task.done() and not self.task.cancelled():
+            exc = self.task.exception()
+            self._why = f"ended: {exc!r}" if exc else "ended"
+            if exc is not None:
+                log.error("%s %s", self.description, self._why, exc_info=exc)
+
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    def pid(self) -> int | None:
+        return os.getpid()
+
+    def stopped_why(self) -> str:
+        return self._why
+
+    def waiting(self) -> str:
+        return ""
+
+    def crashed(self) -> bool:
+        return False
+
+    def config_error(self) -> str:
+        return ""
+
+
 Probe = Callable[[], Awaitable[Health]]
 
 

@@ -31,6 +31,7 @@ from appliance.supervisor.components import (
     Component,
     Health,
     SystemdUnit,
+    TaskRunner,
     systemctl,
     unit_properties,
 )
@@ -42,6 +43,7 @@ from appliance.tuning.host import Host
 from appliance.xdp import Filter
 
 if TYPE_CHECKING:  # annotations only: the schema is for type checkers and tests
+    from appliance.events.shipper import Shipper, Transport
     from appliance.supervisor.schema import Status
 
 log = logging.getLogger("adpop.supervisor")
@@ -108,6 +110,7 @@ class Supervisor:
         self.stop: asyncio.Event | None = None
         self.sync_problem = ""  # why the sync loop last ended by itself
         self.sync_restarted = 0.0
+        self.shipper: Shipper | None = None
 
     # --- the parts --------------------------------------------------------------------
 
@@ -133,7 +136,8 @@ class Supervisor:
         engine_runner = (EngineProcess(self, logs / "engine.log", pid_path("engine")) if dev
                          else EngineUnit(self.cfg.engine.unit, self.store, self.agent))
         parts = [Component("cache", cache_runner, self._cache_health),
-                 Component("engine", engine_runner, self._engine_health)]
+                 Component("engine", engine_runner, self._engine_health),
+                 Component("shipper", TaskRunner("shipper", self._ship), self._shipper_health)]
         if not dev and not in_container():  # a dev host's NICs are left alone
             parts.append(Component("xdp", SystemdUnit(XDP_UNIT), self._xdp_health))
         return parts
@@ -160,6 +164,37 @@ class Supervisor:
             return await asyncio.to_thread(look)
         except AdpopError as exc:
             return Health(False, exc.line())
+
+    async def _ship(self, stop: asyncio.Event) -> None:
+        """The shipper's life (appliance/events/shipper.py): once this PoP knows who it is
+        at the origin (enrolled, for https://), batches go out until `stop`."""
+        from appliance.events.shipper import Shipper
+
+        while self.agent.origin.startswith("https://") and self.agent.client_tls is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+            if stop.is_set():
+                return
+        folder = state_path(self.cfg, self.cfg.engine.spool)
+        await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+        self.shipper = Shipper(folder, self.agent.pop.id, self._transport(),
+                               self.cfg.events.batch_bytes, self.cfg.events.in_flight_bytes)
+        await self.shipper.run(stop)
+
+    def _transport(self) -> Transport:
+        events = self.cfg.events
+        if events.transport == "nats":
+            from appliance.events.nats import NatsTransport
+
+            return NatsTransport(events.nats_url)
+        from appliance.events.transport import HttpTransport
+
+        return HttpTransport(self.agent.origin, self.agent.pop.id, self.agent.client_tls)
+
+    async def _shipper_health(self) -> Health:
+        # Shipping trouble degrades the PoP (spool_warning) but never stops it serving.
+        details = self.shipper.status() if self.shipper is not None else {}
+        return Health(True, "", details)
 
     async def _engine_health(self) -> Health:
         try:
@@ -218,15 +253,23 @@ class Supervisor:
         return [w for w in (self.events_warning,) if w]
 
     def spool_warning(self) -> str:
-        """Closed segments past engine.spool_warn_bytes: nothing ships them yet, and a full
-        disk would stop the engine from recording (so from serving)."""
+        """Events not reaching the origin: the engine shedding (spool full), a backlog past
+        engine.spool_warn_bytes, or deliveries failing."""
         self.backlog = spool.backlog(state_path(self.cfg, self.cfg.engine.spool))
-        limit = self.cfg.engine.spool_warn_bytes
-        if self.backlog.size <= limit:
-            return ""
-        return (f"events: spool backlog {self.backlog.size / 2**20:.0f} MiB in "
-                f"{self.backlog.segments} closed segments passes engine.spool_warn_bytes "
-                f"({limit / 2**20:.0f} MiB); nothing ships them yet: archive or delete them")
+        engine_spool = self.engine_status.get("spool", {})
+        waiting = int(engine_spool.get("backlog_bytes", self.backlog.size))
+        problems = []
+        if engine_spool.get("shedding"):
+            problems.append(f"spool full ({waiting / 2**20:.0f} MiB waiting): the engine "
+                            "answers no-fill (spool_full) until shipping makes room")
+        elif waiting > self.cfg.engine.spool_warn_bytes:
+            problems.append(f"spool backlog {waiting / 2**20:.0f} MiB passes "
+                            f"engine.spool_warn_bytes "
+                            f"({self.cfg.engine.spool_warn_bytes / 2**20:.0f} MiB)")
+        shipping = self.shipper.status() if self.shipper is not None else {}
+        if shipping.get("retry_in_s"):
+            problems.append(f"not delivered ({shipping['last_error']}); retrying")
+        return "events: " + "; ".join(problems) if problems else ""
 
     def _watch_sync(self) -> None:
         """The sync loop only ends when the supervisor stops: one that ended otherwise (an
@@ -307,7 +350,9 @@ class Supervisor:
             "events": {"ok": not self.events_warning, "reason": self.events_warning,
                        "closed_segments": self.backlog.segments,
                        "backlog_bytes": self.backlog.size,
-                       "warn_bytes": self.cfg.engine.spool_warn_bytes},
+                       "warn_bytes": self.cfg.engine.spool_warn_bytes,
+                       "shedding": bool(self.engine_status.get("spool", {}).get("shedding")),
+                       "shipping": self.shipper.status() if self.shipper is not None else {}},
             "serving_url": f"http://{self.cfg.engine.listen.split(',')[0].strip()}",
             "uptime_s": round(time.monotonic() - self.started, 1),
             "checked_at": self.checked_at,

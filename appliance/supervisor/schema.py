@@ -68,6 +68,8 @@ class Events(TypedDict):
     engine: NotRequired[dict[str, Any]]
     spool: NotRequired[dict[str, Any]]
     warn_bytes: NotRequired[int]
+    shedding: NotRequired[bool]
+    shipping: NotRequired[dict[str, Any]]  # appliance/events/shipper.py, Shipper.status
 
 
 class Cache(TypedDict):

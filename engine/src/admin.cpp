@@ -26,6 +26,7 @@ void Engine::admin_loop() {
                      static_cast<unsigned long long>(current_.load()->version()));
     }
     reclaim();
+    watch_spool();
     if (admin_fd_ < 0) {
       usleep(100000);
       continue;

@@ -380,6 +380,7 @@ void render(const Snapshot& snap, const DecideRequest& request, const Decision& 
         TrackingToken token;
         token.expires = links->expires;
         token.request_hash = request_key;
+        token.version = static_cast<std::uint32_t>(snap.version());
         token.campaign = snap.str(campaigns[ch.campaign].getId());
         token.ad = snap.str(ads[ch.ad].getId());
         token.placement = request.placements[i].id;

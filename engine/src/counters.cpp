@@ -13,7 +13,7 @@ const char* error_reason_name(ErrorReason r) {
                                            "method_not_allowed", "no_snapshot",      "explain_forbidden",
                                            "connection_cap",     "draining",         "token_malformed",
                                            "token_forged",       "token_expired",    "unknown_ad",
-                                           "first_byte_timeout", "idle_evicted"};
+                                           "first_byte_timeout", "idle_evicted",     "spool_full"};
   return r < kErrReasons ? names[r] : "unknown";
 }
 

@@ -68,6 +68,7 @@ enum ErrorReason : std::uint8_t {
   kErrUnknownAd,
   kErrFirstByteTimeout,  // connected and never sent a byte within --first-byte-timeout
   kErrIdleEvicted,       // an idle connection closed to admit a new one at the cap
+  kErrSpoolFull,         // a pixel whose record had no room: refused, so never acknowledged
   kErrReasons
 };
 const char* error_reason_name(ErrorReason r);
@@ -88,6 +89,9 @@ enum Count : std::uint8_t {
   kSpoolWriteErrors,
   kSpoolDropped,
   kSpoolSegmentsClosed,
+  kSpoolFullNoFill,
+  kSpoolFullRefused,
+  kSpoolShedding,
   kConnectionsOpen,
   kConnectionsTotal,
   kIdlePollNs,
@@ -120,6 +124,11 @@ inline constexpr CountSpec kCountSpecs[kCounts] = {
     {"spool", "dropped", "adpop_spool_records_total", "outcome=\"no_spool\"", "counter", "", 1},
     {"spool", "segments_closed", "adpop_spool_segments_closed_total", "", "counter",
      "Spool segments closed, ready to ship.", 1},
+    {"spool", "full_no_fill", "adpop_spool_full_total", "answer=\"no_fill\"", "counter",
+     "Requests the spool had no room to record: decisions answered no-fill, pixels refused.", 1},
+    {"spool", "full_refused", "adpop_spool_full_total", "answer=\"refused\"", "counter", "", 1},
+    {"spool", "shedding", "adpop_spool_shedding", "", "gauge",
+     "Shards answering no-fill because the spool is full (reason spool_full).", 1},
     {"", "connections", "adpop_connections", "", "gauge", "Open client connections.", 1},
     {"", "connections_total", "adpop_connections_total", "", "counter", "Accepted client connections.", 1},
     {"", "idle_poll_ns", "adpop_idle_poll_seconds_total", "", "counter",

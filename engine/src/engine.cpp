@@ -4,6 +4,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <cstdio>
 #include <cstring>
 #include <ctime>
 
@@ -31,6 +32,15 @@ bool Engine::start(std::string* error) {
   started_ns_ = mono_ns();
   rate_ns_ = started_ns_;
   if (!load(error)) return false;
+  if (!options_.spool_dir.empty()) {
+    // Segments a crashed run left open are closed before any shard opens its own: from here
+    // they count in the backlog and ship like any other.
+    leftovers_closed_ = close_leftovers(options_.spool_dir, &leftover_bytes_);
+    if (leftovers_closed_)
+      std::fprintf(stderr, "adpop-engine: closed %u spool segment(s) (%llu bytes) an earlier run left open\n",
+                   leftovers_closed_, static_cast<unsigned long long>(leftover_bytes_));
+    spool_backlog_.store(adpop::spool_backlog(options_.spool_dir));
+  }
   if (!options_.admin_path.empty()) {
     ::unlink(options_.admin_path.c_str());
     admin_fd_ = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -60,6 +70,26 @@ bool Engine::start(std::string* error) {
   }
   admin_thread_ = std::thread([this] { admin_loop(); });
   return true;
+}
+
+void Engine::watch_spool() {
+  if (options_.spool_dir.empty()) return;
+  const std::int64_t now = mono_ns();
+  if (now - spool_checked_ns_ < 100'000'000) return;
+  spool_checked_ns_ = now;
+  const std::uint64_t backlog = adpop::spool_backlog(options_.spool_dir);
+  spool_backlog_.store(backlog, std::memory_order_relaxed);
+  // Shedding is logged when it starts and when it ends, not per request.
+  const Totals totals = collect();
+  const bool shedding = totals.counts[kSpoolShedding] > 0;
+  if (shedding != spool_shedding_)
+    std::fprintf(stderr,
+                 shedding
+                     ? "adpop-engine: spool full (%llu bytes waiting): answering no-fill (spool_full) until "
+                       "shipping makes room\n"
+                     : "adpop-engine: spool has room again (%llu bytes waiting): serving ads\n",
+                 static_cast<unsigned long long>(backlog));
+  spool_shedding_ = shedding;
 }
 
 void Engine::wait() {

@@ -52,6 +52,9 @@ SO_REUSEPORT listener and epoll loop.
                            counted as dropped
   --spool-segment-bytes N  rotate a segment at this size (default 67108864)
   --spool-segment-age S    rotate a segment at this age in seconds (default 60)
+  --spool-max-bytes N      bound on the spool folder's bytes; past it decisions answer
+                           no-fill (spool_full) and pixels 503 (default 0: the disk bounds it)
+  --spool-headroom-bytes N per shard, kept for pixels of ads already served (default 262144)
   --token-key FILE         secret (>= 16 bytes) signing impression and click URLs, created
                            with 32 random bytes (mode 0600) when missing; without the flag
                            answers carry no tracking URLs and tracking requests get 403
@@ -184,6 +187,10 @@ int main(int argc, char** argv) {
         die("--spool: " + o.spool_dir + " is not a writable folder; fix its owner or mode");
     } else if (flag == "--spool-segment-bytes") {
       o.spool_segment_bytes = number(flag, value, 4096, 1ull << 34);
+    } else if (flag == "--spool-max-bytes") {
+      o.spool_max_bytes = number(flag, value, 0, 1ull << 50);
+    } else if (flag == "--spool-headroom-bytes") {
+      o.spool_headroom_bytes = number(flag, value, 4096, 1ull << 34);
     } else if (flag == "--spool-segment-age") {
       o.spool_segment_age_s = static_cast<std::uint32_t>(number(flag, value, 1, 86400));
     } else if (flag == "--token-key") {

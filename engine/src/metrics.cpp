@@ -45,7 +45,10 @@ std::string Engine::status_json() {
   s += ",\"spool\":{\"enabled\":";
   s += options_.spool_dir.empty() ? "false," : "true,";
   append_counts_json(s, totals, "spool");
-  s.back() = '}';
+  std::snprintf(buf, sizeof buf, "\"backlog_bytes\":%llu,\"max_bytes\":%llu,\"leftovers_closed\":%u}",
+                static_cast<unsigned long long>(spool_backlog()),
+                static_cast<unsigned long long>(options_.spool_max_bytes), leftovers_closed_);
+  s += buf;
   s += ",\"errors\":{";
   append_errors_json(s, totals);
   std::snprintf(buf, sizeof buf,

@@ -106,6 +106,8 @@ void Shard::handle_decide(Conn& c, const http::Request& req, const Snapshot& sna
     return;
   }
   if (request_.explain) return respond_error(c, 403, kErrExplainForbidden);
+  // Room for the decision's record first: an answer the spool cannot record is no-fill.
+  if (!may_record(kDecisionRecordBytes, true)) return respond_spool_full(c, close);
   const std::int64_t now = batch_wall_ms_ / 1000;
   const DecideContext context{&engine_.signer(), engine_.options().budget_share, engine_.options().shards};
   decider_.decide(snap, request_, now, decision_, context);
@@ -146,6 +148,13 @@ void Shard::handle_tracking(Conn& c, const http::Request& req, const Snapshot* s
   if (err == TokenError::kMalformed) return respond_error(c, 403, kErrTokenMalformed);
   if (err == TokenError::kForged) return respond_error(c, 403, kErrTokenForged);
   if (err == TokenError::kExpired) return respond_error(c, 403, kErrTokenExpired);
+  // Refused before the dedup window sees it, so the pixel's retry is recorded later.
+  const std::size_t record =
+      8 + 1 + 8 + 3 * 2 + token.campaign.size() + token.ad.size() + token.placement.size() + 12;
+  if (!may_record(record, false)) {
+    stats_.counts[kSpoolFullRefused].add();
+    return respond_error(c, 503, kErrSpoolFull);
+  }
   if (!click) {
     // One impression per request and ad: retries and double-fired pixels count once.
     std::uint64_t key = token.request_hash ^ (request_hash(token.ad) * 0x9E3779B97F4A7C15ULL);
@@ -183,16 +192,47 @@ void Shard::spool_tracking(EventType type, const TrackingToken& token) {
   spool_->put_string(token.placement);
   spool_->put_u32(static_cast<std::uint32_t>(token.request_hash));
   spool_->put_u32(static_cast<std::uint32_t>(token.request_hash >> 32));
+  spool_->put_u32(token.version);
   spool_->end();
 }
 
-void Shard::flush_spool(std::int64_t now_s) {
-  spool_->flush(now_s);
+bool Shard::may_record(std::size_t bytes, bool decision) {
+  if (!spool_->enabled()) return true;
+  const EngineOptions& o = engine_.options();
+  // Decisions stop while the headroom is still free, so the pixels of ads already served
+  // find room: the bound on the backlog, and the space on disk.
+  const std::uint64_t keep = decision ? o.spool_headroom_bytes : 0;
+  bool ok = o.spool_max_bytes == 0 || engine_.spool_backlog() + keep * o.shards + bytes <= o.spool_max_bytes;
+  ok = ok && spool_->room(bytes, keep, batch_wall_ms_ / 1000);
+  if (decision) stats_.counts[kSpoolShedding].set(ok ? 0 : 1);
+  return ok;
+}
+
+void Shard::respond_spool_full(Conn& c, bool close) {
+  stats_.counts[kSpoolFullNoFill].add();
+  stats_.counts[kNoFill].add(request_.placements.size());
+  body_.clear();
+  body_ += "{\"id\":";
+  api::append_json_string(body_, request_.id);
+  body_ += ",\"placements\":[";
+  for (std::size_t i = 0; i < request_.placements.size(); ++i) {
+    if (i) body_.push_back(',');
+    body_ += "{\"id\":";
+    api::append_json_string(body_, request_.placements[i].id);
+    body_ += ",\"ads\":[]}";
+  }
+  body_ += "],\"no_fill\":\"spool_full\"}";
+  append_response(c.out, 200, "application/json", body_, close);
+}
+
+bool Shard::flush_spool(std::int64_t now_s) {
+  const bool written = spool_->flush(now_s);
   const SpoolStats& st = spool_->stats();
   stats_.counts[kSpoolRecords].set(st.records);
   stats_.counts[kSpoolWriteErrors].set(st.write_errors);
   stats_.counts[kSpoolDropped].set(st.disabled_dropped);
   stats_.counts[kSpoolSegmentsClosed].set(st.segments_closed);
+  return written;
 }
 
 }  // namespace adpop

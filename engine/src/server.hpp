@@ -48,6 +48,10 @@ struct EngineOptions {
   std::string spool_dir;  // empty: events are counted, not kept
   std::uint64_t spool_segment_bytes = 64ull << 20;
   std::uint32_t spool_segment_age_s = 60;
+  std::uint64_t spool_max_bytes = 0;  // the PoP's backlog bound (0: the disk is the bound)
+  // Per shard, kept free for the impressions and clicks of ads already served: decisions
+  // stop (no-fill, spool_full) before pixels do.
+  std::uint64_t spool_headroom_bytes = 256 << 10;
   std::string token_key;                // secret for tracking tokens (file contents)
   std::uint32_t token_ttl_s = 86400;    // how long impression and click URLs stay valid
   std::uint32_t dedup_window_s = 3600;  // impressions of one request and ad count once
@@ -81,7 +85,12 @@ class Shard {
   void handle(Conn& c, const http::Request& req, const Snapshot* snap);
   void handle_decide(Conn& c, const http::Request& req, const Snapshot& snap, bool close);
   void handle_tracking(Conn& c, const http::Request& req, const Snapshot* snap, bool click, bool close);
-  void flush_spool(std::int64_t now_s);
+  bool flush_spool(std::int64_t now_s);
+  bool may_record(std::size_t bytes, bool decision);
+  // Room asked for before a decision is made: more than a usual decision record; a larger
+  // one takes the rest from the shard's headroom.
+  static constexpr std::size_t kDecisionRecordBytes = 4096;
+  void respond_spool_full(Conn& c, bool close);
   void spool_tracking(EventType type, const TrackingToken& token);
 
   Engine& engine_;
@@ -148,12 +157,15 @@ class Engine {
   std::int64_t now_seconds() const;
   const TokenSigner& signer() const { return signer_; }
   DedupTable& dedup() { return dedup_; }
+  // Bytes in the spool folder, measured by the admin thread every 100 ms.
+  std::uint64_t spool_backlog() const { return spool_backlog_.load(std::memory_order_relaxed); }
 
  private:
   Totals collect() const;
   void admin_loop();
   void handle_admin(int fd);
   void reclaim();
+  void watch_spool();
 
   EngineOptions options_;
   TokenSigner signer_;
@@ -176,6 +188,11 @@ class Engine {
   int admin_fd_ = -1;
   std::thread admin_thread_;
   std::int64_t started_ns_ = 0;
+  std::atomic<std::uint64_t> spool_backlog_{0};
+  std::int64_t spool_checked_ns_ = 0;
+  bool spool_shedding_ = false;  // as last logged
+  std::uint32_t leftovers_closed_ = 0;
+  std::uint64_t leftover_bytes_ = 0;
   // For requests-per-second in status: the total at the previous status call.
   std::uint64_t rate_total_ = 0;
   std::int64_t rate_ns_ = 0;

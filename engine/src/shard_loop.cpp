@@ -131,12 +131,17 @@ void Shard::run() {
     // Spool, then answers. A connection held back by a full output buffer gets its waiting
     // requests processed once it drains, which queues more answers: repeat until none.
     while (!dirty_.empty()) {
-      flush_spool(batch_wall_ms_ / 1000);
+      const bool recorded = flush_spool(batch_wall_ms_ / 1000);
       sending_.swap(dirty_);
       for (int fd : sending_) {
         Conn& c = *conns_[static_cast<std::size_t>(fd)];
         c.dirty = false;
         if (c.closed) continue;
+        if (!recorded) {
+          // The batch's records are not on disk: none of its answers may say otherwise.
+          close_conn(c);
+          continue;
+        }
         flush(c);
         if (c.closed || c.out.size() - c.out_off >= kMaxOutput / 2) continue;
         if (!c.in.empty()) process(c);
@@ -354,6 +359,8 @@ void Shard::flush(Conn& c) {
 void Shard::tick(std::int64_t now) {
   const EngineOptions& o = engine_.options();
   flush_spool(engine_.now_seconds());  // rotates an idle shard's segment by age
+  // A shedding shard looks again each tick, so it reports room as soon as shipping made it.
+  if (stats_.counts[kSpoolShedding].get()) may_record(kDecisionRecordBytes, true);
   const std::int64_t idle = std::int64_t{o.idle_timeout_ms} * 1'000'000;
   const std::int64_t slow = std::int64_t{o.request_timeout_ms} * 1'000'000;
   const std::int64_t silent = std::int64_t{o.first_byte_timeout_ms} * 1'000'000;

@@ -1,5 +1,6 @@
 #include "spool.hpp"
 
+#include <dirent.h>
 #include <fcntl.h>
 #if defined(__x86_64__)
 #include <cpuid.h>
@@ -12,6 +13,7 @@
 #include <cstdio>
 #include <cstring>
 #include <ctime>
+#include <vector>
 
 namespace adpop {
 
@@ -144,6 +146,90 @@ void Spool::end() {
   ++pending_records_;
 }
 
+namespace {
+constexpr std::uint64_t kReserveChunk = 256 << 10;  // reserved at a time: few fallocate calls
+constexpr std::uint32_t kMaxRecord = 1u << 20;      // as readers believe (engine/SPOOL.md)
+
+bool ends_with(const std::string& s, const char* suffix) {
+  const std::size_t n = std::strlen(suffix);
+  return s.size() >= n && s.compare(s.size() - n, n, suffix) == 0;
+}
+
+std::vector<std::string> segment_names(const std::string& dir) {
+  std::vector<std::string> names;
+  DIR* d = opendir(dir.c_str());
+  if (!d) return names;
+  while (dirent* e = readdir(d)) {
+    std::string name = e->d_name;
+    if (name.compare(0, 6, "shard-") == 0 && (ends_with(name, ".spool") || ends_with(name, ".closed")))
+      names.push_back(std::move(name));
+  }
+  closedir(d);
+  return names;
+}
+
+// Where the whole records of `data` end, by the readers' rule (engine/SPOOL.md): a record
+// with a bad CRC is passed over only when the record after it checks.
+std::size_t whole_records_end(const std::string& data) {
+  auto frame = [&](std::size_t pos, std::size_t* end, std::uint32_t* crc) {
+    if (pos + 8 > data.size()) return false;
+    std::uint32_t len = 0, c = 0;
+    std::memcpy(&len, data.data() + pos, 4);
+    std::memcpy(&c, data.data() + pos + 4, 4);
+    if (len > kMaxRecord || pos + 8 + len > data.size()) return false;
+    *end = pos + 8 + len;
+    *crc = c;
+    return true;
+  };
+  auto intact = [&](std::size_t pos, std::size_t end, std::uint32_t c) {
+    return crc32c(data.data() + pos + 8, end - pos - 8) == c;
+  };
+  std::size_t pos = 0, end = 0, next_end = 0;
+  std::uint32_t c = 0, next_c = 0;
+  while (frame(pos, &end, &c)) {
+    if (!intact(pos, end, c) && !(frame(end, &next_end, &next_c) && intact(end, next_end, next_c))) break;
+    pos = end;
+  }
+  return pos;
+}
+}  // namespace
+
+std::uint32_t close_leftovers(const std::string& dir, std::uint64_t* bytes) {
+  std::uint32_t closed = 0;
+  *bytes = 0;
+  for (const std::string& name : segment_names(dir)) {
+    if (!ends_with(name, ".spool")) continue;
+    const std::string path = dir + "/" + name;
+    const int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+    if (fd < 0) continue;
+    std::string data;
+    char buf[1 << 16];
+    ssize_t n;
+    while ((n = ::read(fd, buf, sizeof buf)) > 0) data.append(buf, static_cast<std::size_t>(n));
+    const std::size_t end = whole_records_end(data);
+    // Also releases space a crashed run had reserved past the end.
+    const bool cut = ::ftruncate(fd, static_cast<off_t>(end)) == 0;
+    ::fsync(fd);
+    ::close(fd);
+    if (!cut) continue;
+    const std::string done = path.substr(0, path.size() - 6) + ".closed";
+    if (std::rename(path.c_str(), done.c_str()) == 0) {
+      ++closed;
+      *bytes += end;
+    }
+  }
+  return closed;
+}
+
+std::uint64_t spool_backlog(const std::string& dir) {
+  std::uint64_t total = 0;
+  for (const std::string& name : segment_names(dir)) {
+    struct stat st {};
+    if (::stat((dir + "/" + name).c_str(), &st) == 0) total += static_cast<std::uint64_t>(st.st_size);
+  }
+  return total;
+}
+
 bool Spool::open_segment(std::int64_t now_s) {
   char name[96];
   std::snprintf(name, sizeof name, "/shard-%u-%lld-%06llu.spool", shard_, static_cast<long long>(now_s),
@@ -152,43 +238,86 @@ bool Spool::open_segment(std::int64_t now_s) {
   fd_ = ::open(path_.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
   if (fd_ < 0) return false;
   segment_bytes_ = 0;
+  allocated_ = 0;
   opened_s_ = now_s;
   return true;
 }
 
 void Spool::close_segment() {
   if (fd_ < 0) return;
+  // Gives back the space reserved past the last record.
+  if (allocated_ > segment_bytes_) (void)::ftruncate(fd_, static_cast<off_t>(segment_bytes_));
   ::close(fd_);
   fd_ = -1;
-  // Renaming marks the segment complete: the shipper never reads one still being written.
+  // Renaming marks the segment complete.
   std::string closed = path_.substr(0, path_.size() - 6) + ".closed";
   if (std::rename(path_.c_str(), closed.c_str()) == 0) ++stats_.segments_closed;
 }
 
-void Spool::flush(std::int64_t now_s) {
-  if (fd_ >= 0 && (segment_bytes_ >= max_bytes_ || now_s - opened_s_ >= max_age_s_)) close_segment();
-  if (buffer_.empty()) return;
-  if (dir_.empty()) return;  // nothing is built without a folder (see begin)
+bool Spool::room(std::size_t n, std::size_t keep, std::int64_t now_s) {
+  if (dir_.empty()) return true;
   if (fd_ < 0 && !open_segment(now_s)) {
-    stats_.write_errors += pending_records_;
+    ++stats_.no_room;
+    return false;
+  }
+  const std::uint64_t need = segment_bytes_ + buffer_.size() + n + keep;
+  if (need <= allocated_ || !preallocate_) return true;
+  const std::uint64_t want = need > allocated_ + kReserveChunk ? need : allocated_ + kReserveChunk;
+  int rc = ::fallocate(fd_, FALLOC_FL_KEEP_SIZE, static_cast<off_t>(allocated_),
+                       static_cast<off_t>(want - allocated_));
+  if (rc != 0 && errno == EOPNOTSUPP) {
+    preallocate_ = false;  // nothing to reserve with: a failed write is still cut back
+    std::fprintf(stderr, "adpop-engine: %s cannot reserve space (no fallocate); writes decide\n",
+                 dir_.c_str());
+    return true;
+  }
+  if (rc == 0) {
+    allocated_ = want;
+    return true;
+  }
+  // Not a whole chunk: exactly what this record needs, if that much is left.
+  if (::fallocate(fd_, FALLOC_FL_KEEP_SIZE, static_cast<off_t>(allocated_),
+                  static_cast<off_t>(need - allocated_)) == 0) {
+    allocated_ = need;
+    return true;
+  }
+  ++stats_.no_room;
+  return false;
+}
+
+bool Spool::flush(std::int64_t now_s) {
+  bool written = true;
+  if (!buffer_.empty() && !dir_.empty()) {  // nothing is built without a folder (see begin)
+    if (fd_ < 0 && !open_segment(now_s)) {
+      written = false;
+    } else {
+      std::size_t off = 0;
+      while (off < buffer_.size()) {
+        ssize_t n = ::write(fd_, buffer_.data() + off, buffer_.size() - off);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) {
+          written = false;
+          break;
+        }
+        off += static_cast<std::size_t>(n);
+      }
+      if (written) {
+        stats_.bytes += off;
+        segment_bytes_ += off;
+      } else {
+        // Cut the part that did reach the file back off, and start a new segment: no tear
+        // is left to hide the records written after it.
+        (void)::ftruncate(fd_, static_cast<off_t>(segment_bytes_));
+        close_segment();
+      }
+    }
+    if (!written) stats_.write_errors += pending_records_;
     pending_records_ = 0;
     buffer_.clear();
-    return;
   }
-  std::size_t off = 0;
-  while (off < buffer_.size()) {
-    ssize_t n = ::write(fd_, buffer_.data() + off, buffer_.size() - off);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      stats_.write_errors += pending_records_;  // a torn tail is skipped by the CRC on read
-      break;
-    }
-    off += static_cast<std::size_t>(n);
-  }
-  stats_.bytes += off;
-  segment_bytes_ += off;
-  pending_records_ = 0;
-  buffer_.clear();
+  // Rotate after the write, so a record always lands in the segment its room was reserved in.
+  if (fd_ >= 0 && (segment_bytes_ >= max_bytes_ || now_s - opened_s_ >= max_age_s_)) close_segment();
+  return written;
 }
 
 }  // namespace adpop

@@ -171,6 +171,7 @@ TrackingPair::TrackingPair(const TokenSigner& signer, const TrackingToken& token
   body_[n++] = kTrackingDomain;
   for (int i = 0; i < 4; ++i) body_[n++] = static_cast<unsigned char>((token.expires >> (8 * i)) & 0xFF);
   for (int i = 0; i < 8; ++i) body_[n++] = static_cast<unsigned char>((token.request_hash >> (8 * i)) & 0xFF);
+  for (int i = 0; i < 4; ++i) body_[n++] = static_cast<unsigned char>((token.version >> (8 * i)) & 0xFF);
   for (std::string_view id : {token.campaign, token.ad, token.placement}) {
     const std::size_t len = id.size() > 255 ? 255 : id.size();
     body_[n++] = static_cast<unsigned char>(len);
@@ -196,7 +197,7 @@ void TokenSigner::sign(const TrackingToken& token, std::string& out) const {
 TokenError TokenSigner::verify(std::string_view text, std::uint32_t now, std::string& scratch,
                                TrackingToken& out) const {
   if (text.empty() || text.size() > 1200 || !unbase64url(text, scratch)) return TokenError::kMalformed;
-  if (scratch.size() < 1 + 4 + 8 + 3 + kMacBytes) return TokenError::kMalformed;
+  if (scratch.size() < 1 + 4 + 8 + 4 + 3 + kMacBytes) return TokenError::kMalformed;
   const std::size_t body_len = scratch.size() - kMacBytes;
   auto* data = reinterpret_cast<unsigned char*>(scratch.data());
   out.kind = static_cast<TokenKind>(data[0]);
@@ -213,6 +214,8 @@ TokenError TokenSigner::verify(std::string_view text, std::uint32_t now, std::st
   for (int i = 0; i < 4; ++i) out.expires |= std::uint32_t{data[p++]} << (8 * i);
   out.request_hash = 0;
   for (int i = 0; i < 8; ++i) out.request_hash |= std::uint64_t{data[p++]} << (8 * i);
+  out.version = 0;
+  for (int i = 0; i < 4; ++i) out.version |= std::uint32_t{data[p++]} << (8 * i);
   std::string_view* ids[] = {&out.campaign, &out.ad, &out.placement};
   for (auto* id : ids) {
     if (p >= body_len) return TokenError::kMalformed;

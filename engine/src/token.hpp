@@ -1,7 +1,7 @@
 // Signed tracking tokens for impression and click URLs: compact, HMAC-SHA256, expiring.
 //
 // Layout before base64url (no padding):
-//   u8 kind | u32 expires (unix s, LE) | u64 request hash (LE) |
+//   u8 kind | u32 expires (unix s, LE) | u64 request hash (LE) | u32 snapshot version (LE) |
 //   u8 len + campaign id | u8 len + ad id | u8 len + placement id | 12-byte tag
 // The tag is a slice of HMAC-SHA256 over the same bytes with the kind byte replaced by a
 // tracking domain byte: bytes 0-11 for an impression, 12-23 for a click. So one MAC signs both
@@ -26,6 +26,9 @@ struct TrackingToken {
   TokenKind kind = TokenKind::kImpression;
   std::uint32_t expires = 0;
   std::uint64_t request_hash = 0;
+  // The snapshot version that served the ad: the origin prices the event at that
+  // version's eCPM, whichever version is serving when the pixel fires.
+  std::uint32_t version = 0;
   std::string_view campaign;
   std::string_view ad;
   std::string_view placement;
@@ -68,7 +71,7 @@ class TrackingPair {
   void append(TokenKind kind, std::string& out) const;
 
  private:
-  unsigned char body_[1 + 4 + 8 + 3 * 256];
+  unsigned char body_[1 + 4 + 8 + 4 + 3 * 256];
   std::size_t size_ = 0;
   std::uint8_t mac_[32];
 };

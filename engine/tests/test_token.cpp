@@ -19,6 +19,7 @@ TEST(Token, RoundTrip) {
   t.kind = TokenKind::kClick;
   t.expires = 2000;
   t.request_hash = 0x1122334455667788ULL;
+  t.version = 0xA1B2C3D4u;
   t.campaign = "camp-1";
   t.ad = "ad-1";
   t.placement = "slot";
@@ -30,6 +31,7 @@ TEST(Token, RoundTrip) {
   ASSERT_EQ(kSigner.verify(text, 1000, scratch, out), TokenError::kNone);
   EXPECT_EQ(out.kind, TokenKind::kClick);
   EXPECT_EQ(out.request_hash, t.request_hash);
+  EXPECT_EQ(out.version, t.version);
   EXPECT_EQ(out.campaign, "camp-1");
   EXPECT_EQ(out.ad, "ad-1");
   EXPECT_EQ(out.placement, "slot");
