@@ -415,11 +415,12 @@ class EventsSettings:
         "JetStream servers when transport = \"nats\", comma-separated.",
         _nats_urls)
     batch_bytes: int = setting(
-        Kind.SIZE, 1024**2,
-        "Largest batch of records sent at once (before compression).",
-        _between(4096, 8 * 1024**2))
-    in_flight_bytes: int = setting(
         Kind.SIZE, 8 * 1024**2,
+        "Largest batch of records sent at once (before compression): what a backlog drains "
+        "in. Live traffic goes in smaller ones, at most a second old.",
+        _between(4096, 16 * 1024**2))
+    in_flight_bytes: int = setting(
+        Kind.SIZE, 32 * 1024**2,
         "Batches sent and not yet acknowledged, at most this many bytes together.",
         _at_least(4096))
     spool_max_bytes: int = setting(

@@ -20,6 +20,7 @@ from aiohttp import ClientConnectionError, ClientSession
 from appliance.events.batch import BATCH_HEADER, cut
 from appliance.events.transport import HttpTransport
 from appliance.origin import enroll, reports
+from appliance.origin.events import MAX_BODY_BYTES
 from appliance.snapshot import synth
 from appliance.snapshot.model import parse_documents
 from appliance.spool import crc32c, scan
@@ -189,7 +190,8 @@ def hostile(tls: Tls, camp: str, ad: str, camp2: str, ad2: str, honest: ssl.SSLC
         "an empty body": (honest, raw(one)[0], b"", "bad-compression"),
         "a zip bomb (64 MiB of zeros)": (honest, f"pop-a/{SEGMENT}/0-67108864",
                                          zstd(bytes(64 << 20)), "too-large"),
-        "9 MiB of noise": (honest, raw(one)[0], os.urandom(9 << 20), "too-large"),
+        "a body past the limit (noise)": (honest, raw(one)[0],
+                                          os.urandom(MAX_BODY_BYTES + 1), "too-large"),
         "a range longer than the records": (honest, f"pop-a/{SEGMENT}/0-{len(one) + 10}",
                                             zstd(one), "bad-range"),
         "a cut frame header": (honest, *raw(one + b"\x05\x00"), "bad-framing"),

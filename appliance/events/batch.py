@@ -24,8 +24,10 @@ from appliance.spool import Scan
 
 BATCH_HEADER = "Adpop-Batch"  # the batch id, on POST /v1/events and as the NATS message id
 POP_HEADER = "Adpop-Pop"  # who sends, only where no certificate says it (TLS off, loopback)
-ZSTD_LEVEL = 3  # about 10x on spool records at a few hundred MB/s on one core
-DEFAULT_BATCH_BYTES = 1 << 20
+ZSTD_LEVEL = 1  # about 7x on spool records, at twice level 3's speed for the same size
+# A backlog drains in batches this large: the origin then writes each batch's rows straight
+# into its file (DuckDB's bulk path) instead of through its log, about twice the rate.
+DEFAULT_BATCH_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -56,23 +58,27 @@ def cut(pop: str, segment: str, data: bytes | memoryview, found: Scan, since: in
     before), each at most `max_bytes` of frames unless one record alone is larger. `data`
     starts at offset `base` of the segment (a window of it): ids carry segment offsets."""
     compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
-    run: list[tuple[int, int]] = []
-    size = 0
-    for start, end in (r for r in found.records if r[0] >= since):
-        if run and (size + (end - start) > max_bytes or start != run[-1][1]):
-            yield _batch(pop, segment, data, run, compressor, base)
-            run, size = [], 0
-        run.append((start, end))
-        size += end - start
-    if run:
-        yield _batch(pop, segment, data, run, compressor, base)
+    # Once per record at the engine's rate: a run is its first start, its end and a count.
+    first = last = count = 0
+    for start, end in found.records:
+        if start < since:
+            continue
+        if count and (start != last or end - first > max_bytes):
+            yield _batch(pop, segment, data, first, last, count, compressor, base)
+            count = 0
+        if not count:
+            first = start
+        last = end
+        count += 1
+    if count:
+        yield _batch(pop, segment, data, first, last, count, compressor, base)
 
 
-def _batch(pop: str, segment: str, data: bytes | memoryview, run: list[tuple[int, int]],
-           compressor: zstandard.ZstdCompressor, base: int) -> Batch:
-    frames = b"".join(bytes(data[start:end]) for start, end in run)
-    return Batch(pop, segment, base + run[0][0], base + run[-1][1], len(run),
-                 compressor.compress(frames))
+def _batch(pop: str, segment: str, data: bytes | memoryview, first: int, last: int,
+           count: int, compressor: zstandard.ZstdCompressor, base: int) -> Batch:
+    # A run is contiguous (cut starts another at a gap): one slice holds its frames.
+    return Batch(pop, segment, base + first, base + last, count,
+                 compressor.compress(bytes(data[first:last])))
 
 
 def frames(payload: bytes, max_bytes: int) -> bytes:

@@ -117,9 +117,19 @@ async def ingest(store: Any, urls: str, workers: int, replicas: int,
         config = api.ConsumerConfig(ack_policy=api.AckPolicy.EXPLICIT, ack_wait=ACK_WAIT,
                                     max_ack_pending=workers * FETCH * 4)
 
+        async def subscribe(n: int) -> Any:
+            """The durable consumer, asked again while a cluster is still electing leaders."""
+            while True:
+                try:
+                    return await js.pull_subscribe(SUBJECTS, durable=DURABLE, stream=STREAM,
+                                                   config=config)
+                except (NatsError, JetStreamError) as exc:
+                    log.warning("ingest worker %d: no consumer yet (%s); trying again", n,
+                                exc or type(exc).__name__)
+                    await asyncio.sleep(1.0)
+
         async def worker(n: int) -> None:
-            sub = await js.pull_subscribe(SUBJECTS, durable=DURABLE, stream=STREAM,
-                                          config=config)
+            sub = await subscribe(n)
             while not stop.is_set():
                 try:
                     messages = await sub.fetch(FETCH, timeout=1.0)

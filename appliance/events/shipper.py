@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import struct
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -27,13 +28,17 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from appliance.errors import AdpopError
-from appliance.events.batch import Batch, cut, segment_name
+from appliance.events.batch import DEFAULT_BATCH_BYTES, Batch, cut, segment_name
 from appliance.events.ledger import Ledger
 from appliance.spool import MAX_RECORD, scan, segments
 
 log = logging.getLogger("adpop.shipper")
 
-IDLE = 0.2  # seconds between rounds that found nothing new
+IDLE = 1.0  # seconds between rounds that found nothing new
+SMALL_READ = 256 << 10  # bytes read without leaving the event loop
+# How long the newest records of an open segment may wait for company before they are
+# sent anyway: the lag it adds is bounded by this, the batches per second by its inverse.
+LINGER = 1.0
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
 RATE_WINDOW = 10.0  # seconds the shipping rate is averaged over
 REFUSED = "refused"
@@ -101,7 +106,7 @@ class Backlog:
 
 class Shipper:
     def __init__(self, folder: Path, pop: str, transport: Transport,
-                 batch_bytes: int = 1 << 20, in_flight_bytes: int = 8 << 20) -> None:
+                 batch_bytes: int = DEFAULT_BATCH_BYTES, in_flight_bytes: int = 32 << 20) -> None:
         self.folder = folder
         self.pop = pop
         self.transport = transport
@@ -129,10 +134,10 @@ class Shipper:
         try:
             while not stop.is_set():
                 try:
-                    moved = await self.round()
+                    more = await self.round()
                     self.backoff = BACKOFF_FIRST
                     self.progress.retry_in = 0.0
-                    wait = 0.0 if moved else IDLE
+                    wait = 0.0 if more else IDLE
                 except DeliveryError as exc:
                     self.progress.failures += 1
                     if exc.line() != self.progress.last_error:
@@ -148,26 +153,28 @@ class Shipper:
             await self.transport.close()
 
     async def round(self) -> bool:
-        """One pass over the spool; whether anything was shipped or deleted."""
-        paths = await asyncio.to_thread(lambda: list(segments(self.folder, closed_only=False)))
-        await asyncio.to_thread(self._measure, paths)
+        """One pass over the spool; whether more is waiting than it read (a backlog)."""
+        # Listing and stat are a few system calls: on the loop, not worth a thread's hop.
+        sizes = self._measure(list(segments(self.folder, closed_only=False)))
         lanes = asyncio.Semaphore(self.lanes)
 
-        async def lane(path: Path) -> bool:
+        async def lane(path: Path, size: int) -> bool:
             async with lanes:
-                return await self._segment(path)
+                return await self._segment(path, size)
 
-        results = await asyncio.gather(*(lane(p) for p in paths), return_exceptions=True)
+        results = await asyncio.gather(*(lane(p, n) for p, n in sizes.items()),
+                                       return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result
         return any(results)
 
-    def _measure(self, paths: list[Path]) -> None:
+    def _measure(self, paths: list[Path]) -> dict[Path, int]:
+        """The backlog, and the size of each segment with something to ship (or delete)."""
         assert self.ledger is not None
         waiting = 0
         oldest = 0.0
-        count = 0
+        pending: dict[Path, int] = {}
         now = time.time()
         for path in paths:
             try:
@@ -175,31 +182,40 @@ class Shipper:
             except FileNotFoundError:
                 continue
             left = size - self.ledger.acked(segment_name(path.name))
-            if left <= 0:
+            if left <= 0 and not path.name.endswith(".closed"):
                 continue
-            count += 1
-            waiting += left
+            pending[path] = size
+            waiting += max(0, left)
             opened = _opened(path.name)
-            if opened:
+            if opened and left > 0:
                 oldest = max(oldest, now - opened)
-        self.backlog = Backlog(count, waiting, oldest)
+        self.backlog = Backlog(sum(1 for n in pending.values() if n), waiting, oldest)
+        return pending
 
-    async def _segment(self, path: Path) -> bool:
+    async def _segment(self, path: Path, size: int) -> bool:
         """Ships what is new in one segment; deletes it once closed and all acknowledged."""
         assert self.ledger is not None
         name = segment_name(path.name)
         since = self.ledger.acked(name)
-        window = max(4 * self.batch_bytes, 2 * (MAX_RECORD + 8))
-        read = await asyncio.to_thread(_read, path, since, window)
+        # One batch and the record that may straddle its end; room to step past a bad CRC.
+        window = max(self.batch_bytes + MAX_RECORD + 8, 2 * (MAX_RECORD + 8))
+        # A little new data is read on the loop; a lot (a backlog) in a thread.
+        read = _read(path, since, window) if size - since < SMALL_READ else \
+            await asyncio.to_thread(_read, path, since, window)
         if read is None:
             return False  # renamed (closed) or deleted since it was listed
         data, size = read
+        if path.name.endswith(".spool") and len(data) < self.batch_bytes // 4 and \
+                _age(data) < LINGER:
+            # A segment still being written, with little new: wait for more (or for its
+            # first new record to be LINGER old), so batches stay large and few.
+            return False
         found = scan(data)
-        moved = False
         for batch in cut(self.pop, name, data, found, 0, self.batch_bytes, base=since):
             await self._deliver(batch)
             await asyncio.to_thread(self.ledger.ack, name, batch.end)
-            moved = True
+        # More than one window waits (a backlog): the next round at once, not after IDLE.
+        more = since + len(data) < size
         if found.records:
             # Counted once shipped past: a round that failed sends (and counts) again.
             self.progress.bad_records += found.bad
@@ -213,8 +229,7 @@ class Shipper:
                             path.name, torn)
             if await asyncio.to_thread(self.ledger.retire, path, since + found.end):
                 self.progress.deleted += 1
-                moved = True
-        return moved
+        return more
 
     async def _deliver(self, batch: Batch) -> None:
         try:
@@ -247,6 +262,15 @@ def _read(path: Path, since: int, window: int) -> tuple[bytes, int] | None:
             return segment.read(window), size
     except FileNotFoundError:
         return None
+
+
+def _age(data: bytes) -> float:
+    """Seconds since the first record in `data` was written (its time field, engine/SPOOL.md);
+    0 when there is no whole header to read."""
+    if len(data) < 17:
+        return 0.0
+    (time_ms,) = struct.unpack_from("<Q", data, 9)
+    return float(time.time() - time_ms / 1000)
 
 
 def _opened(file_name: str) -> float:

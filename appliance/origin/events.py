@@ -17,7 +17,6 @@ whole with a named reason, counted, and changes nothing.
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import re
 import struct
@@ -28,24 +27,33 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
+import pyarrow as pa  # type: ignore[import-untyped]  # no stubs published
 import zstandard
 
 from appliance.errors import AdpopError
 from appliance.events.batch import frames
 from appliance.snapshot.compiler import open_payload, string_table
-from appliance.spool import MAX_RECORD, EventType, crc32c, decode
+from appliance.spool import MAX_RECORD, EventType, crc32c
 
 STORE_FILE = "events.duckdb"
-MAX_BATCH_BYTES = 16 << 20  # decompressed: 16 times the shipper's default batch
-MAX_BODY_BYTES = 8 << 20  # compressed, as it arrives
+# Decompressed: events.batch_bytes's largest, or one record past it; compressed, as it
+# arrives (records that do not compress at all come a little larger than they are).
+MAX_BATCH_BYTES = (16 << 20) + MAX_RECORD + 8
+MAX_BODY_BYTES = MAX_BATCH_BYTES + (1 << 20)
 BATCH_ID = re.compile(r"([a-z0-9][a-z0-9._-]{0,62})/(shard-[0-9]{1,6}-[0-9]{1,12}-[0-9]{1,12})/"
                       r"([0-9]{1,15})-([0-9]{1,15})")
 # Event times a PoP may claim, around the origin's clock.
 FUTURE_SLACK_MS = 86_400_000
 PAST_LIMIT_MS = 400 * 86_400_000
 LAG_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+# A staged batch's impressions: how many at or under each bucket's bound of lag (commit
+# time, the parameter, minus event time), their lag's sum in seconds, and how many.
+LAG_QUERY = ("SELECT " + ", ".join(
+    f"count(*) FILTER (WHERE greatest($1 - time, 0) <= {bound * 1000:g})"
+    for bound in LAG_BUCKETS) + ", sum(greatest($1 - time, 0)) / 1000, count(*) "
+    "FROM staged WHERE type = 2")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -65,8 +73,11 @@ CREATE TABLE IF NOT EXISTS events (
     price_micros UBIGINT            -- the campaign's eCPM in that version, micros
 );
 """
-COLUMNS = ("key", "type", "time", "stored", "pop", "version", "campaign", "advertiser", "ad",
-           "placement", "request_id", "request_hash", "ads", "price_micros")
+
+
+REASONS = {"bad-framing": "its frame runs past the batch", "bad-crc": "it fails its CRC-32C",
+           "bad-record": "it does not decode as a decision, impression or click",
+           "bad-range": "the records do not fill the id's byte range"}
 
 
 class EventStoreError(AdpopError):
@@ -134,11 +145,17 @@ class Counts:
     lag_sum: float = 0.0
     lag_count: int = 0
 
-    def lag(self, seconds: list[float]) -> None:
-        for value in seconds:
-            self.lag_buckets[bisect.bisect_left(LAG_BUCKETS, value)] += 1
-        self.lag_sum += sum(seconds)
-        self.lag_count += len(seconds)
+    def add_lag(self, counted: tuple[Any, ...]) -> None:
+        """LAG_QUERY's row: the count at or under each bucket's bound, the sum of the
+        seconds, and the count."""
+        *cumulative, total_seconds, count = counted
+        below = 0
+        for i, at_most in enumerate(cumulative):
+            self.lag_buckets[i] += int(at_most or 0) - below
+            below = int(at_most or 0)
+        self.lag_buckets[-1] += int(count or 0) - below
+        self.lag_sum += float(total_seconds or 0.0)
+        self.lag_count += int(count or 0)
 
 
 @dataclass(frozen=True)
@@ -149,13 +166,133 @@ class Outcome:
     duplicates: int  # rows already held (records stored before under another batch)
 
 
-def _key(*parts: bytes | str) -> int:
-    h = hashlib.blake2b(digest_size=16)
-    for part in parts:
-        data = part.encode() if isinstance(part, str) else part
-        h.update(struct.pack("<I", len(data)))
-        h.update(data)
-    return int.from_bytes(h.digest(), "little")
+_HEAD = struct.Struct("<BQ")
+_PIXELS = (EventType.IMPRESSION, EventType.CLICK)
+_U16 = struct.Struct("<H")
+_TAIL = struct.Struct("<III")
+
+
+def _pixel(body: bytes) -> tuple[str, str, str, int, int]:
+    """(campaign, ad, placement, request hash, version) of an impression or click record
+    (engine/SPOOL.md), read without appliance.spool's general decoder's call per field: the
+    intake reads every record of the fleet."""
+    pos = 9
+    texts = []
+    for _ in range(3):
+        (n,) = _U16.unpack_from(body, pos)
+        if pos + 2 + n > len(body):
+            raise ValueError("a string runs past the record")
+        texts.append(body[pos + 2:pos + 2 + n].decode())
+        pos += 2 + n
+    low, high, version = _TAIL.unpack_from(body, pos)
+    if pos + 12 != len(body):
+        raise ValueError(f"{len(body) - pos - 12} bytes after the fields of a pixel")
+    return texts[0], texts[1], texts[2], low | high << 32, version
+
+
+_U32 = struct.Struct("<I")
+_U32X2 = struct.Struct("<II")
+
+
+def _decision(body: bytes) -> tuple[str, int, list[tuple[str, list[tuple[str, str]]]]]:
+    """(request id, version, [(placement, [(campaign, ad)])]) of a decision record."""
+    def text(pos: int) -> tuple[str, int]:
+        (n,) = _U16.unpack_from(body, pos)
+        end = pos + 2 + n
+        if end > len(body):
+            raise ValueError("a string runs past the record")
+        return body[pos + 2:end].decode(), end
+
+    request_id, pos = text(9)
+    _user, pos = text(pos)
+    version, count = _U32X2.unpack_from(body, pos)
+    pos += 8
+    placements = []
+    for _ in range(count):
+        placement, pos = text(pos)
+        (n,) = _U32.unpack_from(body, pos)
+        pos += 4
+        ads = []
+        for _ in range(n):
+            campaign, pos = text(pos)
+            ad, pos = text(pos)
+            ads.append((campaign, ad))
+        placements.append((placement, ads))
+    if pos != len(body):
+        raise ValueError(f"{len(body) - pos} bytes after the fields of a decision")
+    return request_id, version, placements
+
+
+# A batch's rows as they are staged (appliance/origin/columns.py's layout: the C decoder and
+# `reference_table` both make it), and how they become stored ones. Each row's key names it
+# for good (module docstring; the identity texts are in engine/src/event_columns.cpp): an
+# impression by request, campaign, ad and placement; a decision and a click by where its
+# record was written; a served ad by its decision and its place in the answer.
+INSERT = """
+INSERT INTO events SELECT
+    (s.key_hi::UHUGEINT << 64) + s.key_lo,
+    CASE s.type WHEN 1 THEN 'decision' WHEN 2 THEN 'impression' WHEN 3 THEN 'click'
+                ELSE 'served' END,
+    make_timestamp_ms(s.time), make_timestamp_ms($stamp), $pop, s.version,
+    nullif(s.campaign, ''), p.advertiser, nullif(s.ad, ''), nullif(s.placement, ''),
+    nullif(s.request_id, ''), CASE WHEN s.type IN (2, 3) THEN s.request_hash END,
+    CASE WHEN s.type = 1 THEN s.ads END, p.price
+FROM staged s LEFT JOIN prices p ON p.version = s.version AND p.campaign = s.campaign
+ON CONFLICT DO NOTHING"""
+ROW_TYPES = {EventType.DECISION: 1, EventType.IMPRESSION: 2, EventType.CLICK: 3}
+SERVED = 4
+
+
+def identity_key(*parts: str) -> tuple[int, int]:
+    """A row's key from its identity text, as the C decoder makes it: the first 16 bytes of
+    SHA-256 over the parts joined by 0x1F, as (high, low) 64-bit halves."""
+    digest = hashlib.sha256("\x1f".join(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big"), int.from_bytes(digest[8:16], "big")
+
+
+def reference_table(pop: str, segment: str, records: Iterator[tuple[int, bytes]]
+                    ) -> tuple[Any, int, int] | str:
+    """The staged table of `records` decoded in Python: where the C decoder is not built,
+    and what the tests hold it to. Returns (table, earliest, latest time) or the refusal."""
+    from appliance.origin.columns import FIXED, STRINGS
+
+    rows: list[tuple[Any, ...]] = []
+    append = rows.append
+    times: list[int] = []
+    for offset, body in records:
+        try:
+            kind, time_ms = _HEAD.unpack_from(body)
+            if kind in _PIXELS:
+                campaign_id, ad_id, placement, request_hash, version = _pixel(body)
+                key = identity_key("impression", str(request_hash), campaign_id, ad_id,
+                                   placement) if kind == EventType.IMPRESSION else \
+                    identity_key("record", pop, segment, str(offset))
+                append((ROW_TYPES[EventType(kind)], time_ms, offset, 0, 0, version,
+                        request_hash, 0, *key, campaign_id, ad_id, placement, ""))
+            elif kind == EventType.DECISION:
+                request_id, version, placements = _decision(body)
+                served = 0
+                for index, (placement, ads) in enumerate(placements):
+                    for slot, (campaign_id, ad_id) in enumerate(ads):
+                        key = identity_key("served", pop, segment, str(offset), str(index),
+                                           str(slot))
+                        append((SERVED, time_ms, offset, index, slot, version, 0, 0, *key,
+                                campaign_id, ad_id, placement, request_id))
+                        served += 1
+                append((1, time_ms, offset, 0, 0, version, 0, min(served, 65535),
+                        *identity_key("record", pop, segment, str(offset)), "", "", "",
+                        request_id))
+            else:
+                raise ValueError(f"no record type {kind}")
+        except (ValueError, struct.error, IndexError, UnicodeDecodeError):
+            return f"bad-record at {segment}:{offset}"
+        times.append(time_ms)
+    names = [name for name, _, _ in FIXED] + list(STRINGS)
+    kinds = [getattr(pa, kind)() for _, kind, _ in FIXED] + [pa.string()] * len(STRINGS)
+    columns: list[Any] = list(zip(*rows, strict=True)) if rows else [[] for _ in names]
+    table = pa.table({name: pa.array(values, kind)
+                      for name, kind, values in zip(names, kinds, columns, strict=True)})
+    return table, min(times, default=0), max(times, default=0)
 
 
 def parse_id(batch_id: str) -> tuple[str, str, int, int]:
@@ -205,6 +342,10 @@ class EventStore:
             self.db = duckdb.connect(str(path), read_only=read_only)
             if not read_only:
                 self.db.execute(SCHEMA)
+                # Every batch commits (it is acknowledged after): checkpoint the WAL into
+                # the file every 256 MB of it rather than DuckDB's 16, which made a
+                # checkpoint of every few commits.
+                self.db.execute("SET checkpoint_threshold = '256MB'")
         except duckdb.IOException as exc:
             raise EventStoreError(
                 f"cannot open the event store {path}: {str(exc).splitlines()[0]}",
@@ -257,65 +398,24 @@ class EventStore:
         except zstandard.ZstdError as exc:
             raise Refused("bad-compression", f"the batch is not zstd: {exc}") from exc
         stamp = now()
-        rows = self._rows(pop, segment, split_frames(data, start, end), stamp)
-        if not rows["key"]:
+        if len(data) != end - start:
+            raise Refused("bad-range", f"the records fill {len(data)} bytes, the id says "
+                          f"{end - start}")
+        from appliance.origin import columns
+
+        decoded = columns.decode(data, start, pop, segment) if columns.library() else \
+            reference_table(pop, segment, split_frames(data, start, end))
+        if isinstance(decoded, str):
+            reason, _, where = decoded.partition(" at ")
+            raise Refused(reason, f"the record at {where}: {REASONS[reason]}")
+        table, earliest, latest = decoded
+        if not table.num_rows:
             raise Refused("bad-framing", "the batch holds no record")
-        return self._commit(batch_id, pop, rows, stamp)
-
-    def _rows(self, pop: str, segment: str, records: Iterator[tuple[int, bytes]],
-              stamp: float) -> dict[str, list[Any]]:
-        rows: dict[str, list[Any]] = {name: [] for name in COLUMNS}
         now_ms = int(stamp * 1000)
-
-        def add(key: int, kind: str, time_ms: int, version: int, campaign: str | None,
-                advertiser: str | None, ad: str | None, placement: str | None,
-                request_id: str | None, request_hash: int | None, ads: int | None,
-                price: int | None) -> None:
-            for name, value in zip(COLUMNS, (key, kind, time_ms, now_ms, pop, version,
-                                             campaign, advertiser, ad, placement, request_id,
-                                             request_hash, ads, price), strict=True):
-                rows[name].append(value)
-
-        for offset, body in records:
-            try:
-                event = decode(body)
-            except (ValueError, struct.error, IndexError) as exc:
-                raise Refused("bad-record", f"the record at {segment}:{offset} does not "
-                              f"decode: {exc}") from exc
-            if not now_ms - PAST_LIMIT_MS <= event.time_ms <= now_ms + FUTURE_SLACK_MS:
-                raise Refused("bad-time", f"the record at {segment}:{offset} claims time "
-                              f"{event.time_ms} ms, too far from the origin's clock")
-            # The record's own name: the same wherever a batch boundary falls.
-            where = _key("record", pop, segment, str(offset))
-            if event.type is EventType.DECISION:
-                request_id, _user, version = cast(tuple[str, str, int], event.fields[:3])
-                placements = cast(tuple[tuple[str, list[tuple[str, str]]], ...],
-                                  event.fields[3:])
-                offered = self._version(version, segment, offset)
-                served = 0
-                for index, (placement, ads) in enumerate(placements):
-                    for slot, (campaign_id, ad_id) in enumerate(ads):
-                        found = self._campaign(offered, version, campaign_id, ad_id)
-                        add(_key("served", str(where), str(index), str(slot)), "served",
-                            event.time_ms, version, campaign_id, found.advertiser, ad_id,
-                            placement, request_id, None, None, found.ecpm_micros)
-                        served += 1
-                add(where, "decision", event.time_ms, version, None, None, None, None,
-                    request_id, None, min(served, 65535), None)
-            else:
-                campaign_id, ad_id, placement, request_hash, version = cast(
-                    tuple[str, str, str, int, int], event.fields)
-                found = self._campaign(self._version(version, segment, offset), version,
-                                       campaign_id, ad_id)
-                if event.type is EventType.IMPRESSION:
-                    # One per request and ad, as the engine's dedup window counts them.
-                    key = _key("impression", str(request_hash), campaign_id, ad_id, placement)
-                    kind = "impression"
-                else:
-                    key, kind = where, "click"
-                add(key, kind, event.time_ms, version, campaign_id, found.advertiser, ad_id,
-                    placement, None, request_hash, None, found.ecpm_micros)
-        return rows
+        if earliest < now_ms - PAST_LIMIT_MS or latest > now_ms + FUTURE_SLACK_MS:
+            raise Refused("bad-time", f"the batch holds event times from {earliest} to "
+                          f"{latest} ms, too far from the origin's clock ({now_ms})")
+        return self._commit(batch_id, pop, table, stamp)
 
     def _version(self, version: int, segment: str, offset: int) -> dict[str, Campaign]:
         offered = self.catalog.campaigns(version)
@@ -336,54 +436,59 @@ class EventStore:
                           f"{ad_id[:64]!r} in version {version}")
         return found
 
-    def _commit(self, batch_id: str, pop: str, rows: dict[str, list[Any]],
-                stamp: float) -> Outcome:
-        import pyarrow as pa  # type: ignore[import-untyped]  # no stubs published
+    def _prices(self, table: Any) -> Any:
+        """What the staged rows claim, checked against what their versions held: the price
+        table the INSERT joins (version, campaign, advertiser, price). Raises Refused.
+        Arrow's own grouping, off the store's lock: another batch commits meanwhile."""
+        claimed = table.group_by(["version", "campaign", "ad", "type"]).aggregate([])
+        rows: dict[tuple[int, str], tuple[str, int]] = {}
+        for version, campaign_id, ad_id, kind in zip(
+                *(claimed[name].to_pylist() for name in ("version", "campaign", "ad", "type")),
+                strict=True):
+            offered = self._version(int(version), "this batch", 0)
+            if kind == ROW_TYPES[EventType.DECISION]:
+                continue  # claims a version only (its ads are rows of their own)
+            found = self._campaign(offered, int(version), str(campaign_id), str(ad_id))
+            rows[(int(version), str(campaign_id))] = (found.advertiser, found.ecpm_micros)
+        return pa.table({"version": pa.array([v for v, _ in rows], pa.uint32()),
+                         "campaign": pa.array([c for _, c in rows], pa.string()),
+                         "advertiser": pa.array([a for a, _ in rows.values()], pa.string()),
+                         "price": pa.array([p for _, p in rows.values()], pa.uint64())})
 
-        mask = (1 << 64) - 1
-        table = pa.table({
-            "key_hi": pa.array([k >> 64 for k in rows["key"]], pa.uint64()),
-            "key_lo": pa.array([k & mask for k in rows["key"]], pa.uint64()),
-            **{name: rows[name] for name in ("type", "pop", "campaign", "advertiser", "ad",
-                                             "placement", "request_id")},
-            "time": pa.array(rows["time"], pa.int64()),
-            "stored": pa.array(rows["stored"], pa.int64()),
-            "version": pa.array(rows["version"], pa.uint32()),
-            "request_hash": pa.array(rows["request_hash"], pa.uint64()),
-            "ads": pa.array(rows["ads"], pa.uint16()),
-            "price_micros": pa.array(rows["price_micros"], pa.uint64()),
-        })
-        total = len(rows["key"])
+    def _commit(self, batch_id: str, pop: str, table: Any, stamp: float) -> Outcome:
+        total = int(table.num_rows)
+        prices = self._prices(table)
         with self.lock:
             # Again under the lock: the same batch sent twice at once is stored once.
             if self.db.execute("SELECT 1 FROM batches WHERE id = ?", [batch_id]).fetchall():
                 self.counts.duplicate_batches += 1
                 return Outcome(batch_id, "duplicate", 0, 0)
-            self.db.execute("BEGIN")
+            self.db.register("staged", table)
             try:
-                self.db.register("staged", table)
-                inserted = self.db.execute(
-                    "INSERT INTO events SELECT (key_hi::UHUGEINT << 64) + key_lo, type, "
-                    "make_timestamp_ms(time), make_timestamp_ms(stored), pop, version, "
-                    "campaign, advertiser, ad, placement, request_id, request_hash, ads, "
-                    "price_micros FROM staged ON CONFLICT DO NOTHING").fetchall()[0][0]
+                self.db.register("prices", prices)
+                self.db.execute("BEGIN")
+                try:
+                    inserted = int(self.db.execute(
+                        INSERT, {"stamp": int(stamp * 1000), "pop": pop}).fetchall()[0][0])
+                    self.db.execute("INSERT INTO batches VALUES (?, ?, ?, ?, ?, "
+                                    "make_timestamp_ms(?))",
+                                    [batch_id, pop, total, inserted, total - inserted,
+                                     int(stamp * 1000)]).fetchall()
+                    self.db.execute("COMMIT")
+                except BaseException:
+                    self.db.execute("ROLLBACK")
+                    raise
+                # The impressions' lag, bucketed by DuckDB: one row back, not one a row.
+                lags = self.db.execute(LAG_QUERY, [int(stamp * 1000)]).fetchall()[0]
+            finally:
                 self.db.unregister("staged")
-                self.db.execute("INSERT INTO batches VALUES (?, ?, ?, ?, ?, "
-                                "make_timestamp_ms(?))",
-                                [batch_id, pop, total, inserted, total - inserted,
-                                 int(stamp * 1000)]).fetchall()
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+                self.db.unregister("prices")
             # Counted after the commit, so the counters never run ahead of the store.
             self.counts.batches[pop] += 1
-            self.counts.events[pop] += int(inserted)
-            self.counts.duplicate_events += total - int(inserted)
-            self.counts.lag([max(0.0, stamp - t / 1000) for t, kind
-                             in zip(rows["time"], rows["type"], strict=True)
-                             if kind == "impression"])
-        return Outcome(batch_id, "stored", int(inserted), total - int(inserted))
+            self.counts.events[pop] += inserted
+            self.counts.duplicate_events += total - inserted
+            self.counts.add_lag(lags)
+        return Outcome(batch_id, "stored", inserted, total - inserted)
 
 
 def open_store(state_dir: str | Path, read_only: bool = False) -> EventStore:
