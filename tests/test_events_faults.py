@@ -70,7 +70,8 @@ class Pop:
 
 
 class World:
-    def __init__(self, tmp: Path, nats: Cluster | None) -> None:
+    def __init__(self, tmp: Path, nats: Cluster | None, pops: tuple[str, ...] = POPS,
+                 pop_extra: str = "") -> None:
         self.tmp = tmp
         self.nats = nats
         self.origin_port = free_port()
@@ -87,7 +88,8 @@ class World:
               str(self.origin_conf))
         adpop("origin", "publish", "--config", str(self.origin_conf))
         self.origin: subprocess.Popen[bytes] | None = None
-        self.pops = [self._pop(name) for name in POPS]
+        self.pop_extra = pop_extra  # more TOML for every PoP's configuration
+        self.pops = [self._pop(name) for name in pops]
 
     def _pop(self, name: str) -> Pop:
         state = self.tmp / name
@@ -120,7 +122,7 @@ mode = "dev"
 control_socket = "control.sock"
 operator_group = ""
 ready_timeout = "1m"
-{events}""")
+{events}{self.pop_extra}""")
         adpop("pop", "trust", str(root_json(self.tmp / "origin")), "--config", str(conf))
         return Pop(name, state, conf, port)
 
@@ -361,3 +363,68 @@ def test_every_event_reaches_the_origin_exactly_once_through_faults(
         if world.nats is None:
             assert world.status(pop)["events"]["shipping"]["failures"] > 0, pop.name
     print({p.name: (expected[p.name], dict(p.retries)) for p in world.pops})
+
+
+def test_a_full_spool_sheds_until_the_origin_is_back_and_loses_nothing(
+        tmp_path: Path) -> None:
+    """Disk full (issue 23's acceptance): the spool on a small tmpfs and the origin stopped;
+    the engine sheds with spool_full, every acknowledged event still reaches the origin
+    once, and serving resumes by itself once the origin is back and the backlog drains."""
+    world = World(tmp_path, None, ("pop-d",))
+    pop = world.pops[0]
+    spool = pop.state / "engine" / "spool"
+    spool.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(spool)], check=True)
+    try:
+        world.start_origin()
+        world.start_supervisor(pop)
+        world.wait_ready(pop)
+        world.kill_origin(signal.SIGTERM)
+        shed = 0
+        give_up = time.monotonic() + 120
+        for n in range(40_000):  # bounded: far more than 1 MiB of records
+            answer = _until(pop, "decide", lambda n=n: _decide(pop.port, f"full-{n}"), give_up)
+            if answer.get("no_fill") == "spool_full":
+                shed += 1
+                if shed >= 20:
+                    break
+                continue
+            ads = [ad for p in answer["placements"] for ad in p["ads"]]
+            if ads:
+                pop.answered_with_ads += 1
+            for ad in ads:
+                code = _get(pop.port, ad["imp"])
+                assert code in (204, 503)
+                pop.impressions += code == 204
+        assert shed >= 20, "the spool never filled"
+        # The supervisor's next health round says so: degraded, yet ready.
+        deadline = time.monotonic() + 30
+        while not (status := world.status(pop))["events"].get("shedding"):
+            assert time.monotonic() < deadline, status["events"]
+            time.sleep(0.5)
+        assert "spool full" in status["events"]["reason"] and "spool full" in status["summary"]
+        assert status["ready"], "shedding degrades the PoP; it still serves"
+
+        world.start_origin()
+        deadline = time.monotonic() + 120
+        while True:
+            answer = _decide(pop.port, "after") or {"no_fill": "spool_full"}
+            if answer.get("no_fill") != "spool_full":
+                # Served (and recorded) again: counted like the others.
+                pop.answered_with_ads += any(p["ads"] for p in answer["placements"])
+                break
+            assert time.monotonic() < deadline, "serving never resumed"
+            time.sleep(0.5)
+        while True:
+            try:
+                row = world.report().get("pop-d", {})
+            except OSError:
+                row = {}
+            if (row.get("with_ads"), row.get("impressions")) == (pop.answered_with_ads,
+                                                                 pop.impressions):
+                break
+            assert time.monotonic() < deadline, f"report {row} != load {pop}"
+            time.sleep(1)
+    finally:
+        world.stop_all()
+        subprocess.run(["umount", "-l", str(spool)], check=False)
