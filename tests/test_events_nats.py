@@ -142,3 +142,71 @@ def test_a_three_node_cluster_loses_and_doubles_nothing_when_a_node_dies(
             await workers
 
     asyncio.run(scenario())
+
+
+def test_adpop_origin_ingest_stores_from_jetstream_and_stops_cleanly(tmp_path: Path) -> None:
+    """`adpop origin ingest` (the store's one writer while no `serve` runs): batches priced
+    from the origin's own published version, stored once, then SIGTERM."""
+    import signal
+    import subprocess
+    import sys
+
+    from appliance.origin.db import OriginDB
+    from appliance.origin.events import open_store
+    from appliance.snapshot import bundle, synth
+    from appliance.snapshot.model import parse_documents
+
+    sample = parse_documents(synth.generate(20, seed=3))
+    built = bundle.build(sample, 1, [], ttl=86400, target_group="default", unsigned=True)
+    state = tmp_path / "origin"
+    db = OriginDB(state)
+    db.add_version(1, built.manifest_bytes, built.payload, built.manifest.payload_sha256, 20,
+                   0, "done")
+    db.close()
+    camp = sample.campaigns[0]
+
+    def pixel(n: int) -> bytes:
+        body = (bytes([2]) + struct.pack("<Q", int(time.time() * 1000))
+                + struct.pack("<H", len(camp.id)) + camp.id.encode()
+                + struct.pack("<H", len(camp.ads[0].id)) + camp.ads[0].id.encode()
+                + struct.pack("<H", 4) + b"slot" + struct.pack("<III", n, 0, 1))
+        return struct.pack("<II", len(body), crc32c(body)) + body
+
+    data = b"".join(pixel(n) for n in range(300))
+    sent = list(cut("pop-a", SEGMENT, data, scan(data), max_bytes=len(pixel(0)) * 25))
+
+    async def publish(urls: str) -> None:
+        transport = NatsTransport(urls)
+        for batch in sent + sent[:3]:
+            await deliver(transport, batch)
+        await transport.close()
+
+    with nats_servers(tmp_path / "nats", 1) as cluster:
+        conf = tmp_path / "origin.toml"
+        conf.write_text(f'[origin]\nstate_dir = "{state}"\n[events]\ntransport = "nats"\n'
+                        f'nats_url = "{cluster.urls}"\n')
+        worker = subprocess.Popen([sys.executable, "-m", "appliance.cli", "origin", "ingest",
+                                   "--config", str(conf), "--workers", "2"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            asyncio.run(publish(cluster.urls))
+            deadline = time.monotonic() + 60
+            while True:
+                time.sleep(1.0)
+                worker.send_signal(signal.SIGTERM)
+                out, _ = worker.communicate(timeout=30)
+                assert worker.returncode == 0, out.decode()[-2000:]
+                store = open_store(state, read_only=True)
+                try:
+                    count = stored(store)
+                finally:
+                    store.close()
+                if count == 300 or time.monotonic() > deadline:
+                    break
+                worker = subprocess.Popen([sys.executable, "-m", "appliance.cli", "origin",
+                                           "ingest", "--config", str(conf)],
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+        assert count == 300
