@@ -6,6 +6,7 @@ shipped (deleted) away. Segments a killed engine left open are closed at its nex
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import signal
@@ -168,3 +169,32 @@ def test_a_failed_write_answers_nothing_and_leaves_no_tear(
             assert records(spool) == dict.fromkeys(EventType, 0)
     finally:
         subprocess.run(["umount", "-l", str(spool)], check=False)
+
+
+def test_a_full_spool_folder_does_not_stop_the_shipper_emptying_it(tmp_path: Path) -> None:
+    """The ledger cannot be written on a full file system: the shipper goes on (the offsets
+    held in memory), deletes what the origin holds, and the ledger is written once there is
+    room again."""
+    from appliance.events.batch import segment_name
+    from appliance.events.ledger import Ledger
+
+    folder = tmp_path / "spool"
+    folder.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)],
+                   check=True)
+    try:
+        closed = folder / "shard-0-1796000000-000001.closed"
+        closed.write_bytes(b"\0" * 8192)
+        fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+        with contextlib.suppress(OSError):
+            while True:  # until the file system is full
+                os.write(fd, b"\0" * 4096)
+        os.close(fd)
+        ledger = Ledger(folder)
+        ledger.ack(segment_name(closed.name), 8192)  # cannot be written: no exception
+        assert ledger.unwritten and ledger.acked(segment_name(closed.name)) == 8192
+        assert ledger.retire(closed, 8192) and not closed.exists()
+        assert not ledger.unwritten, "written once deleting the segment made room"
+        assert Ledger(folder).offsets == {}
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)

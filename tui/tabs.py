@@ -219,7 +219,7 @@ def shipping_line(events: Mapping[str, Any]) -> str:
     acked = f"last ack {age(time.time() - last)} ago" if last else "nothing acknowledged yet"
     line = (f"\nshipping: {ship.get('events_per_second', 0):,.0f} events/s, oldest waiting "
             f"{ship.get('oldest_age_s', 0):.0f} s, {acked}, {ship.get('failures', 0)} failures")
-    if ship.get("retry_in_s"):
+    if ship.get("failing"):
         line += f" [red](retrying: {ship.get('last_error', '')})[/red]"
     if events.get("shedding"):
         line += "\n[red]spool full: answering no-fill (spool_full)[/red]"

@@ -21,15 +21,10 @@ import logging
 import os
 from pathlib import Path
 
-from appliance.errors import AdpopError
 from appliance.events.batch import segment_name
 
 LEDGER = "shipped.json"
 log = logging.getLogger("adpop.shipper")
-
-
-class LedgerError(AdpopError):
-    """The ledger cannot be read or written."""
 
 
 class Ledger:
@@ -37,6 +32,7 @@ class Ledger:
         self.folder = folder
         self.path = folder / LEDGER
         self.offsets: dict[str, int] = {}
+        self.unwritten = False  # the last write failed (said once, until one succeeds)
         try:
             raw = json.loads(self.path.read_text()) if self.path.exists() else {}
         except (OSError, ValueError) as exc:
@@ -73,10 +69,18 @@ class Ledger:
         return True
 
     def _write(self) -> None:
+        """Best effort: a full spool folder must not stop the shipping that empties it. The
+        offsets stay in memory, and the next write that fits records them."""
         tmp = self.path.with_name(f".{LEDGER}.{os.getpid()}.tmp")
         try:
             tmp.write_text(json.dumps(self.offsets, sort_keys=True))
             os.replace(tmp, self.path)
         except OSError as exc:
-            raise LedgerError(f"cannot write the shipper's ledger {self.path}: {exc.strerror}",
-                              hint="free space in the spool folder") from exc
+            tmp.unlink(missing_ok=True)
+            if not self.unwritten:
+                log.warning("cannot write the shipper's ledger %s (%s); going on: after a "
+                            "restart more is sent again, and the origin stores it once",
+                            self.path, exc.strerror)
+            self.unwritten = True
+        else:
+            self.unwritten = False

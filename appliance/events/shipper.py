@@ -79,6 +79,7 @@ class Progress:
     last_ack: float = 0.0  # wall time
     last_error: str = ""
     retry_in: float = 0.0
+    failing: bool = False  # the last round failed to deliver
     acks: deque[tuple[float, int]] = field(default_factory=deque)  # (monotonic, events)
 
     def acked(self, events: int, size: int) -> None:
@@ -127,7 +128,8 @@ class Shipper:
                 "events": p.events, "last_ack": p.last_ack, "failures": p.failures,
                 "refused": p.refused, "bad_records": p.bad_records,
                 "torn_tails": p.torn_tails, "deleted": p.deleted,
-                "last_error": p.last_error, "retry_in_s": round(p.retry_in, 1)}
+                "last_error": p.last_error, "retry_in_s": round(p.retry_in, 1),
+                "failing": p.failing}
 
     async def run(self, stop: asyncio.Event) -> None:
         self.ledger = await asyncio.to_thread(Ledger, self.folder)
@@ -137,9 +139,11 @@ class Shipper:
                     more = await self.round()
                     self.backoff = BACKOFF_FIRST
                     self.progress.retry_in = 0.0
+                    self.progress.failing = False
                     wait = 0.0 if more else IDLE
                 except DeliveryError as exc:
                     self.progress.failures += 1
+                    self.progress.failing = True
                     if exc.line() != self.progress.last_error:
                         log.warning("events not delivered: %s", exc.line())
                     self.progress.last_error = exc.line()

@@ -267,7 +267,7 @@ class Supervisor:
                             f"engine.spool_warn_bytes "
                             f"({self.cfg.engine.spool_warn_bytes / 2**20:.0f} MiB)")
         shipping = self.shipper.status() if self.shipper is not None else {}
-        if shipping.get("retry_in_s"):
+        if shipping.get("failing"):
             problems.append(f"not delivered ({shipping['last_error']}); retrying")
         return "events: " + "; ".join(problems) if problems else ""
 
