@@ -348,6 +348,17 @@ def exchange(port: int, payload: bytes) -> bytes:
 ALLOWED = {200, 400, 403, 404, 405, 408, 413, 431, 501, 503, 505}
 
 
+def test_query_values_must_be_utf8(engine: RunningEngine) -> None:
+    """A GET decision's values reach the spool and the origin's store, which take UTF-8
+    only: other bytes are a 400 (recorded nowhere), well-formed ones serve."""
+    for query in ("id=%FF&placement=home-top", "id=ok&placement=%C0%AF",
+                  "id=%ED%A0%80&placement=home-top", "id=ok&placement=home-top&keyword=%F5"):
+        status, body = engine.get(f"/v1/decide?{query}")
+        assert status == 400 and b"invalid UTF-8 in the query" in body, (query, body)
+    status, _ = engine.get("/v1/decide?id=caf%C3%A9&placement=home-top")
+    assert status == 200
+
+
 def test_hostile_corpus_never_crashes_or_hangs(engine: RunningEngine) -> None:
     corpus = hostile_corpus(random.Random(99))
     assert len(corpus) >= 500

@@ -417,11 +417,11 @@ class EventStore:
                           f"{latest} ms, too far from the origin's clock ({now_ms})")
         return self._commit(batch_id, pop, table, stamp)
 
-    def _version(self, version: int, segment: str, offset: int) -> dict[str, Campaign]:
+    def _version(self, version: int) -> dict[str, Campaign]:
         offered = self.catalog.campaigns(version)
         if offered is None:
-            raise Refused("unknown-version", f"the record at {segment}:{offset} names "
-                          f"snapshot version {version}, which this origin never published")
+            raise Refused("unknown-version", f"a record names snapshot version {version}, "
+                          "which this origin never published")
         return offered
 
     @staticmethod
@@ -445,7 +445,7 @@ class EventStore:
         for version, campaign_id, ad_id, kind in zip(
                 *(claimed[name].to_pylist() for name in ("version", "campaign", "ad", "type")),
                 strict=True):
-            offered = self._version(int(version), "this batch", 0)
+            offered = self._version(int(version))
             if kind == ROW_TYPES[EventType.DECISION]:
                 continue  # claims a version only (its ads are rows of their own)
             found = self._campaign(offered, int(version), str(campaign_id), str(ad_id))

@@ -195,6 +195,12 @@ bool parse_query(std::string_view query, std::string& scratch, DecideRequest& ou
       value = std::string_view(w, static_cast<std::size_t>(n));
       w += n;
     }
+    // Values reach the event spool and the origin's store, which take only UTF-8 (as the
+    // JSON reader does): a request with other bytes is refused, not recorded.
+    if (!json::valid_utf8(value)) {
+      *error = "invalid UTF-8 in the query";
+      return false;
+    }
     if (key == "id")
       out.id = value;
     else if (key == "placement") {

@@ -16,6 +16,7 @@
 #include <string_view>
 #include <vector>
 
+#include "json.hpp"
 #include "sha256.hpp"
 #include "spool.hpp"
 
@@ -34,37 +35,6 @@ struct Strings {
     offsets.push_back(static_cast<std::int32_t>(data.size()));
   }
 };
-
-// Strict UTF-8 (RFC 3629: no overlong forms, no surrogates, nothing past U+10FFFF), as
-// Python's decoder and DuckDB's strings require.
-bool valid_utf8(std::string_view s) {
-  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
-  const auto* end = p + s.size();
-  auto cont = [](unsigned char b, unsigned char lo = 0x80, unsigned char hi = 0xBF) {
-    return b >= lo && b <= hi;
-  };
-  while (p < end) {
-    const unsigned char c = *p;
-    const std::ptrdiff_t left = end - p;
-    if (c < 0x80) {
-      p += 1;
-    } else if (c >= 0xC2 && c <= 0xDF) {
-      if (left < 2 || !cont(p[1])) return false;
-      p += 2;
-    } else if (c >= 0xE0 && c <= 0xEF) {
-      const unsigned char lo = c == 0xE0 ? 0xA0 : 0x80, hi = c == 0xED ? 0x9F : 0xBF;
-      if (left < 3 || !cont(p[1], lo, hi) || !cont(p[2])) return false;
-      p += 3;
-    } else if (c >= 0xF0 && c <= 0xF4) {
-      const unsigned char lo = c == 0xF0 ? 0x90 : 0x80, hi = c == 0xF4 ? 0x8F : 0xBF;
-      if (left < 4 || !cont(p[1], lo, hi) || !cont(p[2]) || !cont(p[3])) return false;
-      p += 4;
-    } else {
-      return false;
-    }
-  }
-  return true;
-}
 
 struct Reader {
   const unsigned char* p;
@@ -90,7 +60,7 @@ struct Reader {
     }
     std::string_view s(reinterpret_cast<const char*>(p + pos), len);
     pos += len;
-    if (!valid_utf8(s)) ok = false;
+    if (!adpop::json::valid_utf8(s)) ok = false;
     return s;
   }
 };

@@ -8,6 +8,11 @@
 
 namespace adpop::json {
 
+// Whether `s` is well-formed UTF-8 (RFC 3629: no overlong forms, no surrogates, nothing past
+// U+10FFFF): what the reader requires of strings, the query parser of values, and the
+// origin's decoder of spool strings.
+bool valid_utf8(std::string_view s);
+
 enum class Type : std::uint8_t { kNull, kBool, kNumber, kString, kArray, kObject };
 
 struct Value {
