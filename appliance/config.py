@@ -672,6 +672,17 @@ class OriginEventsSettings:
 
 
 @dataclass(frozen=True)
+class PacingSettings:
+    """[pacing] of the origin: budgets across the fleet."""
+
+    interval: int = setting(
+        Kind.DURATION, 10,
+        "How often the origin gives every PoP a new signed allowance per budgeted campaign "
+        "(each good for three intervals: a PoP cut off stops that long after).",
+        _between(1, 3600))
+
+
+@dataclass(frozen=True)
 class RolloutSettings:
     """[rollout] of the origin."""
 
@@ -711,6 +722,7 @@ class OriginConfig:
     snapshot: OriginSnapshotSettings = field(default_factory=OriginSnapshotSettings)
     origin: OriginSettings = field(default_factory=OriginSettings)
     events: OriginEventsSettings = field(default_factory=OriginEventsSettings)
+    pacing: PacingSettings = field(default_factory=PacingSettings)
     rollout: RolloutSettings = field(default_factory=RolloutSettings)
 
 

@@ -162,25 +162,98 @@ def test_frequency_caps_follow_the_echoed_token(tmp_path: Path, signing_key: Sig
         assert eng.status()["events"]["cap_tokens_rejected"] == 2
 
 
-def test_daily_budget_paces_local_spend(tmp_path: Path, signing_key: SigningKey) -> None:
-    with running_engine(tmp_path, controls_set(), signing_key, shards=1) as eng:
-        served = []
-        for i in range(5):
-            # Different users, so the capped campaign serves each once and then the budgeted
-            # campaign (priority 2) wins the second slot until its $2 day budget is spent.
-            request = {"id": f"pace-{i}", "placements": [{"id": "slot", "count": 2}],
-                       "user": {"key": f"user-{i}"}, "time": 1770000000}
-            code, answer = eng.post("/v1/decide", request)
-            assert code == 200
-            served.append([a["campaign"] for a in answer["placements"][0]["ads"]])
-        # eCPM 1000 spends 1.00 per ad: two ads exhaust the 2.00 daily budget.
-        assert [s[1] for s in served] == ["budgeted", "budgeted", "house", "house", "house"]
-        # The next UTC day the budget starts over.
-        code, answer = eng.post("/v1/decide", {"id": "tomorrow",
-                                               "placements": [{"id": "slot", "count": 2}],
-                                               "user": {"key": "user-x"},
-                                               "time": 1770000000 + 86400})
-        assert [a["campaign"] for a in answer["placements"][0]["ads"]] == ["capped", "budgeted"]
+def allowance(seq: int, caps: dict[str, int], *, ttl_s: float = 60.0,
+              origin_spent: int = 0) -> dict[str, Any]:
+    """An allowance set as the supervisor hands it to the engine, valid from now."""
+    now_ms = int(time.time() * 1000)
+    expires_ms = now_ms + int(ttl_s * 1000)
+    return {"seq": seq, "issued_ms": now_ms, "interval_end_ms": min(now_ms + 10_000, expires_ms),
+            "expires_ms": expires_ms, "day": now_ms // 86_400_000,
+            "campaigns": [{"id": c, "cap_micros": cap, "origin_spent_micros": origin_spent}
+                          for c, cap in caps.items()]}
+
+
+def pacing_of(eng: RunningEngine, campaign: str) -> dict[str, Any]:
+    code, body = eng.admin_call("GET", "/pacing")
+    assert code == 200, body
+    found: dict[str, Any] = next(c for c in body["campaigns"] if c["id"] == campaign)
+    return found
+
+
+def explain_pacing(eng: RunningEngine, campaign: str) -> str | None:
+    code, answer = eng.admin_call("POST", "/decide", {
+        "id": "why", "placements": [{"id": "slot", "count": 2}], "explain": True})
+    assert code == 200, answer
+    for loss in answer["placements"][0]["explain"]["lost"]:
+        if loss["campaign"] == campaign:
+            return str(loss.get("pacing", loss["reason"]))
+    return None
+
+
+def test_budgets_serve_only_inside_an_allowance_charged_at_impressions(
+        tmp_path: Path, signing_key: SigningKey) -> None:
+    with running_engine(tmp_path, controls_set(), signing_key, shards=2) as eng:
+        def second_slots(n: int, tag: str) -> list[dict[str, Any]]:
+            ads = []
+            for i in range(n):
+                # Different users, so the capped campaign takes the first slot each time and
+                # the budgeted one (priority 2) competes for the second.
+                code, answer = eng.post("/v1/decide", {
+                    "id": f"{tag}-{i}", "placements": [{"id": "slot", "count": 2}],
+                    "user": {"key": f"{tag}-user-{i}"}})
+                assert code == 200, answer
+                ads.append(answer["placements"][0]["ads"][1])
+            return ads
+
+        # No allowance from the origin: a budgeted campaign never serves, and explain says so.
+        assert {a["campaign"] for a in second_slots(3, "none")} == {"house"}
+        assert explain_pacing(eng, "budgeted") == "no_allowance"
+
+        # 2.00 allowed; eCPM 1000 reserves 1.00 per chosen ad before its impression.
+        code, body = eng.admin_call("POST", "/allowances", allowance(1, {"budgeted": 2_000_000}))
+        assert code == 200, body
+        time.sleep(0.4)  # every shard picks a new set up on its next tick (100 ms)
+        served = [a for a in second_slots(6, "paced") if a["campaign"] == "budgeted"]
+        assert len(served) == 2
+        assert explain_pacing(eng, "budgeted") == "allowance_spent"
+        time.sleep(0.3)
+        assert pacing_of(eng, "budgeted")["reserved_micros"] == 2_000_000
+        # The impressions turn the reservations into spend, once each.
+        for ad in served:
+            assert eng.get(ad["imp"]) == (204, b"")
+            assert eng.get(ad["imp"]) == (204, b"")
+        time.sleep(0.3)
+        figures = pacing_of(eng, "budgeted")
+        assert (figures["spent_micros"], figures["reserved_micros"]) == (2_000_000, 0)
+        assert figures["cap_micros"] == 2_000_000 and figures["pass_rate"] == 0
+
+        # Sequence numbers only go up; a malformed set names its problem; neither replaces
+        # the installed one.
+        code, body = eng.admin_call("POST", "/allowances", allowance(1, {"budgeted": 9_000_000}))
+        assert code == 409 and "not above" in body["message"], body
+        broken = allowance(2, {"budgeted": 9_000_000})
+        broken["campaigns"][0]["cap_micros"] = -1
+        code, body = eng.admin_call("POST", "/allowances", broken)
+        assert code == 409 and "cap_micros" in body["message"], body
+        assert eng.admin_call("GET", "/pacing")[1]["seq"] == 1
+
+        # A larger cap lets it serve again; the origin's figure of this PoP's spend is a floor
+        # an engine that lost its own counters still respects.
+        code, body = eng.admin_call("POST", "/allowances",
+                                    allowance(2, {"budgeted": 4_000_000}, origin_spent=3_000_000))
+        assert code == 200, body
+        time.sleep(0.4)
+        served = [a for a in second_slots(6, "more") if a["campaign"] == "budgeted"]
+        assert len(served) == 1
+
+        # An allowance that expires stops the campaign: losing the origin never overspends.
+        code, body = eng.admin_call("POST", "/allowances",
+                                    allowance(3, {"budgeted": 90_000_000}, ttl_s=1.0))
+        assert code == 200, body
+        time.sleep(1.3)
+        assert {a["campaign"] for a in second_slots(3, "expired")} == {"house"}
+        assert explain_pacing(eng, "budgeted") == "no_allowance"
+        assert eng.admin_call("GET", "/pacing")[1]["expired"] is True
 
 
 def test_an_advertiser_cap_counts_its_uncapped_campaigns(tmp_path: Path,
@@ -225,10 +298,9 @@ def test_an_advertiser_cap_counts_its_uncapped_campaigns(tmp_path: Path,
         assert serve("slot", one, 5)[0] == "capped", "one sibling impression is under the cap"
 
 
-def test_budget_total_is_not_enforced_as_the_readme_says(tmp_path: Path,
-                                                        signing_key: SigningKey) -> None:
-    """The README's budget paragraph, pinned: a total budget of 2.00 with no daily budget
-    does not stop a campaign that spends 1.00 per ad (the fleet budgets issue changes both)."""
+def test_a_total_budget_is_paced_like_a_daily_one(tmp_path: Path,
+                                                 signing_key: SigningKey) -> None:
+    """A campaign with only `budget_total` serves inside its allowance and no further."""
     doc = {"advertisers": [{"id": "adv"}],
            "creatives": [{"id": "cr", "advertiser": "adv", "size": "300x250",
                           "url": "https://a.example/", "landing_url": "https://a.example/"}],
@@ -236,11 +308,19 @@ def test_budget_total_is_not_enforced_as_the_readme_says(tmp_path: Path,
            "campaigns": [{"id": "total", "advertiser": "adv", "start": 0, "end": 2_000_000_000,
                           "ecpm": 1000.0, "budget_total": 2.0,
                           "ads": [{"id": "ad", "creative": "cr"}]}]}
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    assert "`budget_total` is checked when the campaign is built" in readme
     with running_engine(tmp_path, parse_documents([("total", doc)]), signing_key,
                         shards=1) as eng:
-        for n in range(4):
-            code, answer = eng.post("/v1/decide", {"id": f"t-{n}", "placements": [{"id": "slot"}],
-                                                   "time": 1770000000})
-            assert code == 200 and answer["placements"][0]["ads"][0]["campaign"] == "total"
+        def filled() -> int:
+            count = 0
+            for n in range(4):
+                code, answer = eng.post("/v1/decide", {"id": f"t-{n}",
+                                                       "placements": [{"id": "slot"}]})
+                assert code == 200
+                count += len(answer["placements"][0]["ads"])
+            return count
+
+        assert filled() == 0
+        assert eng.admin_call("POST", "/allowances", allowance(1, {"total": 2_000_000}))[0] == 200
+        time.sleep(0.3)
+        assert filled() == 2
+

@@ -55,13 +55,23 @@ from appliance.origin import enroll, ops, rollout
 from appliance.origin.ca import Authority, CaError, Identity, identity, pop_host
 from appliance.origin.db import OriginDB, PopRow, VersionRow
 from appliance.origin.events import MAX_BODY_BYTES, EventStore, Refused, metrics_text, open_store
+from appliance.origin.pacing import (
+    DAY_MS,
+    Budget,
+    PacingService,
+    budgets_of,
+    spend_before,
+    spend_today,
+)
 
 log = logging.getLogger("adpop.origin")
 
 PUSH_ATTEMPTS = 4
 LOOP_SECONDS = 0.05
 # Paths whose callers must prove they are an enrolled PoP when the origin speaks TLS.
-POP_ROUTES = ("/v1/manifest", "/v1/payload/", "/v1/pops/", "/v1/tuf/", "/v1/events")
+POP_ROUTES = ("/v1/manifest", "/v1/payload/", "/v1/pops/", "/v1/tuf/", "/v1/events",
+              "/v1/pacing")
+MAX_DEMAND_BYTES = 8 * 1024 * 1024  # a PoP's demand report: a few dozen bytes a campaign
 TUF_FILE = re.compile(r"(?:[1-9][0-9]{0,9}\.)?(?:root|targets|snapshot|timestamp)\.json")
 TUF_REFRESH = 60.0  # seconds between checks that snapshot and timestamp are fresh enough
 HSTS = "max-age=31536000"
@@ -109,11 +119,15 @@ class Origin:
         self.ingest_stop = asyncio.Event()
         self.session: ClientSession | None = None
         self.loop_task: asyncio.Task[None] | None = None
+        self.pacing = PacingService(float(self.config.pacing.interval), self._spend,
+                                    self._signer)
+        self.pacing_task: asyncio.Task[None] | None = None
+        self._before: tuple[int, dict[str, int]] = (-1, {})  # spend before today, by day
 
     def app(self, guard: httpguard.Guard | None = None) -> web.Application:
         guard = guard or httpguard.Guard(MAX_CONNECTIONS)
         # Read by their handlers once the caller is known (operators; PoPs' event batches).
-        guard.streamed = ("/v1/ops/", "/v1/events", "/v1/reports")
+        guard.streamed = ("/v1/ops/", "/v1/events", "/v1/reports", "/v1/pacing")
         app = guard.app(client_max_size=64 * 1024)
         app.middlewares.append(self._identify)
         app.add_routes([
@@ -125,6 +139,7 @@ class Origin:
             web.post("/v1/pops/{pop}/status", self.post_status),
             web.post("/v1/enroll", self.post_enroll),
             web.post("/v1/events", self.post_events),
+            web.post("/v1/pacing", self.post_pacing),
             web.get("/metrics", self.get_metrics),
         ])
         for op in ops.OPS:
@@ -138,6 +153,7 @@ class Origin:
             self.events = await asyncio.to_thread(open_store, self.db.state_dir)
         self.session = ClientSession(timeout=ClientTimeout(total=5))
         self.loop_task = asyncio.create_task(self._rollout_loop())
+        self.pacing_task = asyncio.create_task(self._pacing_loop())
         events = self.config.events
         if events.transport == "nats":
             from appliance.events.nats import ingest
@@ -147,8 +163,9 @@ class Origin:
                 self.ingest_stop))
 
     async def _stop(self, app: web.Application) -> None:
-        if self.loop_task is not None:
-            self.loop_task.cancel()
+        for task in (self.loop_task, self.pacing_task):
+            if task is not None:
+                task.cancel()
         self.ingest_stop.set()
         if self.ingest_task is not None:
             await asyncio.gather(self.ingest_task, return_exceptions=True)
@@ -317,6 +334,86 @@ class Origin:
             log.warning("refused a batch from %s: %s", pop, exc.line())
             return _error(exc.status, exc.reason, exc.line())
         return web.json_response(asdict(done))
+
+    async def post_pacing(self, request: web.Request) -> web.Response:
+        """A PoP's demand report; answered with its newest signed allowance (204: none yet,
+        the PoP is heard from now and gets one next round)."""
+        who: Identity | None = request.get(CALLER)
+        pop = who.pop if who is not None else request.headers.get(POP_HEADER, "")
+        if who is None and not self.db.pops([pop]):
+            return _error(403, "unknown-pop", f"no registered PoP {pop[:64]!r} reports here")
+        raw = await request.content.read(MAX_DEMAND_BYTES + 1)
+        if len(raw) > MAX_DEMAND_BYTES:
+            return _error(413, "too-large", f"a demand report is at most {MAX_DEMAND_BYTES} "
+                          "bytes")
+        try:
+            doc = json.loads(raw)
+            day = int(doc["day"])
+            rows = doc["campaigns"]
+            counts = {str(c): (int(r["eligible"]), int(r["throttled"])) for c, r in rows.items()}
+            spent = {str(c): int(r.get("spent_micros", 0)) for c, r in rows.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            return _error(400, "bad-report", f"demand report: {exc}; send "
+                          '{"day": D, "campaigns": {ID: {"eligible": N, "throttled": N}}}')
+        self.pacing.demand.report(pop, day, counts, time.time(), spent)
+        signed = self.pacing.allowance(pop)
+        if signed is None:
+            return web.Response(status=204)
+        return web.Response(body=signed, content_type="application/json")
+
+    # --- fleet budgets ---------------------------------------------------------------------
+
+    def _spend(self, day: int) -> dict[tuple[str, str], int]:
+        if self.events is None:
+            return {}
+        with self.events.reader() as cursor:
+            return spend_today(cursor, day)
+
+    def _signer(self) -> Any:
+        from appliance.origin.publish import repository
+
+        return repository(self.config).online_signer()
+
+    def _budgets(self, now: float) -> list[Budget]:
+        """Read on the loop's thread (the campaign store is its SQLite connection)."""
+        day = int(now * 1000) // DAY_MS
+        if self._before[0] != day and self.events is not None:
+            with self.events.reader() as cursor:
+                self._before = (day, spend_before(cursor, day))
+        campaigns = self.db.campaign_set().campaigns
+        return budgets_of([c for c in campaigns if not c.paused], (), self._before[1], now)
+
+    async def _pacing_loop(self) -> None:
+        """A round every pacing.interval; each PoP's allowance pushed where it listens."""
+        interval = float(self.config.pacing.interval)
+        while True:
+            started = time.monotonic()
+            try:
+                budgets = self._budgets(time.time())
+                signed = await asyncio.to_thread(self.pacing.round, budgets)
+                for pop in self.db.pops(list(signed)):
+                    if pop.push_url:
+                        task = asyncio.create_task(self._push_allowance(pop.id, pop.push_url,
+                                                                        signed[pop.id]))
+                        self.pushes.add(task)
+                        task.add_done_callback(self.pushes.discard)
+            except AdpopError as exc:
+                log.error("pacing round: %s", exc.line())
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+    async def _push_allowance(self, pop: str, url: str, body: bytes) -> None:
+        """One try: an allowance missed here is in the PoP's next poll anyway."""
+        tls: dict[str, Any] = {"ssl": self.push_tls, "server_hostname": pop_host(pop)} \
+            if url.startswith("https://") and self.push_tls is not None else {}
+        try:
+            async with self.push_slots:
+                assert self.session is not None
+                async with self.session.post(f"{url}/v1/allowance", data=body,
+                                             headers={"Content-Type": "application/json"},
+                                             **tls) as resp:
+                    await resp.read()
+        except (TimeoutError, ClientError, ssl.SSLError) as exc:
+            log.debug("allowance push to %s failed: %s", pop, exc or type(exc).__name__)
 
     async def get_metrics(self, request: web.Request) -> web.Response:
         text = metrics_text(self.events.counts) if self.events is not None else ""

@@ -184,6 +184,11 @@ class Repository:
         timestamp.sign(self._signer_for(root, "timestamp"))
         self._save(timestamp)
 
+    def online_signer(self) -> CryptoSigner:
+        """The timestamp role's key: online, and what PoPs check fleet allowances against
+        (appliance/origin/pacing.py)."""
+        return self._signer_for(self.root(), "timestamp")
+
     # --- what the origin does -------------------------------------------------------------
 
     def add_target(self, path: str, length: int, sha256: str, custom: dict[str, Any],

@@ -16,6 +16,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import json
 import logging
 import mmap
 import ssl
@@ -36,6 +37,7 @@ from appliance.config import (
     under,
 )
 from appliance.errors import AdpopError
+from appliance.events.batch import POP_HEADER
 from appliance.snapshot import bundle
 from appliance.snapshot.compiler import PayloadError, open_payload
 from appliance.snapshot.manifest import (
@@ -48,6 +50,8 @@ from appliance.snapshot.manifest import (
     verify_payload_bytes,
 )
 from appliance.snapshot.store import SnapshotStore
+from appliance.sync import allowances
+from appliance.sync.allowances import AllowanceError, Believed
 from appliance.sync.engine import EngineAdmin, EngineHealth
 from appliance.sync.fetch import fetch_manifest, fetch_payload
 from appliance.sync.trust import Trust
@@ -67,6 +71,9 @@ CALL_TIMEOUT = 10.0
 IDENTITY_RETRY = 5.0  # between enrollment attempts while the origin cannot be reached
 PUSH_CONNECTIONS = 64  # only the origin pushes; room for its retries, not for a flood
 TUF_DIR = "tuf"  # under paths.state_dir: the TUF metadata this PoP verified
+ALLOWANCE_FILE = "allowance.json"  # under paths.state_dir: the last allowance believed
+PACING_CHECK = 1.0  # s: the engine's allowance is compared with the last believed this often
+FIRST_PACING_POLL = 2.0  # s: until an allowance says the origin's interval
 
 
 @dataclass
@@ -121,6 +128,11 @@ class SyncAgent:
         self.load_policy()
         self.wake = asyncio.Event()
         self.pushed: bytes | None = None  # a manifest a push notice carried, not yet taken
+        # Fleet budgets (sync/allowances.py): the last allowance believed, and one pushed.
+        self.allowance: Believed | None = None
+        self.allowance_pushed: bytes | None = None
+        self.allowance_wake = asyncio.Event()
+        self.allowance_problem = ""
         self.session: ClientSession | None = None
         # Held by whatever switches `current` (install, revert, repair), never across a
         # health window: the supervisor's repair and the sync loop take turns.
@@ -496,6 +508,117 @@ class SyncAgent:
         self.wake.set()
         return web.json_response({"ok": True}, status=202)
 
+    async def notify_allowance(self, request: web.Request) -> web.Response:
+        """An allowance pushed by the origin: checked like a polled one (its signature, not
+        this channel, is what is trusted)."""
+        if self.listener_tls is not None and not self._from_origin(request):
+            return web.json_response({"error": {"code": "not-the-origin", "message":
+                                                "only the origin's push certificate may "
+                                                "send allowances here"}}, status=403)
+        self.allowance_pushed = await request.content.read(allowances.MAX_ALLOWANCE_BYTES + 1)
+        self.allowance_wake.set()
+        return web.json_response({"ok": True}, status=202)
+
+    # --- fleet budgets: demand out, allowances in ----------------------------------------
+
+    def _root(self) -> bytes:
+        cached = self.trust.folder / "root.json"
+        return (cached if cached.is_file() else self.trust.root_file).read_bytes()
+
+    async def _poll_allowance(self, admin: EngineAdmin) -> bytes | None:
+        """Reports this PoP's demand and takes its newest allowance (None: none yet)."""
+        assert self.session is not None
+        code, pacing = await admin.call("GET", "/pacing")
+        report = allowances.demand(pacing if code == 200 else {})
+        async with self.session.post(f"{self.origin}/v1/pacing", json=report,
+                                     headers={POP_HEADER: self.pop.id},
+                                     timeout=ClientTimeout(total=CALL_TIMEOUT)) as resp:
+            if resp.status == 204:
+                return None
+            body = await resp.content.read(allowances.MAX_ALLOWANCE_BYTES + 1)
+            if resp.status != 200:
+                raise AllowanceError(f"origin answered HTTP {resp.status} for the allowance: "
+                                     f"{body[:200].decode(errors='replace')}")
+            return body
+
+    async def _install_allowance(self, admin: EngineAdmin, raw: bytes) -> None:
+        newer_than = self.allowance.seq if self.allowance is not None else 0
+        believed = allowances.verify(raw, await asyncio.to_thread(self._root), self.pop.id,
+                                     newer_than)
+        code, body = await admin.call("POST", "/allowances",
+                                      json.dumps(believed.signed).encode())
+        if code != 200:
+            raise AllowanceError(f"engine refused allowance {believed.seq}: "
+                                 f"{body.get('message', body)}")
+        self.allowance = believed
+        await asyncio.to_thread(allowances.keep,
+                                under(self.state_dir, ALLOWANCE_FILE), believed.raw)
+
+    async def _reinstall(self, admin: EngineAdmin) -> None:
+        """An engine that started again has no allowance: it gets the last one back while
+        that is still good, so a restart does not stop budgeted campaigns for an interval."""
+        if self.allowance is None:
+            raw = await asyncio.to_thread(allowances.load, under(self.state_dir, ALLOWANCE_FILE))
+            if raw is None:
+                return
+            try:
+                self.allowance = allowances.verify(raw, await asyncio.to_thread(self._root),
+                                                   self.pop.id, 0)
+            except AllowanceError:
+                return  # expired or from before a key change: the next poll brings one
+        code, body = await admin.call("GET", "/pacing")
+        if code != 200 or int(body.get("seq", 0)) >= self.allowance.seq:
+            return
+        if self.allowance.expires_ms <= time.time() * 1000:
+            return
+        code, body = await admin.call("POST", "/allowances",
+                                      json.dumps(self.allowance.signed).encode())
+        if code == 200:
+            log.info("engine given allowance %d again (it had %s)", self.allowance.seq,
+                     body.get("seq", 0))
+
+    async def pace(self, stop: asyncio.Event) -> None:
+        """Every pacing interval (as the last allowance says), or at once on a push: report
+        demand, take the allowance, check it, give it to the engine. Problems are logged once
+        and kept in allowance_problem; the engine keeps its last allowance until it
+        expires."""
+        if self.engine is None:
+            return
+        admin = self.engine.admin
+        next_poll = 0.0
+        while not stop.is_set():
+            try:
+                await self._reinstall(admin)
+                raw, pushed = self.allowance_pushed, self.allowance_pushed is not None
+                self.allowance_pushed = None
+                if raw is None and time.monotonic() >= next_poll:
+                    raw = await self._poll_allowance(admin)
+                    interval = FIRST_PACING_POLL
+                    if self.allowance is not None:
+                        signed = self.allowance.signed
+                        interval = max(1.0, (int(signed["interval_end_ms"])
+                                             - int(signed["issued_ms"])) / 1000)
+                    next_poll = time.monotonic() + interval
+                if raw is not None and (not pushed or raw != (
+                        self.allowance.raw if self.allowance else b"")):
+                    await self._install_allowance(admin, raw)
+                self.allowance_problem = ""
+            except AllowanceError as exc:
+                if self.allowance_problem != exc.line():
+                    log.warning("allowance not taken: %s", exc.line())
+                self.allowance_problem = exc.line()
+            except (ClientError, OSError, TimeoutError, ValueError) as exc:
+                line = f"allowance round failed: {exc or type(exc).__name__}"
+                if self.allowance_problem != line:
+                    log.warning("%s", line)
+                self.allowance_problem = line
+            self.allowance_wake.clear()
+            waiters = [asyncio.ensure_future(self.allowance_wake.wait()),
+                       asyncio.ensure_future(stop.wait())]
+            await asyncio.wait(waiters, timeout=PACING_CHECK, return_when=asyncio.FIRST_COMPLETED)
+            for w in waiters:
+                w.cancel()
+
     @staticmethod
     def _from_origin(request: web.Request) -> bool:
         """Whether the client showed the origin's push certificate (TLS has checked it
@@ -515,7 +638,8 @@ class SyncAgent:
         origin has anything to say here."""
         guard = httpguard.Guard(PUSH_CONNECTIONS)
         app = guard.app(client_max_size=4096)
-        app.add_routes([web.post("/v1/notify", self.notify)])
+        app.add_routes([web.post("/v1/notify", self.notify),
+                        web.post("/v1/allowance", self.notify_allowance)])
         runner = web.AppRunner(app, **httpguard.runner_kwargs(), access_log=None)
         await runner.setup()
         host, _, port = self.sync.push_listen.rpartition(":")
@@ -596,6 +720,7 @@ class SyncAgent:
             return
         listener: tuple[web.AppRunner, asyncio.Server] | None = None
         push_url = ""
+        pacing = asyncio.ensure_future(self.pace(stop))
         try:
             registered = False
             while not stop.is_set():
@@ -628,6 +753,9 @@ class SyncAgent:
                 for w in waiters:
                     w.cancel()
         finally:
+            pacing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pacing
             if listener is not None:
                 listener[1].close()
                 await listener[0].cleanup()

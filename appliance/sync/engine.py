@@ -74,17 +74,19 @@ class EngineAdmin:
     def running(self) -> bool:
         return os.path.exists(self.socket_path)
 
-    async def _call(self, method: str, path: str) -> tuple[int, dict[str, Any]]:
+    async def _call(self, method: str, path: str,
+                    body: bytes | None = None) -> tuple[int, dict[str, Any]]:
         timeout = ClientTimeout(total=LOAD_TIMEOUT if path == "/load" else STATUS_TIMEOUT)
         async with ClientSession(connector=UnixConnector(path=self.socket_path),
                                  timeout=timeout) as session, \
-                session.request(method, f"http://engine{path}") as resp:
-            body: dict[str, Any] = await resp.json(content_type=None)
-            return resp.status, body
+                session.request(method, f"http://engine{path}", data=body) as resp:
+            answer: dict[str, Any] = await resp.json(content_type=None)
+            return resp.status, answer
 
-    async def call(self, method: str, path: str) -> tuple[int, dict[str, Any]]:
+    async def call(self, method: str, path: str,
+                   body: bytes | None = None) -> tuple[int, dict[str, Any]]:
         """One admin request; raises ClientError, OSError or TimeoutError when it fails."""
-        return await self._call(method, path)
+        return await self._call(method, path, body)
 
     async def status(self) -> dict[str, Any]:
         return (await self._call("GET", "/status"))[1]

@@ -414,6 +414,10 @@ void render(const Snapshot& snap, const DecideRequest& request, const Decision& 
         append_json_string(out, snap.str(campaigns[pd.losses[j].campaign].getId()));
         out += ",\"reason\":\"";
         out += loss_name(pd.losses[j].reason);
+        if (pd.losses[j].reason == LossReason::kPacing) {
+          out += "\",\"pacing\":\"";
+          out += pace_name(pd.losses[j].pacing);
+        }
         out += "\"}";
       }
       out += "],\"hour_of_week\":";

@@ -88,11 +88,6 @@ std::uint32_t hour_of_week(std::int64_t t) {
   return static_cast<std::uint32_t>(weekday * 24 + hour);
 }
 
-std::uint64_t Decider::spent(std::string_view campaign_id) const {
-  auto it = spend_.find(crc32_ieee(campaign_id.data(), campaign_id.size()));
-  return it == spend_.end() ? 0 : it->second;
-}
-
 bool Decider::capped(const Snapshot& snap, std::uint32_t campaign, std::int64_t t) const {
   const auto camp = snap.campaigns()[campaign];
   for (auto cap : camp.getCaps()) {
@@ -143,27 +138,15 @@ void Decider::count_cap(const Snapshot& snap, std::uint32_t campaign, std::int64
   }
 }
 
-bool Decider::paced_out(Campaign::Reader camp, std::int64_t t, const DecideContext& context,
-                        std::uint64_t roll) {
-  if (camp.getPassThroughPpm() < 1000000 && roll % 1000000 >= camp.getPassThroughPpm()) return true;
-  const std::uint64_t daily = camp.getBudgetDailyMicros();
-  if (daily == 0) return false;
-  const std::int64_t day = t / 86400;
-  if (day != spend_day_) {
-    spend_.clear();  // a new UTC day: budgets start over
-    spend_day_ = day;
-  }
-  auto it = spend_.find(camp.getIdHash());
-  const std::uint64_t spent = it == spend_.end() ? 0 : it->second;
-  const double frac = static_cast<double>(t - day * 86400) / 86400.0;
-  double curve = 1.0;  // asap: the whole day's budget is available at once
-  if (camp.getPacing() == Pacing::EVEN)
-    curve = std::min(1.0, frac + 1.0 / 24);  // an hour of slack
-  else if (camp.getPacing() == Pacing::FRONTLOADED)
-    curve = std::min(1.0, frac * 1.5 + 1.0 / 12);
-  const double allowed =
-      static_cast<double>(daily) * context.budget_share / std::max<std::uint32_t>(1, context.shards) * curve;
-  return static_cast<double>(spent) >= allowed;
+// The snapshot's pass-through share first (the origin's forecast), then the PoP's allowance.
+PaceResult Decider::pace(Campaign::Reader camp, const DecideContext& context, std::uint64_t roll) {
+  if (camp.getPassThroughPpm() < 1000000 && roll % 1000000 >= camp.getPassThroughPpm())
+    return PaceResult::kThrottled;
+  if (camp.getBudgetDailyMicros() == 0 && camp.getBudgetTotalMicros() == 0) return PaceResult::kPass;
+  if (!context.pacer) return PaceResult::kNoAllowance;
+  // A second, independent roll: the first one decided the snapshot's share.
+  return context.pacer->admit(camp.getIdHash(), camp.getEcpmMicros() / 1000, context.now_ms,
+                              roll * 0x9E3779B97F4A7C15ULL >> 11);
 }
 
 namespace {
@@ -325,9 +308,9 @@ void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::in
       // the user's token counts something: both lists stay unread otherwise.
       if (!exclusions_.empty() && labels_conflict(c, camp.getExclusionLabels(), exclusions_)) return false;
       if (!caps_.empty() && capped(snap, c, t)) return false;
-      if (paced_out(camp, t, context, rng.next())) {
+      if (const PaceResult paced = pace(camp, context, rng.next()); paced != PaceResult::kPass) {
         // The roll is not repeatable outside this walk: explain reads what it said here.
-        if (request.explain) paced_.push_back(c);
+        if (request.explain) paced_.emplace_back(c, paced);
         return false;
       }
       return true;
@@ -355,7 +338,8 @@ void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::in
         count_cap(snap, c, t);
         caps_changed = true;
       }
-      if (camp.getBudgetDailyMicros() > 0) spend_[camp.getIdHash()] += camp.getEcpmMicros() / 1000;
+      if ((camp.getBudgetDailyMicros() > 0 || camp.getBudgetTotalMicros() > 0) && context.pacer)
+        context.pacer->reserve(camp.getIdHash(), camp.getEcpmMicros() / 1000, context.now_ms);
     };
 
     const std::uint32_t want =
@@ -483,9 +467,12 @@ void Decider::explain(const Snapshot& snap, const DecideRequest& request, std::s
       reason = LossReason::kDuplicate;
     else if (!pd.chosen.empty() && camp.getPriority() > worst_chosen)
       reason = LossReason::kTier;
-    else if (std::find(paced_.begin(), paced_.end(), c) != paced_.end())
+    PaceResult paced = PaceResult::kPass;
+    for (const auto& [campaign, result] : paced_)
+      if (campaign == c) paced = result;
+    if (reason == LossReason::kLottery && paced != PaceResult::kPass)
       reason = LossReason::kPacing;  // the serving walk drew it and pacing held it back
-    pd.losses.push_back({c, reason});
+    pd.losses.push_back({c, reason, paced});
   }
 }
 

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "index.hpp"
+#include "pacing.hpp"
 #include "snapshot.hpp"
 #include "token.hpp"
 
@@ -71,7 +72,7 @@ enum class LossReason : std::uint8_t {
   kFlight,
   kSize,
   kCap,
-  kPacing,
+  kPacing,  // with the pacing answer beside it (Loss::pacing)
   kTier,
   kLottery,
   kExclusion,
@@ -82,6 +83,7 @@ const char* loss_name(LossReason reason);
 struct Loss {
   std::uint32_t campaign = 0;
   LossReason reason = LossReason::kFlight;
+  PaceResult pacing = PaceResult::kPass;  // kPacing only: why
 };
 
 struct PlacementDecision {
@@ -99,12 +101,14 @@ struct Decision {
   bool caps_rejected = false;  // a token was sent but was forged, malformed or another user's
 };
 
-// What a decision needs beyond the request: the token signer (caps) and this shard's share
-// of each campaign's daily budget.
+// What a decision needs beyond the request: the token signer (caps) and the shard's pacer
+// (budgeted campaigns; none: they do not serve) with the wall-clock time it paces by. Pacing
+// runs on the engine's clock, never the request's `time`, so a client cannot step around an
+// allowance's expiry.
 struct DecideContext {
   const TokenSigner* signer = nullptr;
-  double budget_share = 1.0;  // this PoP's share of a daily budget
-  std::uint32_t shards = 1;   // the PoP's share is split evenly across its shards
+  ShardPacer* pacer = nullptr;
+  std::int64_t now_ms = 0;
 };
 
 // Hour of week in UTC, Monday 00:00 = 0 (1970-01-01 was a Thursday).
@@ -123,14 +127,12 @@ class Decider {
  public:
   void decide(const Snapshot& snap, const DecideRequest& request, std::int64_t now, Decision& out,
               const DecideContext& context = {});
-  // Local spend of a campaign today, in micros (tests and status).
-  std::uint64_t spent(std::string_view campaign_id) const;
 
  private:
   bool capped(const Snapshot& snap, std::uint32_t campaign, std::int64_t t) const;
   static bool counts_caps(const Snapshot& snap, std::uint32_t campaign);
   void count_cap(const Snapshot& snap, std::uint32_t campaign, std::int64_t t);
-  bool paced_out(Campaign::Reader camp, std::int64_t t, const DecideContext& context, std::uint64_t roll);
+  static PaceResult pace(Campaign::Reader camp, const DecideContext& context, std::uint64_t roll);
   void prepare_ordinals(const Snapshot& snap);
   const LiveTier& live(const Snapshot& snap, const TierView& tier, std::int64_t t);
   bool targets(const Snapshot& snap, std::uint32_t campaign) const;
@@ -139,9 +141,6 @@ class Decider {
 
   std::vector<CapEntry> caps_;
   std::string caps_scratch_;
-  // Local pacing state: spend per campaign (by id hash) for the current UTC day.
-  std::unordered_map<std::uint32_t, std::uint64_t> spend_;
-  std::int64_t spend_day_ = -1;
 
   Matcher matcher_;
   TargetingRequest targeting_;
@@ -152,7 +151,7 @@ class Decider {
   std::unordered_map<const TierView*, LiveTier> live_;
   std::uint64_t live_serial_ = 0;
   std::vector<std::uint32_t> used_ads_;
-  std::vector<std::uint32_t> paced_;  // explain only: campaigns pacing held back in this placement
+  std::vector<std::pair<std::uint32_t, PaceResult>> paced_;  // explain only: held back in this placement
   std::vector<std::pair<std::uint32_t, std::uint32_t>> exclusions_;  // (label, campaign)
   char hour_text_[8] = {};
 };

@@ -13,7 +13,11 @@
 
 namespace adpop {
 
-Engine::Engine(EngineOptions options) : options_(std::move(options)), signer_(options_.token_key), dedup_() {}
+Engine::Engine(EngineOptions options)
+    : options_(std::move(options)),
+      signer_(options_.token_key),
+      dedup_(),
+      pacing_(options_.shards, options_.pacing_campaigns) {}
 
 Engine::~Engine() {
   stopping_.store(true);

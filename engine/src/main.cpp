@@ -60,7 +60,7 @@ SO_REUSEPORT listener and epoll loop.
                            answers carry no tracking URLs and tracking requests get 403
   --token-ttl S            tracking URLs stay valid this long (default 86400)
   --dedup-window S         an impression of one request and ad counts once within (default 3600)
-  --budget-share F         this PoP's share of each campaign's daily budget, 0-1 (default 1)
+  --pacing-campaigns N     campaigns with a budget allowance in one day (default 16384)
   --help                   this text
 )";
 
@@ -203,12 +203,8 @@ int main(int argc, char** argv) {
             " holds fewer than 16 bytes; use e.g. `head -c 32 /dev/urandom`");
     } else if (flag == "--token-ttl") {
       o.token_ttl_s = static_cast<std::uint32_t>(number(flag, value, 1, 30 * 86400));
-    } else if (flag == "--budget-share") {
-      char* end = nullptr;
-      std::string text(value);
-      o.budget_share = std::strtod(text.c_str(), &end);
-      if (end == text.c_str() || *end != '\0' || !(o.budget_share > 0 && o.budget_share <= 1))
-        die("--budget-share: expected a fraction in (0, 1], got '" + text + "'");
+    } else if (flag == "--pacing-campaigns") {
+      o.pacing_campaigns = static_cast<std::uint32_t>(number(flag, value, 1, 1 << 20));
     } else if (flag == "--dedup-window") {
       o.dedup_window_s = static_cast<std::uint32_t>(number(flag, value, 1, 7 * 86400));
     } else {

@@ -60,7 +60,9 @@ std::string Engine::status_json() {
   api::append_json_string(s, last_load_error_);
   s += ",\"path\":";
   api::append_json_string(s, loaded_path_);
-  s += "}}";
+  s += "},\"pacing\":";
+  s += pacing_json();
+  s += "}";
   return s;
 }
 

@@ -109,7 +109,7 @@ void Shard::handle_decide(Conn& c, const http::Request& req, const Snapshot& sna
   // Room for the decision's record first: an answer the spool cannot record is no-fill.
   if (!may_record(kDecisionRecordBytes, true)) return respond_spool_full(c, close);
   const std::int64_t now = batch_wall_ms_ / 1000;
-  const DecideContext context{&engine_.signer(), engine_.options().budget_share, engine_.options().shards};
+  const DecideContext context{&engine_.signer(), &pacer_, batch_wall_ms_};
   decider_.decide(snap, request_, now, decision_, context);
   if (decision_.caps_rejected) stats_.counts[kCapsRejected].add();
   const auto campaigns = snap.campaigns();
@@ -163,6 +163,7 @@ void Shard::handle_tracking(Conn& c, const http::Request& req, const Snapshot* s
     } else {
       stats_.counts[kImpressions].add();
       spool_tracking(EventType::kImpression, token);
+      charge(snap, token);
     }
     append_response(c.out, 204, "text/plain", "", close);
     return;
@@ -182,6 +183,18 @@ void Shard::handle_tracking(Conn& c, const http::Request& req, const Snapshot* s
   for (char ch : landing)
     if (ch != '\r' && ch != '\n') c.out.push_back(ch);
   c.out += "\r\n\r\n";
+}
+
+// Spend is charged when the ad is shown, at the price of the campaign in the serving
+// snapshot (the origin prices the stored event at the version that served it).
+void Shard::charge(const Snapshot* snap, const TrackingToken& token) {
+  if (!snap) return;
+  const auto campaigns = snap->campaigns();
+  const std::int64_t found = find_by_id(*snap, campaigns, token.campaign);
+  if (found < 0) return;
+  const auto camp = campaigns[static_cast<std::uint32_t>(found)];
+  if (camp.getBudgetDailyMicros() == 0 && camp.getBudgetTotalMicros() == 0) return;
+  pacer_.charge(camp.getIdHash(), camp.getEcpmMicros() / 1000, batch_wall_ms_);
 }
 
 // Impression and click records share one layout (engine/SPOOL.md).

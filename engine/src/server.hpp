@@ -24,6 +24,7 @@
 #include "http.hpp"
 #include "json.hpp"
 #include "net.hpp"
+#include "pacing.hpp"
 #include "snapshot.hpp"
 #include "spool.hpp"
 #include "token.hpp"
@@ -52,10 +53,10 @@ struct EngineOptions {
   // Per shard, kept free for the impressions and clicks of ads already served: decisions
   // stop (no-fill, spool_full) before pixels do.
   std::uint64_t spool_headroom_bytes = 256 << 10;
-  std::string token_key;                // secret for tracking tokens (file contents)
-  std::uint32_t token_ttl_s = 86400;    // how long impression and click URLs stay valid
-  std::uint32_t dedup_window_s = 3600;  // impressions of one request and ad count once
-  double budget_share = 1.0;            // this PoP's share of each campaign's daily budget
+  std::string token_key;                   // secret for tracking tokens (file contents)
+  std::uint32_t token_ttl_s = 86400;       // how long impression and click URLs stay valid
+  std::uint32_t dedup_window_s = 3600;     // impressions of one request and ad count once
+  std::uint32_t pacing_campaigns = 16384;  // campaigns with an allowance in one day
 };
 
 class Engine;
@@ -92,6 +93,7 @@ class Shard {
   static constexpr std::size_t kDecisionRecordBytes = 4096;
   void respond_spool_full(Conn& c, bool close);
   void spool_tracking(EventType type, const TrackingToken& token);
+  void charge(const Snapshot* snap, const TrackingToken& token);
 
   Engine& engine_;
   std::uint32_t index_;
@@ -104,6 +106,7 @@ class Shard {
   std::vector<std::unique_ptr<Conn>> conns_;  // by fd
   std::thread thread_;
   ShardStats stats_;
+  ShardPacer pacer_;
   Decider decider_;
   Decision decision_;
   DecideRequest request_;
@@ -153,10 +156,14 @@ class Engine {
     return draining ? "draining" : snap ? "ok" : "no snapshot";
   }
   std::string status_json();
+  std::string pacing_json();
   std::string metrics_text();
   std::int64_t now_seconds() const;
   const TokenSigner& signer() const { return signer_; }
   DedupTable& dedup() { return dedup_; }
+  Pacing& pacing() { return pacing_; }
+  // Installs the allowances in a JSON body (POST /allowances); false with a reason.
+  bool install_allowances(std::string_view body, std::string* error);
   // Bytes in the spool folder, measured by the admin thread every 100 ms.
   std::uint64_t spool_backlog() const { return spool_backlog_.load(std::memory_order_relaxed); }
 
@@ -170,6 +177,7 @@ class Engine {
   EngineOptions options_;
   TokenSigner signer_;
   DedupTable dedup_;
+  Pacing pacing_;
   std::vector<std::unique_ptr<Shard>> shards_;
   std::atomic<const Snapshot*> current_{nullptr};
   std::atomic<std::uint64_t> generation_{1};

@@ -24,6 +24,7 @@ Shard::Shard(Engine& engine, std::uint32_t index, int cpu)
     : engine_(engine),
       index_(index),
       cpu_(cpu),
+      pacer_(engine.pacing(), index),
       spool_(std::make_unique<Spool>(engine.options().spool_dir, index, engine.options().spool_segment_bytes,
                                      engine.options().spool_segment_age_s)) {}
 
@@ -358,6 +359,7 @@ void Shard::flush(Conn& c) {
 
 void Shard::tick(std::int64_t now) {
   const EngineOptions& o = engine_.options();
+  pacer_.tick(static_cast<std::int64_t>(wall_ms()));
   flush_spool(engine_.now_seconds());  // rotates an idle shard's segment by age
   // A shedding shard looks again each tick, so it reports room as soon as shipping made it.
   if (stats_.counts[kSpoolShedding].get()) may_record(kDecisionRecordBytes, true);

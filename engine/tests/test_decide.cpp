@@ -9,9 +9,23 @@
 
 #include "api.hpp"
 #include "decide.hpp"
+#include "spool.hpp"
 
 namespace adpop {
 namespace {
+
+constexpr std::int64_t kPaceNow = 1770000000LL * 1000;
+
+AllowanceSet allowance_for(std::string_view campaign, std::uint64_t cap) {
+  AllowanceSet set;
+  set.seq = 1;
+  set.issued_ms = kPaceNow;
+  set.interval_end_ms = kPaceNow + 10'000;
+  set.expires_ms = kPaceNow + 30'000;
+  set.day = kPaceNow / 86'400'000;
+  set.campaigns.push_back({crc32_ieee(campaign.data(), campaign.size()), cap, 0, 0});
+  return set;
+}
 
 std::unique_ptr<Snapshot> open_env(const char* name) {
   const char* path = std::getenv(name);
@@ -64,7 +78,13 @@ TEST(Ranking, BestTierFirstNoDuplicatesAndReplayable) {
       if (p == 0 && !pd.chosen.empty()) {
         ++filled;
         std::uint8_t best = 255;
-        for (auto c : pd.eligible) best = std::min<std::uint8_t>(best, campaigns[c].getPriority());
+        // Budgeted campaigns have no allowance here: pacing holds them back, and says so.
+        for (auto c : pd.eligible) {
+          bool paced = false;
+          for (const Loss& loss : pd.losses)
+            paced = paced || (loss.campaign == c && loss.reason == LossReason::kPacing);
+          if (!paced) best = std::min<std::uint8_t>(best, campaigns[c].getPriority());
+        }
         EXPECT_EQ(campaigns[pd.chosen[0].campaign].getPriority(), best);
       }
     }
@@ -100,7 +120,12 @@ TEST(Caps, TokenCapsAfterCount) {
   auto snap = open_env("ADPOP_CONTROLS_PAYLOAD");
   ASSERT_TRUE(snap);
   const TokenSigner signer(std::string(32, 's'));
-  DecideContext ctx{&signer, 1.0, 1};
+  Pacing pacing(1, 16);
+  ShardPacer pacer(pacing, 0);
+  std::string error;
+  ASSERT_TRUE(pacing.install(allowance_for("budgeted", 1'000'000'000), &error)) << error;
+  pacer.tick(kPaceNow);
+  DecideContext ctx{&signer, &pacer, kPaceNow};
   Decider decider;
   Decision d;
   std::string caps;
@@ -124,38 +149,44 @@ TEST(Caps, TokenCapsAfterCount) {
   EXPECT_TRUE(cap_loss) << "explain names the cap";
 }
 
-TEST(Pacing, DailyBudgetStopsLocalSpend) {
+TEST(Pacing, TheAllowanceStopsSpendAndExplainSaysWhy) {
   auto snap = open_env("ADPOP_CONTROLS_PAYLOAD");
   ASSERT_TRUE(snap);
+  Pacing pacing(1, 16);
+  ShardPacer pacer(pacing, 0);
   Decider decider;
   Decision d;
+  auto lost_to_pacing = [&](DecideContext context) {
+    DecideRequest r;
+    r.id = "p";
+    r.time = 1770000000;
+    r.explain = true;
+    r.placements.push_back({"slot", {}, 2});
+    decider.decide(*snap, r, 0, d, context);
+    for (const Loss& loss : d.placements[0].losses)
+      if (snap->str(snap->campaigns()[loss.campaign].getId()) == "budgeted" &&
+          loss.reason == LossReason::kPacing)
+        return std::string(pace_name(loss.pacing));
+    return std::string();
+  };
+  // No allowance from the origin: a budgeted campaign does not serve.
+  EXPECT_EQ(lost_to_pacing(DecideContext{nullptr, nullptr, kPaceNow}), "no_allowance");
+  std::string error;
+  ASSERT_TRUE(pacing.install(allowance_for("budgeted", 2'000'000), &error)) << error;
+  pacer.tick(kPaceNow);
   int budgeted = 0;
   for (int i = 0; i < 10; ++i) {
     DecideRequest r;
     r.id = "p";
     r.time = 1770000000;
     r.placements.push_back({"slot", {}, 2});
-    decider.decide(*snap, r, 0, d, DecideContext{nullptr, 1.0, 1});
+    decider.decide(*snap, r, 0, d, DecideContext{nullptr, &pacer, kPaceNow});
     for (auto& ch : d.placements[0].chosen)
       if (snap->str(snap->payload().getCampaigns()[ch.campaign].getId()) == "budgeted") ++budgeted;
   }
-  EXPECT_EQ(budgeted, 2);  // eCPM 1000 = 1.00 per ad against a 2.00 day
-  EXPECT_EQ(decider.spent("budgeted"), 2000000u);
-
-  // Explain names the reason the serving walk saw: pacing held the spent campaign back.
-  DecideRequest r;
-  r.id = "p";
-  r.time = 1770000000;
-  r.explain = true;
-  r.placements.push_back({"slot", {}, 2});
-  decider.decide(*snap, r, 0, d, DecideContext{nullptr, 1.0, 1});
-  bool reported = false;
-  for (const Loss& loss : d.placements[0].losses)
-    if (snap->str(snap->campaigns()[loss.campaign].getId()) == "budgeted") {
-      EXPECT_STREQ(loss_name(loss.reason), "pacing");
-      reported = true;
-    }
-  EXPECT_TRUE(reported);
+  EXPECT_EQ(budgeted, 2);  // eCPM 1000 reserves 1.00 per ad against an allowance of 2.00
+  // Explain names the reason the serving walk saw.
+  EXPECT_EQ(lost_to_pacing(DecideContext{nullptr, &pacer, kPaceNow}), "allowance_spent");
 }
 
 TEST(Render, CachedAdFieldsMatchAndFollowTheSnapshot) {
