@@ -123,6 +123,7 @@ bench: setup
 	$(BIN)/python -m bench.bench_engine
 	$(BIN)/python -m bench.bench_sync
 	$(BIN)/python -m bench.bench_events
+	$(BIN)/python -m bench.bench_pacing
 	$(BIN)/python -m bench.bench_tuning
 	$(BIN)/python -m bench.bench_xdp
 	$(BIN)/python -m bench.bench_console

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from appliance import cache, cpulist
 from appliance.config import ApplianceConfig
-from appliance.parts import engine_argv
+from appliance.parts import CACHE_PASSWORD_CREDENTIAL, engine_argv, state_path
 
 ENGINE_UNIT = "adpop-engine.service"
 # Cache unit → (server, binary), as each unit's own ExecStart names them.
@@ -63,7 +63,10 @@ def drop_ins(appliance: ApplianceConfig, online: frozenset[int]) -> dict[str, st
     housekeeping = (cpulist.parse(appliance.tuning.housekeeping_cpus) & online
                     or (online - engine_cpus) or online)
     affinity = f"CPUAffinity={cpulist.render(engine_cpus)}\n" if engine_cpus else ""
-    out = {ENGINE_UNIT: f"{header}[Service]\n{affinity}{exec_start(engine_argv(appliance))}"}
+    password = state_path(appliance, appliance.cache.password_file)
+    credential = f"LoadCredential={CACHE_PASSWORD_CREDENTIAL}:{password}\n"
+    out = {ENGINE_UNIT: f"{header}[Service]\n{affinity}{credential}"
+                        f"{exec_start(engine_argv(appliance, cache.CREDENTIALS))}"}
     for unit, (server, binary) in CACHE_UNITS.items():
         argv = cache.server_argv(server, binary, appliance.cache, CACHE_STATE_DIR,
                                  len(housekeeping), cache.CREDENTIALS)

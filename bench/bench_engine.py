@@ -22,6 +22,11 @@ Each latency round also prints what the load generator lost itself: how late its
 request left (send_late) and its stalls, which delay requests whatever the server.
 A second engine, writing every decision to its event spool on disk, is measured in the same
 rounds and printed on its own line.
+Both engines run as the appliance does with fleet budgets: a redis-server as the PoP cache
+(--cache, where each shard keeps its spend), and an allowance from the origin for every
+budgeted campaign of the snapshot, so pacing (the cap check, reservations, the controller's
+tick) runs on every request with a budgeted candidate. The allowances are large: nothing
+stops for lack of budget, the work is all done.
 """
 
 from __future__ import annotations
@@ -38,7 +43,9 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from statistics import median_high
+from typing import Any
 
+from appliance import cache
 from appliance.snapshot import bundle, synth
 from appliance.snapshot.manifest import generate_key, load_signing_key
 from appliance.snapshot.model import parse_documents
@@ -164,6 +171,52 @@ http {{
     return conf
 
 
+def admin(sock: Path, method: str, path: str, body: bytes | None = None) -> dict[str, Any]:
+    """One call to an engine's admin socket."""
+    import http.client
+    import socket
+
+    class Conn(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.connect(str(sock))
+
+    conn = Conn("engine", timeout=30)
+    try:
+        conn.request(method, path, body=body)
+        resp = conn.getresponse()
+        answer: dict[str, Any] = json.loads(resp.read())
+        if resp.status != 200:
+            raise SystemExit(f"bench_engine: {path} refused: {answer}")
+        return answer
+    finally:
+        conn.close()
+
+
+def give_allowances(sock: Path, campaigns: list[str]) -> None:
+    """An allowance for every budgeted campaign, large enough that none runs out, valid for
+    the whole run."""
+    deadline = time.monotonic() + 20
+    while not sock.exists():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench_engine: no admin socket at {sock}")
+        time.sleep(0.05)
+    now_ms = int(time.time() * 1000)
+    doc = {"seq": 1, "issued_ms": now_ms, "interval_end_ms": now_ms + 3_600_000,
+           "expires_ms": now_ms + 3_600_000, "day": now_ms // 86_400_000,
+           "campaigns": [{"id": c, "cap_micros": 10**15, "origin_spent_micros": 0}
+                         for c in campaigns]}
+    admin(sock, "POST", "/allowances", json.dumps(doc).encode())
+
+
+def pacing_figures(sock: Path) -> dict[str, Any]:
+    status = admin(sock, "GET", "/status")
+    campaigns = status["pacing"]["campaigns"]
+    return {"campaigns": len(campaigns),
+            "eligible": sum(c["eligible"] for c in campaigns),
+            "cache": status["cache"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--campaigns", type=int, default=100_000)
@@ -203,13 +256,28 @@ def main() -> None:
         ceiling_paths.write_text("/healthz\n")
 
         metrics_ports = {engine_port: free_port(), spooled_port: free_port()}
+        budgeted = [c.id for c in campaign_set.campaigns
+                    if c.budget_daily_micros or c.budget_total_micros]
+        kv_port = free_port()
+        password_file = work / "secrets" / "cache.password"
+        cache.write_secrets(password_file)
+        (work / "cache").mkdir()
+        redis = subprocess.Popen(cache.redis_argv(shutil.which("redis-server") or "redis-server",
+                                                  f"127.0.0.1:{kv_port}", 256 << 20,
+                                                  work / "cache", password_file.parent),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
         def start_engine(port: int, *extra: str) -> subprocess.Popen[bytes]:
             return subprocess.Popen([str(BUILD / "adpop-engine"), "--listen", f"127.0.0.1:{port}",
                                      "--metrics-listen", f"127.0.0.1:{metrics_ports[port]}",
                                      "--snapshot", str(store.current_link), "--shards", "1",
                                      "--cpus", str(SERVER_CPU), "--idle-poll-us",
-                                     str(IDLE_POLL_US), "--token-key", str(token_key), *extra],
+                                     str(IDLE_POLL_US), "--token-key", str(token_key),
+                                     "--admin", str(work / f"admin-{port}.sock"),
+                                     "--cache", f"127.0.0.1:{kv_port}",
+                                     "--cache-password-file", str(password_file),
+                                     "--pacing-campaigns", str(max(16384, 2 * len(budgeted))),
+                                     *extra],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
         engine = start_engine(engine_port)
@@ -228,6 +296,8 @@ def main() -> None:
             nginx_url = f"http://127.0.0.1:{nginx_port}{DECIDE_PATH}"
             for url in (engine_base + DECIDE_PATH, spooled_base + DECIDE_PATH, nginx_url):
                 wait_http(url)
+            for port in (engine_port, spooled_port):
+                give_allowances(work / f"admin-{port}.sock", budgeted)
             nginx_pids = [nginx.pid] + [int(p) for p in subprocess.run(
                 ["pgrep", "-P", str(nginx.pid)], capture_output=True, text=True,
                 check=False).stdout.split()]
@@ -269,8 +339,9 @@ def main() -> None:
             # median round reported, and nginx at the same rate and requests as the floor.
             latency_rounds = [(open_loop(engine_port), open_loop(nginx_port))
                               for _ in range(args.rounds)]
+            paced = pacing_figures(work / f"admin-{spooled_port}.sock")
         finally:
-            for proc in (engine, spooled, nginx):
+            for proc in (engine, spooled, nginx, redis):
                 proc.terminate()
                 proc.wait(timeout=10)
 
@@ -285,6 +356,10 @@ def main() -> None:
     print("rounds (requests/s, nginx / engine / engine with spool / engine /healthz): "
           + ", ".join(f"{n[0]:.0f} / {e[0]:.0f} / {sp[0]:.0f} / {c[0]:.0f}"
                       for n, e, sp, c in rounds))
+    print(f"budgets: {len(budgeted)} budgeted campaigns paced with allowances; "
+          f"{paced['eligible']:,} pacing checks in the spooled engine over the run; cache "
+          f"{'linked' if paced['cache']['shards_up'] else 'NOT linked'}, "
+          f"{paced['cache']['degraded_decisions']:,} decisions without it")
     print(f"{'':24} {'requests/s':>12} {'CPU us/request':>15}")
     print(f"{'nginx fixed 200':24} {n_rps:>12.0f} {n_cpu:>15.2f}")
     print(f"{'engine GET /v1/decide':24} {e_rps:>12.0f} {e_cpu:>15.2f}   "

@@ -71,7 +71,8 @@ class Pop:
 
 class World:
     def __init__(self, tmp: Path, nats: Cluster | None, pops: tuple[str, ...] = POPS,
-                 pop_extra: str = "") -> None:
+                 pop_extra: str = "", campaigns: Path = REPO / "config" / "campaigns",
+                 origin_extra: str = "") -> None:
         self.tmp = tmp
         self.nats = nats
         self.origin_port = free_port()
@@ -80,12 +81,12 @@ class World:
                   f'nats_replicas = 3\ningest_workers = 2\n' if nats else "")
         self.origin_conf.write_text(
             f'[origin]\nlisten = "127.0.0.1:{self.origin_port}"\n'
-            f'state_dir = "{tmp / "origin"}"\n[rollout]\nstage_timeout = "1m"\n' + events)
+            f'state_dir = "{tmp / "origin"}"\n[rollout]\nstage_timeout = "1m"\n' + events
+            + origin_extra)
         adpop("origin", "keys", "init", "--config", str(self.origin_conf))
         adpop("origin", "tokens", "create", "e2e", "--role", "read", "--out",
               str(tmp / "operator-token"), "--config", str(self.origin_conf))
-        adpop("origin", "campaigns", "import", str(REPO / "config" / "campaigns"), "--config",
-              str(self.origin_conf))
+        adpop("origin", "campaigns", "import", str(campaigns), "--config", str(self.origin_conf))
         adpop("origin", "publish", "--config", str(self.origin_conf))
         self.origin: subprocess.Popen[bytes] | None = None
         self.pop_extra = pop_extra  # more TOML for every PoP's configuration
@@ -203,10 +204,10 @@ ready_timeout = "1m"
 
     # --- what the origin reports ----------------------------------------------------------
 
-    def report(self) -> dict[str, dict[str, Any]]:
+    def report(self, by: str = "pop") -> dict[str, dict[str, Any]]:
         token = (self.tmp / "operator-token").read_text().strip()
         req = urllib.request.Request(
-            f"https://127.0.0.1:{self.origin_port}/v1/reports?by=pop",
+            f"https://127.0.0.1:{self.origin_port}/v1/reports?by={by}",
             headers={"Authorization": f"Bearer {token}"})
         with urllib.request.urlopen(req, timeout=10,
                                     context=origin_tls(self.tmp / "origin")) as resp:

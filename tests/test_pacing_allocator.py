@@ -143,3 +143,23 @@ def test_an_oversized_allowance_is_refused_before_it_is_parsed(repo: Repository,
                                                                tmp_path: Path) -> None:
     with pytest.raises(AllowanceError, match="limit"):
         verify(b" " * (9 * 1024**2), repo.root_bytes(), "pop-1", 0)
+
+
+def test_the_budget_lines_say_what_an_operator_needs() -> None:
+    from appliance.supervisor.client import pacing_view
+
+    now = 1_000_000.0
+    level, line, rows = pacing_view({}, now)
+    assert level == "warn" and "no allowance" in line and rows == []
+    pacing = {"seq": 12, "expires_ms": (now + 25) * 1000, "expired": False, "problem": "",
+              "cache": {"address": "127.0.0.1:6379", "shards_up": 2, "degraded_decisions": 3},
+              "campaigns": [{"id": "c", "cap_micros": 2_000_000, "spent_micros": 1_500_000,
+                             "reserved_micros": 250_000, "pass_rate": 0.25, "eligible": 40,
+                             "throttled": 30}]}
+    level, line, rows = pacing_view(pacing, now)
+    assert level == "ok" and "allowance 12" in line and "good for 25 s" in line
+    assert "2 shards linked, 3 decisions without it" in line
+    assert rows == ["c: spent 1.50 of 2.00 allowed, reserved 0.25, pass 25%, 30/40 held"]
+    level, line, _ = pacing_view({**pacing, "expired": True, "problem": "origin unreachable"},
+                                 now)
+    assert level == "bad" and "EXPIRED" in line and "origin unreachable" in line

@@ -253,7 +253,9 @@ def test_generator_writes_the_servers_command_lines(tmp_path: Path) -> None:
     appliance = load(Scope.APPLIANCE, config)
     written = units.drop_ins(appliance, frozenset(range(4)))
     # The command lines `adpop engine run` and `adpop cache run` would exec under systemd.
-    assert exec_start_argv(written[units.ENGINE_UNIT]) == engine_argv(appliance)
+    assert exec_start_argv(written[units.ENGINE_UNIT]) == engine_argv(appliance, "%d")
+    # The cache password reaches the engine's sandboxed user as a credential.
+    assert "LoadCredential=cache.password:" in written[units.ENGINE_UNIT]
     assert "--admin" in engine_argv(appliance) and APPLIANCE_ENGINE_SOCKET in engine_argv(appliance)
     redis = exec_start_argv(written["adpop-redis.service"])
     assert redis == cache.redis_argv("/usr/bin/redis-server", "127.0.0.1:6390", 64 << 20,

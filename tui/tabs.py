@@ -15,7 +15,7 @@ from textual.app import ComposeResult
 from textual.containers import Grid, Horizontal, Vertical
 from textual.widgets import DataTable, Label, Sparkline, Static, TabPane
 
-from appliance.supervisor.client import sync_line
+from appliance.supervisor.client import pacing_view, sync_line
 from appliance.tuning.knobs import NOT_AS_DESIRED
 from tui.collector import Round
 
@@ -207,7 +207,8 @@ class OverviewTab(RoundTab):
             f"  active for {active_for}\n"
             f"drops by reason: {drops or 'filter not loaded'}\n"
             f"event backlog: {r.events.get('closed_segments', 0)} closed segments, "
-            f"{r.events.get('backlog_bytes', 0):,} bytes" + shipping_line(r.events))
+            f"{r.events.get('backlog_bytes', 0):,} bytes" + shipping_line(r.events)
+            + budgets_line(r.status.get("pacing") or {}, view.clock()))
 
 
 def shipping_line(events: Mapping[str, Any]) -> str:
@@ -224,6 +225,18 @@ def shipping_line(events: Mapping[str, Any]) -> str:
     if events.get("shedding"):
         line += "\n[red]spool full: answering no-fill (spool_full)[/red]"
     return line
+
+
+def budgets_line(pacing: Mapping[str, Any], now: float) -> str:
+    """Fleet budgets: the allowance, then each budgeted campaign's figures (at most five)."""
+    if not pacing:
+        return ""
+    level, text, rows = pacing_view(dict(pacing), now)
+    colour = {"ok": "", "warn": "yellow", "bad": "red"}[level]
+    line = f"\nbudgets: [{colour}]{text}[/{colour}]" if colour else f"\nbudgets: {text}"
+    shown = rows[:5]
+    more = f"\n  ... and {len(rows) - 5} more" if len(rows) > 5 else ""
+    return line + "".join(f"\n  {row}" for row in shown) + more
 
 
 class SnapshotsTab(RoundTab):

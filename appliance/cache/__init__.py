@@ -4,15 +4,8 @@ Both speak the Redis protocol; the supervisor only needs its address. In dev mod
 redis-server itself (`redis_argv`); in the appliance, systemd runs dragonfly.service (or
 adpop-redis.service when the image carries no Dragonfly package).
 
-Key layout (every key under the `adpop:` prefix, so a shared instance stays readable):
-
-- `adpop:seg:<user key>` -- a set of the user's segment names, written by the data pipeline,
-  read when a request carries a user key but no segments. Expires with the pipeline's TTL.
-- `adpop:freq:<user key>:<campaign id>:<window start>` -- an integer impression count for one
-  frequency-cap window; INCR on each impression, EXPIRE at the window's end, so a window's
-  counters vanish by themselves.
-- `adpop:freq:<user key>:a:<advertiser id>:<window start>` -- the same for advertiser-scoped
-  caps.
+Key layout: engine/CACHE.md, the one description of what the engine keeps here (spend and
+reservations per campaign and shard, the impression dedup window).
 
 Health: PING round trip, memory used against the limit, evicted keys and connected clients.
 

@@ -73,6 +73,12 @@ def cmd_status(args: argparse.Namespace) -> int:
                  + (f"{time.time() - last:.0f} s ago" if last else "never")
                  + f", {ship.get('failures', 0)} failures" if ship else "")
               + (f"; {events['reason']}" if events.get("reason") else ""))
+    pacing: dict[str, Any] = dict(status.get("pacing") or {})
+    if pacing:
+        level, text, rows = client.pacing_view(pacing, time.time())
+        print(f"  {'budgets':8} {dict(ok='ok', warn='WAIT', bad='FAIL')[level]:4} {text}")
+        for row in rows:
+            print(f"           {row}")
     tuning = status.get("tuning", {})
     if not tuning.get("enabled"):
         print(f"  tuning   off  {tuning.get('reason', '')}")

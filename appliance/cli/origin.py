@@ -254,6 +254,8 @@ def cmd_origin_report(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps(rows, indent=2))
         return 0
+    if args.by == "budget":
+        return _print_budgets(rows, args.format)
     if args.format == "csv":
         import csv
         import sys
@@ -280,6 +282,40 @@ def cmd_origin_report(args: argparse.Namespace) -> int:
         print("  ".join(str(row["key"]).ljust(widths[0]) if i == 0
                         else cell(row[c], c).rjust(widths[i])
                         for i, c in enumerate(COLUMNS)))
+    return 0
+
+
+BUDGET_COLUMNS = ("key", "pacing", "budget_daily", "budget_total", "today_cap", "spent_today",
+                  "allowed", "pops", "eligible_per_s", "throttled")
+
+
+def _print_budgets(rows: list[dict[str, Any]], form: str) -> int:
+    """The budget view: money in currency units; allowed and demand come from the running
+    origin's last pacing round ("-" when this report did not ask it)."""
+    if form == "csv":
+        import csv
+        import sys
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(("campaign", *BUDGET_COLUMNS[1:]))
+        writer.writerows([["" if row[c] is None else row[c] for c in BUDGET_COLUMNS]
+                          for row in rows])
+        return 0
+    if not rows:
+        print("no budgeted campaign is in flight")
+        return 0
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        return f"{value:,.2f}" if isinstance(value, float) else str(value)
+
+    table = [("campaign", *BUDGET_COLUMNS[1:])] + [
+        tuple(cell(row[c]) for c in BUDGET_COLUMNS) for row in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(BUDGET_COLUMNS))]
+    for r in table:
+        print("  ".join(v.ljust(w) if i < 2 else v.rjust(w)
+                        for i, (v, w) in enumerate(zip(r, widths, strict=True))))
     return 0
 
 
@@ -415,7 +451,10 @@ def register(commands: Commands) -> None:
     p = origin_parser("report", "requests, fill, impressions, clicks and spend from the "
                       "PoPs' events", cmd_origin_report)
     p.add_argument("--by", default="campaign",
-                   choices=("campaign", "advertiser", "pop", "placement", "hour", "day"))
+                   choices=("campaign", "advertiser", "pop", "placement", "hour", "day",
+                            "budget"),
+                   help="budget: each budgeted campaign's budgets, today's spend, and what "
+                        "the running origin allowed the PoPs")
     p.add_argument("--since", help="a time (2026-12-01T10:00Z) or how long ago (24h)")
     p.add_argument("--until", help="the same, for the end (default: now)")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")

@@ -72,6 +72,7 @@ class Context:
     origin: OriginConfig
     authority: Authority | None
     events: EventStore | None = None  # the running origin's; None: opened read-only here
+    pacing: Any = None  # the running origin's PacingService; None: no allowances known here
 
 
 Run = Callable[[Context, Mapping[str, str], Json], Json]
@@ -270,10 +271,45 @@ def _on_events(ctx: Context, read: Callable[[Any], Json]) -> Json:
             store.close()
 
 
+def _budgets(ctx: Context) -> Json:
+    """Per budgeted campaign: budgets, today's stored spend, and (from the running origin)
+    what its last round allowed the PoPs, their demand and what pacing held back."""
+    from appliance.origin import pacing
+
+    now = time.time()
+    day = int(now) // 86400
+
+    def read(cursor: Any) -> Json:
+        spent: dict[str, int] = {}
+        for (_, campaign), micros in pacing.spend_today(cursor, day).items():
+            spent[campaign] = spent.get(campaign, 0) + micros
+        before = pacing.spend_before(cursor, day)
+        budgets = pacing.budgets_of([c for c in ctx.db.campaign_set().campaigns if not c.paused],
+                                    (), before, now)
+        given = {row["campaign"]: row for row in
+                 (ctx.pacing.status()["campaigns"] if ctx.pacing is not None else [])}
+        rows = []
+        for b in budgets:
+            live = given.get(b.campaign, {})
+            rows.append({"key": b.campaign, "pacing": b.pacing.value,
+                         "budget_daily": b.daily_micros / 1e6,
+                         "budget_total": b.total_micros / 1e6,
+                         "today_cap": b.day_cap() / 1e6,
+                         "spent_today": spent.get(b.campaign, 0) / 1e6,
+                         "allowed": live["allowed_micros"] / 1e6 if live else None,
+                         "pops": live.get("pops"), "eligible_per_s": live.get("eligible_per_s"),
+                         "throttled": live.get("throttled")})
+        return {"by": "budget", "since": "", "until": "", "rows": rows}
+
+    return _on_events(ctx, read)
+
+
 def _report(ctx: Context, params: Mapping[str, str], body: Json) -> Json:
     from appliance.origin import reports
 
     by = _text(body, "by", "campaign")
+    if by == "budget":
+        return _budgets(ctx)
     since, until = _text(body, "since", ""), _text(body, "until", "")
     return _on_events(ctx, lambda cursor: {
         "by": by, "since": since, "until": until,

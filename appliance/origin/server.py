@@ -501,7 +501,8 @@ class Origin:
             raise ops.OpsError("the body must be a JSON object")
         db = OriginDB(self.db.state_dir)
         try:
-            return ops.run(op, ops.Context(db, self.config, self.authority, self.events),
+            return ops.run(op, ops.Context(db, self.config, self.authority, self.events,
+                                           self.pacing),
                            operator, params, body)
         finally:
             db.close()

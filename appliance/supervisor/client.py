@@ -45,6 +45,38 @@ def sync_line(sync: SyncReport) -> tuple[str, str]:
     return "ok", f"v{sync.get('version', 0)} {sync.get('state', '')}".strip()
 
 
+def pacing_view(pacing: dict[str, Any], now: float) -> tuple[str, str, list[str]]:
+    """Fleet budgets for `adpop status` and the console: ("ok" | "warn" | "bad", one line,
+    one line per budgeted campaign: allowance, spent, reserved, pass-through rate, held)."""
+    cache = pacing.get("cache") or {}
+    link = ""
+    if cache.get("address"):
+        link = (f"; cache {cache.get('shards_up', 0)} shards linked, "
+                f"{cache.get('degraded_decisions', 0):,} decisions without it")
+    rows = []
+    for c in pacing.get("campaigns", []):
+        held = f"{c.get('throttled', 0):,}/{c.get('eligible', 0):,} held"
+        rows.append(f"{c.get('id', '?')}: spent {c.get('spent_micros', 0) / 1e6:,.2f} of "
+                    f"{c.get('cap_micros', 0) / 1e6:,.2f} allowed, reserved "
+                    f"{c.get('reserved_micros', 0) / 1e6:,.2f}, pass "
+                    f"{c.get('pass_rate', 0):.0%}, {held}")
+    seq = int(pacing.get("seq") or 0)
+    if not seq:
+        line = "no allowance from the origin yet: budgeted campaigns wait"
+        return ("bad" if pacing.get("problem") else "warn",
+                line + (f" ({pacing['problem']})" if pacing.get("problem") else "") + link, rows)
+    left = (float(pacing.get("expires_ms", 0)) / 1000) - now
+    if pacing.get("expired") or left <= 0:
+        line = "allowance EXPIRED: budgeted campaigns stopped until the origin is back"
+        level = "bad"
+    else:
+        line = f"allowance {seq}, {len(rows)} campaigns, good for {left:.0f} s"
+        level = "warn" if pacing.get("problem") else "ok"
+    if pacing.get("problem"):
+        line += f"; {pacing['problem']}"
+    return level, line + link, rows
+
+
 def stale_for(status: Status, now: float) -> float:
     """Seconds the supervisor's own figures are past due: its last health round is older
     than two health intervals (0 while fresh). A hung health loop must not look live."""

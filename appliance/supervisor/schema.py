@@ -148,6 +148,9 @@ class Status(TypedDict):
     tuning: dict[str, Any]
     # The console shows staleness from checked_at, and does without the rest.
     events: NotRequired[dict[str, Any]]
+    # Fleet budgets: the engine's allowance and its figures per campaign (engine /pacing),
+    # the cache link, and why the last allowance was not taken ("" when it was).
+    pacing: NotRequired[dict[str, Any]]
     serving_url: NotRequired[str]
     uptime_s: NotRequired[float]
     checked_at: NotRequired[float]

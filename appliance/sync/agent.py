@@ -588,6 +588,8 @@ class SyncAgent:
         next_poll = 0.0
         while not stop.is_set():
             try:
+                if not admin.running():
+                    raise EngineAbsent  # not started yet: nothing to report or install
                 await self._reinstall(admin)
                 raw, pushed = self.allowance_pushed, self.allowance_pushed is not None
                 self.allowance_pushed = None
@@ -603,6 +605,8 @@ class SyncAgent:
                         self.allowance.raw if self.allowance else b"")):
                     await self._install_allowance(admin, raw)
                 self.allowance_problem = ""
+            except EngineAbsent:
+                pass
             except AllowanceError as exc:
                 if self.allowance_problem != exc.line():
                     log.warning("allowance not taken: %s", exc.line())
@@ -760,6 +764,10 @@ class SyncAgent:
                 listener[1].close()
                 await listener[0].cleanup()
             await self.session.close()
+
+
+class EngineAbsent(Exception):
+    """The engine's admin socket is not there (yet): a pacing round has nothing to do."""
 
 
 class RollbackError(AdpopError):

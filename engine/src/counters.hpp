@@ -96,6 +96,11 @@ enum Count : std::uint8_t {
   kConnectionsTotal,
   kIdlePollNs,
   kPolling,
+  kCacheUp,
+  kCacheConnects,
+  kCacheFailed,
+  kCacheDegraded,
+  kPacingRestored,
   kCounts
 };
 
@@ -135,6 +140,16 @@ inline constexpr CountSpec kCountSpecs[kCounts] = {
      "Shard time spent polling with nothing to do.", 1e-9},
     {"", "shards_polling", "adpop_shards_polling", "", "gauge",
      "Shards busy enough to poll after their last event.", 1},
+    {"cache", "shards_up", "adpop_cache_shards_up", "", "gauge", "Shards whose link to the PoP cache is up.",
+     1},
+    {"cache", "connects", "adpop_cache_connects_total", "", "counter", "Connections made to the PoP cache.",
+     1},
+    {"cache", "failed", "adpop_cache_commands_failed_total", "", "counter",
+     "Cache commands that got no answer in time (link down, slow or reset).", 1},
+    {"cache", "degraded_decisions", "adpop_cache_degraded_decisions_total", "", "counter",
+     "Decisions with a budgeted candidate made while the cache could not keep the spend.", 1},
+    {"cache", "pacing_restored", "adpop_pacing_restored_total", "", "counter",
+     "Campaign figures read back from the cache when the engine started.", 1},
 };
 
 struct alignas(64) ShardStats {

@@ -1,4 +1,5 @@
 // adpop-engine: the serving process. See --help; bad flags exit 2 with one line.
+#include <arpa/inet.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/random.h>
@@ -61,6 +62,11 @@ SO_REUSEPORT listener and epoll loop.
   --token-ttl S            tracking URLs stay valid this long (default 86400)
   --dedup-window S         an impression of one request and ad counts once within (default 3600)
   --pacing-campaigns N     campaigns with a budget allowance in one day (default 16384)
+  --cache HOST:PORT        the PoP cache (Redis protocol) that keeps spend and the dedup
+                           window across engine restarts (engine/CACHE.md); none by default
+  --cache-password-file F  the password the cache requires (AUTH), read once at start
+  --cache-timeout-ms N     a cache command unanswered this long drops the link (default 250)
+  --restore-wait-ms N      at start, budgeted campaigns wait this long for the cache (2000)
   --help                   this text
 )";
 
@@ -203,6 +209,22 @@ int main(int argc, char** argv) {
             " holds fewer than 16 bytes; use e.g. `head -c 32 /dev/urandom`");
     } else if (flag == "--token-ttl") {
       o.token_ttl_s = static_cast<std::uint32_t>(number(flag, value, 1, 30 * 86400));
+    } else if (flag == "--cache") {
+      o.cache = endpoint(flag, value);
+      std::string host = o.cache.host;
+      if (!host.empty() && host.front() == '[') host = host.substr(1, host.size() - 2);
+      in6_addr probe;
+      if (inet_pton(AF_INET, host.c_str(), &probe) != 1 && inet_pton(AF_INET6, host.c_str(), &probe) != 1)
+        die("--cache: expected an IP address and port, got '" + std::string(value) + "'");
+    } else if (flag == "--cache-password-file") {
+      std::ifstream in{std::string(value)};
+      if (!in) die("--cache-password-file: cannot read " + std::string(value));
+      std::getline(in, o.cache_password);
+      if (o.cache_password.empty()) die("--cache-password-file: " + std::string(value) + " is empty");
+    } else if (flag == "--cache-timeout-ms") {
+      o.cache_timeout_ms = static_cast<std::uint32_t>(number(flag, value, 1, 60000));
+    } else if (flag == "--restore-wait-ms") {
+      o.restore_wait_ms = static_cast<std::uint32_t>(number(flag, value, 0, 60000));
     } else if (flag == "--pacing-campaigns") {
       o.pacing_campaigns = static_cast<std::uint32_t>(number(flag, value, 1, 1 << 20));
     } else if (flag == "--dedup-window") {

@@ -49,6 +49,11 @@ std::string Engine::status_json() {
                 static_cast<unsigned long long>(spool_backlog()),
                 static_cast<unsigned long long>(options_.spool_max_bytes), leftovers_closed_);
   s += buf;
+  s += ",\"cache\":{\"address\":";
+  api::append_json_string(s, options_.cache.port ? options_.cache.text() : "");
+  s.push_back(',');
+  append_counts_json(s, totals, "cache");
+  s.back() = '}';
   s += ",\"errors\":{";
   append_errors_json(s, totals);
   std::snprintf(buf, sizeof buf,

@@ -11,6 +11,9 @@ constexpr std::int64_t kBucketMs = 15'000;
 constexpr std::uint32_t kFullPass = 1'000'000;
 // Impressions per chosen ad are learnt from a bucket with at least this many choices.
 constexpr std::uint64_t kLearnFrom = 20;
+// The rate holds a campaign back only once the PoP has chosen it this often today: fewer
+// choices say nothing about its demand, and the cap bounds what they can spend.
+constexpr std::uint64_t kThrottleAfter = 20;
 std::int64_t day_of(std::int64_t ms) {
   return ms >= 0 ? ms / 86'400'000 : (ms - 86'399'999) / 86'400'000;
 }
@@ -26,6 +29,8 @@ const char* pace_name(PaceResult result) {
       return "allowance_spent";
     case PaceResult::kThrottled:
       return "throttled";
+    case PaceResult::kStarting:
+      return "starting";
   }
   return "unknown";
 }
@@ -115,7 +120,9 @@ std::vector<PaceFigures> Pacing::figures() const {
 }
 
 ShardPacer::ShardPacer(Pacing& pacing, std::uint32_t shard)
-    : pacing_(pacing), shard_(shard), locals_(pacing.capacity()) {}
+    : pacing_(pacing), shard_(shard), locals_(pacing.capacity()) {
+  if (shard == kObserver) restored_ = pacing.restoring() == 0;
+}
 
 ShardPacer::Local* ShardPacer::local(std::uint32_t id_hash, std::int64_t now_ms,
                                      const CampaignAllowance** allowance) {
@@ -124,25 +131,58 @@ ShardPacer::Local* ShardPacer::local(std::uint32_t id_hash, std::int64_t now_ms,
   const CampaignAllowance* a = set->find(id_hash);
   if (!a) return nullptr;
   Local& l = locals_[a->slot];
-  roll_day(l, day_of(now_ms));
+  roll_day(l, day_of(now_ms), id_hash);
   *allowance = a;
   return &l;
 }
 
-void ShardPacer::roll_day(Local& l, std::int64_t day) {
+void ShardPacer::roll_day(Local& l, std::int64_t day, std::uint32_t id_hash) {
   if (l.day == day) return;
-  // A new UTC day (or a slot given to another campaign on one): budgets start over.
+  // A new UTC day (or a slot given to another campaign on one): budgets start over, from
+  // what an earlier engine kept in the cache today.
   const double rate = l.day >= 0 ? l.impression_rate : 1.0;
   l = Local{};
   l.day = day;
   l.impression_rate = rate;
+  auto it = carried_.find(id_hash);
+  if (it != carried_.end() && it->second.day == day) {
+    l.spent = it->second.spent;
+    l.reserved[1] = it->second.reserved;  // expires with the bucket it was made in
+    l.shown[1] = it->second.shown;
+    l.bucket = it->second.bucket;
+    l.changed = true;
+    carried_.erase(it);
+  }
+}
+
+void ShardPacer::carry(std::int64_t day, std::uint32_t id_hash, std::uint64_t spent, std::uint64_t reserved,
+                       std::uint64_t shown, std::int64_t bucket) {
+  // A campaign this shard already started the day for takes the figures at once.
+  if (const CampaignAllowance* a = set_ ? set_->find(id_hash) : nullptr; a && locals_[a->slot].day == day) {
+    Local& l = locals_[a->slot];
+    l.spent += spent;
+    l.reserved[1] += reserved;
+    l.shown[1] += shown;
+    l.bucket = std::max(l.bucket, bucket);
+    l.changed = true;
+    return;
+  }
+  Carried& c = carried_[id_hash];
+  if (c.day != day) c = Carried{day, 0, 0, 0, bucket};
+  // Several earlier shards' figures can land in one (an engine that had more shards).
+  c.spent += spent;
+  c.reserved += reserved;
+  c.shown += shown;
+  c.bucket = std::max(c.bucket, bucket);
 }
 
 PaceResult ShardPacer::admit(std::uint32_t id_hash, std::uint64_t price, std::int64_t now_ms,
                              std::uint64_t roll) {
   const CampaignAllowance* a = nullptr;
   Local* l = local(id_hash, now_ms, &a);
+  ++asked_;
   if (!l || now_ms >= set_->expires_ms || day_of(now_ms) != set_->day) return PaceResult::kNoAllowance;
+  if (!restored_) return PaceResult::kStarting;
   ++l->eligible;
   auto left = [&] {
     const std::uint64_t spent = std::max(l->floor, l->others_spent + l->spent);
@@ -178,6 +218,8 @@ void ShardPacer::reserve(std::uint32_t id_hash, std::uint64_t price, std::int64_
   l->reserved[0] += value;
   ++l->decisions[0];
   l->chosen_value += value;
+  ++l->chosen;
+  l->changed = true;
   publish(a->slot, *l);
 }
 
@@ -190,6 +232,7 @@ void ShardPacer::charge(std::uint32_t id_hash, std::uint64_t price, std::int64_t
   l->spent += price;
   l->shown[0] += price;
   ++l->impressions[0];
+  l->changed = true;
   publish(a->slot, *l);
 }
 
@@ -249,7 +292,7 @@ void ShardPacer::tick(std::int64_t now_ms) {
   if (!set_) return;
   for (const CampaignAllowance& a : set_->campaigns) {
     Local& l = locals_[a.slot];
-    roll_day(l, day_of(now_ms));
+    roll_day(l, day_of(now_ms), a.id_hash);
     rotate(l, now_ms);
     if (shard_ == ShardPacer::kObserver) {
       steer(a, l, now_ms);
@@ -259,6 +302,7 @@ void ShardPacer::tick(std::int64_t now_ms) {
     Pacing::Cell& mine = pacing_.cell(a.slot, shard_);
     publish(a.slot, l);
     mine.chosen_value.store(l.chosen_value, std::memory_order_relaxed);
+    mine.chosen.store(l.chosen, std::memory_order_relaxed);
     mine.eligible.store(l.eligible, std::memory_order_relaxed);
     mine.throttled.store(l.throttled, std::memory_order_relaxed);
     steer(a, l, now_ms);
@@ -272,12 +316,13 @@ void ShardPacer::tick(std::int64_t now_ms) {
 // actually left, so an error in the demand estimate corrects itself within the interval.
 void ShardPacer::steer(const CampaignAllowance& a, Local& l, std::int64_t now_ms) {
   read_others(a, l);
-  std::uint64_t chosen = l.chosen_value;
+  std::uint64_t chosen = l.chosen_value, choices = l.chosen;
   for (std::uint32_t s = 0; s < pacing_.shards(); ++s) {
     if (s == shard_) continue;
     const Pacing::Cell& c = pacing_.cell(a.slot, s);
-    if (c.day.load(std::memory_order_relaxed) == l.day)
-      chosen += c.chosen_value.load(std::memory_order_relaxed);
+    if (c.day.load(std::memory_order_relaxed) != l.day) continue;
+    chosen += c.chosen_value.load(std::memory_order_relaxed);
+    choices += c.chosen.load(std::memory_order_relaxed);
   }
   l.floor = a.origin_spent;
   if (l.seen_ms > 0 && now_ms > l.seen_ms && chosen >= l.seen_chosen) {
@@ -301,7 +346,8 @@ void ShardPacer::steer(const CampaignAllowance& a, Local& l, std::int64_t now_ms
   const std::int64_t end = now_ms < set_->interval_end_ms ? set_->interval_end_ms : set_->expires_ms;
   const double seconds = std::max(0.1, static_cast<double>(end - now_ms) / 1000.0);
   const double target = left / seconds;
-  const double pass = l.demand <= 0 ? 1.0 : std::clamp(target / l.demand, 0.0, 1.0);
+  const double pass =
+      l.demand <= 0 || choices < kThrottleAfter ? 1.0 : std::clamp(target / l.demand, 0.0, 1.0);
   l.pass_ppm = static_cast<std::uint32_t>(pass * kFullPass);
 }
 

@@ -20,11 +20,12 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace adpop {
 
-enum class PaceResult : std::uint8_t { kPass, kNoAllowance, kSpent, kThrottled };
+enum class PaceResult : std::uint8_t { kPass, kNoAllowance, kSpent, kThrottled, kStarting };
 const char* pace_name(PaceResult result);
 
 struct CampaignAllowance {
@@ -68,6 +69,8 @@ class Pacing {
   std::uint32_t shards() const { return shards_; }
   std::uint32_t capacity() const { return capacity_; }
   std::vector<PaceFigures> figures() const;
+  // Shards still waiting for their figures from the cache (what explain's observer says).
+  std::uint32_t restoring() const { return restoring_.load(std::memory_order_acquire); }
 
   // What each shard publishes on its tick, per campaign slot.
   struct alignas(64) Cell {
@@ -76,6 +79,7 @@ class Pacing {
     std::atomic<std::uint64_t> reserved{0};      // this bucket's and the last one's
     std::atomic<std::uint64_t> shown{0};         // impression value, the same buckets
     std::atomic<std::uint64_t> chosen_value{0};  // cumulative today: reserved value of choices
+    std::atomic<std::uint64_t> chosen{0};        // cumulative today: choices
     std::atomic<std::uint64_t> eligible{0};
     std::atomic<std::uint64_t> throttled{0};
     std::atomic<std::uint32_t> pass_ppm{0};
@@ -94,6 +98,8 @@ class Pacing {
   std::atomic<std::uint64_t> generation_{0};
   std::vector<std::pair<std::uint32_t, std::uint32_t>> slot_of_;  // (id_hash, slot), sorted
   std::int64_t slots_day_ = -1;
+  std::atomic<std::uint32_t> restoring_{0};
+  friend class ShardPacer;
 };
 
 class ShardPacer {
@@ -112,6 +118,37 @@ class ShardPacer {
   // Picks up a new allowance set, publishes this shard's figures and recomputes the rates.
   void tick(std::int64_t now_ms);
 
+  // What outlives the engine process (engine/CACHE.md): figures read back from the cache at
+  // start, added to a campaign's when its allowance arrives; until `restored()` budgeted
+  // campaigns wait (kStarting). A shard with no cache, or whose cache did not answer, is
+  // restored empty and lives on the origin's figure.
+  void carry(std::int64_t day, std::uint32_t id_hash, std::uint64_t spent, std::uint64_t reserved,
+             std::uint64_t shown, std::int64_t bucket);
+  void expect_restore() {
+    if (restored_) pacing_.restoring_.fetch_add(1);
+    restored_ = false;
+  }
+  void set_restored() {
+    if (!restored_) pacing_.restoring_.fetch_sub(1);
+    restored_ = true;
+  }
+  bool restored() const { return restored_; }
+  // Each campaign's figures to keep (changed since the last call, or all): its id hash and
+  // "spent reserved shown bucket".
+  template <typename F>
+  void each_to_keep(bool all, F&& fn) {
+    if (!set_) return;
+    for (const CampaignAllowance& a : set_->campaigns) {
+      Local& l = locals_[a.slot];
+      // Nothing to keep for a campaign this shard has neither chosen nor charged today.
+      if (l.day < 0 || !(all || l.changed) || (l.spent == 0 && l.reserved[0] + l.reserved[1] == 0)) continue;
+      l.changed = false;
+      fn(l.day, a.id_hash, l.spent, l.reserved[0] + l.reserved[1], l.shown[0] + l.shown[1], l.bucket);
+    }
+  }
+  // Calls to admit so far: a decision that asked pacing anything.
+  std::uint64_t asked() const { return asked_; }
+
  private:
   struct Local {
     std::int64_t day = -1;
@@ -122,6 +159,7 @@ class ShardPacer {
     std::uint64_t impressions[2] = {0, 0};
     std::int64_t bucket = 0;  // now / kBucketMs of reserved[0]
     std::uint64_t chosen_value = 0;
+    std::uint64_t chosen = 0;
     std::uint64_t eligible = 0;
     std::uint64_t throttled = 0;
     double impression_rate = 1.0;  // impressions per chosen ad, learnt; 1 until known
@@ -134,7 +172,8 @@ class ShardPacer {
     // The controller's memory.
     std::uint64_t seen_chosen = 0;  // PoP-wide chosen value at the last tick
     std::int64_t seen_ms = 0;
-    double demand = -1;  // PoP-wide value per second it would be chosen at a rate of 1
+    double demand = -1;    // PoP-wide value per second it would be chosen at a rate of 1
+    bool changed = false;  // since it was last kept in the cache
     // Reservations of the PoP not yet matched by impressions: an ad chosen on one shard may
     // be shown through another, so only the sums over the shards mean anything.
     std::uint64_t pending() const {
@@ -144,7 +183,7 @@ class ShardPacer {
     }
   };
   Local* local(std::uint32_t id_hash, std::int64_t now_ms, const CampaignAllowance** allowance);
-  void roll_day(Local& l, std::int64_t day);
+  void roll_day(Local& l, std::int64_t day, std::uint32_t id_hash);
   void rotate(Local& l, std::int64_t now_ms);
   void steer(const CampaignAllowance& a, Local& l, std::int64_t now_ms);
   void publish(std::uint32_t slot, const Local& l);
@@ -155,6 +194,14 @@ class ShardPacer {
   std::shared_ptr<const AllowanceSet> set_;
   std::uint64_t generation_ = 0;
   std::vector<Local> locals_;  // by slot
+  struct Carried {
+    std::int64_t day;
+    std::uint64_t spent, reserved, shown;
+    std::int64_t bucket;
+  };
+  std::unordered_map<std::uint32_t, Carried> carried_;  // by id hash
+  bool restored_ = true;
+  std::uint64_t asked_ = 0;
 };
 
 }  // namespace adpop

@@ -110,7 +110,10 @@ void Shard::handle_decide(Conn& c, const http::Request& req, const Snapshot& sna
   if (!may_record(kDecisionRecordBytes, true)) return respond_spool_full(c, close);
   const std::int64_t now = batch_wall_ms_ / 1000;
   const DecideContext context{&engine_.signer(), &pacer_, batch_wall_ms_};
+  const std::uint64_t asked = pacer_.asked();
   decider_.decide(snap, request_, now, decision_, context);
+  // Paced while the cache cannot keep what it spends: served from memory, and counted.
+  if (cache_ && pacer_.asked() != asked && !cache_->up()) stats_.counts[kCacheDegraded].add();
   if (decision_.caps_rejected) stats_.counts[kCapsRejected].add();
   const auto campaigns = snap.campaigns();
   const auto ads = snap.ads();
@@ -164,6 +167,7 @@ void Shard::handle_tracking(Conn& c, const http::Request& req, const Snapshot* s
       stats_.counts[kImpressions].add();
       spool_tracking(EventType::kImpression, token);
       charge(snap, token);
+      if (cache_) dedup_keys_.push_back(key);
     }
     append_response(c.out, 204, "text/plain", "", close);
     return;

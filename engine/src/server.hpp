@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "api.hpp"
+#include "cache_link.hpp"
 #include "counters.hpp"
 #include "decide.hpp"
 #include "dedup.hpp"
@@ -57,6 +58,10 @@ struct EngineOptions {
   std::uint32_t token_ttl_s = 86400;       // how long impression and click URLs stay valid
   std::uint32_t dedup_window_s = 3600;     // impressions of one request and ad count once
   std::uint32_t pacing_campaigns = 16384;  // campaigns with an allowance in one day
+  Endpoint cache;                          // the PoP cache (port 0: none), engine/CACHE.md
+  std::string cache_password;              // from --cache-password-file
+  std::uint32_t cache_timeout_ms = 250;    // a cache command unanswered this long drops the link
+  std::uint32_t restore_wait_ms = 2000;    // at start, budgeted campaigns wait this long for it
 };
 
 class Engine;
@@ -94,6 +99,10 @@ class Shard {
   void respond_spool_full(Conn& c, bool close);
   void spool_tracking(EventType type, const TrackingToken& token);
   void charge(const Snapshot* snap, const TrackingToken& token);
+  // The PoP cache (shard_cache.cpp): figures kept behind the requests, read back at start.
+  void cache_start(std::int64_t now_ns);
+  void cache_tick(std::int64_t now_ns);
+  void cache_restore(std::int64_t now_ns);
 
   Engine& engine_;
   std::uint32_t index_;
@@ -121,6 +130,12 @@ class Shard {
   std::vector<int> sending_;  // the dirty list being flushed (process() may refill dirty_)     // connections
                               // with answers to send after this batch's spool write
   std::unique_ptr<Spool> spool_;
+  std::unique_ptr<CacheLink> cache_;
+  bool restore_sent_ = false;
+  std::int64_t restore_deadline_ns_ = 0;
+  std::uint32_t keep_ticks_ = 0;
+  std::vector<std::uint64_t> dedup_keys_;  // impressions counted since the last tick
+  std::vector<std::string> cache_args_;    // scratch for one command's arguments
 };
 
 class Engine {

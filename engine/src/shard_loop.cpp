@@ -84,6 +84,8 @@ void Shard::run() {
   epoll_event events[256];
   std::int64_t last_tick = mono_ns();
   std::int64_t last_event = 0;
+  batch_wall_ms_ = static_cast<std::int64_t>(wall_ms());
+  cache_start(last_tick);
   // The first batch's idle time is measured from here, not from the clock's epoch.
   batch_ns_ = last_tick;
   const std::int64_t idle_poll_ns = std::int64_t{engine_.options().idle_poll_us} * 1000;
@@ -116,6 +118,10 @@ void Shard::run() {
     stats_.seen_generation.store(engine_.generation(), std::memory_order_release);
     for (int i = 0; i < n; ++i) {
       int fd = events[i].data.fd;
+      if (cache_ && fd == cache_->fd()) {
+        cache_->on_event(events[i].events, batch_ns_, epoll_fd_);
+        continue;
+      }
       if (is_listener(fd)) {
         accept_all(fd);
         continue;
@@ -360,6 +366,7 @@ void Shard::flush(Conn& c) {
 void Shard::tick(std::int64_t now) {
   const EngineOptions& o = engine_.options();
   pacer_.tick(static_cast<std::int64_t>(wall_ms()));
+  cache_tick(now);
   flush_spool(engine_.now_seconds());  // rotates an idle shard's segment by age
   // A shedding shard looks again each tick, so it reports room as soon as shipping made it.
   if (stats_.counts[kSpoolShedding].get()) may_record(kDecisionRecordBytes, true);

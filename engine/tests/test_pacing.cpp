@@ -169,3 +169,51 @@ TEST(Pacing, TheRateSpreadsAnAllowanceOverItsInterval) {
 
 }  // namespace
 }  // namespace adpop
+
+#include "cache_link.hpp"
+
+namespace adpop {
+namespace {
+
+TEST(Resp, RepliesParseWholeOrWaitForMore) {
+  const std::string in = "+OK\r\n:42\r\n$5\r\nhello\r\n*2\r\n$1\r\na\r\n$-1\r\n-ERR no\r\n";
+  std::size_t pos = 0;
+  bool bad = false;
+  RespValue v;
+  ASSERT_TRUE(parse_resp(in, &pos, &v, &bad));
+  EXPECT_EQ(v.kind, RespValue::Kind::kString);
+  EXPECT_EQ(v.text, "OK");
+  ASSERT_TRUE(parse_resp(in, &pos, &v, &bad));
+  EXPECT_EQ(v.integer, 42);
+  ASSERT_TRUE(parse_resp(in, &pos, &v, &bad));
+  EXPECT_EQ(v.text, "hello");
+  ASSERT_TRUE(parse_resp(in, &pos, &v, &bad));
+  ASSERT_EQ(v.items.size(), 2u);
+  EXPECT_EQ(v.items[0].text, "a");
+  EXPECT_EQ(v.items[1].kind, RespValue::Kind::kNil);
+  ASSERT_TRUE(parse_resp(in, &pos, &v, &bad));
+  EXPECT_EQ(v.kind, RespValue::Kind::kError);
+  EXPECT_EQ(pos, in.size());
+  EXPECT_FALSE(bad);
+  // Every cut of a reply waits for the rest, and never reads past what is there.
+  const std::string whole = "*2\r\n$3\r\nabc\r\n:7\r\n";
+  for (std::size_t cut = 0; cut < whole.size(); ++cut) {
+    std::size_t p = 0;
+    bool b = false;
+    RespValue r;
+    EXPECT_FALSE(parse_resp(std::string_view(whole).substr(0, cut), &p, &r, &b)) << cut;
+    EXPECT_FALSE(b);
+    EXPECT_EQ(p, 0u);
+  }
+  // Garbage is an error, not a wait.
+  for (const char* junk : {"?x\r\n", "$-5\r\n", ":12a\r\n", "*99999999\r\n"}) {
+    std::size_t p = 0;
+    bool b = false;
+    RespValue r;
+    EXPECT_FALSE(parse_resp(junk, &p, &r, &b));
+    EXPECT_TRUE(b) << junk;
+  }
+}
+
+}  // namespace
+}  // namespace adpop
