@@ -26,12 +26,14 @@ Both engines run as the appliance does with fleet budgets: a redis-server as the
 (--cache, where each shard keeps its spend), and an allowance from the origin for every
 budgeted campaign of the snapshot, so pacing (the cap check, reservations, the controller's
 tick) runs on every request with a budgeted candidate. The allowances are large: nothing
-stops for lack of budget, the work is all done.
+stops for lack of budget, the work is all done. A third engine serves the same campaigns with
+their budgets removed and no cache: the same-run baseline for what pacing costs.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -235,6 +237,14 @@ def main() -> None:
                              target_group="default")
         store = SnapshotStore(work / "state")
         store.install(1, built.manifest_bytes, built.payload)
+        # The same campaigns with no budgets: the same-run baseline for what pacing costs.
+        unbudgeted = dataclasses.replace(campaign_set, campaigns=tuple(
+            dataclasses.replace(c, budget_daily_micros=0, budget_total_micros=0)
+            for c in campaign_set.campaigns))
+        built_bare = bundle.build(unbudgeted, 1, [load_signing_key(key_path)], ttl=86400,
+                                  target_group="default")
+        store_bare = SnapshotStore(work / "state-bare")
+        store_bare.install(1, built_bare.manifest_bytes, built_bare.payload)
         print(f"snapshot: {built.stats.campaigns} campaigns, {len(built.payload) / 1e6:.1f} MB")
 
         micro = subprocess.run([str(BUILD / "adpop-engine-bench"), "--benchmark_format=json"],
@@ -244,6 +254,7 @@ def main() -> None:
         results = {b["name"].split("/")[0]: b for b in json.loads(micro.stdout)["benchmarks"]}
 
         engine_port, spooled_port, nginx_port = free_port(), free_port(), free_port()
+        bare_port = free_port()
         (work / "nginx").mkdir()
         # With a token key, as in production: every ad carries signed impression and click URLs.
         token_key = work / "token.key"
@@ -255,7 +266,8 @@ def main() -> None:
         ceiling_paths = work / "healthz.txt"
         ceiling_paths.write_text("/healthz\n")
 
-        metrics_ports = {engine_port: free_port(), spooled_port: free_port()}
+        metrics_ports = {engine_port: free_port(), spooled_port: free_port(),
+                         bare_port: free_port()}
         budgeted = [c.id for c in campaign_set.campaigns
                     if c.budget_daily_micros or c.budget_total_micros]
         kv_port = free_port()
@@ -267,23 +279,27 @@ def main() -> None:
                                                   work / "cache", password_file.parent),
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-        def start_engine(port: int, *extra: str) -> subprocess.Popen[bytes]:
+        with_budgets = ["--cache", f"127.0.0.1:{kv_port}", "--cache-password-file",
+                        str(password_file), "--pacing-campaigns",
+                        str(max(16384, 2 * len(budgeted)))]
+
+        def start_engine(port: int, *extra: str, snapshot: Path = store.current_link
+                         ) -> subprocess.Popen[bytes]:
             return subprocess.Popen([str(BUILD / "adpop-engine"), "--listen", f"127.0.0.1:{port}",
                                      "--metrics-listen", f"127.0.0.1:{metrics_ports[port]}",
-                                     "--snapshot", str(store.current_link), "--shards", "1",
+                                     "--snapshot", str(snapshot), "--shards", "1",
                                      "--cpus", str(SERVER_CPU), "--idle-poll-us",
                                      str(IDLE_POLL_US), "--token-key", str(token_key),
-                                     "--admin", str(work / f"admin-{port}.sock"),
-                                     "--cache", f"127.0.0.1:{kv_port}",
-                                     "--cache-password-file", str(password_file),
-                                     "--pacing-campaigns", str(max(16384, 2 * len(budgeted))),
-                                     *extra],
+                                     "--admin", str(work / f"admin-{port}.sock"), *extra],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-        engine = start_engine(engine_port)
+        engine = start_engine(engine_port, *with_budgets)
+        # The baseline for the budgets' cost, in the same run: the same campaigns without
+        # budgets (the same choices, no pacing work), no cache.
+        bare = start_engine(bare_port, snapshot=store_bare.current_link)
         # The same engine writing every decision to its event spool on this disk, as the
         # appliance runs it: measured beside the others in every round.
-        spooled = start_engine(spooled_port, "--spool", str(spool))
+        spooled = start_engine(spooled_port, "--spool", str(spool), *with_budgets)
         nginx = subprocess.Popen(["nginx", "-p", str(work / "nginx"), "-c",
                                   str(nginx_conf(work / "nginx", nginx_port)), "-g",
                                   "daemon off;"], stdout=subprocess.DEVNULL,
@@ -294,7 +310,9 @@ def main() -> None:
             metrics_of = {f"http://127.0.0.1:{port}": f"http://127.0.0.1:{mport}"
                           for port, mport in metrics_ports.items()}
             nginx_url = f"http://127.0.0.1:{nginx_port}{DECIDE_PATH}"
-            for url in (engine_base + DECIDE_PATH, spooled_base + DECIDE_PATH, nginx_url):
+            bare_base = f"http://127.0.0.1:{bare_port}"
+            for url in (engine_base + DECIDE_PATH, spooled_base + DECIDE_PATH,
+                        bare_base + DECIDE_PATH, nginx_url):
                 wait_http(url)
             for port in (engine_port, spooled_port):
                 give_allowances(work / f"admin-{port}.sock", budgeted)
@@ -315,7 +333,8 @@ def main() -> None:
             rounds = [(measure(nginx_url, paths, nginx_pids, args.seconds, args.connections),
                        engine_round(engine_base, engine), engine_round(spooled_base, spooled),
                        measure(engine_base + "/healthz", ceiling_paths, [engine.pid],
-                               args.seconds, args.connections))
+                               args.seconds, args.connections),
+                       engine_round(bare_base, bare))
                       for _ in range(args.rounds)]
             scrape = metrics_of[engine_base]
             decided = metric(scrape, DECIDED) - decided_before
@@ -324,6 +343,7 @@ def main() -> None:
             n_rps, n_cpu, _ = median_round([r[0] for r in rounds])
             e_rps, e_cpu, e_cpu_polling = median_round([r[1] for r in rounds])
             s_rps, s_cpu, s_cpu_polling = median_round([r[2] for r in rounds])
+            b_rps, b_cpu, b_cpu_polling = median_round([r[4] for r in rounds])
             half = max(1.0, e_rps / 2)
 
             open_seconds = max(1, args.seconds // 2)
@@ -341,7 +361,7 @@ def main() -> None:
                               for _ in range(args.rounds)]
             paced = pacing_figures(work / f"admin-{spooled_port}.sock")
         finally:
-            for proc in (engine, spooled, nginx, redis):
+            for proc in (engine, spooled, bare, nginx, redis):
                 proc.terminate()
                 proc.wait(timeout=10)
 
@@ -353,9 +373,9 @@ def main() -> None:
           f"engine --idle-poll-us {IDLE_POLL_US}; {REQUESTS_SCRIPT.name}: 256 different "
           f"requests in turn, {fill:.0%} filled, ads with signed tracking URLs: "
           f"{'imp' in filled[0] and 'click' in filled[0]}")
-    print("rounds (requests/s, nginx / engine / engine with spool / engine /healthz): "
-          + ", ".join(f"{n[0]:.0f} / {e[0]:.0f} / {sp[0]:.0f} / {c[0]:.0f}"
-                      for n, e, sp, c in rounds))
+    print("rounds (requests/s, nginx / engine / engine with spool / engine /healthz / engine "
+          "without budgets): " + ", ".join(f"{n[0]:.0f} / {e[0]:.0f} / {sp[0]:.0f} / {c[0]:.0f}"
+                                           f" / {b[0]:.0f}" for n, e, sp, c, b in rounds))
     print(f"budgets: {len(budgeted)} budgeted campaigns paced with allowances; "
           f"{paced['eligible']:,} pacing checks in the spooled engine over the run; cache "
           f"{'linked' if paced['cache']['shards_up'] else 'NOT linked'}, "
@@ -367,17 +387,21 @@ def main() -> None:
     print(f"{'engine with event spool':24} {s_rps:>12.0f} {s_cpu:>15.2f}   "
           f"({s_cpu_polling:.2f} with idle polling; {spooled_records / 1e6:.0f} MB of records "
           f"written to disk)")
+    print(f"{'engine without budgets':24} {b_rps:>12.0f} {b_cpu:>15.2f}   "
+          f"({b_cpu_polling:.2f} with idle polling; the same campaigns without budgets, no "
+          f"cache: the budgets cost {e_cpu - b_cpu:+.2f} us/request)")
     # Each round measures the three back to back, so a round's own ratio shares its
     # conditions; the median of those is the steadier figure on a noisy machine.
-    paired = median_high(e[0] / n[0] for n, e, _, _ in rounds)
-    paired_spool = median_high(sp[0] / n[0] for n, _, sp, _ in rounds)
-    ceiling = median_high(c[0] / n[0] for n, _, _, c in rounds)
+    paired = median_high(e[0] / n[0] for n, e, _, _, _ in rounds)
+    paired_spool = median_high(sp[0] / n[0] for n, _, sp, _, _ in rounds)
+    ceiling = median_high(c[0] / n[0] for n, _, _, c, _ in rounds)
     print(f"ratio engine/nginx: {e_rps / n_rps:.3f} of the medians, {paired:.3f} median of the "
           f"rounds' own   (goal >= 1.0); with the event spool: {s_rps / n_rps:.3f}, "
           f"{paired_spool:.3f}")
     print(f"ceiling: engine GET /healthz (no work) / nginx {ceiling:.3f} median of the rounds' "
           f"own; engine /v1/decide / its /healthz "
-          f"{median_high(e[0] / c[0] for _, e, _, c in rounds):.3f}")
+          f"{median_high(e[0] / c[0] for _, e, _, c, _ in rounds):.3f} (without budgets "
+          f"{median_high(b[0] / c[0] for _, _, _, c, b in rounds):.3f})")
     print(f"open loop at {half:.0f} req/s (half the engine's maximum), {args.rounds} alternating "
           f"rounds of {open_seconds} s, p99 engine / nginx: " + ", ".join(
               f"{e['p99_us']:.0f} / {n['p99_us']:.0f} us" for e, n in latency_rounds))

@@ -185,3 +185,45 @@ def test_fleet_spend_stops_at_each_budget_through_kills_and_an_origin_outage(
             answer = _decide(pop.port, f"after-{n}")
             assert answer is not None
             assert not [a for a in answer["placements"][0]["ads"] if a["campaign"] in BUDGETS]
+
+
+def test_allowances_keep_coming_across_a_timestamp_key_rotation(tmp_path: Path) -> None:
+    """The origin rotates the key it signs allowances with (the TUF timestamp role's): the
+    PoP finds its trusted root behind, fetches and verifies the new one, and takes the next
+    allowance, without waiting for a new snapshot."""
+    from tests.test_events_faults import adpop
+
+    campaigns = tmp_path / "campaigns"
+    campaigns.mkdir()
+    for name in ("advertisers.toml", "placements.toml"):
+        shutil.copy(REPO / "config" / "campaigns" / name, campaigns / name)
+    (campaigns / "campaigns.toml").write_text(CAMPAIGN.format(id="fleet-a", budget=3.0) + HOUSE)
+    world = World(tmp_path, None, pops=("pop-a",), campaigns=campaigns,
+                  origin_extra=f'[pacing]\ninterval = "{INTERVAL}s"\n')
+    try:
+        world.start_origin()
+        world.start_supervisor(world.pops[0])
+        world.wait_ready(world.pops[0])
+
+        def seq() -> int:
+            try:
+                return int(engine_pacing(world, 0).get("seq") or 0)
+            except OSError:
+                return 0
+
+        deadline = time.monotonic() + 60
+        while seq() == 0:
+            assert time.monotonic() < deadline, "no allowance reached the engine"
+            time.sleep(0.2)
+        print(adpop("origin", "keys", "rotate", "timestamp", "--config",
+                    str(world.origin_conf)))
+        rotated = time.time() * 1000
+        deadline = time.monotonic() + 60
+        while seq() < rotated:  # sequence numbers start from the origin's clock
+            assert time.monotonic() < deadline, (
+                world.status(world.pops[0]).get("pacing", {}).get("problem"),
+                (tmp_path / "pop-a.log").read_text()[-2000:])
+            time.sleep(0.2)
+        assert world.status(world.pops[0])["pacing"]["problem"] == ""
+    finally:
+        world.stop_all()

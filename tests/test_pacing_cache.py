@@ -240,3 +240,39 @@ def test_an_engine_starting_without_its_cache_waits_then_serves(
         assert eng.status()["cache"]["degraded_decisions"] > 0
         assert "no answer from the cache" in eng.log.read_text()
     assert os.path.exists(kv.password_file)
+
+
+def first_ad(eng: RunningEngine, request_id: str, user: str) -> str:
+    """The campaign of the first ad for a request with a user key and no cap token."""
+    code, answer = eng.post("/v1/decide", {"id": request_id, "placements": [{"id": "slot"}],
+                                           "user": {"key": user}})
+    assert code == 200, answer
+    return str(answer["placements"][0]["ads"][0]["campaign"])
+
+
+def test_a_user_without_a_cap_token_is_capped_from_the_cache(
+        tmp_path: Path, kv: Cache, signing_key: SigningKey) -> None:
+    """The controls set's `capped` campaign serves a user twice an hour. A caller that sends
+    the user's key and never a token is held to that by the user's counters in the cache,
+    across shards and an engine killed -9; a frozen cache delays such a request by at most
+    --cache-wait-us, and the decision is counted as made without it."""
+    with running_engine(tmp_path, controls_set(), signing_key, extra=flags(kv)) as eng:
+        served = [first_ad(eng, f"u-{i}", "alice") for i in range(3)]
+        assert served == ["capped", "capped", "house"], served
+        assert first_ad(eng, "u-bob", "bob") == "capped"  # someone else's counters are theirs
+        assert eng.status()["cache"]["user_caps_waits"] >= 2
+        until("alice's counters kept", lambda: kv.client().keys("adpop:caps:*"))
+        eng.process.kill()
+        eng.process.wait()
+    with running_engine(tmp_path, controls_set(), signing_key, extra=flags(kv)) as eng:
+        assert first_ad(eng, "u-again", "alice") == "house"
+        assert first_ad(eng, "u-bob-2", "bob") == "capped"
+        assert kv.process is not None
+        kv.process.send_signal(signal.SIGSTOP)
+        try:
+            # Each waits its 2 ms and goes on without the counters: answered, and counted.
+            assert first_ad(eng, "u-frozen", "carol") == "capped"
+        finally:
+            kv.process.send_signal(signal.SIGCONT)
+        cache_state = eng.status()["cache"]
+        assert cache_state["user_caps_missed"] >= 1 and cache_state["degraded_decisions"] >= 1

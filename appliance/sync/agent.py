@@ -543,8 +543,21 @@ class SyncAgent:
 
     async def _install_allowance(self, admin: EngineAdmin, raw: bytes) -> None:
         newer_than = self.allowance.seq if self.allowance is not None else 0
-        believed = allowances.verify(raw, await asyncio.to_thread(self._root), self.pop.id,
-                                     newer_than)
+        try:
+            believed = allowances.verify(raw, await asyncio.to_thread(self._root),
+                                         self.pop.id, newer_than)
+        except AllowanceError as exc:
+            if not exc.unsigned:
+                raise
+            # The origin may have rotated its timestamp key: the root it signed the new one
+            # into is fetched (and verified) once, then the allowance is checked again.
+            try:
+                await asyncio.to_thread(self.trust.refresh, self.client_tls)
+            except VerifyError as refresh:
+                raise AllowanceError(f"{exc.line()}; the TUF refresh failed too: "
+                                     f"{refresh}") from exc
+            believed = allowances.verify(raw, await asyncio.to_thread(self._root),
+                                         self.pop.id, newer_than)
         code, body = await admin.call("POST", "/allowances",
                                       json.dumps(believed.signed).encode())
         if code != 200:

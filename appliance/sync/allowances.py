@@ -29,6 +29,12 @@ MAX_ALLOWANCE_BYTES = 8 * 1024**2
 class AllowanceError(AdpopError):
     """An allowance that is not believed, with why."""
 
+    unsigned = False  # short of the signatures: the PoP's root may be behind a key rotation
+
+
+class UnsignedAllowance(AllowanceError):
+    unsigned = True
+
 
 @dataclass(frozen=True)
 class Believed:
@@ -82,8 +88,8 @@ def verify(raw: bytes, root_json: bytes, pop: str, newer_than: int,
             continue
         good.add(keyid)
     if len(good) < role.threshold:
-        raise AllowanceError(f"allowance signed by {len(good)} of the {role.threshold} "
-                             "timestamp keys this PoP's trusted root requires")
+        raise UnsignedAllowance(f"allowance signed by {len(good)} of the {role.threshold} "
+                                "timestamp keys this PoP's trusted root requires")
     if seq <= newer_than:
         raise AllowanceError(f"allowance {seq} is not newer than the installed {newer_than}")
     if expires <= now_ms:

@@ -125,6 +125,26 @@ class Trust:
         return (f"no trusted root.json at {self.root_file}; give the PoP the origin's with "
                 "`adpop pop trust FILE` or `adpop flash --config` (snapshot.trust_root)")
 
+    def refresh(self, tls: ssl.SSLContext | None) -> None:
+        """Brings the trusted root (and the rest) up to the origin's: after the origin rotated
+        a key, what it signs with the new one is believed. Raises VerifyError. Blocking."""
+        from tuf.api import exceptions
+        from tuf.ngclient.updater import Updater
+
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        problem = self.problem()
+        if problem:
+            raise VerifyError(Reason.UNKNOWN_KEY, problem)
+        cached = (self.folder / "root.json").is_file()
+        try:
+            if self._fetcher is None or self._fetcher[0] is not tls:
+                self._fetcher = (tls, _fetcher_class()(tls))
+            Updater(str(self.folder), self.base, fetcher=self._fetcher[1],
+                    bootstrap=None if cached else self.root_file.read_bytes()).refresh()
+        except (exceptions.RepositoryError, exceptions.DownloadError, OSError,
+                ValueError) as exc:
+            raise VerifyError(Reason.MALFORMED, f"TUF metadata: {exc}") from exc
+
     def vouch(self, manifest: bytes, tls: ssl.SSLContext | None) -> None:
         """Returns when the origin's current TUF targets list `manifest` exactly; raises
         VerifyError. Blocking (downloads): run it in a thread."""

@@ -2,10 +2,10 @@
 // here): one non-blocking TCP connection on the shard's own epoll, commands pipelined and
 // written once per event batch, replies matched to their commands in order.
 //
-// No request ever waits on it. What the shards keep there (engine/CACHE.md) is written
-// behind the requests and read back at start. A command not answered within the timeout
-// marks the link slow: the connection is dropped (its commands fail), and the link connects
-// again after a backoff. Meanwhile the shard serves from memory and counts what it could not
+// What the shards keep there (engine/CACHE.md) is written behind the requests and read back
+// at start; only a user's cap counters are read on a request's path, for a bounded wait. A command not
+// answered within the timeout marks the link slow: the connection is dropped (its commands fail), and the
+// link connects again after a backoff. Meanwhile the shard serves from memory and counts what it could not
 // keep.
 #pragma once
 

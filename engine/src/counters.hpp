@@ -101,6 +101,8 @@ enum Count : std::uint8_t {
   kCacheFailed,
   kCacheDegraded,
   kPacingRestored,
+  kUserCapsWaits,
+  kUserCapsMissed,
   kCounts
 };
 
@@ -150,6 +152,9 @@ inline constexpr CountSpec kCountSpecs[kCounts] = {
      "Decisions with a budgeted candidate made while the cache could not keep the spend.", 1},
     {"cache", "pacing_restored", "adpop_pacing_restored_total", "", "counter",
      "Campaign figures read back from the cache when the engine started.", 1},
+    {"cache", "user_caps_waits", "adpop_cache_user_caps_total", "outcome=\"waited\"", "counter",
+     "Requests with a user key and no cap token that waited for the user's counters.", 1},
+    {"cache", "user_caps_missed", "adpop_cache_user_caps_total", "outcome=\"missed\"", "counter", "", 1},
 };
 
 struct alignas(64) ShardStats {

@@ -265,6 +265,7 @@ void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::in
   if (context.signer && context.signer->usable() && !request.caps.empty() &&
       !decode_caps(*context.signer, request.caps, user, caps_scratch_, caps_))
     out.caps_rejected = true;
+  if (request.caps.empty() && context.user_caps) caps_ = *context.user_caps;
   bool caps_changed = false;
 
   for (std::size_t pi = 0; pi < request.placements.size(); ++pi) {
@@ -419,6 +420,7 @@ void Decider::decide(const Snapshot& snap, const DecideRequest& request, std::in
 
     if (request.explain) explain(snap, request, pi, t, out);
   }
+  out.caps_counted = caps_changed;
   if (context.signer && context.signer->usable() && (caps_changed || !request.caps.empty()))
     encode_caps(*context.signer, user, caps_, out.caps, caps_scratch_);
 }

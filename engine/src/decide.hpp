@@ -99,6 +99,7 @@ struct Decision {
   std::uint32_t hour_of_week = 0;
   std::string caps;            // the updated cap token for the client ("" when none)
   bool caps_rejected = false;  // a token was sent but was forged, malformed or another user's
+  bool caps_counted = false;   // an ad served counted toward a cap (Decider::caps() changed)
 };
 
 // What a decision needs beyond the request: the token signer (caps) and the shard's pacer
@@ -109,6 +110,9 @@ struct DecideContext {
   const TokenSigner* signer = nullptr;
   ShardPacer* pacer = nullptr;
   std::int64_t now_ms = 0;
+  // A request with a user key and no cap token: the user's counters from the PoP cache
+  // (engine/CACHE.md), counted on as a token's would be.
+  const std::vector<CapEntry>* user_caps = nullptr;
 };
 
 // Hour of week in UTC, Monday 00:00 = 0 (1970-01-01 was a Thursday).
@@ -127,6 +131,8 @@ class Decider {
  public:
   void decide(const Snapshot& snap, const DecideRequest& request, std::int64_t now, Decision& out,
               const DecideContext& context = {});
+  // The user's cap counters after the last decision (what its token or cache entry holds).
+  const std::vector<CapEntry>& caps() const { return caps_; }
 
  private:
   bool capped(const Snapshot& snap, std::uint32_t campaign, std::int64_t t) const;

@@ -67,6 +67,8 @@ SO_REUSEPORT listener and epoll loop.
   --cache-password-file F  the password the cache requires (AUTH), read once at start
   --cache-timeout-ms N     a cache command unanswered this long drops the link (default 250)
   --restore-wait-ms N      at start, budgeted campaigns wait this long for the cache (2000)
+  --cache-wait-us N        a request with a user key and no cap token waits at most this
+                           for the user's counters from the cache (default 2000)
   --help                   this text
 )";
 
@@ -223,6 +225,8 @@ int main(int argc, char** argv) {
       if (o.cache_password.empty()) die("--cache-password-file: " + std::string(value) + " is empty");
     } else if (flag == "--cache-timeout-ms") {
       o.cache_timeout_ms = static_cast<std::uint32_t>(number(flag, value, 1, 60000));
+    } else if (flag == "--cache-wait-us") {
+      o.cache_wait_us = static_cast<std::uint32_t>(number(flag, value, 0, 1'000'000));
     } else if (flag == "--restore-wait-ms") {
       o.restore_wait_ms = static_cast<std::uint32_t>(number(flag, value, 0, 60000));
     } else if (flag == "--pacing-campaigns") {

@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <string>
 #include <string_view>
+#include <utility>
 
 #include "api.hpp"
 #include "response.hpp"
@@ -70,7 +71,8 @@ void Shard::handle(Conn& c, const http::Request& req, const Snapshot* snap) {
   }
   if (req.path == "/v1/decide") {
     const bool post = req.method == "POST";
-    stats_.requests[post ? kRouteDecidePost : kRouteDecideGet].add();
+    // A request parked for the cache and processed again was counted the first time.
+    if (!std::exchange(c.resumed, false)) stats_.requests[post ? kRouteDecidePost : kRouteDecideGet].add();
     if (!post && req.method != "GET") return respond_error(c, 405, kErrMethod);
     if (!snap) return respond_error(c, 503, kErrNoSnapshot);
     if (draining && c.accepted_draining) return respond_error(c, 503, kErrDraining);
@@ -91,8 +93,13 @@ void Shard::handle_decide(Conn& c, const http::Request& req, const Snapshot& sna
   const char* error = "invalid request";
   bool ok;
   if (post) {
-    // Parse in place: the body lives in this connection's input buffer.
+    // Parse in place: the body lives in this connection's input buffer. With a cache the
+    // request may be parked and read again, so it is parsed from a copy instead.
     char* body = c.in.data() + (req.body.data() - c.in.data());
+    if (cache_) {
+      json_copy_.assign(req.body);
+      body = json_copy_.data();
+    }
     ok = api::parse_json(body, req.body.size(), doc_, request_, &error);
   } else {
     ok = api::parse_query(req.query, scratch_, request_, &error);
@@ -106,14 +113,22 @@ void Shard::handle_decide(Conn& c, const http::Request& req, const Snapshot& sna
     return;
   }
   if (request_.explain) return respond_error(c, 403, kErrExplainForbidden);
+  bool degraded = false;
+  const std::vector<CapEntry>* users = nullptr;
+  if (cache_ && request_.caps.empty() && !request_.user_key.empty()) {
+    users = user_caps(c, snap, request_.user_key, &degraded);
+    if (!users) return;  // parked until the user's counters come
+  }
   // Room for the decision's record first: an answer the spool cannot record is no-fill.
   if (!may_record(kDecisionRecordBytes, true)) return respond_spool_full(c, close);
   const std::int64_t now = batch_wall_ms_ / 1000;
-  const DecideContext context{&engine_.signer(), &pacer_, batch_wall_ms_};
+  const DecideContext context{&engine_.signer(), &pacer_, batch_wall_ms_, users};
   const std::uint64_t asked = pacer_.asked();
   decider_.decide(snap, request_, now, decision_, context);
-  // Paced while the cache cannot keep what it spends: served from memory, and counted.
-  if (cache_ && pacer_.asked() != asked && !cache_->up()) stats_.counts[kCacheDegraded].add();
+  // Paced while the cache cannot keep what it spends, or capped without the user's counters:
+  // served from memory, and counted.
+  if (cache_ && (degraded || (pacer_.asked() != asked && !cache_->up()))) stats_.counts[kCacheDegraded].add();
+  if (users && decision_.caps_counted) keep_user_caps(request_.user_key);
   if (decision_.caps_rejected) stats_.counts[kCapsRejected].add();
   const auto campaigns = snap.campaigns();
   const auto ads = snap.ads();

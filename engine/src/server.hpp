@@ -15,6 +15,7 @@
 #include <string>
 #include <string_view>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "api.hpp"
@@ -62,6 +63,7 @@ struct EngineOptions {
   std::string cache_password;              // from --cache-password-file
   std::uint32_t cache_timeout_ms = 250;    // a cache command unanswered this long drops the link
   std::uint32_t restore_wait_ms = 2000;    // at start, budgeted campaigns wait this long for it
+  std::uint32_t cache_wait_us = 2000;      // a request waits at most this for a user's counters
 };
 
 class Engine;
@@ -103,6 +105,14 @@ class Shard {
   void cache_start(std::int64_t now_ns);
   void cache_tick(std::int64_t now_ns);
   void cache_restore(std::int64_t now_ns);
+  // A request with a user key and no cap token: the user's counters from the cache. Returns
+  // them (possibly none), or nullptr after parking the connection until they arrive or
+  // --cache-wait-us passes.
+  const std::vector<CapEntry>* user_caps(Conn& c, const Snapshot& snap, std::string_view user_key,
+                                         bool* degraded);
+  void keep_user_caps(std::string_view user_key);
+  void wake_waiting(std::int64_t now_ns);
+  bool snapshot_has_caps(const Snapshot& snap);
 
   Engine& engine_;
   std::uint32_t index_;
@@ -136,6 +146,23 @@ class Shard {
   std::uint32_t keep_ticks_ = 0;
   std::vector<std::uint64_t> dedup_keys_;  // impressions counted since the last tick
   std::vector<std::string> cache_args_;    // scratch for one command's arguments
+  struct UserCaps {
+    std::vector<CapEntry> entries;
+    std::int64_t fetched_ns = 0;  // when answered, or given up on (0: never)
+    bool answered = false;        // false after a wait ran out: none known
+    bool asked = false;           // a GET is on its way
+  };
+  std::unordered_map<std::uint64_t, UserCaps> users_;  // by user hash
+  struct Waiter {
+    int fd;
+    std::uint64_t user;
+    std::int64_t parked_ns;
+    std::int64_t deadline_ns;
+  };
+  std::vector<Waiter> waiting_;
+  std::string json_copy_;  // a POST body parsed from here, so a parked request can be read again
+  const Snapshot* caps_checked_ = nullptr;
+  bool caps_in_snapshot_ = false;
 };
 
 class Engine {

@@ -1,5 +1,6 @@
 // What a shard keeps in the PoP cache, and reads back when the engine starts: the key layout
-// is engine/CACHE.md. Nothing here is on a request's path: writes go out with the shard's
+// is engine/CACHE.md (a user's cap counters: shard_user_caps.cpp). Nothing here is on a
+// request's path: writes go out with the shard's
 // tick, and until the figures are read back (or the cache has had restore_wait_ms to answer)
 // budgeted campaigns do not serve, so a restarted engine cannot spend twice.
 #include <cinttypes>

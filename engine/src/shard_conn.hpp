@@ -27,6 +27,8 @@ struct Shard::Conn {
   bool sent_any = false;      // has sent at least one byte since it was accepted
   bool read_pending = false;  // reading stopped for backpressure before the socket drained
   bool dirty = false;         // has answers waiting for the end of the event batch
+  bool waiting = false;       // its next request waits (briefly) for the cache: not processed
+  bool resumed = false;       // that request is being processed again: counted once
 };
 
 }  // namespace adpop

@@ -102,7 +102,8 @@ void Shard::run() {
     // Sleeping costs both sides: the client's next packet must wake this thread (an IPI and
     // a context switch). Right after work, poll instead, for at most idle_poll_ns.
     const bool poll = polling && batch_ns_ - last_event < idle_poll_ns;
-    int n = epoll_wait(epoll_fd_, events, 256, poll ? 0 : 100);
+    // A request parked for the cache is woken within a millisecond of its wait running out.
+    int n = epoll_wait(epoll_fd_, events, 256, poll ? 0 : waiting_.empty() ? 100 : 1);
     // One clock read per batch for wall time: decisions and records need seconds and
     // milliseconds, and a batch takes well under a millisecond.
     const std::int64_t previous_ns = batch_ns_;
@@ -135,10 +136,14 @@ void Shard::run() {
       // (never before: an answer must not leave ahead of its event record).
       if (!c.closed && (events[i].events & EPOLLOUT) && c.out.size() > c.out_off) mark_dirty(c);
     }
+    if (!waiting_.empty()) wake_waiting(batch_ns_);
     // Spool, then answers. A connection held back by a full output buffer gets its waiting
     // requests processed once it drains, which queues more answers: repeat until none.
     while (!dirty_.empty()) {
       const bool recorded = flush_spool(batch_wall_ms_ / 1000);
+      // The batch's cache writes (a user's counters) leave before its answers: the user's
+      // next request, on any shard, finds them.
+      if (cache_) cache_->flush(epoll_fd_);
       sending_.swap(dirty_);
       for (int fd : sending_) {
         Conn& c = *conns_[static_cast<std::size_t>(fd)];
@@ -317,7 +322,7 @@ void Shard::process(Conn& c) {
   const std::size_t out_before = c.out.size();
   std::size_t offset = 0;
   const http::Limits& limits = engine_.options().http;
-  while (!c.close_after && offset < c.in.size() && c.out.size() - c.out_off <= kMaxOutput) {
+  while (!c.close_after && !c.waiting && offset < c.in.size() && c.out.size() - c.out_off <= kMaxOutput) {
     http::Request req;
     std::string_view view(c.in.data() + offset, c.in.size() - offset);
     http::Result r = http::parse(view, limits, req);
@@ -330,6 +335,7 @@ void Shard::process(Conn& c) {
     std::uint64_t generation = 0;
     const Snapshot* snap = engine_.acquire(&generation);
     handle(c, req, snap);
+    if (c.waiting) break;  // parked for the cache: read again from the buffer on waking
     // Latency from the event batch that delivered the request: it includes the wait behind
     // the batch's earlier requests, as the client sees it, and costs one clock read.
     stats_.latency.record(static_cast<std::uint64_t>(mono_ns() - batch_ns_));
