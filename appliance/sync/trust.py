@@ -28,6 +28,7 @@ from appliance.snapshot.manifest import Reason, VerifyError, target_path
 
 if TYPE_CHECKING:
     from tuf.ngclient.fetcher import FetcherInterface
+    from tuf.ngclient.updater import Updater
 
 # python-tuf and urllib3 are imported when a manifest is first checked, not with the
 # supervisor: they cost it about 35 ms of start-up.
@@ -125,22 +126,29 @@ class Trust:
         return (f"no trusted root.json at {self.root_file}; give the PoP the origin's with "
                 "`adpop pop trust FILE` or `adpop flash --config` (snapshot.trust_root)")
 
-    def refresh(self, tls: ssl.SSLContext | None) -> None:
-        """Brings the trusted root (and the rest) up to the origin's: after the origin rotated
-        a key, what it signs with the new one is believed. Raises VerifyError. Blocking."""
-        from tuf.api import exceptions
+    def _updater(self, tls: ssl.SSLContext | None) -> Updater:
+        """ngclient's Updater over this PoP's metadata folder and connection pool. Raises
+        VerifyError while the PoP trusts no root at all."""
         from tuf.ngclient.updater import Updater
 
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         problem = self.problem()
         if problem:
             raise VerifyError(Reason.UNKNOWN_KEY, problem)
+        # Once a root is verified here, it (not the flashed one) is where trust starts.
         cached = (self.folder / "root.json").is_file()
+        if self._fetcher is None or self._fetcher[0] is not tls:
+            self._fetcher = (tls, _fetcher_class()(tls))
+        return Updater(str(self.folder), self.base, fetcher=self._fetcher[1],
+                       bootstrap=None if cached else self.root_file.read_bytes())
+
+    def refresh(self, tls: ssl.SSLContext | None) -> None:
+        """Brings the trusted root (and the rest) up to the origin's: after the origin rotated
+        a key, what it signs with the new one is believed. Raises VerifyError. Blocking."""
+        from tuf.api import exceptions
+
         try:
-            if self._fetcher is None or self._fetcher[0] is not tls:
-                self._fetcher = (tls, _fetcher_class()(tls))
-            Updater(str(self.folder), self.base, fetcher=self._fetcher[1],
-                    bootstrap=None if cached else self.root_file.read_bytes()).refresh()
+            self._updater(tls).refresh()
         except (exceptions.RepositoryError, exceptions.DownloadError, OSError,
                 ValueError) as exc:
             raise VerifyError(Reason.MALFORMED, f"TUF metadata: {exc}") from exc
@@ -149,21 +157,10 @@ class Trust:
         """Returns when the origin's current TUF targets list `manifest` exactly; raises
         VerifyError. Blocking (downloads): run it in a thread."""
         from tuf.api import exceptions
-        from tuf.ngclient.updater import Updater
 
         group, version = claimed(manifest)
-        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        problem = self.problem()
-        if problem:
-            raise VerifyError(Reason.UNKNOWN_KEY, problem)
-        # Once a root is verified here, it (not the flashed one) is where trust starts.
-        cached = (self.folder / "root.json").is_file()
         try:
-            if self._fetcher is None or self._fetcher[0] is not tls:
-                self._fetcher = (tls, _fetcher_class()(tls))
-            updater = Updater(str(self.folder), self.base, fetcher=self._fetcher[1],
-                              bootstrap=None if cached else self.root_file.read_bytes())
-            info = updater.get_targetinfo(target_path(group, version))
+            info = self._updater(tls).get_targetinfo(target_path(group, version))
         except exceptions.ExpiredMetadataError as exc:
             raise VerifyError(Reason.EXPIRED, f"TUF metadata expired (a freeze?): {exc}"
                               ) from exc
