@@ -55,15 +55,20 @@ ads = [{ id = "ad-house", creative = "cr-house-mrec" }]
 """
 
 
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[World]:
+def campaign_folder(tmp_path: Path, budgets: dict[str, float]) -> Path:
+    """The demo's advertisers and placements, with these budgeted campaigns and a house ad."""
     campaigns = tmp_path / "campaigns"
     campaigns.mkdir()
     for name in ("advertisers.toml", "placements.toml"):
         shutil.copy(REPO / "config" / "campaigns" / name, campaigns / name)
     (campaigns / "campaigns.toml").write_text(
-        "".join(CAMPAIGN.format(id=c, budget=b) for c, b in BUDGETS.items()) + HOUSE)
-    w = World(tmp_path, None, campaigns=campaigns,
+        "".join(CAMPAIGN.format(id=c, budget=b) for c, b in budgets.items()) + HOUSE)
+    return campaigns
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[World]:
+    w = World(tmp_path, None, campaigns=campaign_folder(tmp_path, BUDGETS),
               origin_extra=f'[pacing]\ninterval = "{INTERVAL}s"\n')
     try:
         yield w
@@ -193,12 +198,8 @@ def test_allowances_keep_coming_across_a_timestamp_key_rotation(tmp_path: Path) 
     allowance, without waiting for a new snapshot."""
     from tests.test_events_faults import adpop
 
-    campaigns = tmp_path / "campaigns"
-    campaigns.mkdir()
-    for name in ("advertisers.toml", "placements.toml"):
-        shutil.copy(REPO / "config" / "campaigns" / name, campaigns / name)
-    (campaigns / "campaigns.toml").write_text(CAMPAIGN.format(id="fleet-a", budget=3.0) + HOUSE)
-    world = World(tmp_path, None, pops=("pop-a",), campaigns=campaigns,
+    world = World(tmp_path, None, pops=("pop-a",),
+                  campaigns=campaign_folder(tmp_path, {"fleet-a": 3.0}),
                   origin_extra=f'[pacing]\ninterval = "{INTERVAL}s"\n')
     try:
         world.start_origin()
